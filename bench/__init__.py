@@ -1,0 +1,1 @@
+"""artifact x backend x shape -> measurements, and the report made from them."""

@@ -1,0 +1,135 @@
+"""Plots for the report, from results.json alone. Every plot has a title, axis labels with units
+and a legend; latency axes turn logarithmic when values span more than an order of magnitude."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from workbench import atomic  # noqa: E402
+
+MB = 1024 * 1024
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    atomic.write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+def _measured(results):
+    return [c for c in results["cells"] if c.get("latency_ms")]
+
+
+def latency_bars(results, out: Path) -> Path | None:
+    cells = _measured(results)
+    if not cells:
+        return None
+    variants = [v["name"] for v in results["variants"]]
+    backends = [b for b in results["recipe"]["parsed"]["bench"]["backends"] if any(c["backend"] == b for c in cells)]
+    batches = sorted({c["batch_size"] for c in cells})
+    fig, axes = plt.subplots(1, len(batches), figsize=(max(6, 1.2 * len(variants) * len(batches) + 2), 4.5),
+                             squeeze=False)
+    width = 0.8 / max(len(backends), 1)
+    all_p50 = [c["latency_ms"]["p50"] for c in cells]
+    log = max(all_p50) / max(min(all_p50), 1e-9) > 10
+    for ax, batch in zip(axes[0], batches):
+        for j, b in enumerate(backends):
+            xs, ys, lo, hi, colors = [], [], [], [], []
+            for i, v in enumerate(variants):
+                c = next((c for c in cells if c["variant"] == v and c["backend"] == b and c["batch_size"] == batch), None)
+                if c is None:
+                    continue
+                lat = c["latency_ms"]
+                xs.append(i + (j - (len(backends) - 1) / 2) * width)
+                ys.append(lat["p50"])
+                lo.append(lat["p50"] - lat["ci95"][0])
+                hi.append(lat["ci95"][1] - lat["p50"])
+                colors.append(c["status"] == "unstable")
+            bars = ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=b)
+            for bar, unstable in zip(bars, colors):
+                if unstable:
+                    bar.set_hatch("//")
+        ax.set_xticks(range(len(variants)))
+        ax.set_xticklabels(variants, rotation=30, ha="right")
+        ax.set_ylabel("p50 latency (ms), 95% CI")
+        ax.set_title(f"batch size {batch}")
+        if log:
+            ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][-1].legend(title="backend (hatched: unstable)", fontsize=8)
+    fig.suptitle("Latency by variant and backend (lower is better)")
+    return _save(fig, out / "latency_by_variant.png")
+
+
+def accuracy_vs_latency(results, out: Path, rec: dict) -> Path | None:
+    metric = results.get("task", {}).get("primary")
+    if not metric:
+        return None
+    from bench.report import cell_score
+
+    variants = {v["name"]: v for v in results["variants"]}
+    batch = rec["rules"][0].split()[-1]
+    pts = []
+    for c in _measured(results):
+        if str(c["batch_size"]) != batch:
+            continue
+        s = cell_score(c, variants, metric)
+        if s is not None:
+            pts.append((c["latency_ms"]["p50"], s, f"{c['variant']} / {c['backend']}", c))
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    backends = sorted({p[3]["backend"] for p in pts})
+    markers = dict(zip(backends, "osD^vP*X"))
+    for b in backends:
+        sel = [p for p in pts if p[3]["backend"] == b]
+        ax.scatter([p[0] for p in sel], [p[1] for p in sel], marker=markers[b], s=50, label=b, zorder=3)
+    for x, y, label, _ in pts:
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    # Pareto frontier: no other point is both faster and more accurate.
+    front = []
+    for x, y, *_ in sorted(pts, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="gray", ls="--", label="Pareto frontier",
+            zorder=2)
+    if rec.get("winner"):
+        w = rec["winner"]
+        ax.scatter([w[1]], [w[3]], s=300, facecolors="none", edgecolors="red", linewidths=2, label="recommended",
+                   zorder=4)
+    xs = [p[0] for p in pts]
+    if max(xs) / max(min(xs), 1e-9) > 10:
+        ax.set_xscale("log")
+    ax.set_xlabel(f"p50 latency at batch {batch} (ms)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} against latency (up and left is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out / "accuracy_vs_latency.png")
+
+
+def size_bars(results, out: Path) -> Path | None:
+    vs = [v for v in results["variants"] if v.get("size_bytes")]
+    if not vs:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 1.0 * len(vs) + 2), 4))
+    ax.bar([v["name"] for v in vs], [v["size_bytes"] / MB for v in vs], color="tab:green")
+    ax.set_ylabel("model file size (MiB)")
+    ax.set_title("Model size on disk by variant")
+    ax.tick_params(axis="x", rotation=30)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, out / "size_by_variant.png")
+
+
+def make_plots(results: dict, out: Path, rec: dict) -> list[tuple[str, Path]]:
+    out.mkdir(parents=True, exist_ok=True)
+    plots = [("Latency by variant and backend", latency_bars(results, out)),
+             ("Accuracy against latency (Pareto frontier)", accuracy_vs_latency(results, out, rec)),
+             ("Model size by variant", size_bars(results, out))]
+    return [(t, p) for t, p in plots if p is not None]

@@ -1,0 +1,313 @@
+"""The report, made from results.json alone: results.csv, report.md, a self-contained report.html
+(plots embedded as data URIs) and plots/*.png."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from bench.protocol import ratio_ci
+from workbench import atomic
+
+MB = 1024 * 1024
+
+
+# ----------------------------------------------------------------------------- data
+def cells_frame(results: dict) -> pd.DataFrame:
+    """One row per cell, nested fields flattened with dots; raw samples left out (they stay in the JSON)."""
+    rows = [{k: v for k, v in c.items() if k not in ("samples_ms", "warmup_ms")} for c in results["cells"]]
+    df = pd.json_normalize(rows)
+    for col in ("latency_ms.ci95",):
+        if col in df:
+            df[col + "_lo"] = df[col].map(lambda x: x[0] if isinstance(x, list) else None)
+            df[col + "_hi"] = df[col].map(lambda x: x[1] if isinstance(x, list) else None)
+            df = df.drop(columns=[col])
+    drop = [c for c in df.columns if c.startswith("stability.window_medians")]
+    return df.drop(columns=drop)
+
+
+def primary_metric(results: dict) -> Optional[str]:
+    return results.get("task", {}).get("primary")
+
+
+def cell_score(cell: dict, variants: dict, metric: Optional[str]) -> Optional[float]:
+    """The cell's own accuracy (from the backend's outputs) when measured, else its variant's."""
+    if not metric:
+        return None
+    acc = cell.get("accuracy") or variants.get(cell["variant"], {}).get("accuracy") or {}
+    return acc.get(metric)
+
+
+def speedups(results: dict) -> dict[int, tuple[float, float, float]]:
+    """Speedup of each measured cell against the baseline variant on the same backend and batch."""
+    base_name = results["recipe"]["parsed"]["report"]["baseline"]
+    cells = results["cells"]
+    base = {(c["backend"], c["batch_size"]): c for c in cells if c["variant"] == base_name and c.get("samples_ms")}
+    out = {}
+    for i, c in enumerate(cells):
+        b = base.get((c["backend"], c["batch_size"]))
+        if b is not None and c.get("samples_ms"):
+            out[i] = ratio_ci(b["samples_ms"], c["samples_ms"])
+    return out
+
+
+def recommend(results: dict) -> dict:
+    """The fastest cell (p50) that meets every constraint of `report.constraints`; the runner-up too."""
+    spec = results["recipe"]["parsed"]
+    cons = spec["report"]["constraints"]
+    metric = primary_metric(results)
+    variants = {v["name"]: v for v in results["variants"]}
+    base = variants.get(spec["report"]["baseline"], {})
+    base_score = (base.get("accuracy") or {}).get(metric) if metric else None
+    batch = cons.get("batch_size") or spec["bench"]["batch_sizes"][0]
+    rules = [f"batch size {batch}"]
+    if cons.get("backend"):
+        rules.append(f"backend {cons['backend']}")
+    if cons.get("max_accuracy_drop") is not None:
+        rules.append(f"{metric} drop <= {cons['max_accuracy_drop']}")
+    if cons.get("max_latency_ms") is not None:
+        rules.append(f"p50 <= {cons['max_latency_ms']} ms")
+    if cons.get("max_memory_mb") is not None:
+        rules.append(f"peak RSS increase <= {cons['max_memory_mb']} MB")
+    candidates, rejected = [], 0
+    for c in results["cells"]:
+        if c["status"] not in ("ok", "unstable") or c["batch_size"] != batch:
+            continue
+        if cons.get("backend") and c["backend"] != cons["backend"]:
+            continue
+        score = cell_score(c, variants, metric)
+        ok = True
+        if cons.get("max_accuracy_drop") is not None and base_score is not None:
+            ok &= score is not None and base_score - score <= cons["max_accuracy_drop"] + 1e-12
+        if cons.get("max_latency_ms") is not None:
+            ok &= c["latency_ms"]["p50"] <= cons["max_latency_ms"]
+        if cons.get("max_memory_mb") is not None:
+            ok &= c.get("memory", {}).get("peak_rss_delta", 0) / MB <= cons["max_memory_mb"]
+        if ok:
+            candidates.append((c["status"] != "ok", c["latency_ms"]["p50"], c, score))
+        else:
+            rejected += 1
+    # Stable cells first: an unstable cell only wins when nothing stable meets the constraints.
+    candidates.sort(key=lambda t: (t[0], t[1]))
+    return {"rules": rules, "rejected": rejected, "metric": metric, "base_score": base_score,
+            "winner": candidates[0] if candidates else None, "runner_up": candidates[1] if len(candidates) > 1 else None}
+
+
+# ----------------------------------------------------------------------------- tables
+def _fmt(x, nd=3) -> str:
+    if x is None or (isinstance(x, float) and pd.isna(x)):
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}" if abs(x) < 1e5 else f"{x:.3g}"
+    return str(x)
+
+
+def variants_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    metric = primary_metric(results)
+    head = ["variant", "from", "steps", "format", "params", "size MB", "sparsity", "GFLOPs (b=1)",
+            metric or "accuracy", "Δ vs baseline", "status"]
+    rows = []
+    for v in results["variants"]:
+        acc = (v.get("accuracy") or {}).get(metric) if metric else None
+        delta = (v.get("accuracy_delta") or {}).get(metric) if metric else None
+        steps = ", ".join(s["name"] for s in v["steps"]) or "(source model)"
+        rows.append([v["name"], v.get("parent") or "–", steps, v.get("format", "–"),
+                     f"{v['params']:,}" if v.get("params") else "–",
+                     _fmt(v["size_bytes"] / MB, 2) if v.get("size_bytes") else "–",
+                     _fmt(v.get("sparsity"), 3), _fmt(v["flops"] / 1e9, 4) if v.get("flops") else "–",
+                     _fmt(acc, 4), _fmt(delta, 4) if delta is not None else "–",
+                     v["status"] + (f": {v['error']}" if v.get("error") else "")])
+    return head, rows
+
+
+def cells_table(results: dict, sp: dict) -> tuple[list[str], list[list[str]]]:
+    metric = primary_metric(results)
+    variants = {v["name"]: v for v in results["variants"]}
+    head = ["variant", "backend", "batch", "p50 ms [95% CI]", "p95 ms", "p99 ms", "n", "items/s",
+            "speedup vs baseline [95% CI]", metric or "accuracy", "peak RSS Δ MB", "status"]
+    rows = []
+    for i, c in enumerate(results["cells"]):
+        lat = c.get("latency_ms")
+        if lat:
+            p50 = f"{lat['p50']:.3f} [{lat['ci95'][0]:.3f}, {lat['ci95'][1]:.3f}]"
+            s = sp.get(i)
+            speed = f"{s[0]:.2f}x [{s[1]:.2f}, {s[2]:.2f}]" if s else "–"
+            mem = c.get("memory", {}).get("peak_rss_delta")
+            rows.append([c["variant"], c["backend"], str(c["batch_size"]), p50, _fmt(lat["p95"]), _fmt(lat["p99"]),
+                         str(lat["n"]), _fmt(c.get("throughput"), 1), speed,
+                         _fmt(cell_score(c, variants, metric), 4), _fmt(mem / MB, 1) if mem is not None else "–",
+                         c["status"]])
+        else:
+            rows.append([c["variant"], c["backend"], str(c["batch_size"])] + ["–"] * 8 + [c["status"]])
+    return head, rows
+
+
+def artifacts_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    head = ["variant", "format", "exporter", "max abs diff", "min cosine", "top-1 agree", "status"]
+    rows = []
+    for a in results.get("artifacts", []):
+        p = a.get("parity") or {}
+        rows.append([a["variant"], a["format"], a.get("exporter") or "–",
+                     f"{p['max_abs_diff']:.2e}" if "max_abs_diff" in p else "–", _fmt(p.get("cosine_min"), 6),
+                     _fmt(p.get("top1_agreement"), 4), a["status"] + (f": {a['reason']}" if a.get("reason") else "")])
+    return head, rows
+
+
+def md_table(head, rows) -> str:
+    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def html_table(head, rows) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# ----------------------------------------------------------------------------- document
+def sections(results: dict, plots: list[tuple[str, str]]) -> list[tuple[str, object]]:
+    """The report as (kind, content) blocks; md and html render the same blocks."""
+    sp = speedups(results)
+    rec = recommend(results)
+    blocks: list[tuple[str, object]] = [("h1", f"model-workbench report: {results['recipe']['name']}")]
+    meta = (f"Recipe `{results['recipe']['path']}` (sha256 {str(results['recipe']['sha256'])[:12]}), "
+            f"run {results['started']} → {results['finished']}. Model: {results['model']['description']}. "
+            f"Task: {results['task']['description']}.")
+    blocks.append(("p", meta))
+    if results.get("quick"):
+        blocks.append(("warn", "QUICK RUN: timing and training budgets were shrunk (--quick). These numbers are a "
+                               "smoke test, not a basis for a decision."))
+    blocks.append(("h2", "Recommendation"))
+    w = rec["winner"]
+    if w is None:
+        blocks.append(("p", f"No measured cell meets the constraints ({'; '.join(rec['rules'])}). "
+                            "See the tables below for what was measured and why cells failed."))
+    else:
+        c, score = w[2], w[3]
+        why = (f"fastest median latency ({c['latency_ms']['p50']:.3f} ms, 95% CI {c['latency_ms']['ci95'][0]:.3f}–"
+               f"{c['latency_ms']['ci95'][1]:.3f}) among the cells meeting: {'; '.join(rec['rules'])}")
+        idx = results["cells"].index(c)
+        if idx in sp:
+            s = sp[idx]
+            why += f"; {s[0]:.2f}x the baseline on the same backend (95% CI {s[1]:.2f}–{s[2]:.2f})"
+        if rec["metric"] and score is not None:
+            why += f"; {rec['metric']} {score:.4f}"
+            if rec["base_score"] is not None:
+                why += f" (baseline {rec['base_score']:.4f})"
+        if c["status"] == "unstable":
+            why += ". Warning: this cell's latency was unstable"
+        blocks.append(("p", f"**Ship `{c['variant']}` on `{c['backend']}`** — {why}."))
+        r = rec["runner_up"]
+        if r:
+            blocks.append(("p", f"Runner-up: `{r[2]['variant']}` on `{r[2]['backend']}` "
+                                f"({r[2]['latency_ms']['p50']:.3f} ms p50). {rec['rejected']} measured cell(s) at this "
+                                f"batch size did not meet the constraints."))
+    if plots:
+        blocks.append(("h2", "Plots"))
+        for title, path in plots:
+            blocks.append(("img", (title, path)))
+    blocks.append(("h2", "Variants"))
+    blocks.append(("table", variants_table(results)))
+    if any((v.get("sparsity") or 0) > 0.05 and v.get("format") == "torch" for v in results["variants"]):
+        blocks.append(("p", "Sparsity is the fraction of exact zeros in weight matrices. Dense kernels do not "
+                            "skip zeros: unstructured and 2:4 sparsity shrink nothing and speed nothing up here."))
+    blocks.append(("h2", "Latency, throughput, accuracy and memory per cell"))
+    blocks.append(("p", "p50 with a 95% bootstrap interval; speedup is the ratio of baseline p50 to this p50 on the "
+                        "same backend and batch. Accuracy is computed from the outputs this backend produced. "
+                        f"Timing protocol: {json.dumps(results.get('timing', {}))}."))
+    blocks.append(("table", cells_table(results, sp)))
+    blocks.append(("h2", "Exported artifacts and parity"))
+    blocks.append(("table", artifacts_table(results)))
+    problems = [c for c in results["cells"] if c["status"] != "ok"]
+    blocks.append(("h2", "Failed, skipped and unstable cells"))
+    if problems:
+        blocks.append(("table", (["variant", "backend", "batch", "status", "reason"],
+                                 [[c["variant"], c["backend"], str(c["batch_size"]), c["status"], c.get("reason") or ""]
+                                  for c in problems])))
+    else:
+        blocks.append(("p", "None: every cell ran and was stable."))
+    blocks.append(("h2", "Lineage"))
+    for v in results["variants"]:
+        steps = "; ".join(f"{s['name']}({', '.join(f'{k}={val}' for k, val in s['params'].items())})"
+                          for s in v["steps"]) or "the source model, unchanged"
+        cached = " (reused from cache)" if v.get("cached") else ""
+        blocks.append(("p", f"`{v['name']}` ← `{v.get('parent') or 'source'}`: {steps}{cached}"))
+    blocks.append(("h2", "Environment"))
+    env = results["environment"]
+    blocks.append(("table", (["key", "value"], [[k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)]
+                                                for k, v in env.items()])))
+    return blocks
+
+
+def render_md(blocks) -> str:
+    out = []
+    for kind, content in blocks:
+        if kind == "h1":
+            out.append(f"# {content}")
+        elif kind == "h2":
+            out.append(f"## {content}")
+        elif kind == "p":
+            out.append(str(content))
+        elif kind == "warn":
+            out.append(f"> **{content}**")
+        elif kind == "table":
+            out.append(md_table(*content))
+        elif kind == "img":
+            out.append(f"![{content[0]}]({content[1]})")
+        out.append("")
+    return "\n".join(out)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px}
+th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}.warn{background:#fff3cd;padding:.6em;
+border:1px solid #e0c060}code{background:#f5f5f5;padding:0 3px}"""
+
+
+def render_html(blocks, run_dir: Path) -> str:
+    import re
+
+    def inline(s: str) -> str:
+        s = html.escape(s)
+        s = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", s)
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(blocks[0][1])}</title>"
+           f"<style>{_CSS}</style></head><body>"]
+    for kind, content in blocks:
+        if kind == "h1":
+            out.append(f"<h1>{html.escape(content)}</h1>")
+        elif kind == "h2":
+            out.append(f"<h2>{html.escape(content)}</h2>")
+        elif kind == "p":
+            out.append(f"<p>{inline(str(content))}</p>")
+        elif kind == "warn":
+            out.append(f"<p class='warn'>{inline(str(content))}</p>")
+        elif kind == "table":
+            out.append(html_table(*content))
+        elif kind == "img":
+            data = base64.b64encode((run_dir / content[1]).read_bytes()).decode()
+            out.append(f"<figure><img alt='{html.escape(content[0])}' src='data:image/png;base64,{data}'>"
+                       f"<figcaption>{html.escape(content[0])}</figcaption></figure>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def write_report(run_dir: Path) -> None:
+    from bench.plots import make_plots
+
+    run_dir = Path(run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    df = cells_frame(results)
+    atomic.write_text(run_dir / "results.csv", df.to_csv(index=False))
+    plots = make_plots(results, run_dir / "plots", recommend(results))
+    plots = [(t, str(p.relative_to(run_dir))) for t, p in plots]
+    blocks = sections(results, plots)
+    atomic.write_text(run_dir / "report.md", render_md(blocks))
+    atomic.write_text(run_dir / "report.html", render_html(blocks, run_dir))

@@ -1,0 +1,88 @@
+"""One benchmark cell, in its own process: `python -m bench.worker JOB.json`.
+
+A separate process per cell keeps one cell's memory, threads, compiled kernels and crashes away from
+every other. The job says what to load and how to time it; the result is written atomically to
+the job's `result_path`, so a crash leaves no result at all rather than half of one."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def run(job: dict) -> dict:
+    import numpy as np
+    import torch
+
+    from bench.backends import load_runner
+    from bench.protocol import measure, stability, summarize
+    from workbench.model import ModelIO
+
+    threads = int(job["threads"])
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1)
+    for p in job.get("sys_path", []):
+        sys.path.insert(0, p)
+    io = ModelIO.from_json(job["io"])
+    batch, seq = int(job["batch_size"]), int(job["seq_len"])
+    timing = job["timing"]
+
+    rss_before = _rss_bytes()  # after imports: the idle baseline of this process
+    t0 = time.perf_counter()
+    runner = load_runner(job["backend"], job["path"], threads)
+    load_s = time.perf_counter() - t0
+    prepared = runner.prepare(io.make(batch, seq, seed=job.get("seed", 0)))
+    t0 = time.perf_counter()
+    first_ms = runner.timed_call(prepared)  # includes torch.compile / lazy init where the backend has it
+    first_wall_ms = (time.perf_counter() - t0) * 1e3
+    m = measure(lambda: runner.timed_call(prepared), warmup=timing["warmup"], min_iters=timing["min_iters"],
+                min_seconds=timing["min_seconds"], max_seconds=timing["max_seconds"])
+    result = summarize(m["samples_ms"], batch)
+    result["stability"] = stability(m["samples_ms"], timing["stability_threshold"])
+    result["samples_ms"] = [round(x, 6) for x in m["samples_ms"]]
+    result["warmup_ms"] = [round(x, 6) for x in m["warmup_ms"]]
+    result["capped_by_max_seconds"] = m["capped"]
+    result["cold"] = {"load_s": round(load_s, 4), "first_call_ms": round(first_wall_ms, 3),
+                      "first_call_timed_ms": round(first_ms, 3)}
+    result["threads"] = {"requested": threads, **runner.info}
+
+    if job.get("eval_inputs"):
+        # Accuracy from the very outputs this backend produces, on the real evaluation split.
+        data = np.load(job["eval_inputs"])
+        n = int(data["n_batches"])
+        outs = [runner.outputs(runner.prepare({k.split("/", 1)[1]: data[k] for k in data.files
+                                               if k.startswith(f"{i}/")})) for i in range(n)]
+        np.save(job["outputs_path"], np.concatenate(outs).astype(np.float32))
+
+    memory = {"peak_rss_delta": max(_peak_rss_bytes() - rss_before, 0), "rss_idle_baseline": rss_before}
+    if torch.cuda.is_available() and job["device"] == "cuda":
+        memory["cuda_max_allocated"] = int(torch.cuda.max_memory_allocated())
+        memory["cuda_max_reserved"] = int(torch.cuda.max_memory_reserved())
+    result["memory"] = memory
+    return result
+
+
+def main() -> int:
+    job_path = sys.argv[1]
+    with open(job_path) as fh:
+        job = json.load(fh)
+    result = run(job)
+    from workbench import atomic
+
+    atomic.write_json(job["result_path"], result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Transforms nn.Module -> nn.Module: pruning, quantization (and, later, distillation)."""

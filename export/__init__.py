@@ -1,0 +1,1 @@
+"""nn.Module -> deployable artifacts (ONNX, TorchScript), ONNX-level passes, and parity checks."""

@@ -1,0 +1,119 @@
+"""The `workbench` command. Exit codes: 0 the run finished (failed cells are in the report),
+2 the recipe or the arguments are invalid, 1 anything else."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from workbench.errors import RecipeError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse exits 2 too; keep its message one line, without usage noise
+        raise RecipeError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="workbench", description="Compress, export and benchmark PyTorch models from a recipe.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="run a recipe end to end and write its report")
+    r.add_argument("recipe")
+    r.add_argument("--out", default="reports", help="root folder of run directories (default: reports)")
+    r.add_argument("--quick", action="store_true", help="shrink timing and training budgets for a smoke run")
+
+    v = sub.add_parser("validate", help="check a recipe; do no work")
+    v.add_argument("recipe")
+
+    rep = sub.add_parser("report", help="rebuild a run's report from its results.json")
+    rep.add_argument("run_dir")
+
+    b = sub.add_parser("bench", help="benchmark one model file (.onnx, TorchScript .pt) without a recipe")
+    b.add_argument("model_file")
+    b.add_argument("--backend", nargs="+", default=None, help="backends (default: ort-cpu for .onnx, "
+                   "torchscript-cpu for .pt)")
+    b.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes")
+    b.add_argument("--seq-len", type=int, default=128)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--out", default=None, help="folder for results.json (default: reports/bench/<file>/<time>)")
+    b.add_argument("--quick", action="store_true")
+
+    sub.add_parser("list", help="steps, backends, built-in models and data, and which backends run here")
+    return p
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        args = build_parser().parse_args(argv)
+        return _dispatch(args)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished variants are cached; run the recipe again to resume", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the last line of defence prints a message, not a traceback
+        if os.environ.get("WORKBENCH_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {e} (set WORKBENCH_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args) -> int:
+    from workbench.recipe import load_recipe
+
+    if args.command == "validate":
+        recipe = load_recipe(args.recipe)
+        print(f"{args.recipe}: valid ({len(recipe.variants)} variants, backends {', '.join(recipe.bench.backends)})")
+        return 0
+    if args.command == "run":
+        recipe = load_recipe(args.recipe)
+        from workbench.pipeline import run_recipe
+
+        run_dir = run_recipe(recipe, Path(args.out), quick=args.quick)
+        print(f"report: {run_dir / 'report.md'}")
+        print(f"        {run_dir / 'report.html'}")
+        return 0
+    if args.command == "report":
+        run_dir = Path(args.run_dir)
+        if not (run_dir / "results.json").is_file():
+            raise RecipeError(f"{run_dir}: no results.json here (is this a finished run directory?)")
+        from bench.report import write_report
+
+        write_report(run_dir)
+        print(f"report: {run_dir / 'report.md'}")
+        return 0
+    if args.command == "bench":
+        from bench.standalone import bench_file
+
+        return bench_file(args)
+    if args.command == "list":
+        return _list()
+    raise RecipeError(f"unknown command {args.command!r}")
+
+
+def _list() -> int:
+    from bench.backends import BACKENDS, unavailable
+    from workbench.steps import describe_steps
+
+    print("steps (recipe `variants.<name>.steps`):")
+    for name, consumes, produces, summary in describe_steps():
+        print(f"  {name:16} {consumes:>5} -> {consumes if produces == 'same' else produces:5}  {summary}")
+    print("\nbackends (recipe `bench.backends`):")
+    for name, info in BACKENDS.items():
+        why = unavailable(name)
+        print(f"  {name:20} {'usable here' if why is None else 'not here: ' + why}")
+    print("\nbuilt-in models: digits-cnn (classifier, 1x8x8), minilm-l6 (sentence embeddings)")
+    print("built-in data:   digits (classification), stdlib-docstrings (embedding-fidelity)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The environment fingerprint recorded with every run: what produced these numbers."""
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import platform
+import subprocess
+import sys
+
+LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "torch-pruning", "bitsandbytes",
+             "transformers", "optimum", "optimum-onnx", "numpy", "pandas", "scikit-learn", "model-workbench")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD features that decide int8 kernel choice (VNNI, AVX-512, AMX...)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4")) or "vnni" in f)
+    except OSError:
+        pass
+    return []
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = md.version(lib)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def gpu_info() -> dict:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return {}
+        props = torch.cuda.get_device_properties(0)
+        info = {"gpu": props.name, "gpu_memory_bytes": int(props.total_memory), "cuda": torch.version.cuda,
+                "gpu_count": torch.cuda.device_count()}
+    except Exception:  # noqa: BLE001 - a broken CUDA install is "no GPU" for the fingerprint
+        return {}
+    try:
+        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                        capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+def fingerprint(threads: int | None = None) -> dict:
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cores_logical": os.cpu_count(),
+        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "threads_requested": threads,
+        "libraries": versions(),
+        **gpu_info(),
+    }

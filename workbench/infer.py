@@ -1,0 +1,34 @@
+"""Run a model over batches of named numpy inputs and return the stacked outputs (one array)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def torch_outputs(module, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
+    import torch
+
+    outs = []
+    with torch.inference_mode():
+        for b in batches:
+            out = module(**{k: torch.from_numpy(v) for k, v in b.items()})
+            outs.append(out.float().cpu().numpy())
+    return np.concatenate(outs)
+
+
+def onnx_session(path: Path, threads: int | None = None, providers=("CPUExecutionProvider",)):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=list(providers))
+
+
+def onnx_outputs(path_or_session, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
+    sess = path_or_session if hasattr(path_or_session, "run") else onnx_session(path_or_session)
+    names = {i.name for i in sess.get_inputs()}
+    return np.concatenate([sess.run(None, {k: v for k, v in b.items() if k in names})[0] for b in batches])

@@ -1,0 +1,78 @@
+"""Size facts of a model: parameters, weight bytes, sparsity (fraction of exact zeros in weight
+matrices), FLOPs per forward."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from workbench.model import ModelIO
+
+
+def _weights(module):
+    """(name, tensor) of every weight, including the packed int8 weights of quantized Linear layers."""
+    import torch
+
+    for name, p in module.named_parameters():
+        yield name, p.detach()
+    for name, m in module.named_modules():
+        packed = getattr(m, "_packed_params", None)
+        if packed is not None and hasattr(packed, "_weight_bias"):
+            w, b = packed._weight_bias()
+            yield f"{name}.weight", w
+            if b is not None:
+                yield f"{name}.bias", b
+        elif isinstance(getattr(m, "weight", None), torch.Tensor) and not isinstance(m.weight, torch.nn.Parameter):
+            yield f"{name}.weight", m.weight  # e.g. bitsandbytes / buffers standing in for weights
+
+
+def torch_stats(module, io: ModelIO, seq_len: int) -> dict:
+    import torch
+
+    params = weight_bytes = matrix = zeros = 0
+    for _, w in _weights(module):
+        params += w.numel()
+        weight_bytes += w.numel() * w.element_size()
+        if w.dim() >= 2:
+            matrix += w.numel()
+            zeros += int((w.int_repr() if w.is_quantized else w).eq(0).sum())
+    return {"params": int(params), "weight_bytes": int(weight_bytes),
+            "sparsity": round(zeros / matrix, 4) if matrix else 0.0, "flops": flops(module, io, seq_len)}
+
+
+def flops(module, io: ModelIO, seq_len: int) -> Optional[int]:
+    """FLOPs of one forward at batch 1 (torch.utils.flop_counter counts matmuls and convolutions;
+    quantized kernels are not counted, so quantized models report None)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if any(getattr(m, "_packed_params", None) is not None for m in module.modules()):
+        return None
+    inputs = {k: torch.from_numpy(v) for k, v in io.make(1, seq_len).items()}
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            module(**inputs)
+        return int(counter.get_total_flops()) or None
+    except Exception:  # noqa: BLE001 - FLOPs are a nice-to-have; a model they fail on still runs
+        return None
+
+
+def onnx_stats(path: Path) -> dict:
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    params = weight_bytes = matrix = zeros = 0
+    for t in model.graph.initializer:
+        a = numpy_helper.to_array(t)
+        params += a.size
+        weight_bytes += a.nbytes
+        if a.ndim >= 2:
+            matrix += a.size
+            zeros += int(np.count_nonzero(a == 0))
+    return {"params": int(params), "weight_bytes": int(weight_bytes),
+            "sparsity": round(zeros / matrix, 4) if matrix else 0.0, "flops": None}
+
+
+def files_size(paths) -> int:
+    return int(sum(Path(p).stat().st_size for p in paths if Path(p).exists()))

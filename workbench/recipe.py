@@ -1,0 +1,492 @@
+"""The recipe: a YAML file validated into typed objects before any work is done.
+
+Every section is a pydantic model with `extra="forbid"`, so a typo is an error, not a silently
+ignored key. `load_recipe` turns every problem into one `RecipeError` paragraph that names the file,
+the field path, the bad value and what would be accepted.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import re
+import sys
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from workbench.errors import RecipeError, field_error
+
+BACKENDS = (
+    "torch-cpu", "torch-cuda", "torch-compile-cpu", "torch-compile-cuda",
+    "torchscript-cpu", "torchscript-cuda", "ort-cpu", "ort-cuda", "ort-tensorrt",
+)
+BackendName = Literal[
+    "torch-cpu", "torch-cuda", "torch-compile-cpu", "torch-compile-cuda",
+    "torchscript-cpu", "torchscript-cuda", "ort-cpu", "ort-cuda", "ort-tensorrt",
+]
+ExportFormat = Literal["onnx", "torchscript"]
+
+
+_VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# ----------------------------------------------------------------------------- model
+class InputSpec(Strict):
+    """One model input. Dimensions are ints or the symbols `batch` / `seq`, filled at run time."""
+
+    shape: list[Union[int, Literal["batch", "seq"]]]
+    dtype: Literal["float32", "float16", "int64", "int32"] = "float32"
+    low: int = Field(0, description="integer inputs: random values are drawn from [low, high)")
+    high: int = 2
+
+
+class BuiltinModel(Strict):
+    source: Literal["builtin"]
+    name: Literal["digits-cnn", "minilm-l6"]
+
+
+class HFModel(Strict):
+    source: Literal["hf"]
+    path: str = Field(description="a local save_pretrained directory or a hub id")
+    head: Literal["embedding", "sequence-classification"] = "embedding"
+    pooling: Literal["mean", "cls"] = "mean"
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+
+
+class TorchvisionModel(Strict):
+    source: Literal["torchvision"]
+    name: str
+    checkpoint: Optional[str] = Field(None, description="state_dict file (.safetensors or .pt)")
+    num_classes: int = 1000
+    image_size: int = Field(224, gt=0)
+
+
+class PythonModel(Strict):
+    source: Literal["python"]
+    ref: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+    kind: Literal["classifier", "embedding"] = "classifier"
+    inputs: dict[str, InputSpec] = Field(min_length=1)
+    checkpoint: Optional[str] = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+ModelSpec = Annotated[
+    Union[BuiltinModel, HFModel, TorchvisionModel, PythonModel], Field(discriminator="source")
+]
+
+
+# ----------------------------------------------------------------------------- task
+class BuiltinData(Strict):
+    source: Literal["builtin"]
+    name: Literal["digits", "stdlib-docstrings"]
+
+
+class FileData(Strict):
+    source: Literal["file"]
+    path: str = Field(description=".csv, .jsonl or .npz (arrays `x` and `y`)")
+    text_field: str = "text"
+    label_field: str = "label"
+
+
+DataSpec = Annotated[Union[BuiltinData, FileData], Field(discriminator="source")]
+
+
+class ClassificationTask(Strict):
+    type: Literal["classification"]
+    data: DataSpec
+    eval_size: Optional[int] = Field(None, gt=0)
+
+
+class TextClassificationTask(Strict):
+    type: Literal["text-classification"]
+    data: FileData
+    eval_size: Optional[int] = Field(None, gt=0)
+    max_length: int = Field(128, gt=0)
+
+
+class EmbeddingFidelityTask(Strict):
+    type: Literal["embedding-fidelity"]
+    data: DataSpec
+    eval_size: int = Field(512, gt=1)
+    max_length: int = Field(128, gt=0)
+
+
+class NoTask(Strict):
+    type: Literal["none"]
+
+
+TaskSpec = Annotated[
+    Union[ClassificationTask, TextClassificationTask, EmbeddingFidelityTask, NoTask],
+    Field(discriminator="type"),
+]
+
+
+# ----------------------------------------------------------------------------- variants
+class StepCall(Strict):
+    """A step as written in a variant, with its parameters validated and defaults filled in."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class VariantSpec(Strict):
+    from_: Optional[str] = Field(None, alias="from")
+    # Raw here; load_recipe replaces each entry with a validated StepCall.
+    steps: list[Any] = Field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- export
+class ParityTolerance(Strict):
+    max_abs_diff: Optional[float] = Field(1e-3, gt=0)
+    min_cosine: Optional[float] = Field(None, ge=-1, le=1)
+    min_top1_agreement: Optional[float] = Field(None, ge=0, le=1)
+
+
+class ExportSpec(Strict):
+    formats: list[ExportFormat] = Field(default_factory=lambda: ["onnx"])
+    opset: int = Field(18, ge=14, le=23)
+    exporter: Literal["dynamo", "torchscript"] = "dynamo"
+    parity: ParityTolerance = Field(default_factory=ParityTolerance)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_shorthand(cls, data):
+        # `export: [onnx, torchscript]` is short for `export: {formats: [...]}`.
+        return {"formats": data} if isinstance(data, list) else data
+
+
+# ----------------------------------------------------------------------------- bench
+class Timing(Strict):
+    warmup: int = Field(10, ge=0)
+    min_iters: int = Field(50, ge=5)
+    min_seconds: float = Field(2.0, ge=0)
+    max_seconds: float = Field(60.0, gt=0)
+    stability_threshold: float = Field(
+        0.25, gt=0, description="max relative spread of window medians before a cell is 'unstable'")
+
+
+class BenchSpec(Strict):
+    backends: list[BackendName] = Field(default_factory=lambda: ["torch-cpu", "ort-cpu"], min_length=1)
+    batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1, 8], min_length=1)
+    seq_len: int = Field(128, gt=0)
+    threads: Optional[int] = Field(None, gt=0, description="intra-op threads; default: all cores")
+    timing: Timing = Field(default_factory=Timing)
+    accuracy: bool = Field(True, description="run the evaluation split through every cell")
+    cell_timeout_s: float = Field(900, gt=0)
+
+
+# ----------------------------------------------------------------------------- report
+class Constraints(Strict):
+    max_accuracy_drop: Optional[float] = Field(None, ge=0)
+    max_latency_ms: Optional[float] = Field(None, gt=0)
+    max_memory_mb: Optional[float] = Field(None, gt=0)
+    backend: Optional[BackendName] = None
+    batch_size: Optional[int] = Field(None, gt=0)
+
+
+class ReportSpec(Strict):
+    baseline: str = "baseline"
+    constraints: Constraints = Field(default_factory=Constraints)
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: Optional[str] = None
+    seed: int = 0
+    model: ModelSpec
+    task: TaskSpec = Field(default_factory=lambda: NoTask(type="none"))
+    variants: dict[str, VariantSpec] = Field(min_length=1)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    bench: BenchSpec = Field(default_factory=BenchSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
+
+    # Set by load_recipe: where the recipe came from, for relative paths and the lineage.
+    path: Optional[str] = Field(None, exclude=True)
+    sha256: Optional[str] = Field(None, exclude=True)
+
+    def resolve(self, p: str) -> Path:
+        """Relative paths in a recipe are relative to the recipe file's folder."""
+        q = Path(p).expanduser()
+        if q.is_absolute() or self.path is None:
+            return q
+        return Path(self.path).resolve().parent / q
+
+    def order(self) -> list[str]:
+        """Variants in an order where every parent comes before its children."""
+        done: list[str] = []
+        while len(done) < len(self.variants):
+            for name, v in self.variants.items():
+                if name not in done and (v.from_ is None or v.from_ in done):
+                    done.append(name)
+        return done
+
+
+# ----------------------------------------------------------------------------- loading
+def load_recipe(path: str | Path) -> Recipe:
+    """Read, parse and fully check a recipe; raise RecipeError on the first problem."""
+    path = Path(path)
+    where = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise RecipeError(f"{where}: cannot read the recipe file ({e.strerror}).") from None
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{where}: not valid YAML{at}: {getattr(e, 'problem', e)}.") from None
+    if not isinstance(data, dict):
+        raise field_error(where, "", "a recipe must be a YAML mapping with keys such as name, model, variants",
+                          value=type(data).__name__)
+    recipe = parse_recipe(data, where)
+    recipe.path = str(path)
+    recipe.sha256 = hashlib.sha256(raw).hexdigest()
+    check_recipe(recipe, where)
+    return recipe
+
+
+def parse_recipe(data: dict, where: str) -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise _pydantic_error(e, Recipe, where) from None
+
+
+def _pydantic_error(e: ValidationError, root: type, where: str, prefix: str = "") -> RecipeError:
+    err = e.errors(include_url=False)[0]
+    loc = list(err["loc"])
+    display, parent_cls = _walk(root, loc[:-1]) if loc else ([], root)
+    field = ".".join(filter(None, [prefix] + [_fmt(p) for p in display + loc[-1:]])) if loc else prefix
+    etype = err["type"]
+    if etype == "extra_forbidden":
+        accepted = sorted(parent_cls.model_fields) if _is_model(parent_cls) else None
+        accepted = [_alias(parent_cls, a) for a in accepted] if accepted else None
+        return field_error(where, field, "unknown key", accepted=accepted)
+    if etype == "missing":
+        return field_error(where, field, "is required but missing")
+    value = err.get("input")
+    if isinstance(value, (dict, list)) and len(repr(value)) > 80:
+        value = None
+    return field_error(where, field, err["msg"], value=value)
+
+
+def _fmt(part) -> str:
+    return f"[{part}]" if isinstance(part, int) else str(part)
+
+
+def _alias(cls, name: str) -> str:
+    f = cls.model_fields[name]
+    return f.alias or name
+
+
+def _is_model(cls) -> bool:
+    return isinstance(cls, type) and issubclass(cls, BaseModel)
+
+
+def _walk(cls, loc: list) -> tuple[list, Any]:
+    """Follow an error location through the schema: returns the path a user would write
+    (without pydantic's union tags) and the model class at the end of it."""
+    shown: list = []
+    for part in loc:
+        cls = _unwrap(cls)
+        if _is_union(cls):
+            members = [_unwrap(m) for m in typing.get_args(cls)]
+            tagged = [m for m in members if _is_model(m) and _tag_of(m) == part]
+            if tagged:  # a discriminated-union tag: not a key the user wrote
+                cls = tagged[0]
+                continue
+        if _is_model(cls):
+            name = next((n for n, f in cls.model_fields.items() if part in (n, f.alias)), None)
+            shown.append(_alias(cls, name) if name else part)
+            cls = cls.model_fields[name].annotation if name else None
+        else:
+            shown.append(part)
+            args = typing.get_args(cls)
+            cls = args[-1] if args else None
+    cls = _unwrap(cls)
+    return shown, cls
+
+
+def _unwrap(cls):
+    while typing.get_origin(cls) is Annotated:
+        cls = typing.get_args(cls)[0]
+    if _is_union(cls):
+        members = [a for a in typing.get_args(cls) if a is not type(None)]
+        if len(members) == 1:
+            return _unwrap(members[0])
+    return cls
+
+
+def _is_union(cls) -> bool:
+    import types
+    return typing.get_origin(cls) in (Union, types.UnionType)
+
+
+def _tag_of(model_cls) -> Optional[str]:
+    for key in ("source", "type"):
+        f = model_cls.model_fields.get(key)
+        if f is not None and typing.get_origin(f.annotation) is Literal:
+            return typing.get_args(f.annotation)[0]
+    return None
+
+
+# ----------------------------------------------------------------------------- cross-field checks
+def check_recipe(recipe: Recipe, where: str) -> None:
+    """Checks that span fields: the variant DAG, the steps and the formats they pass along,
+    paths that must exist, and whether the task fits the model."""
+    from workbench.steps import get_step, step_names
+
+    names = list(recipe.variants)
+    for name, v in recipe.variants.items():
+        if not _VARIANT_NAME.match(name):
+            raise field_error(where, f"variants.{name}", "a variant name may hold letters, digits, '.', '_' and '-'",
+                              value=name)
+        if v.from_ is not None and v.from_ not in recipe.variants:
+            raise field_error(where, f"variants.{name}.from", "names no variant of this recipe", value=v.from_,
+                              accepted=[n for n in names if n != name])
+    _check_acyclic(recipe, where)
+    if recipe.report.baseline not in recipe.variants:
+        raise field_error(where, "report.baseline", "names no variant (the reference for accuracy deltas)",
+                          value=recipe.report.baseline, accepted=names)
+
+    # Steps: known names, valid params, and a torch module or ONNX graph where each one needs it.
+    fmt: dict[str, str] = {}
+    for name in recipe.order():
+        v = recipe.variants[name]
+        current = fmt[v.from_] if v.from_ else "torch"
+        calls = []
+        for i, raw in enumerate(v.steps):
+            field = f"variants.{name}.steps[{i}]"
+            step_name, params = _split_step(raw, where, field)
+            try:
+                step = get_step(step_name)
+            except KeyError:
+                raise field_error(where, field, "unknown step", value=step_name, accepted=step_names()) from None
+            try:
+                p = step.Params.model_validate(params or {})
+            except ValidationError as e:
+                raise _pydantic_error(e, step.Params, where, prefix=f"{field}.{step_name}") from None
+            # torch -> ONNX happens implicitly (the runner exports first); ONNX -> torch cannot.
+            if step.consumes == "torch" and current == "onnx":
+                what = {"torch": "a PyTorch module", "onnx": "an ONNX graph"}
+                raise field_error(
+                    where, field,
+                    f"step '{step_name}' needs {what[step.consumes]}, but at this point variant '{name}' is "
+                    f"{what[current]} (steps that act on ONNX graphs must come after the torch steps, "
+                    f"and a variant cannot return from ONNX to PyTorch)", value=step_name)
+            step.check(p, recipe=recipe, variant=name, where=where, field=f"{field}.{step_name}")
+            current = step.produces if step.produces != "same" else current
+            calls.append(StepCall(name=step_name, params=p.model_dump(mode="json")))
+        v.steps = calls
+        fmt[name] = current
+
+    _check_model(recipe, where)
+    _check_task(recipe, where)
+    c = recipe.report.constraints
+    if c.backend is not None and c.backend not in recipe.bench.backends:
+        raise field_error(where, "report.constraints.backend", "is not among bench.backends", value=c.backend,
+                          accepted=recipe.bench.backends)
+
+
+def _split_step(raw, where: str, field: str) -> tuple[str, Optional[dict]]:
+    if isinstance(raw, str):
+        return raw, None
+    if isinstance(raw, dict) and len(raw) == 1:
+        (name, params), = raw.items()
+        if params is None or isinstance(params, dict):
+            return str(name), params
+        raise field_error(where, f"{field}.{name}", "step parameters must be a mapping", value=params)
+    raise field_error(where, field, "a step is written as `name` or `{name: {param: value}}`", value=raw)
+
+
+def _check_acyclic(recipe: Recipe, where: str) -> None:
+    for start in recipe.variants:
+        seen = [start]
+        cur = recipe.variants[start].from_
+        while cur is not None:
+            if cur in seen:
+                cycle = " -> ".join(seen[seen.index(cur):] + [cur])
+                raise field_error(where, f"variants.{start}.from", f"the variants form a cycle ({cycle})",
+                                  value=recipe.variants[start].from_,
+                                  accepted="a chain of `from:` that ends at a variant without `from:`")
+            seen.append(cur)
+            cur = recipe.variants[cur].from_
+
+
+def model_kind(spec) -> str:
+    """'classifier' or 'embedding': what the model's output means, so a task can check it fits."""
+    if isinstance(spec, BuiltinModel):
+        return {"digits-cnn": "classifier", "minilm-l6": "embedding"}[spec.name]
+    if isinstance(spec, HFModel):
+        return "embedding" if spec.head == "embedding" else "classifier"
+    if isinstance(spec, TorchvisionModel):
+        return "classifier"
+    return spec.kind
+
+
+def _check_model(recipe: Recipe, where: str) -> None:
+    m = recipe.model
+    if isinstance(m, HFModel):
+        looks_local = m.path.startswith((".", "/", "~")) or recipe.resolve(m.path).exists()
+        if looks_local and not recipe.resolve(m.path).is_dir():
+            raise field_error(where, "model.path", "no such directory", value=m.path,
+                              accepted="a save_pretrained directory (relative to the recipe file) or a hub id")
+    ckpt = getattr(m, "checkpoint", None)
+    if ckpt and not recipe.resolve(ckpt).is_file():
+        raise field_error(where, "model.checkpoint", "no such file", value=ckpt,
+                          accepted="a .safetensors or .pt state_dict, relative to the recipe file")
+    if isinstance(m, TorchvisionModel):
+        try:
+            importlib.import_module("torchvision")
+        except Exception:
+            raise field_error(where, "model.source", "needs the torchvision package, which is not importable here",
+                              value="torchvision", accepted="builtin, hf, python") from None
+    if isinstance(m, PythonModel):
+        mod_name, attr = m.ref.split(":")
+        folder = str(recipe.resolve("."))
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        try:
+            obj = importlib.import_module(mod_name)
+            for a in attr.split("."):
+                obj = getattr(obj, a)
+        except Exception as e:
+            raise field_error(where, "model.ref", f"cannot be imported ({type(e).__name__}: {e})", value=m.ref,
+                              accepted="'package.module:callable' importable from the recipe's folder") from None
+        if not callable(obj):
+            raise field_error(where, "model.ref", "is not callable", value=m.ref)
+
+
+def _check_task(recipe: Recipe, where: str) -> None:
+    t = recipe.task
+    kind = model_kind(recipe.model)
+    needs = {"classification": "classifier", "text-classification": "classifier",
+             "embedding-fidelity": "embedding"}.get(t.type)
+    if needs and needs != kind:
+        raise field_error(where, "task.type", f"needs a model whose output is a {needs}, but the model gives a {kind}",
+                          value=t.type, accepted=[k for k, v in {"classification": "classifier",
+                                                                 "text-classification": "classifier",
+                                                                 "embedding-fidelity": "embedding",
+                                                                 "none": kind}.items() if v == kind])
+    data = getattr(t, "data", None)
+    if isinstance(data, FileData) and not recipe.resolve(data.path).is_file():
+        raise field_error(where, "task.data.path", "no such file", value=data.path,
+                          accepted="a .csv, .jsonl or .npz file, relative to the recipe file")
+    if isinstance(data, BuiltinData):
+        fits = {"classification": ["digits"], "embedding-fidelity": ["stdlib-docstrings"]}[t.type]
+        if data.name not in fits:
+            raise field_error(where, "task.data.name", f"is not a data set for task '{t.type}'", value=data.name,
+                              accepted=fits)
+    if isinstance(t, ClassificationTask) and isinstance(data, BuiltinData) and data.name == "digits":
+        if not (isinstance(recipe.model, BuiltinModel) or isinstance(recipe.model, PythonModel)):
+            raise field_error(where, "task.data.name", "digits images are 1x8x8: they fit digits-cnn or a python model",
+                              value=data.name)

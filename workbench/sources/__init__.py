@@ -1,0 +1,1 @@
+"""Where models and data come from: built-ins shipped offline, Hugging Face, torchvision, user code."""

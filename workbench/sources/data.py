@@ -1,0 +1,94 @@
+"""Data that ships offline: scikit-learn's digits, the docstrings of Python's standard library,
+and users' own files (CSV / JSONL with text and label, NPZ with arrays x and y)."""
+from __future__ import annotations
+
+import ast
+import csv
+import hashlib
+import json
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+
+from workbench import atomic
+from workbench.sources.cache import cache_dir
+
+
+def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_test, y_test): 8x8 images scaled to [0, 1], shape (N, 1, 8, 8).
+    The split is fixed so that the built-in CNN never sees the evaluation images."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None, :, :]
+    y = d.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    return x_tr, y_tr, x_te, y_te
+
+
+# Folders of the standard library whose docstrings are not English prose about the library.
+_SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "ensurepip", "turtledemo",
+         "__pycache__", "pydoc_data", "encodings"}
+
+
+def stdlib_docstrings() -> tuple[list[str], list[str]]:
+    """(train, heldout): first paragraphs of the docstrings of the Python standard library, a real
+    English corpus present on every machine. The split is by a hash of the text, so it is stable."""
+    path = cache_dir() / f"stdlib-docstrings-py{sys.version_info[0]}{sys.version_info[1]}.json"
+    if path.exists():
+        d = json.loads(path.read_text())
+        return d["train"], d["heldout"]
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts: set[str] = set()
+    files = sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")) + sorted(root.glob("*/*/*.py"))
+    for f in files:
+        if _SKIP.intersection(f.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8", errors="ignore"))
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    para = " ".join(doc.split("\n\n")[0].split())
+                    if 40 <= len(para) <= 600 and para.count(" ") >= 5:
+                        texts.add(para)
+    ordered = sorted(texts, key=lambda t: hashlib.sha1(t.encode()).hexdigest())
+    heldout = [t for t in ordered if int(hashlib.sha1(t.encode()).hexdigest(), 16) % 5 == 0]
+    held = set(heldout)
+    train = [t for t in ordered if t not in held]
+    atomic.write_json(path, {"train": train, "heldout": heldout})
+    return train, heldout
+
+
+def read_text_file(path: Path, text_field: str, label_field: str | None) -> tuple[list[str], list]:
+    """Rows of a .csv or .jsonl file: (texts, labels); labels empty when label_field is None."""
+    rows: list[dict]
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    elif path.suffix in (".jsonl", ".ndjson"):
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        raise ValueError(f"{path}: text data must be .csv or .jsonl, not '{path.suffix}'")
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    missing = [f for f in (text_field, label_field) if f and f not in rows[0]]
+    if missing:
+        raise ValueError(f"{path}: no column {missing[0]!r}; columns are {sorted(rows[0])}")
+    texts = [str(r[text_field]) for r in rows]
+    labels = [r[label_field] for r in rows] if label_field else []
+    return texts, labels
+
+
+def split_by_hash(items: list, keys: list[str], heldout_every: int = 5) -> tuple[list, list]:
+    """Stable train / held-out split of items by a hash of their keys (1 in `heldout_every` held out)."""
+    train, held = [], []
+    for item, key in zip(items, keys):
+        (held if int(hashlib.sha1(key.encode()).hexdigest(), 16) % heldout_every == 0 else train).append(item)
+    return train, held

