@@ -12,6 +12,17 @@ from pathlib import Path
 from workbench import atomic
 
 
+def cell_job(backend: str, path, io_json: dict, batch: int, seq_len: int, threads: int, timing: dict, *,
+             seed: int = 0, eval_inputs=None, outputs_path=None, sys_path=()) -> dict:
+    """The job a worker runs: everything it needs, as JSON (see bench.worker)."""
+    from bench.backends import BACKENDS
+
+    return {"backend": backend, "device": BACKENDS[backend].device, "path": str(path), "io": io_json,
+            "batch_size": batch, "seq_len": seq_len, "threads": threads, "timing": timing, "seed": seed,
+            "eval_inputs": str(eval_inputs) if eval_inputs else None,
+            "outputs_path": str(outputs_path) if outputs_path else None, "sys_path": list(sys_path)}
+
+
 def run_cell(job: dict, timeout_s: float, work_dir: Path) -> dict:
     """Run `job` (see bench.worker) and return {"status": ..., "reason": ..., **measurements}."""
     work_dir.mkdir(parents=True, exist_ok=True)

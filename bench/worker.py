@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 
@@ -18,7 +17,13 @@ def _rss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    # VmHWM belongs to this process image. ru_maxrss would not do: Linux carries it across exec,
+    # so a child of a big parent would report the parent's peak.
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def run(job: dict) -> dict:
@@ -38,6 +43,8 @@ def run(job: dict) -> dict:
     batch, seq = int(job["batch_size"]), int(job["seq_len"])
     timing = job["timing"]
 
+    if job["backend"].startswith("ort"):
+        import onnxruntime  # noqa: F401 - imported before the baseline so the delta is the model's, not the library's
     rss_before = _rss_bytes()  # after imports: the idle baseline of this process
     t0 = time.perf_counter()
     runner = load_runner(job["backend"], job["path"], threads)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import time
+import warnings
 from pathlib import Path
 
 from workbench.model import ModelIO
@@ -34,6 +36,7 @@ def export_onnx(module, io_spec: ModelIO, path: Path, *, opset: int = 18, export
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed" notices
     kwargs = example_inputs(io_spec)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     large = weight_bytes > EXTERNAL_DATA_BYTES
@@ -43,7 +46,8 @@ def export_onnx(module, io_spec: ModelIO, path: Path, *, opset: int = 18, export
     for which in tries:
         try:
             # The exporters print progress to stdout; the run log gets the pipeline's own lines.
-            with contextlib.redirect_stdout(io.StringIO()):
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 torch.onnx.export(
                     module, (), str(path), kwargs=kwargs, input_names=list(io_spec.inputs),
                     output_names=[io_spec.output], dynamic_axes=dynamic_axes(io_spec), opset_version=opset,

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seq-len", type=int, default=128)
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--out", default=None, help="folder for results.json (default: reports/bench/<file>/<time>)")
+    b.add_argument("--input", action="append", default=None, metavar="NAME=DIMS:DTYPE",
+                   help="declare an input (needed for TorchScript files without a .io.json), "
+                   "e.g. pixels=batch,1,8,8:float32; repeat for several")
     b.add_argument("--quick", action="store_true")
 
     sub.add_parser("list", help="steps, backends, built-in models and data, and which backends run here")

@@ -252,6 +252,7 @@ class Run:
                             art.update(export_torchscript(model.module, io, path))
                             out = torch_outputs(torch.jit.load(str(path)), batches)
                         art["path"] = str(path.relative_to(self.run_dir))
+                        atomic.write_json(path.with_name(path.name + ".io.json"), io.to_json())
                         art["parity"] = parity(reference, out, io.kind)
                         bad = violations(art["parity"], spec.parity)
                         if bad:
@@ -280,7 +281,7 @@ class Run:
     # ------------------------------------------------------------------ bench
     def bench(self, models, variants: list[dict], artifacts: list[dict]) -> list[dict]:
         from bench.backends import BACKENDS, unavailable
-        from bench.cells import run_cell
+        from bench.cells import cell_job, run_cell
 
         spec = self.recipe.bench
         work = self.run_dir / ".work"
@@ -319,11 +320,9 @@ class Run:
                 cell.update(status="skipped", reason=why_not)
             else:
                 outputs = work / f"outputs-{len(cells)}.npy"
-                job = {"backend": backend, "device": info.device, "path": str(self.run_dir / art["path"]),
-                       "io": self.src.io.to_json(), "batch_size": batch, "seq_len": spec.seq_len,
-                       "threads": self.threads, "timing": self.timing, "seed": self.recipe.seed,
-                       "eval_inputs": str(eval_path) if eval_path else None, "outputs_path": str(outputs),
-                       "sys_path": sys_path}
+                job = cell_job(backend, self.run_dir / art["path"], self.src.io.to_json(), batch, spec.seq_len,
+                               self.threads, self.timing, seed=self.recipe.seed, eval_inputs=eval_path,
+                               outputs_path=outputs, sys_path=sys_path)
                 cell.update(run_cell(job, spec.cell_timeout_s, work))
                 if cell["status"] != "failed" and outputs.exists():
                     cell["accuracy"] = self.task.metrics(np.load(outputs))
