@@ -1,0 +1,145 @@
+"""bench.protocol: the timing loop and the statistics every latency number in a report rests on."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from bench.protocol import bootstrap_ci, measure, ratio_ci, stability, summarize
+
+
+# ----------------------------------------------------------------------------- summarize
+def test_summarize_percentiles_of_known_samples():
+    samples = np.arange(1, 101, dtype=float)  # 1 .. 100 ms
+    lat = summarize(samples, batch_size=1)["latency_ms"]
+    assert lat["p50"] == pytest.approx(50.5)
+    assert lat["p90"] == pytest.approx(90.1)
+    assert lat["p95"] == pytest.approx(95.05)
+    assert lat["p99"] == pytest.approx(99.01)
+    assert lat["mean"] == pytest.approx(50.5)
+    assert lat["std"] == pytest.approx(np.std(samples, ddof=1), rel=1e-6)
+    assert lat["min"] == 1.0
+    assert lat["n"] == 100
+
+
+def test_summarize_ci_brackets_p50_and_throughput_counts_items():
+    rng = np.random.default_rng(1)
+    samples = 2.0 + rng.normal(0, 0.05, 200)
+    s = summarize(samples, batch_size=8)
+    lo, hi = s["latency_ms"]["ci95"]
+    assert lo <= s["latency_ms"]["p50"] <= hi
+    assert s["throughput"] == pytest.approx(8 * 1e3 / s["latency_ms"]["p50"], rel=1e-4)
+
+
+def test_summarize_output_is_plain_json_numbers():
+    lat = summarize([1.0, 2.0, 3.0, 4.0, 5.0], batch_size=1)["latency_ms"]
+    assert isinstance(lat["n"], int)
+    assert all(type(lat[k]) is float for k in ("p50", "p90", "p95", "p99", "mean", "std", "min"))
+    assert all(type(x) is float for x in lat["ci95"])
+
+
+def test_summarize_single_sample_has_zero_std():
+    lat = summarize([3.0], batch_size=1)["latency_ms"]
+    assert lat["std"] == 0.0 and lat["p50"] == 3.0 and lat["n"] == 1
+
+
+# ----------------------------------------------------------------------------- bootstrap_ci
+def test_bootstrap_ci_brackets_the_median():
+    rng = np.random.default_rng(0)
+    samples = rng.lognormal(mean=0.0, sigma=0.3, size=300)
+    lo, hi = bootstrap_ci(samples)
+    assert lo < float(np.median(samples)) < hi
+    assert hi - lo < 0.5  # 300 samples pin the median down well
+
+
+def test_bootstrap_ci_is_reproducible_for_a_seed():
+    samples = np.random.default_rng(3).normal(5, 1, 50)
+    assert bootstrap_ci(samples, seed=7) == bootstrap_ci(samples, seed=7)
+
+
+def test_bootstrap_ci_of_constant_samples_is_a_point():
+    assert bootstrap_ci([4.0] * 20) == (4.0, 4.0)
+
+
+# ----------------------------------------------------------------------------- stability
+def test_stability_marks_a_drifting_series_unstable():
+    samples = [1.0] * 50 + [2.0] * 50  # the machine got twice as slow half-way through
+    s = stability(samples, threshold=0.25)
+    assert s["stable"] is False
+    assert s["window_spread"] > 0.25
+    assert s["window_medians_ms"][0] == pytest.approx(1.0) and s["window_medians_ms"][-1] == pytest.approx(2.0)
+
+
+def test_stability_marks_a_flat_noisy_series_stable():
+    rng = np.random.default_rng(0)
+    samples = 1.0 + rng.normal(0, 0.03, 100)
+    s = stability(samples, threshold=0.25)
+    assert s["stable"] is True
+    assert s["window_spread"] < 0.25
+
+
+def test_stability_does_not_judge_too_few_samples():
+    s = stability([1.0, 5.0, 1.0, 5.0], threshold=0.25)
+    assert s["stable"] is True and s["window_spread"] is None and "too few" in s["note"]
+
+
+# ----------------------------------------------------------------------------- ratio_ci
+def test_ratio_ci_of_identical_distributions_brackets_one():
+    rng = np.random.default_rng(0)
+    a = 1.0 + rng.normal(0, 0.05, 200)
+    b = 1.0 + rng.normal(0, 0.05, 200)
+    ratio, lo, hi = ratio_ci(a, b)
+    assert lo <= 1.0 <= hi
+    assert ratio == pytest.approx(1.0, abs=0.05)
+
+
+def test_ratio_ci_of_a_twice_slower_set_is_one_half():
+    rng = np.random.default_rng(0)
+    base = 1.0 + rng.normal(0, 0.02, 200)
+    slower = 2.0 * (1.0 + rng.normal(0, 0.02, 200))
+    ratio, lo, hi = ratio_ci(base, slower)
+    assert ratio == pytest.approx(0.5, abs=0.02)
+    assert lo <= ratio <= hi
+    assert hi < 1.0  # significantly slower, not a toss-up
+
+
+# ----------------------------------------------------------------------------- measure
+def test_measure_honours_warmup_and_min_iters():
+    calls = []
+
+    def timed():
+        calls.append(1)
+        return 0.001
+
+    m = measure(timed, warmup=3, min_iters=7, min_seconds=0.0, max_seconds=10.0)
+    assert len(m["warmup_ms"]) == 3
+    assert len(m["samples_ms"]) == 7
+    assert len(calls) == 10
+    assert m["capped"] is False
+
+
+def test_measure_honours_min_seconds():
+    t0 = time.perf_counter()
+    m = measure(lambda: 0.001, warmup=0, min_iters=5, min_seconds=0.1, max_seconds=10.0)
+    elapsed = time.perf_counter() - t0
+    assert elapsed >= 0.1
+    assert len(m["samples_ms"]) > 5  # a trivial call runs far more than min_iters times in 0.1 s
+    assert m["capped"] is False
+
+
+def test_measure_stops_at_max_seconds_and_says_so():
+    def slow():
+        time.sleep(0.02)
+        return 20.0
+
+    m = measure(slow, warmup=0, min_iters=1000, min_seconds=0.0, max_seconds=0.1)
+    assert 1 <= len(m["samples_ms"]) < 1000
+    assert m["capped"] is True
+
+
+def test_measure_keeps_the_raw_samples():
+    values = iter(range(100))
+    m = measure(lambda: float(next(values)), warmup=2, min_iters=5, min_seconds=0.0, max_seconds=10.0)
+    assert m["warmup_ms"] == [0.0, 1.0]
+    assert m["samples_ms"] == [2.0, 3.0, 4.0, 5.0, 6.0]
