@@ -1,5 +1,6 @@
 """The `workbench` command. Exit codes: 0 the run finished (failed cells are in the report),
-2 the recipe or the arguments are invalid, 1 anything else."""
+2 the recipe or the arguments are invalid, 3 `compare --fail-if-slower` found a slower cell,
+1 anything else."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="declare an input (needed for TorchScript files without a .io.json), "
                    "e.g. pixels=batch,1,8,8:float32; repeat for several")
     b.add_argument("--quick", action="store_true")
+
+    c = sub.add_parser("compare", help="side-by-side of two runs, with which differences are significant")
+    c.add_argument("run_a")
+    c.add_argument("run_b")
+    c.add_argument("--margin", default="5%", help="changes whose 95%% interval stays within this are noise")
+    c.add_argument("--fail-if-slower", default=None, metavar="PCT",
+                   help="exit 3 when a cell is slower by more than PCT (its whole interval), e.g. 5%%")
+    c.add_argument("--out", default=None, help="folder for compare.md/json/png (default: RUN_B/compare-vs-A)")
 
     sub.add_parser("list", help="steps, backends, built-in models and data, and which backends run here")
     return p
@@ -97,6 +106,10 @@ def _dispatch(args) -> int:
         from bench.standalone import bench_file
 
         return bench_file(args)
+    if args.command == "compare":
+        from bench.compare import run_compare
+
+        return run_compare(args)
     if args.command == "list":
         return _list()
     raise RecipeError(f"unknown command {args.command!r}")

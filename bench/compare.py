@@ -1,0 +1,119 @@
+"""`workbench compare RUN_A RUN_B`: for the cells the two runs share, the change in p50 with a 95 %
+bootstrap interval and a verdict, the change in accuracy, a table and a plot.
+
+Two runs of the same cell in different processes differ by more than the within-run interval
+says (CPU frequency, cache state, neighbours), so a change counts as significant only when its
+whole interval lies beyond the noise margin (`--margin`, default 5 %)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from bench.protocol import ratio_ci  # noqa: E402
+from bench.report import md_table  # noqa: E402
+from workbench import atomic  # noqa: E402
+from workbench.errors import RecipeError  # noqa: E402
+
+
+def _key(c: dict) -> tuple:
+    return (c["variant"], c["backend"], c["batch_size"], (c.get("shape") or {}).get("seq_len"))
+
+
+def _load(run_dir: Path) -> dict:
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise RecipeError(f"{run_dir}: no results.json here (is this a finished run directory?)")
+    return json.loads(path.read_text())
+
+
+def compare(a: dict, b: dict, margin: float = 0.05) -> list[dict]:
+    """One row per cell measured in both runs: ratio = p50_B / p50_A (> 1: B is slower)."""
+    metric = (b.get("task") or {}).get("primary")
+    cells_a = {_key(c): c for c in a["cells"] if c.get("samples_ms")}
+    rows = []
+    for c in b["cells"]:
+        old = cells_a.get(_key(c))
+        if old is None or not c.get("samples_ms"):
+            continue
+        speed, lo, hi = ratio_ci(old["samples_ms"], c["samples_ms"])  # speedup of B over A
+        ratio, r_lo, r_hi = 1 / speed, 1 / hi, 1 / lo
+        if r_lo > 1 + margin:
+            verdict = "slower"
+        elif r_hi < 1 - margin:
+            verdict = "faster"
+        else:
+            verdict = "no significant difference"
+        acc_a = (old.get("accuracy") or {}).get(metric) if metric else None
+        acc_b = (c.get("accuracy") or {}).get(metric) if metric else None
+        rows.append({"variant": c["variant"], "backend": c["backend"], "batch_size": c["batch_size"],
+                     "p50_a": old["latency_ms"]["p50"], "p50_b": c["latency_ms"]["p50"],
+                     "change": ratio - 1, "change_ci95": [r_lo - 1, r_hi - 1], "verdict": verdict,
+                     "unstable": "unstable" in (old["status"], c["status"]),
+                     "accuracy_change": (acc_b - acc_a) if acc_a is not None and acc_b is not None else None})
+    return rows
+
+
+def plot(rows: list[dict], path: Path, margin: float) -> Path:
+    labels = [f"{r['variant']}\n{r['backend']} b{r['batch_size']}" for r in rows]
+    y = [100 * r["change"] for r in rows]
+    err = [[100 * (r["change"] - r["change_ci95"][0]) for r in rows],
+           [100 * (r["change_ci95"][1] - r["change"]) for r in rows]]
+    colors = {"slower": "tab:red", "faster": "tab:green", "no significant difference": "tab:gray"}
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4.5))
+    ax.bar(range(len(rows)), y, yerr=err, capsize=3, color=[colors[r["verdict"]] for r in rows])
+    ax.axhspan(-100 * margin, 100 * margin, color="gray", alpha=0.15, label=f"noise margin ±{margin:.0%}")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("p50 change, B vs A (%), 95% CI")
+    ax.set_title("Latency change per cell (red: slower, green: faster, gray: no significant difference)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    atomic.write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+def parse_percent(text: str) -> float:
+    t = str(text).strip()
+    try:
+        return float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise RecipeError(f"{text!r} is not a percentage; accepted: e.g. 5% or 0.05") from None
+
+
+def run_compare(args) -> int:
+    a, b = _load(Path(args.run_a)), _load(Path(args.run_b))
+    margin = parse_percent(args.margin)
+    rows = compare(a, b, margin)
+    if not rows:
+        raise RecipeError(f"{args.run_a} and {args.run_b} share no measured cell (variant, backend, batch, shape)")
+    out = Path(args.out) if args.out else Path(args.run_b) / f"compare-vs-{Path(args.run_a).name}"
+    out.mkdir(parents=True, exist_ok=True)
+    head = ["variant", "backend", "batch", "p50 A ms", "p50 B ms", "change [95% CI]", "verdict", "accuracy change"]
+    table = [[r["variant"], r["backend"], str(r["batch_size"]), f"{r['p50_a']:.3f}", f"{r['p50_b']:.3f}",
+              f"{r['change']:+.1%} [{r['change_ci95'][0]:+.1%}, {r['change_ci95'][1]:+.1%}]",
+              r["verdict"] + (" (unstable)" if r["unstable"] else ""),
+              f"{r['accuracy_change']:+.4f}" if r["accuracy_change"] is not None else "–"] for r in rows]
+    plot(rows, out / "compare.png", margin)
+    text = (f"# Compare\n\nA: `{args.run_a}` ({a['started']})\n\nB: `{args.run_b}` ({b['started']})\n\n"
+            f"A change is significant only when its whole 95% interval lies beyond ±{margin:.0%}.\n\n"
+            f"{md_table(head, table)}\n\n![latency change](compare.png)\n")
+    atomic.write_text(out / "compare.md", text)
+    atomic.write_json(out / "compare.json", {"run_a": str(args.run_a), "run_b": str(args.run_b), "margin": margin,
+                                             "cells": rows})
+    print(md_table(head, table))
+    print(f"\ncompare: {out / 'compare.md'}")
+    if args.fail_if_slower is not None:
+        limit = parse_percent(args.fail_if_slower)
+        slow = [r for r in rows if r["change_ci95"][0] > limit]
+        if slow:
+            print(f"FAIL: {len(slow)} cell(s) slower by more than {limit:.0%} (whole 95% interval above it)")
+            return 3
+    return 0
