@@ -1,0 +1,79 @@
+"""`workbench compare`: unchanged cells show no significant difference; a slowed model is flagged."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from workbench.cli import main
+
+# The model sleeps a fixed time per call, so its latency is steady enough to compare across processes;
+# SLEEP_MS (read in the cell's own process) slows it down deliberately.
+MODEL = '''
+import os, time
+import torch
+from torch import nn
+
+class Sleepy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 4)
+
+    def forward(self, x):
+        time.sleep(float(os.environ.get("SLEEP_MS", "5")) / 1000)
+        return self.lin(x)
+
+def build():
+    return Sleepy()
+'''
+
+RECIPE = """
+name: sleepy
+model: {source: python, ref: "sleepy_model:build", inputs: {x: {shape: [batch, 16]}}}
+variants: {baseline: {}}
+export: {formats: []}
+bench:
+  backends: [torch-cpu]
+  batch_sizes: [1]
+  timing: {warmup: 3, min_iters: 40, min_seconds: 0.2}
+"""
+
+
+def _run(tmp_path: Path, out: str, sleep_ms: str) -> Path:
+    os.environ["SLEEP_MS"] = sleep_ms
+    try:
+        assert main(["run", str(tmp_path / "sleepy.yaml"), "--out", str(tmp_path / out)]) == 0
+    finally:
+        os.environ.pop("SLEEP_MS", None)
+    return next(p for p in (tmp_path / out / "sleepy").iterdir() if p.name != "cache")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compare")
+    (tmp / "sleepy_model.py").write_text(MODEL)
+    (tmp / "sleepy.yaml").write_text(RECIPE)
+    return _run(tmp, "a", "5"), _run(tmp, "b", "5"), _run(tmp, "slow", "8"), tmp
+
+
+def _verdicts(out: Path) -> list[str]:
+    return [c["verdict"] for c in json.loads((out / "compare.json").read_text())["cells"]]
+
+
+def test_two_runs_of_an_unchanged_recipe_show_no_significant_difference(runs):
+    a, b, _, tmp = runs
+    assert main(["compare", str(a), str(b), "--out", str(tmp / "same"), "--fail-if-slower", "5%"]) == 0
+    assert _verdicts(tmp / "same") == ["no significant difference"]
+    assert (tmp / "same" / "compare.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_deliberately_slowed_model_is_flagged_and_fails_the_gate(runs, capsys):
+    a, _, slow, tmp = runs
+    assert main(["compare", str(a), str(slow), "--out", str(tmp / "slow"), "--fail-if-slower", "5%"]) == 3
+    assert _verdicts(tmp / "slow") == ["slower"]
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_compare_of_a_folder_without_results_exits_2(tmp_path, capsys):
+    assert main(["compare", str(tmp_path), str(tmp_path)]) == 2
+    assert "no results.json" in capsys.readouterr().err
