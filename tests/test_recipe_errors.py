@@ -99,13 +99,7 @@ CASES = {
         ["variants.has space"]),
 }
 
-XFAIL = {
-    "torch-step-after-onnx-step": pytest.mark.xfail(
-        strict=True,
-        reason="project bug: workbench/recipe.py check_recipe tracks the format with `step.produces` only; "
-               "onnx-quantize (consumes onnx, produces 'same') leaves `current` at 'torch', so a torch step after it "
-               "passes validation and fails only at run time"),
-}
+XFAIL: dict = {}
 
 
 def _params():
@@ -179,8 +173,6 @@ def test_valid_base_recipe_is_accepted(tmp_path, capsys):
     assert "valid (1 variants" in capsys.readouterr().out
 
 
-@pytest.mark.xfail(strict=True, reason="project bug: workbench/recipe.py _pydantic_error joins list indices with "
-                                       "'.', giving 'bench.batch_sizes.[1]' where the step checks write 'steps[0]'")
 def test_list_index_in_field_path_is_written_like_the_steps_path(tmp_path, capsys):
     path = _write(tmp_path, with_bench(batch_sizes=[1, 0]))
     assert main(["validate", path]) == 2
@@ -188,8 +180,6 @@ def test_list_index_in_field_path_is_written_like_the_steps_path(tmp_path, capsy
     assert "'bench.batch_sizes[1]'" in err
 
 
-@pytest.mark.xfail(strict=True, reason="project bug: the Accepted list for an unknown top-level key offers the "
-                                       "internal fields 'path' and 'sha256', which load_recipe overwrites")
 def test_unknown_top_level_key_does_not_offer_internal_fields(tmp_path, capsys):
     path = _write(tmp_path, recipe(colour="red"))
     assert main(["validate", path]) == 2

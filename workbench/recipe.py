@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from workbench.errors import RecipeError, field_error
 
@@ -209,8 +209,16 @@ class Recipe(Strict):
     report: ReportSpec = Field(default_factory=ReportSpec)
 
     # Set by load_recipe: where the recipe came from, for relative paths and the lineage.
-    path: Optional[str] = Field(None, exclude=True)
-    sha256: Optional[str] = Field(None, exclude=True)
+    _path: Optional[str] = PrivateAttr(None)
+    _sha256: Optional[str] = PrivateAttr(None)
+
+    @property
+    def path(self) -> Optional[str]:
+        return self._path
+
+    @property
+    def sha256(self) -> Optional[str]:
+        return self._sha256
 
     def resolve(self, p: str) -> Path:
         """Relative paths in a recipe are relative to the recipe file's folder."""
@@ -248,8 +256,8 @@ def load_recipe(path: str | Path) -> Recipe:
         raise field_error(where, "", "a recipe must be a YAML mapping with keys such as name, model, variants",
                           value=type(data).__name__)
     recipe = parse_recipe(data, where)
-    recipe.path = str(path)
-    recipe.sha256 = hashlib.sha256(raw).hexdigest()
+    recipe._path = str(path)
+    recipe._sha256 = hashlib.sha256(raw).hexdigest()
     check_recipe(recipe, where)
     return recipe
 
@@ -265,7 +273,7 @@ def _pydantic_error(e: ValidationError, root: type, where: str, prefix: str = ""
     err = e.errors(include_url=False)[0]
     loc = list(err["loc"])
     display, parent_cls = _walk(root, loc[:-1]) if loc else ([], root)
-    field = ".".join(filter(None, [prefix] + [_fmt(p) for p in display + loc[-1:]])) if loc else prefix
+    field = _path([prefix] + display + loc[-1:]) if loc else prefix
     etype = err["type"]
     if etype == "extra_forbidden":
         accepted = sorted(parent_cls.model_fields) if _is_model(parent_cls) else None
@@ -279,8 +287,14 @@ def _pydantic_error(e: ValidationError, root: type, where: str, prefix: str = ""
     return field_error(where, field, err["msg"], value=value)
 
 
-def _fmt(part) -> str:
-    return f"[{part}]" if isinstance(part, int) else str(part)
+def _path(parts: list) -> str:
+    """['bench', 'batch_sizes', 1] -> 'bench.batch_sizes[1]'."""
+    out = ""
+    for p in parts:
+        if p == "" or p is None:
+            continue
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
 
 
 def _alias(cls, name: str) -> str:
@@ -384,7 +398,7 @@ def check_recipe(recipe: Recipe, where: str) -> None:
                     f"{what[current]} (steps that act on ONNX graphs must come after the torch steps, "
                     f"and a variant cannot return from ONNX to PyTorch)", value=step_name)
             step.check(p, recipe=recipe, variant=name, where=where, field=f"{field}.{step_name}")
-            current = step.produces if step.produces != "same" else current
+            current = step.consumes if step.produces == "same" else step.produces
             calls.append(StepCall(name=step_name, params=p.model_dump(mode="json")))
         v.steps = calls
         fmt[name] = current
