@@ -1,6 +1,8 @@
 """ONNX Runtime quantization of an ONNX graph (a step after export)."""
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 from typing import Literal
 
@@ -16,6 +18,16 @@ class OnnxQuantizeParams(StepParams):
     weight_type: Literal["QInt8", "QUInt8"] = "QInt8"
     preprocess: bool = Field(True, description="run ORT's quant_pre_process (shape inference, graph cleanup) first")
     op_types: list[str] | None = Field(None, description="op types to quantize, e.g. [MatMul, Gemm]; default: all")
+
+
+@contextlib.contextmanager
+def _cwd(path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 @register
@@ -35,7 +47,10 @@ class OnnxQuantize(Step):
         if p.preprocess:
             pre = ctx.work_dir / "preprocessed.onnx"
             try:
-                quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+                # Symbolic shape inference drops temporary files into the current directory:
+                # run it inside the step's folder, whose leftovers the cache clears.
+                with _cwd(ctx.work_dir):
+                    quant_pre_process(str(src.resolve()), str(pre.resolve()), skip_symbolic_shape=False)
                 src = pre
             except Exception as e:  # noqa: BLE001 - preprocessing helps but is optional
                 ctx.notes["preprocess_skipped"] = f"{type(e).__name__}: {str(e)[:200]}"
