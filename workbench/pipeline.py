@@ -66,6 +66,10 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"[:500]
 
 
+def _has_dynamic_int8(module) -> bool:
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized.dynamic") for m in module.modules())
+
+
 class Run:
     def __init__(self, recipe: Recipe, out_root: Path = Path("reports"), quick: bool = False):
         self.recipe = recipe
@@ -117,7 +121,7 @@ class Run:
             from bench.report import write_report
 
             write_report(self.run_dir)
-            _say(f"report: {self.run_dir / 'report.md'} (and report.html)")
+            log.info("report: %s", self.run_dir / "report.md")
             return self.run_dir
         finally:
             log.removeHandler(handler)
@@ -202,7 +206,7 @@ class Run:
                 if step.consumes == "onnx" and model.format == "torch":
                     exported = work / "exported.onnx"
                     rec = export_onnx(model.module, model.io, exported, opset=self.recipe.export.opset,
-                                      exporter=self.recipe.export.exporter)
+                                      exporter=step.exporter_for(call.params) or self.recipe.export.exporter)
                     notes.append({"step": "onnx export (implicit, before an ONNX step)", **rec})
                     model = VariantModel(io=model.io, onnx_path=exported, source_module=model.module)
                 ctx = StepContext(work_dir=work, task=self.task, quick=self.quick, seed=self.recipe.seed, variant=name,
@@ -240,6 +244,12 @@ class Run:
                 reference = torch_outputs(model.module, batches)
                 for fmt in spec.formats:
                     art = {"variant": name, "format": fmt, "status": "ok", "reason": None}
+                    if fmt == "onnx" and _has_dynamic_int8(model.module):
+                        art.update(status="skipped", reason="PyTorch dynamic-int8 layers (quantized::linear_dynamic) "
+                                   "have no ONNX export; quantize the ONNX graph with the onnx-quantize step instead")
+                        artifacts.append(art)
+                        bar.update()
+                        continue
                     try:
                         if fmt == "onnx":
                             path = vdir / "model.onnx"
