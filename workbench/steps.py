@@ -10,7 +10,7 @@ from typing import Any, Callable, ClassVar, Optional
 from pydantic import BaseModel, ConfigDict
 
 # Modules whose import registers steps. Kept explicit so `workbench list` shows them all.
-STEP_MODULES = ("compress.quantize", "compress.prune", "export.onnx_quantize")
+STEP_MODULES = ("compress.quantize", "compress.prune", "export.onnx_quantize", "export.onnx_optimize")
 
 _REGISTRY: dict[str, type["Step"]] = {}
 
@@ -31,6 +31,11 @@ class Step:
     @classmethod
     def check(cls, params, *, recipe, variant: str, where: str, field: str) -> None:
         """Cross-field checks at recipe load (e.g. a teacher that names a variant). Raise RecipeError."""
+
+    @classmethod
+    def exporter_for(cls, params: dict) -> Optional[str]:
+        """The ONNX exporter this step needs for the implicit export before it (None: the recipe's)."""
+        return None
 
     def run(self, model, params, ctx: "StepContext"):
         raise NotImplementedError
