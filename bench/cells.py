@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from workbench import atomic
@@ -23,7 +24,7 @@ def cell_job(backend: str, path, io_json: dict, batch: int, seq_len: int, thread
             "outputs_path": str(outputs_path) if outputs_path else None, "sys_path": list(sys_path)}
 
 
-def run_cell(job: dict, timeout_s: float, work_dir: Path) -> dict:
+def run_cell(job: dict, timeout_s: float, work_dir: Path, memory_limit_mb: float | None = None) -> dict:
     """Run `job` (see bench.worker) and return {"status": ..., "reason": ..., **measurements}."""
     work_dir.mkdir(parents=True, exist_ok=True)
     fd, job_path = tempfile.mkstemp(prefix="job-", suffix=".json", dir=work_dir)
@@ -38,12 +39,14 @@ def run_cell(job: dict, timeout_s: float, work_dir: Path) -> dict:
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
-        proc = subprocess.run([sys.executable, "-m", "bench.worker", job_path], capture_output=True, text=True,
-                              timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        return {"status": "failed", "reason": f"the cell did not finish within {timeout_s:g} s (bench.cell_timeout_s)"}
+        proc, over = _supervise([sys.executable, "-m", "bench.worker", job_path], env, timeout_s, memory_limit_mb)
     finally:
         os.unlink(job_path)
+    if proc is None:
+        return {"status": "failed", "reason": f"the cell did not finish within {timeout_s:g} s (bench.cell_timeout_s)"}
+    if over is not None:
+        return {"status": "failed", "reason": f"the cell's process exceeded bench.memory_limit_mb "
+                                              f"({memory_limit_mb:g} MB; RSS reached {over / MB:.0f} MB) and was killed"}
     if proc.returncode != 0 or not result_path.exists():
         return {"status": "failed", "reason": _failure_reason(proc)}
     result = json.loads(result_path.read_text())
@@ -55,6 +58,45 @@ def run_cell(job: dict, timeout_s: float, work_dir: Path) -> dict:
         reason = (f"latency did not settle: medians of {len(s['window_medians_ms'])} consecutive windows spread "
                   f"{s['window_spread']:.0%} (threshold {s['threshold']:.0%})")
     return {"status": "unstable" if unstable else "ok", "reason": reason, **result}
+
+
+MB = 1024 * 1024
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _supervise(cmd, env, timeout_s: float, memory_limit_mb):
+    """Run the worker, polling its RSS so a cell over its memory limit is killed and named as such
+    (an OOM kill of the whole machine would take the run with it). Returns (completed, rss_over)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        deadline = time.monotonic() + timeout_s
+        over = None
+        while child.poll() is None:
+            if time.monotonic() > deadline:
+                child.kill()
+                child.wait()
+                return None, None
+            if memory_limit_mb is not None:
+                rss = _rss(child.pid)
+                if rss > memory_limit_mb * MB:
+                    child.kill()
+                    child.wait()
+                    over = rss
+                    break
+            time.sleep(0.02)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, child.returncode, out.read(), err.read()), over
 
 
 def _failure_reason(proc: subprocess.CompletedProcess) -> str:

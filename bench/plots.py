@@ -36,9 +36,9 @@ def latency_bars(results, out: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(batches), figsize=(max(6, 1.2 * len(variants) * len(batches) + 2), 4.5),
                              squeeze=False)
     width = 0.8 / max(len(backends), 1)
-    all_p50 = [c["latency_ms"]["p50"] for c in cells]
-    log = max(all_p50) / max(min(all_p50), 1e-9) > 10
     for ax, batch in zip(axes[0], batches):
+        p50s = [c["latency_ms"]["p50"] for c in cells if c["batch_size"] == batch]
+        log = max(p50s) / max(min(p50s), 1e-9) > 10  # per panel: batch sizes differ by design
         for j, b in enumerate(backends):
             xs, ys, lo, hi, colors = [], [], [], [], []
             for i, v in enumerate(variants):
@@ -127,9 +127,65 @@ def size_bars(results, out: Path) -> Path | None:
     return _save(fig, out / "size_by_variant.png")
 
 
-def make_plots(results: dict, out: Path, rec: dict) -> list[tuple[str, Path]]:
+def _cell_label(c: dict) -> str:
+    return f"{c['variant']}\n{c['backend']} b{c['batch_size']}"
+
+
+def memory_bars(results, out: Path) -> Path | None:
+    cells = [c for c in _measured(results) if c.get("memory", {}).get("peak_rss_delta") is not None]
+    if not cells:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(cells) + 2), 4.5))
+    x = np.arange(len(cells))
+    ax.bar(x, [c["memory"]["peak_rss_delta"] / MB for c in cells], color="tab:purple",
+           label="peak RSS increase of the cell's process")
+    cuda = [c.get("memory", {}).get("cuda_max_allocated") for c in cells]
+    if any(v is not None for v in cuda):
+        ax.bar(x, [(v or 0) / MB for v in cuda], width=0.4, color="tab:orange", label="torch.cuda.max_memory_allocated")
+    ax.set_xticks(x)
+    ax.set_xticklabels([_cell_label(c) for c in cells], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("memory (MiB)")
+    ax.set_title("Memory by cell (process peak over its idle baseline)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, out / "memory_by_cell.png")
+
+
+def speedup_vs_accuracy_delta(results, out: Path, sp: dict) -> Path | None:
+    """Two panels: speedup over the baseline (95% CI) per cell, and each variant's metric change."""
+    measured = [(i, c) for i, c in enumerate(results["cells"]) if i in sp]
+    if not measured:
+        return None
+    metric = results.get("task", {}).get("primary")
+    fig, axes = plt.subplots(1, 2 if metric else 1, figsize=(12 if metric else 7, 4.8), squeeze=False)
+    ax = axes[0][0]
+    vals = [sp[i] for i, _ in measured]
+    x = np.arange(len(measured))
+    ax.bar(x, [v[0] for v in vals], yerr=[[v[0] - v[1] for v in vals], [v[2] - v[0] for v in vals]], capsize=3,
+           color=["tab:green" if v[1] > 1 else "tab:red" if v[2] < 1 else "tab:gray" for v in vals])
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(x)
+    ax.set_xticklabels([_cell_label(c) for _, c in measured], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("speedup over baseline (x), 95% CI")
+    ax.set_title("Speedup against the baseline, same backend and batch")
+    ax.grid(axis="y", alpha=0.3)
+    if metric:
+        ax2 = axes[0][1]
+        vs = [v for v in results["variants"] if (v.get("accuracy_delta") or {}).get(metric) is not None]
+        ax2.bar([v["name"] for v in vs], [v["accuracy_delta"][metric] for v in vs], color="tab:blue")
+        ax2.axhline(0, color="black", lw=0.8)
+        ax2.set_ylabel(f"{metric} change vs baseline")
+        ax2.set_title(f"{metric} change against the baseline (higher is better)")
+        ax2.tick_params(axis="x", rotation=30)
+        ax2.grid(axis="y", alpha=0.3)
+    return _save(fig, out / "speedup_and_accuracy_delta.png")
+
+
+def make_plots(results: dict, out: Path, rec: dict, sp: dict) -> list[tuple[str, Path]]:
     out.mkdir(parents=True, exist_ok=True)
     plots = [("Latency by variant and backend", latency_bars(results, out)),
              ("Accuracy against latency (Pareto frontier)", accuracy_vs_latency(results, out, rec)),
-             ("Model size by variant", size_bars(results, out))]
+             ("Speedup and accuracy change against the baseline", speedup_vs_accuracy_delta(results, out, sp)),
+             ("Model size by variant", size_bars(results, out)),
+             ("Memory by cell", memory_bars(results, out))]
     return [(t, p) for t, p in plots if p is not None]

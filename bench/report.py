@@ -171,10 +171,8 @@ def html_table(head, rows) -> str:
 
 
 # ----------------------------------------------------------------------------- document
-def sections(results: dict, plots: list[tuple[str, str]]) -> list[tuple[str, object]]:
+def sections(results: dict, plots: list[tuple[str, str]], rec: dict, sp: dict) -> list[tuple[str, object]]:
     """The report as (kind, content) blocks; md and html render the same blocks."""
-    sp = speedups(results)
-    rec = recommend(results)
     blocks: list[tuple[str, object]] = [("h1", f"model-workbench report: {results['recipe']['name']}")]
     meta = (f"Recipe `{results['recipe']['path']}` (sha256 {str(results['recipe']['sha256'])[:12]}), "
             f"run {results['started']} → {results['finished']}. Model: {results['model']['description']}. "
@@ -306,8 +304,9 @@ def write_report(run_dir: Path) -> None:
     results = json.loads((run_dir / "results.json").read_text())
     df = cells_frame(results)
     atomic.write_text(run_dir / "results.csv", df.to_csv(index=False))
-    plots = make_plots(results, run_dir / "plots", recommend(results))
+    rec, sp = recommend(results), speedups(results)
+    plots = make_plots(results, run_dir / "plots", rec, sp)
     plots = [(t, str(p.relative_to(run_dir))) for t, p in plots]
-    blocks = sections(results, plots)
+    blocks = sections(results, plots, rec, sp)
     atomic.write_text(run_dir / "report.md", render_md(blocks))
     atomic.write_text(run_dir / "report.html", render_html(blocks, run_dir))

@@ -4,7 +4,7 @@ and the report and exits 0.
 
 The model is user code (`source: python`). It works at batch 1, 2 and 3 (the parent process runs
 batch 1 for FLOPs and batches 2 and 3 for export references) and misbehaves only inside the cell
-processes: batch 4 raises, batch 5 calls os._exit(3), batch 6 is killed with SIGKILL."""
+processes: batch 4 raises, batch 5 calls os._exit(3), batch 6 is killed with SIGKILL, batch 7 allocates past bench.memory_limit_mb."""
 from __future__ import annotations
 
 import json
@@ -41,6 +41,9 @@ MODEL_CODE = textwrap.dedent('''
                 os._exit(3)
             if n == 6:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if n == 7:
+                hog = torch.ones(2 * 1024**3 // 4)  # 2 GiB, over the recipe's memory limit
+                return self.linear(x) + hog[0]
             return self.linear(x)
 
 
@@ -56,7 +59,7 @@ RECIPE = {
     "task": {"type": "none"},
     "variants": {"baseline": {}},
     "export": {"formats": []},
-    "bench": {"backends": ["torch-cpu"], "batch_sizes": [1, 4, 5, 6],
+    "bench": {"backends": ["torch-cpu"], "batch_sizes": [1, 4, 5, 6, 7], "memory_limit_mb": 1200,
               "timing": {"warmup": 2, "min_iters": 5, "min_seconds": 0.05, "stability_threshold": 100.0}},
 }
 
@@ -89,7 +92,7 @@ def test_run_with_failing_cells_exits_0(fussy_run):
 def test_run_with_failing_cells_writes_results_and_report(fussy_run):
     d = fussy_run["run_dir"]
     assert fussy_run["results"] is not None
-    assert len(fussy_run["results"]["cells"]) == 4
+    assert len(fussy_run["results"]["cells"]) == 5
     assert (d / "report.md").is_file() and (d / "report.html").is_file() and (d / "results.csv").is_file()
 
 
@@ -117,6 +120,12 @@ def test_cell_whose_process_is_killed_is_failed(fussy_run):
     c = cell(fussy_run, 6)
     assert c["status"] == "failed"
     assert "SIGKILL" in c["reason"]
+
+
+def test_cell_over_its_memory_limit_is_killed_and_named(fussy_run):
+    c = cell(fussy_run, 7)
+    assert c["status"] == "failed"
+    assert "memory_limit_mb" in c["reason"]
 
 
 def test_report_lists_failed_cells_with_their_reasons(fussy_run):

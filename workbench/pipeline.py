@@ -333,7 +333,7 @@ class Run:
                 job = cell_job(backend, self.run_dir / art["path"], self.src.io.to_json(), batch, spec.seq_len,
                                self.threads, self.timing, seed=self.recipe.seed, eval_inputs=eval_path,
                                outputs_path=outputs, sys_path=sys_path)
-                cell.update(run_cell(job, spec.cell_timeout_s, work))
+                cell.update(run_cell(job, spec.cell_timeout_s, work, spec.memory_limit_mb))
                 if cell["status"] != "failed" and outputs.exists():
                     cell["accuracy"] = self.task.metrics(np.load(outputs))
                     outputs.unlink()

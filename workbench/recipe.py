@@ -181,6 +181,7 @@ class BenchSpec(Strict):
     timing: Timing = Field(default_factory=Timing)
     accuracy: bool = Field(True, description="run the evaluation split through every cell")
     cell_timeout_s: float = Field(900, gt=0)
+    memory_limit_mb: Optional[float] = Field(None, gt=0, description="kill a cell whose process RSS exceeds this")
 
 
 # ----------------------------------------------------------------------------- report
