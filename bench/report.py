@@ -128,7 +128,7 @@ def cells_table(results: dict, sp: dict) -> tuple[list[str], list[list[str]]]:
     metric = primary_metric(results)
     variants = {v["name"]: v for v in results["variants"]}
     head = ["variant", "backend", "batch", "p50 ms [95% CI]", "p95 ms", "p99 ms", "n", "items/s",
-            "speedup vs baseline [95% CI]", metric or "accuracy", "peak RSS Δ MB", "status"]
+            "speedup vs baseline [95% CI]", metric or "accuracy", "peak RSS Δ MB", "% of GEMM peak", "status"]
     rows = []
     for i, c in enumerate(results["cells"]):
         lat = c.get("latency_ms")
@@ -140,9 +140,10 @@ def cells_table(results: dict, sp: dict) -> tuple[list[str], list[list[str]]]:
             rows.append([c["variant"], c["backend"], str(c["batch_size"]), p50, _fmt(lat["p95"]), _fmt(lat["p99"]),
                          str(lat["n"]), _fmt(c.get("throughput"), 1), speed,
                          _fmt(cell_score(c, variants, metric), 4), _fmt(mem / MB, 1) if mem is not None else "–",
+                         f"{100 * c['roofline_fraction']:.1f}" if c.get("roofline_fraction") is not None else "–",
                          c["status"]])
         else:
-            rows.append([c["variant"], c["backend"], str(c["batch_size"])] + ["–"] * 8 + [c["status"]])
+            rows.append([c["variant"], c["backend"], str(c["batch_size"])] + ["–"] * 9 + [c["status"]])
     return head, rows
 
 
@@ -219,6 +220,11 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: dict, sp: dict) -
     blocks.append(("p", "p50 with a 95% bootstrap interval; speedup is the ratio of baseline p50 to this p50 on the "
                         "same backend and batch. Accuracy is computed from the outputs this backend produced. "
                         f"Timing protocol: {json.dumps(results.get('timing', {}))}."))
+    probe = results["environment"].get("roofline_probe")
+    if probe:
+        blocks.append(("p", f"% of GEMM peak: FLOPs per forward × batch / p50, over this machine's measured "
+                            f"{probe['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({probe['method']}); quantized kernels "
+                            f"are not counted. Copy bandwidth: {probe['peak_bytes_per_s'] / 1e9:.1f} GB/s."))
     blocks.append(("table", cells_table(results, sp)))
     blocks.append(("h2", "Exported artifacts and parity"))
     blocks.append(("table", artifacts_table(results)))

@@ -26,6 +26,23 @@ def _peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def _nvml_process_bytes():
+    """Device memory NVML attributes to this process (nvidia-ml-py, in the `gpu` extra), or None."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        pid = os.getpid()
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if p.pid == pid and p.usedGpuMemory is not None:
+                    return int(p.usedGpuMemory)
+    except Exception:  # noqa: BLE001 - no NVML, no figure; the torch figures remain
+        return None
+    return None
+
+
 def run(job: dict) -> dict:
     import numpy as np
     import torch
@@ -62,6 +79,9 @@ def run(job: dict) -> dict:
     result["capped_by_max_seconds"] = m["capped"]
     result["cold"] = {"load_s": round(load_s, 4), "first_call_ms": round(first_wall_ms, 3),
                       "first_call_timed_ms": round(first_ms, 3)}
+    if job["backend"].startswith("torch-compile"):
+        # torch.compile compiles on the first call: that is the compile time, kept out of the warm numbers.
+        result["cold"]["compile_s"] = round(first_wall_ms / 1e3, 4)
     result["threads"] = {"requested": threads, **runner.info}
 
     if job.get("eval_inputs"):
@@ -76,6 +96,9 @@ def run(job: dict) -> dict:
     if torch.cuda.is_available() and job["device"] == "cuda":
         memory["cuda_max_allocated"] = int(torch.cuda.max_memory_allocated())
         memory["cuda_max_reserved"] = int(torch.cuda.max_memory_reserved())
+        nvml = _nvml_process_bytes()
+        if nvml is not None:
+            memory["nvml_process_device_bytes"] = nvml  # includes the CUDA context, unlike the torch figures
     result["memory"] = memory
     return result
 

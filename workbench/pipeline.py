@@ -101,11 +101,16 @@ class Run:
             variants, models = self.compress()
             artifacts = self.export(models)
             cells = self.bench(models, variants, artifacts)
+            from bench.roofline import annotate, probe
+
+            peak = probe(self.threads) if any(c.get("latency_ms") for c in cells) else None
+            if peak:
+                annotate(cells, {v["name"]: v.get("weight_bytes") for v in variants}, peak)
             results = {
                 "schema_version": SCHEMA_VERSION,
                 "recipe": {"name": self.recipe.name, "path": self.recipe.path, "sha256": self.recipe.sha256,
                            "parsed": self.recipe.model_dump(mode="json", by_alias=True)},
-                "environment": fingerprint(self.threads),
+                "environment": {**fingerprint(self.threads), "roofline_probe": peak},
                 "model": {"description": self.src.description, "io": self.src.io.to_json()},
                 "task": {"type": self.task.type, "description": self.task.description, "primary": self.task.primary,
                          "eval_size": self.task.eval_size},

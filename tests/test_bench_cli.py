@@ -1,0 +1,62 @@
+"""`workbench bench MODEL_FILE`: a model file benchmarked without a recipe, and the backends that
+the recipe tests do not reach (TorchScript, torch.compile)."""
+import json
+
+import pytest
+
+from workbench.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_an_onnx_file_at_two_batch_sizes(quick_run, tmp_path, capsys):
+    onnx_file = quick_run.run_dir / "variants" / "baseline" / "model.onnx"
+    out = tmp_path / "bench"
+    assert main(["bench", str(onnx_file), "--backend", "ort-cpu", "--batch", "1", "8", "--quick",
+                 "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [c["batch_size"] for c in results["cells"]] == [1, 8]
+    for c in results["cells"]:
+        assert c["status"] in ("ok", "unstable"), c["reason"]
+        assert c["latency_ms"]["p50"] > 0 and c["threads"]["providers"][0] == "CPUExecutionProvider"
+    assert (out / "report.md").is_file()
+    assert "ort-cpu" in capsys.readouterr().out
+
+
+def test_bench_a_torchscript_file_reads_its_io_sidecar(quick_run, tmp_path):
+    ts_file = quick_run.run_dir / "variants" / "baseline" / "model.torchscript.pt"
+    out = tmp_path / "ts"
+    assert main(["bench", str(ts_file), "--batch", "2", "--quick", "--out", str(out)]) == 0
+    cell = json.loads((out / "results.json").read_text())["cells"][0]
+    assert cell["backend"] == "torchscript-cpu" and cell["status"] in ("ok", "unstable"), cell["reason"]
+
+
+def test_bench_a_torchscript_file_without_inputs_is_an_argument_error(quick_run, tmp_path, capsys):
+    ts_file = quick_run.run_dir / "variants" / "baseline" / "model.torchscript.pt"
+    lonely = tmp_path / "lonely.pt"
+    lonely.write_bytes(ts_file.read_bytes())
+    assert main(["bench", str(lonely)]) == 2
+    assert "--input" in capsys.readouterr().err
+
+
+def test_bench_with_a_backend_for_another_format_is_an_argument_error(quick_run, capsys):
+    onnx_file = quick_run.run_dir / "variants" / "baseline" / "model.onnx"
+    assert main(["bench", str(onnx_file), "--backend", "torch-cpu"]) == 2
+    assert "Accepted" in capsys.readouterr().err
+
+
+def test_torch_compile_cell_reports_compile_time_apart(write_recipe, tmp_out):
+    recipe = write_recipe({
+        "name": "compiled", "model": {"source": "builtin", "name": "digits-cnn"},
+        "task": {"type": "classification", "data": {"source": "builtin", "name": "digits"}},
+        "variants": {"baseline": {}}, "export": {"formats": []},
+        "bench": {"backends": ["torch-compile-cpu"], "batch_sizes": [4],
+                  "timing": {"warmup": 2, "min_iters": 5, "min_seconds": 0.05}}})
+    assert main(["run", str(recipe), "--out", str(tmp_out), "--quick"]) == 0
+    run = next(d for d in (tmp_out / "compiled").iterdir() if d.name != "cache")
+    cell = json.loads((run / "results.json").read_text())["cells"][0]
+    assert cell["status"] in ("ok", "unstable"), cell["reason"]
+    assert cell["cold"]["compile_s"] > 0
+    # The first (compiling) call is far slower than a warm one and is kept out of the samples.
+    assert cell["cold"]["first_call_ms"] > cell["latency_ms"]["p50"]
+    assert cell["accuracy"]["accuracy"] > 0.9
