@@ -86,10 +86,9 @@ def run(job: dict) -> dict:
 
     if job.get("eval_inputs"):
         # Accuracy from the very outputs this backend produces, on the real evaluation split.
-        data = np.load(job["eval_inputs"])
-        n = int(data["n_batches"])
-        outs = [runner.outputs(runner.prepare({k.split("/", 1)[1]: data[k] for k in data.files
-                                               if k.startswith(f"{i}/")})) for i in range(n)]
+        from workbench.infer import load_batches
+
+        outs = [runner.outputs(runner.prepare(b)) for b in load_batches(job["eval_inputs"])]
         np.save(job["outputs_path"], np.concatenate(outs).astype(np.float32))
 
     memory = {"peak_rss_delta": max(_peak_rss_bytes() - rss_before, 0), "rss_idle_baseline": rss_before}

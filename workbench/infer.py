@@ -32,3 +32,22 @@ def onnx_outputs(path_or_session, batches: list[dict[str, np.ndarray]]) -> np.nd
     sess = path_or_session if hasattr(path_or_session, "run") else onnx_session(path_or_session)
     names = {i.name for i in sess.get_inputs()}
     return np.concatenate([sess.run(None, {k: v for k, v in b.items() if k in names})[0] for b in batches])
+
+
+def save_batches(path: Path, batches: list[dict[str, np.ndarray]]) -> None:
+    """Batches (which may differ in shape) in one .npz: keys "<batch index>/<input name>"."""
+    from workbench import atomic
+
+    arrays = {f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b.items()}
+    atomic.write_with(Path(path), lambda tmp: np.savez(open(tmp, "wb"), n_batches=len(batches), **arrays))
+
+
+def load_batches(path) -> list[dict[str, np.ndarray]]:
+    data = np.load(path)
+    n = int(data["n_batches"])
+    out: list[dict[str, np.ndarray]] = [{} for _ in range(n)]
+    for key in data.files:
+        if key != "n_batches":
+            i, name = key.split("/", 1)
+            out[int(i)][name] = data[key]
+    return out

@@ -23,6 +23,7 @@ from workbench.steps import StepContext, get_step
 from workbench.variants import VariantCache, link_or_copy, model_files, root_key, variant_key
 
 SCHEMA_VERSION = 1
+EXPORT_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "torch-export": "model.pt2"}
 log = logging.getLogger("workbench")
 
 
@@ -231,6 +232,8 @@ class Run:
     def export(self, models: dict[str, Optional[VariantModel]]) -> list[dict]:
         from export.onnx import export_onnx
         from export.parity import parity, violations
+        from export.reload import outputs_in_fresh_process
+        from export.torch_export import export_pt2
         from export.torchscript import export_torchscript
         from workbench.infer import onnx_outputs, torch_outputs
 
@@ -256,16 +259,15 @@ class Run:
                         bar.update()
                         continue
                     try:
+                        path = vdir / EXPORT_FILES[fmt]
                         if fmt == "onnx":
-                            path = vdir / "model.onnx"
                             art.update(export_onnx(model.module, io, path, opset=spec.opset, exporter=spec.exporter))
-                            out = onnx_outputs(path, batches)
-                        else:
-                            import torch
-
-                            path = vdir / "model.torchscript.pt"
+                        elif fmt == "torchscript":
                             art.update(export_torchscript(model.module, io, path))
-                            out = torch_outputs(torch.jit.load(str(path)), batches)
+                        else:
+                            art.update(export_pt2(model.module, io, path))
+                        out = outputs_in_fresh_process(fmt, path, batches)
+                        art["parity_checked_in"] = "a fresh process, after reloading the file"
                         art["path"] = str(path.relative_to(self.run_dir))
                         atomic.write_json(path.with_name(path.name + ".io.json"), io.to_json())
                         art["parity"] = parity(reference, out, io.kind)
@@ -302,11 +304,10 @@ class Run:
         work = self.run_dir / ".work"
         eval_path = None
         if spec.accuracy and self.task.type != "none":
+            from workbench.infer import save_batches
+
             eval_path = work / "eval_inputs.npz"
-            arrays = {f"{i}/{k}": v for i, b in enumerate(self.task.eval_batches) for k, v in b.items()}
-            work.mkdir(parents=True, exist_ok=True)
-            atomic.write_with(eval_path, lambda tmp: np.savez(open(tmp, "wb"), n_batches=len(self.task.eval_batches),
-                                                              **arrays))
+            save_batches(eval_path, self.task.eval_batches)
         by_key = {(a["variant"], a["format"]): a for a in artifacts}
         flops = {v["name"]: v.get("flops") for v in variants}
         seq = spec.seq_len if self.src.io.has_seq() else None

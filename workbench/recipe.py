@@ -27,7 +27,7 @@ BackendName = Literal[
     "torch-cpu", "torch-cuda", "torch-compile-cpu", "torch-compile-cuda",
     "torchscript-cpu", "torchscript-cuda", "ort-cpu", "ort-cuda", "ort-tensorrt",
 ]
-ExportFormat = Literal["onnx", "torchscript"]
+ExportFormat = Literal["onnx", "torchscript", "torch-export"]
 
 
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

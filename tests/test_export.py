@@ -1,0 +1,72 @@
+"""Export: ONNX (dynamo), TorchScript and torch.export files reload in a fresh process and match
+their source at two sequence lengths; ORT transformer fusion says which fusions happened."""
+import numpy as np
+import pytest
+import torch
+
+from export.onnx import export_onnx
+from export.onnx_optimize import OnnxOptimize
+from export.parity import parity
+from export.reload import outputs_in_fresh_process
+from export.torch_export import export_pt2
+from export.torchscript import export_torchscript
+from workbench.infer import onnx_outputs, torch_outputs
+from workbench.model import VariantModel
+from workbench.sources.models import EmbeddingModel, text_io
+from workbench.steps import StepContext
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=37, max_position_embeddings=64)
+    return EmbeddingModel(BertModel(cfg).eval()).eval(), text_io(100, "embedding")
+
+
+def _padded_batches(io):
+    """Two sequence lengths, the second with padding, as real tokenized batches have."""
+    short = io.make(batch=1, seq=8, seed=3)
+    long = io.make(batch=3, seq=24, seed=4)
+    long["attention_mask"][0, 15:] = 0
+    return [short, long]
+
+
+@pytest.mark.parametrize("fmt, export, name", [
+    ("onnx", lambda m, io, p: export_onnx(m, io, p), "model.onnx"),
+    ("torchscript", export_torchscript, "model.torchscript.pt"),
+    ("torch-export", export_pt2, "model.pt2"),
+])
+def test_export_reloads_in_a_fresh_process_and_matches_at_two_sequence_lengths(tiny_encoder, tmp_path, fmt,
+                                                                               export, name):
+    module, io = tiny_encoder
+    record = export(module, io, tmp_path / name)
+    assert record["exporter"]
+    batches = _padded_batches(io)
+    out = outputs_in_fresh_process(fmt, tmp_path / name, batches)
+    ref = torch_outputs(module, batches)
+    assert out.shape == (4, 32)
+    assert parity(ref, out, "embedding")["max_abs_diff"] < 1e-4
+
+
+def test_onnx_export_uses_the_dynamo_exporter_by_default(tiny_encoder, tmp_path):
+    module, io = tiny_encoder
+    record = export_onnx(module, io, tmp_path / "m.onnx")
+    assert record["exporter"] == "torch.onnx (dynamo)" and record["fallback_reason"] is None
+
+
+def test_bert_fusion_records_attention_fusions_and_keeps_the_outputs(tiny_encoder, tmp_path):
+    module, io = tiny_encoder
+    export_onnx(module, io, tmp_path / "plain.onnx", exporter="torchscript")
+    model = VariantModel(io=io, onnx_path=tmp_path / "plain.onnx", source_module=module)
+    work = tmp_path / "work"
+    work.mkdir()
+    ctx = StepContext(work_dir=work, task=None, quick=True, seed=0, variant="fused", export=None)
+    fused = OnnxOptimize().run(model, {"fusion": "bert", "level": "extended"}, ctx)
+    assert ctx.notes["fusions"].get("Attention") == 2  # one per layer
+    assert ctx.notes["fusion_config"] == {"num_heads": 2, "hidden_size": 32}
+    batches = _padded_batches(io)
+    diff = np.abs(onnx_outputs(fused.onnx_path, batches) - torch_outputs(module, batches)).max()
+    assert diff < 1e-4
