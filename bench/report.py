@@ -224,7 +224,9 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: dict, sp: dict) -
     if probe:
         blocks.append(("p", f"% of GEMM peak: FLOPs per forward × batch / p50, over this machine's measured "
                             f"{probe['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({probe['method']}); quantized kernels "
-                            f"are not counted. Copy bandwidth: {probe['peak_bytes_per_s'] / 1e9:.1f} GB/s."))
+                            f"are not counted. Copy bandwidth: {probe['peak_bytes_per_s'] / 1e9:.1f} GB/s."
+                            + (" Warning: the probe ran while the machine was busy, so the peak is understated."
+                               if probe.get("measured_under_load") else "")))
     blocks.append(("table", cells_table(results, sp)))
     blocks.append(("h2", "Exported artifacts and parity"))
     blocks.append(("table", artifacts_table(results)))
