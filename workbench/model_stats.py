@@ -13,7 +13,7 @@ def _weights(module):
     import torch
 
     for name, p in module.named_parameters():
-        yield name, p.detach()
+        yield name, p  # not .detach(): that drops the bitsandbytes subclass and its quant_state
     for name, m in module.named_modules():
         packed = getattr(m, "_packed_params", None)
         if packed is not None and hasattr(packed, "_weight_bias"):
@@ -29,23 +29,28 @@ def torch_stats(module, io: ModelIO, seq_len: int) -> dict:
     import torch
 
     params = weight_bytes = matrix = zeros = 0
-    for _, w in _weights(module):
-        params += w.numel()
+    with torch.no_grad():
+        weights = list(_weights(module))
+    for _, w in weights:
+        qs = getattr(w, "quant_state", None)  # bitsandbytes 4-bit: packed bytes; the logical shape is here
+        params += qs.shape.numel() if qs is not None and hasattr(qs, "shape") else w.numel()
         weight_bytes += w.numel() * w.element_size()
-        if w.dim() >= 2:
+        if w.dim() >= 2 and qs is None:  # packed 4-bit bytes say nothing about zero weights
             matrix += w.numel()
-            zeros += int((w.int_repr() if w.is_quantized else w).eq(0).sum())
+            with torch.no_grad():
+                zeros += int((w.int_repr() if w.is_quantized else w).eq(0).sum())
     return {"params": int(params), "weight_bytes": int(weight_bytes),
             "sparsity": round(zeros / matrix, 4) if matrix else 0.0, "flops": flops(module, io, seq_len)}
 
 
 def flops(module, io: ModelIO, seq_len: int) -> Optional[int]:
     """FLOPs of one forward at batch 1 (torch.utils.flop_counter counts matmuls and convolutions;
-    quantized kernels are not counted, so quantized models report None)."""
+    quantized kernels, PyTorch's or bitsandbytes', are not counted, so those models report None)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    if any(getattr(m, "_packed_params", None) is not None for m in module.modules()):
+    if any(getattr(m, "_packed_params", None) is not None or type(m).__module__.startswith("bitsandbytes")
+           for m in module.modules()):
         return None
     inputs = {k: torch.from_numpy(v) for k, v in io.make(1, seq_len).items()}
     try:

@@ -67,8 +67,17 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"[:500]
 
 
-def _has_dynamic_int8(module) -> bool:
-    return any(type(m).__module__.startswith("torch.ao.nn.quantized.dynamic") for m in module.modules())
+def _no_onnx_form(module) -> Optional[str]:
+    """Why `module` cannot become an ONNX graph (layers with no ONNX operator), or None."""
+    kinds = {type(m).__module__.split(".")[0] if type(m).__module__.startswith("bitsandbytes")
+             else type(m).__module__ for m in module.modules()}
+    if any(k.startswith("torch.ao.nn.quantized.dynamic") for k in kinds):
+        return ("PyTorch dynamic-int8 layers (quantized::linear_dynamic) have no ONNX export; quantize the ONNX "
+                "graph with the onnx-quantize step instead")
+    if "bitsandbytes" in kinds:
+        return ("bitsandbytes layers have no ONNX export; for an int8 / int4 ONNX graph use the onnx-quantize "
+                "step on the unquantized parent")
+    return None
 
 
 class Run:
@@ -144,6 +153,7 @@ class Run:
 
         recipe = self.recipe
         models: dict[str, Optional[VariantModel]] = {}
+        self.models = models  # steps look up other variants (a distillation teacher) here
         keys: dict[str, str] = {}
         records = []
         for name in tqdm(recipe.order(), desc="compress", unit="variant"):
@@ -158,7 +168,9 @@ class Run:
             parent = models[v.from_] if v.from_ else VariantModel(io=self.src.io, module=self.src.module,
                                                                   source_module=self.src.module)
             parent_source = parent.module if parent.format == "torch" else parent.source_module
-            key = keys[name] = variant_key(keys[v.from_] if v.from_ else root_key(recipe), v.steps, recipe, self.quick)
+            others = tuple(keys.get(d, "failed") for d in recipe.dependencies(name) if d != v.from_)
+            key = keys[name] = variant_key(keys[v.from_] if v.from_ else root_key(recipe), v.steps, recipe, self.quick,
+                                           others)
             t0 = time.perf_counter()
             try:
                 hit = self.cache.load(key, parent_source)
@@ -167,8 +179,10 @@ class Run:
                     rec.update(cached=True, notes=stored["notes"])
                     log.info("variant %s: reused from cache %s", name, key)
                 else:
-                    model, notes = self._build(name, v.steps, parent, key)
-                    rec.update(cached=False, notes=notes)
+                    self._build(name, v.steps, parent, key)
+                    # Measure what was saved, not the object that was saved: the cells load the file too.
+                    model, stored = self.cache.load(key, parent_source)
+                    rec.update(cached=False, notes=stored["notes"])
                     log.info("variant %s: built in %.1f s", name, time.perf_counter() - t0)
             except Exception as e:  # noqa: BLE001 - one variant failing never stops the run
                 log.error("variant %s failed:\n%s", name, traceback.format_exc())
@@ -199,7 +213,8 @@ class Run:
                 r["params_ratio"] = round(r["params"] / base["params"], 4)
         return records, models
 
-    def _build(self, name: str, steps, parent: VariantModel, key: str) -> tuple[VariantModel, list]:
+    def _build(self, name: str, steps, parent: VariantModel, key: str) -> None:
+        """Apply the steps to the parent and store the result in the cache under `key`."""
         from export.onnx import export_onnx
 
         work = self.cache.new_workdir()
@@ -216,14 +231,11 @@ class Run:
                     notes.append({"step": "onnx export (implicit, before an ONNX step)", **rec})
                     model = VariantModel(io=model.io, onnx_path=exported, source_module=model.module)
                 ctx = StepContext(work_dir=work, task=self.task, quick=self.quick, seed=self.recipe.seed, variant=name,
-                                  export=self.recipe.export, lookup=lambda n: None)
+                                  export=self.recipe.export, lookup=lambda n: self.models.get(n))
                 t0 = time.perf_counter()
                 model = step.run(model, call.params, ctx)
                 notes.append({"step": call.name, "seconds": round(time.perf_counter() - t0, 3), **ctx.notes})
-            if model.format == "torch":
-                model.source_module = model.module
-            model = self.cache.store(key, work, model, {"variant": name, "notes": notes})
-            return model, notes
+            self.cache.store(key, work, model, {"variant": name, "notes": notes})
         except BaseException:
             self.cache.discard(work)
             raise
@@ -252,9 +264,9 @@ class Run:
                 reference = torch_outputs(model.module, batches)
                 for fmt in spec.formats:
                     art = {"variant": name, "format": fmt, "status": "ok", "reason": None}
-                    if fmt == "onnx" and _has_dynamic_int8(model.module):
-                        art.update(status="skipped", reason="PyTorch dynamic-int8 layers (quantized::linear_dynamic) "
-                                   "have no ONNX export; quantize the ONNX graph with the onnx-quantize step instead")
+                    why_not = _no_onnx_form(model.module) if fmt == "onnx" else None
+                    if why_not:
+                        art.update(status="skipped", reason=why_not)
                         artifacts.append(art)
                         bar.update()
                         continue

@@ -228,13 +228,26 @@ class Recipe(Strict):
             return q
         return Path(self.path).resolve().parent / q
 
+    def dependencies(self, name: str) -> list[str]:
+        """The variants `name` needs first: its parent and any teacher its steps name."""
+        v = self.variants[name]
+        deps = [v.from_] if v.from_ else []
+        for s in v.steps:
+            params = s.params if isinstance(s, StepCall) else (next(iter(s.values())) if isinstance(s, dict) and
+                                                               len(s) == 1 else None)
+            if isinstance(params, dict) and isinstance(params.get("teacher"), str):
+                deps.append(params["teacher"])
+        return [d for d in deps if d in self.variants]
+
     def order(self) -> list[str]:
-        """Variants in an order where every parent comes before its children."""
+        """Variants in an order where every dependency comes first (file order otherwise). A cycle
+        cannot be ordered: its members go last, in file order, and the recipe check reports it."""
         done: list[str] = []
         while len(done) < len(self.variants):
-            for name, v in self.variants.items():
-                if name not in done and (v.from_ is None or v.from_ in done):
-                    done.append(name)
+            ready = [n for n in self.variants if n not in done and all(d in done for d in self.dependencies(n))]
+            if not ready:
+                return done + [n for n in self.variants if n not in done]
+            done.append(ready[0])
         return done
 
 

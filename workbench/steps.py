@@ -10,7 +10,8 @@ from typing import Any, Callable, ClassVar, Optional
 from pydantic import BaseModel, ConfigDict
 
 # Modules whose import registers steps. Kept explicit so `workbench list` shows them all.
-STEP_MODULES = ("compress.quantize", "compress.prune", "export.onnx_quantize", "export.onnx_optimize")
+STEP_MODULES = ("compress.quantize", "compress.prune", "compress.distill", "export.onnx_quantize",
+                "export.onnx_optimize")
 
 _REGISTRY: dict[str, type["Step"]] = {}
 

@@ -66,10 +66,12 @@ def root_key(recipe) -> str:
     return _hash({"model": spec, "files": files, "seed": recipe.seed})
 
 
-def variant_key(parent_key: str, steps: list, recipe, quick: bool) -> str:
+def variant_key(parent_key: str, steps: list, recipe, quick: bool, other_keys: tuple = ()) -> str:
+    """`other_keys`: keys of the other variants the steps read (a distillation teacher)."""
     lib = versions()
     return _hash({
-        "parent": parent_key, "steps": [s.model_dump(mode="json") for s in steps], "quick": quick,
+        "parent": parent_key, "others": list(other_keys), "steps": [s.model_dump(mode="json") for s in steps],
+        "quick": quick,
         "seed": recipe.seed, "task": recipe.task.model_dump(mode="json"),
         "export": {"opset": recipe.export.opset, "exporter": recipe.export.exporter},
         "versions": {k: lib.get(k) for k in ("torch", "onnxruntime", "onnxruntime-gpu", "torch-pruning",

@@ -1,0 +1,78 @@
+"""Compression steps on the built-in digits CNN: pruning shrinks or sparsifies it, distillation
+recovers what pruning cost, and recipe checks catch a teacher that cannot be computed first."""
+import json
+
+import pytest
+
+from workbench.cli import main
+
+pytestmark = pytest.mark.slow
+
+DIGITS = {"model": {"source": "builtin", "name": "digits-cnn"},
+          "task": {"type": "classification", "data": {"source": "builtin", "name": "digits"}},
+          "export": {"formats": []},
+          "bench": {"backends": ["torch-cpu"], "batch_sizes": [1],
+                    "timing": {"warmup": 1, "min_iters": 5, "min_seconds": 0.01}}}
+
+
+def _run(write_recipe, tmp_out, name, variants, *flags):
+    recipe = write_recipe({"name": name, **DIGITS, "variants": variants}, f"{name}.yaml")
+    assert main(["run", str(recipe), "--out", str(tmp_out), *flags]) == 0
+    run = next(d for d in (tmp_out / name).iterdir() if d.name != "cache")
+    return {v["name"]: v for v in json.loads((run / "results.json").read_text())["variants"]}
+
+
+def test_distillation_recovers_accuracy_lost_to_channel_pruning(write_recipe, tmp_out):
+    v = _run(write_recipe, tmp_out, "kd", {
+        "baseline": {},
+        "pruned": {"from": "baseline", "steps": [{"prune": {"method": "structured", "ratio": 0.7}}]},
+        "pruned-kd": {"from": "pruned", "steps": [{"distill": {"teacher": "baseline", "epochs": 8}}]}})
+    base, pruned, kd = (v[n]["accuracy"]["accuracy"] for n in ("baseline", "pruned", "pruned-kd"))
+    assert v["pruned"]["params"] < 0.5 * v["baseline"]["params"]
+    assert pruned < base - 0.01  # pruning 70% of the channels costs accuracy...
+    assert kd > pruned + 0.01 and kd >= base - 0.02  # ...and distillation wins it back
+    notes = v["pruned-kd"]["notes"][0]
+    assert notes["teacher"] == "baseline" and notes["epochs_run"] >= 1 and notes["val_best"] >= notes["val_before"]
+
+
+def test_unstructured_and_2_4_pruning_report_their_sparsity(write_recipe, tmp_out):
+    v = _run(write_recipe, tmp_out, "sparse", {
+        "baseline": {},
+        "unstructured": {"from": "baseline", "steps": [{"prune": {"method": "unstructured", "ratio": 0.6}}]},
+        "semi": {"from": "baseline", "steps": [{"prune": {"method": "2:4"}}]}}, "--quick")
+    assert v["unstructured"]["notes"][0]["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)
+    assert v["semi"]["notes"][0]["achieved_sparsity"] > 0.4
+    assert v["unstructured"]["params"] == v["baseline"]["params"]  # zeros, not a smaller model
+
+
+@pytest.mark.parametrize("teacher, expected", [("nobody", "names no variant"), ("child", "descendants")])
+def test_a_teacher_that_cannot_come_first_is_a_recipe_error(write_recipe, capsys, teacher, expected):
+    recipe = write_recipe({"name": "bad-kd", **DIGITS, "variants": {
+        "baseline": {},
+        "student": {"from": "baseline", "steps": [{"distill": {"teacher": teacher}}]},
+        "child": {"from": "student"}}})
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "variants.student.steps[0].distill.teacher" in err and expected in err
+
+
+def test_bitsandbytes_variants_run_on_cpu_with_their_real_latency_and_memory(write_recipe, tmp_out):
+    name = "bnb"
+    recipe = write_recipe({"name": name, **DIGITS, "export": {"formats": ["onnx"]},
+                           "bench": {**DIGITS["bench"], "backends": ["torch-cpu", "ort-cpu"]},
+                           "variants": {"baseline": {},
+                                        "int8": {"from": "baseline", "steps": [{"quantize": {"method": "bnb-int8"}}]},
+                                        "nf4": {"from": "baseline", "steps": [{"quantize": {"method": "bnb-nf4"}}]}}},
+                          f"{name}.yaml")
+    assert main(["run", str(recipe), "--out", str(tmp_out), "--quick"]) == 0
+    run = next(d for d in (tmp_out / name).iterdir() if d.name != "cache")
+    results = json.loads((run / "results.json").read_text())
+    v = {x["name"]: x for x in results["variants"]}
+    assert v["nf4"]["weight_bytes"] < 0.5 * v["baseline"]["weight_bytes"]
+    assert v["nf4"]["params"] == v["baseline"]["params"]  # counted from the 4-bit layers' logical shapes
+    cells = {(c["variant"], c["backend"]): c for c in results["cells"]}
+    for q in ("int8", "nf4"):
+        c = cells[(q, "torch-cpu")]
+        assert c["status"] in ("ok", "unstable") and c["memory"]["peak_rss_delta"] > 0
+        assert c["accuracy"]["accuracy"] > 0.9
+        assert cells[(q, "ort-cpu")]["status"] == "skipped" and "bitsandbytes" in cells[(q, "ort-cpu")]["reason"]
