@@ -1,23 +1,34 @@
-"""ONNX Runtime quantization of an ONNX graph (a step after export)."""
+"""ONNX Runtime quantization of an ONNX graph (a step after export): dynamic int8, static int8 in
+QDQ format calibrated on batches of the task's training split, and int4 weight-only (MatMulNBits)."""
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import Field
 
+from workbench.errors import field_error
 from workbench.steps import Step, StepParams, register
 
 
 class OnnxQuantizeParams(StepParams):
-    mode: Literal["dynamic"] = Field("dynamic", description="dynamic: int8 weights, activation scales per run")
-    per_channel: bool = Field(False, description="one scale per output channel instead of per tensor")
-    reduce_range: bool = Field(False, description="7-bit weights: avoids u8s8 saturation on CPUs without VNNI")
+    mode: Literal["dynamic", "static", "int4"] = Field(
+        "dynamic", description="dynamic: int8 weights, activation scales per run; static: int8 weights and "
+        "activations (QDQ), scales calibrated on task data; int4: weight-only 4-bit MatMulNBits")
+    per_channel: bool = Field(False, description="int8: one scale per output channel instead of per tensor")
+    reduce_range: bool = Field(False, description="int8: 7-bit weights, avoids u8s8 saturation on CPUs without VNNI")
     weight_type: Literal["QInt8", "QUInt8"] = "QInt8"
-    preprocess: bool = Field(True, description="run ORT's quant_pre_process (shape inference, graph cleanup) first")
-    op_types: list[str] | None = Field(None, description="op types to quantize, e.g. [MatMul, Gemm]; default: all")
+    activation_type: Literal["QInt8", "QUInt8"] = Field("QUInt8", description="static: activation integer type")
+    calibration_batches: int = Field(8, gt=0, description="static: batches of the training split to calibrate on")
+    calibrate_method: Literal["MinMax", "Entropy", "Percentile"] = "MinMax"
+    block_size: int = Field(32, ge=16, description="int4: weights per quantization block (a power of 2)")
+    accuracy_level: Optional[Literal[0, 1, 2, 3, 4]] = Field(
+        None, description="int4: MatMulNBits compute precision (4: int8 activations, the fast CPU path)")
+    symmetric: bool = Field(True, description="int4: symmetric blocks (no zero point)")
+    preprocess: bool = Field(True, description="int8: run ORT's quant_pre_process (shape inference, cleanup) first")
+    op_types: Optional[list[str]] = Field(None, description="op types to quantize, e.g. [MatMul, Gemm]; default: all")
 
 
 @contextlib.contextmanager
@@ -30,34 +41,98 @@ def _cwd(path):
         os.chdir(old)
 
 
+class _Calibration:
+    """onnxruntime.quantization.CalibrationDataReader over the task's training batches."""
+
+    def __init__(self, batches, names):
+        self._it = iter([{k: v for k, v in b.items() if k in names} for b in batches])
+
+    def get_next(self):
+        return next(self._it, None)
+
+
 @register
 class OnnxQuantize(Step):
     name = "onnx-quantize"
-    summary = "ONNX Runtime dynamic int8 quantization (per-channel, reduce_range, weight type)"
+    summary = "ONNX Runtime quantization: dynamic int8, static int8 (QDQ, calibrated), int4 weight-only"
     Params = OnnxQuantizeParams
     consumes = "onnx"
 
-    def run(self, model, params, ctx):
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-        from onnxruntime.quantization.shape_inference import quant_pre_process
+    @classmethod
+    def check(cls, params, *, recipe, variant, where, field):
+        if params.mode == "static" and recipe.task.type == "none":
+            raise field_error(where, f"{field}.mode", "static quantization calibrates on task data, and the "
+                              "recipe has no task", value="static", accepted=["dynamic", "int4"])
+        if params.mode == "int4" and params.block_size & (params.block_size - 1):
+            raise field_error(where, f"{field}.block_size", "must be a power of 2", value=params.block_size)
 
+    def run(self, model, params, ctx):
         p = OnnxQuantizeParams.model_validate(params)
-        src = model.onnx_path
         out = ctx.work_dir / "quantized.onnx"
-        if p.preprocess:
-            pre = ctx.work_dir / "preprocessed.onnx"
-            try:
-                # Symbolic shape inference drops temporary files into the current directory:
-                # run it inside the step's folder, whose leftovers the cache clears.
-                with _cwd(ctx.work_dir):
-                    quant_pre_process(str(src.resolve()), str(pre.resolve()), skip_symbolic_shape=False)
-                src = pre
-            except Exception as e:  # noqa: BLE001 - preprocessing helps but is optional
-                ctx.notes["preprocess_skipped"] = f"{type(e).__name__}: {str(e)[:200]}"
-        quantize_dynamic(str(src), str(out), per_channel=p.per_channel, reduce_range=p.reduce_range,
-                         weight_type=getattr(QuantType, p.weight_type),
-                         op_types_to_quantize=p.op_types)
+        if p.mode == "int4":
+            self._int4(model.onnx_path, out, p, ctx)
+        else:
+            src = self._preprocess(model.onnx_path, p, ctx) if p.preprocess else model.onnx_path
+            self._int8(src, out, p, ctx)
         final = ctx.work_dir / "model.onnx"
         shutil.move(out, final)
         model.onnx_path = final
         return model
+
+    @staticmethod
+    def _preprocess(src, p, ctx):
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        pre = ctx.work_dir / "preprocessed.onnx"
+        try:
+            # Symbolic shape inference drops temporary files into the current directory:
+            # run it inside the step's folder, whose leftovers the cache clears.
+            with _cwd(ctx.work_dir):
+                quant_pre_process(str(src.resolve()), str(pre.resolve()), skip_symbolic_shape=False)
+            return pre
+        except Exception as e:  # noqa: BLE001 - preprocessing helps but is optional
+            ctx.notes["preprocess_skipped"] = f"{type(e).__name__}: {str(e)[:200]}"
+            return src
+
+    @staticmethod
+    def _int8(src, out, p, ctx):
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+        if p.mode == "dynamic":
+            quantize_dynamic(str(src), str(out), per_channel=p.per_channel, reduce_range=p.reduce_range,
+                             weight_type=getattr(QuantType, p.weight_type), op_types_to_quantize=p.op_types)
+            return
+        from workbench.infer import onnx_session
+
+        names = {i.name for i in onnx_session(src).get_inputs()}
+        batches = ctx.task.train_batches[:p.calibration_batches]
+        quantize_static(str(src), str(out), _Calibration(batches, names), quant_format=QuantFormat.QDQ,
+                        per_channel=p.per_channel, reduce_range=p.reduce_range,
+                        activation_type=getattr(QuantType, p.activation_type),
+                        weight_type=getattr(QuantType, p.weight_type), op_types_to_quantize=p.op_types,
+                        calibrate_method=getattr(CalibrationMethod, p.calibrate_method))
+        ctx.notes["calibration"] = {"batches": len(batches), "method": p.calibrate_method}
+
+    @staticmethod
+    def _int4(src, out, p, ctx):
+        import logging
+
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        # It logs every node it skips at INFO, and Gemm nodes at ERROR; the count below says enough.
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.CRITICAL)
+
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=p.block_size,
+                                         is_symmetric=p.symmetric, accuracy_level=p.accuracy_level,
+                                         op_types_to_quantize=tuple(p.op_types) if p.op_types else None)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+        count = sum(n.op_type == "MatMulNBits" for n in quantizer.model.model.graph.node)
+        if count == 0:
+            gemm = sum(n.op_type == "Gemm" for n in quantizer.model.model.graph.node)
+            raise ValueError("no MatMul was turned into MatMulNBits: int4 weight-only quantization acts on MatMul "
+                             "nodes with constant weights" + (f", and this graph's {gemm} linear layers are Gemm "
+                                                              "nodes (2-D inputs); use mode dynamic or static"
+                                                              if gemm else ""))
+        ctx.notes["matmul_nbits_nodes"] = count

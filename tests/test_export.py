@@ -70,3 +70,32 @@ def test_bert_fusion_records_attention_fusions_and_keeps_the_outputs(tiny_encode
     batches = _padded_batches(io)
     diff = np.abs(onnx_outputs(fused.onnx_path, batches) - torch_outputs(module, batches)).max()
     assert diff < 1e-4
+
+
+def _quantize(module, io, tmp_path, params, task=None):
+    from export.onnx_quantize import OnnxQuantize
+
+    export_onnx(module, io, tmp_path / "plain.onnx")
+    work = tmp_path / "q"
+    work.mkdir()
+    ctx = StepContext(work_dir=work, task=task, quick=True, seed=0, variant="q", export=None)
+    out = OnnxQuantize().run(VariantModel(io=io, onnx_path=tmp_path / "plain.onnx", source_module=module), params, ctx)
+    batches = _padded_batches(io)
+    return parity(torch_outputs(module, batches), onnx_outputs(out.onnx_path, batches), "embedding"), ctx.notes
+
+
+def test_int4_weight_only_quantization_makes_matmulnbits_nodes(tiny_encoder, tmp_path):
+    module, io = tiny_encoder
+    par, notes = _quantize(module, io, tmp_path, {"mode": "int4", "block_size": 16, "accuracy_level": 4})
+    assert notes["matmul_nbits_nodes"] >= 12  # Q, K, V, O and two FFN matmuls in each of two layers
+    assert par["cosine_min"] > 0.9
+
+
+def test_static_qdq_quantization_calibrates_on_task_batches(tiny_encoder, tmp_path):
+    from workbench.tasks import Task
+
+    module, io = tiny_encoder
+    task = Task("embedding-fidelity", train_batches=[io.make(4, 16, seed=s) for s in range(4)])
+    par, notes = _quantize(module, io, tmp_path, {"mode": "static", "calibration_batches": 3}, task)
+    assert notes["calibration"] == {"batches": 3, "method": "MinMax"}
+    assert par["cosine_min"] > 0.8
