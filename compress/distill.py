@@ -25,6 +25,8 @@ class DistillParams(StepParams):
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the distillation term; 1 - alpha on the labels")
     patience: int = Field(2, ge=0, description="epochs without improvement on the held-out tenth before stopping")
     weight_decay: float = Field(0.0, ge=0)
+    max_batches: Optional[int] = Field(None, gt=1, description="use at most this many batches of the training "
+                                       "split (the teacher runs over each once); --quick uses at most 8")
 
 
 @register
@@ -90,6 +92,8 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int) -> dict:
 
     task = ctx.task
     batches, labels = _rebatch(task.train_batches, task.train_labels, p.batch_size)
+    limit = min(p.max_batches or len(batches), 8 if ctx.quick else len(batches))
+    batches = batches[:limit]  # labels stay aligned: they are indexed from the start
     teacher_out = (torch_outputs(teacher.module, batches) if teacher.format == "torch"
                    else onnx_outputs(teacher.onnx_path, batches))
     sizes = [len(next(iter(b.values()))) for b in batches]

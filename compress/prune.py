@@ -24,6 +24,11 @@ class PruneParams(StepParams):
     ignored_layers: list[str] = Field(default_factory=list, description="module names never pruned "
                                       "(the output layer is always kept)")
     round_to: Optional[int] = Field(None, gt=0, description="keep channel counts multiples of this")
+    targets: list[Literal["ffn", "heads"]] = Field(
+        default_factory=lambda: ["ffn", "heads"], description="transformer encoders (structured): FFN intermediate "
+        "channels and/or whole attention heads; the model's config is fixed up to match")
+    head_ratio: Optional[float] = Field(None, ge=0, lt=1, description="fraction of heads removed per layer "
+                                        "(default: ratio); at least one head is kept")
 
 
 def _kind_is_transformer(recipe) -> bool:
@@ -42,19 +47,80 @@ class Prune(Step):
     @classmethod
     def check(cls, params, *, recipe, variant, where, field):
         if params.method == "structured" and _kind_is_transformer(recipe):
-            raise field_error(where, f"{field}.method", "structured pruning of transformer encoders (FFN channels, "
-                              "attention heads) is not available yet", value="structured",
-                              accepted=["unstructured", "2:4"])
+            if params.importance != "magnitude":
+                raise field_error(where, f"{field}.importance", "transformer pruning ranks FFN channels and heads by "
+                                  "weight magnitude", value=params.importance, accepted=["magnitude"])
+            if not params.targets:
+                raise field_error(where, f"{field}.targets", "names nothing to prune", value=[],
+                                  accepted=["ffn", "heads"])
 
     def run(self, model, params, ctx):
         p = PruneParams.model_validate(params)
         module = copy.deepcopy(model.module).eval()
-        if p.method == "structured":
+        if p.method == "structured" and _bert_layers(module):
+            _transformer(module, model.io, p, ctx)
+        elif p.method == "structured":
             _structured(module, model.io, p, ctx)
         else:
             _masked(module, p, ctx)
         model.module = module
         return model
+
+
+def _bert_layers(module) -> list:
+    """The layers of a BERT-like encoder (attention + intermediate.dense + output.dense), in order."""
+    from torch import nn
+
+    return [m for m in module.modules() if hasattr(m, "attention") and isinstance(
+        getattr(getattr(m, "intermediate", None), "dense", None), nn.Linear) and isinstance(
+        getattr(getattr(m, "output", None), "dense", None), nn.Linear)]
+
+
+def _transformer(module, io_spec, p: PruneParams, ctx) -> None:
+    """FFN channels through torch-pruning's dependency graph (intermediate.dense outputs, with the
+    matching output.dense inputs), heads with Hugging Face's prune_heads; the config follows."""
+    import torch
+    import torch_pruning as tp
+
+    from export.onnx import example_inputs
+
+    layers = _bert_layers(module)
+    hf = next(m for m in module.modules() if hasattr(m, "prune_heads") and hasattr(m, "config"))
+    cfg = hf.config
+    before = sum(x.numel() for x in module.parameters())
+    if "ffn" in p.targets:
+        width = layers[0].intermediate.dense.out_features
+        keep = max(1, round(width * (1 - p.ratio)))
+        if p.round_to:
+            keep = max(p.round_to, keep // p.round_to * p.round_to)
+        graph = tp.DependencyGraph().build_dependency(module, example_inputs=example_inputs(io_spec))
+        for layer in layers:
+            w_in, w_out = layer.intermediate.dense.weight, layer.output.dense.weight
+            # A channel matters by the weights that write it and the weights that read it.
+            importance = w_in.detach().norm(dim=1) * w_out.detach().norm(dim=0)
+            drop = importance.argsort()[:width - keep].tolist()
+            if drop:
+                graph.get_pruning_group(layer.intermediate.dense, tp.prune_linear_out_channels, idxs=drop).prune()
+        cfg.intermediate_size = keep
+        ctx.notes["intermediate_size"] = [width, keep]
+    if "heads" in p.targets:
+        n_heads = cfg.num_attention_heads
+        size = cfg.hidden_size // n_heads
+        n_drop = min(n_heads - 1, int((p.head_ratio if p.head_ratio is not None else p.ratio) * n_heads))
+        plan = {}
+        for i, layer in enumerate(layers):
+            att = layer.attention
+            q, k, v = att.self.query.weight, att.self.key.weight, att.self.value.weight
+            o = att.output.dense.weight
+            with torch.no_grad():
+                score = [sum(float(w[h * size:(h + 1) * size].norm()) for w in (q, k, v))
+                         + float(o[:, h * size:(h + 1) * size].norm()) for h in range(n_heads)]
+            plan[i] = sorted(range(n_heads), key=lambda h: score[h])[:n_drop]
+        if n_drop:
+            hf.prune_heads(plan)  # also records config.pruned_heads, so save/from_pretrained round-trips
+        ctx.notes["heads_removed_per_layer"] = [n_drop, n_heads]
+    after = sum(x.numel() for x in module.parameters())
+    ctx.notes.update(params_before=int(before), params_after=int(after))
 
 
 def _structured(module, io_spec, p: PruneParams, ctx) -> None:

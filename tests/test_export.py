@@ -99,3 +99,25 @@ def test_static_qdq_quantization_calibrates_on_task_batches(tiny_encoder, tmp_pa
     par, notes = _quantize(module, io, tmp_path, {"mode": "static", "calibration_batches": 3}, task)
     assert notes["calibration"] == {"batches": 3, "method": "MinMax"}
     assert par["cosine_min"] > 0.8
+
+
+def test_transformer_pruning_shrinks_ffn_and_heads_and_round_trips_through_save_pretrained(tiny_encoder, tmp_path):
+    import copy
+
+    from transformers import BertModel
+
+    from compress.prune import Prune
+
+    module = copy.deepcopy(tiny_encoder[0])
+    io = tiny_encoder[1]
+    ctx = StepContext(work_dir=tmp_path, task=None, quick=True, seed=0, variant="p", export=None)
+    pruned = Prune().run(VariantModel(io=io, module=module), {"method": "structured", "ratio": 0.5}, ctx).module
+    assert ctx.notes["intermediate_size"] == [37, 18] and ctx.notes["heads_removed_per_layer"] == [1, 2]
+    assert ctx.notes["params_after"] < ctx.notes["params_before"]
+    batches = _padded_batches(io)
+    out = torch_outputs(pruned, batches)
+    pruned.encoder.save_pretrained(tmp_path / "hf")
+    reloaded = EmbeddingModel(BertModel.from_pretrained(tmp_path / "hf").eval()).eval()
+    assert np.abs(torch_outputs(reloaded, batches) - out).max() < 1e-5
+    export_onnx(pruned, io, tmp_path / "pruned.onnx")
+    assert np.abs(onnx_outputs(tmp_path / "pruned.onnx", batches) - out).max() < 1e-4
