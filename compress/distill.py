@@ -88,14 +88,13 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int) -> dict:
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from workbench.infer import onnx_outputs, torch_outputs
+    from workbench.infer import variant_outputs
 
     task = ctx.task
     batches, labels = _rebatch(task.train_batches, task.train_labels, p.batch_size)
     limit = min(p.max_batches or len(batches), 8 if ctx.quick else len(batches))
     batches = batches[:limit]  # labels stay aligned: they are indexed from the start
-    teacher_out = (torch_outputs(teacher.module, batches) if teacher.format == "torch"
-                   else onnx_outputs(teacher.onnx_path, batches))
+    teacher_out = variant_outputs(teacher, batches)
     sizes = [len(next(iter(b.values()))) for b in batches]
     starts = np.cumsum([0] + sizes)
     n_val = max(1, len(batches) // 10)

@@ -34,6 +34,12 @@ def onnx_outputs(path_or_session, batches: list[dict[str, np.ndarray]]) -> np.nd
     return np.concatenate([sess.run(None, {k: v for k, v in b.items() if k in names})[0] for b in batches])
 
 
+def variant_outputs(model, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """Outputs of a VariantModel, whichever form it has (torch module or ONNX graph)."""
+    return (torch_outputs(model.module, batches) if model.format == "torch"
+            else onnx_outputs(model.onnx_path, batches))
+
+
 def save_batches(path: Path, batches: list[dict[str, np.ndarray]]) -> None:
     """Batches (which may differ in shape) in one .npz: keys "<batch index>/<input name>"."""
     from workbench import atomic

@@ -148,7 +148,7 @@ class Run:
 
     # ------------------------------------------------------------------ compress
     def compress(self) -> tuple[list[dict], dict[str, Optional[VariantModel]]]:
-        from workbench.infer import onnx_outputs, torch_outputs
+        from workbench.infer import variant_outputs
         from workbench.model_stats import files_size, onnx_stats, torch_stats
 
         recipe = self.recipe
@@ -202,9 +202,7 @@ class Run:
                      else onnx_stats(model.onnx_path))
             rec.update(stats)
             if self.task.type != "none":
-                out = (torch_outputs(model.module, self.task.eval_batches) if model.format == "torch"
-                       else onnx_outputs(model.onnx_path, self.task.eval_batches))
-                rec["accuracy"] = self.task.metrics(out)
+                rec["accuracy"] = self.task.metrics(variant_outputs(model, self.task.eval_batches))
         base = next((r for r in records if r["name"] == recipe.report.baseline), None)
         for r in records:
             if base and base.get("accuracy") and r.get("accuracy"):

@@ -17,16 +17,11 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from bench.backends import BACKENDS
 from workbench.errors import RecipeError, field_error
 
-BACKENDS = (
-    "torch-cpu", "torch-cuda", "torch-compile-cpu", "torch-compile-cuda",
-    "torchscript-cpu", "torchscript-cuda", "ort-cpu", "ort-cuda", "ort-tensorrt",
-)
-BackendName = Literal[
-    "torch-cpu", "torch-cuda", "torch-compile-cpu", "torch-compile-cuda",
-    "torchscript-cpu", "torchscript-cuda", "ort-cpu", "ort-cuda", "ort-tensorrt",
-]
+# One list of backend names: the runners' registry. Typed here so a recipe naming another is rejected.
+BackendName = Literal[tuple(BACKENDS)]
 ExportFormat = Literal["onnx", "torchscript", "torch-export"]
 
 

@@ -79,7 +79,3 @@ def step_names() -> list[str]:
 def describe_steps() -> list[tuple[str, str, str, str]]:
     _load()
     return [(n, s.consumes, s.produces, s.summary) for n, s in sorted(_REGISTRY.items())]
-
-
-def params_doc(cls: type[StepParams]) -> list[tuple[str, str, Optional[str]]]:
-    return [(k, repr(f.default), f.description) for k, f in cls.model_fields.items()]

@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from workbench.recipe import (BuiltinData, ClassificationTask, EmbeddingFidelityTask, FileData, Recipe,
+from workbench.recipe import (BuiltinData, ClassificationTask, EmbeddingFidelityTask, Recipe,
                               TextClassificationTask)
 from workbench.sources.data import digits_split, read_text_file, split_by_hash, stdlib_docstrings
 from workbench.sources.models import SourceModel
