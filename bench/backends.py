@@ -13,7 +13,7 @@ import numpy as np
 @dataclass(frozen=True)
 class BackendInfo:
     name: str
-    format: str  # the artifact format it runs: torch / torchscript / onnx
+    format: str  # the artifact format it runs: torch / torchscript / torch-export / onnx
     device: str  # cpu / cuda
     summary: str
 
@@ -25,6 +25,8 @@ BACKENDS = {b.name: b for b in [
     BackendInfo("torch-compile-cuda", "torch", "cuda", "torch.compile (inductor) on CUDA"),
     BackendInfo("torchscript-cpu", "torchscript", "cpu", "TorchScript module on CPU"),
     BackendInfo("torchscript-cuda", "torchscript", "cuda", "TorchScript module on CUDA"),
+    BackendInfo("torch-export-cpu", "torch-export", "cpu", "torch.export program (.pt2) on CPU, run through .module()"),
+    BackendInfo("torch-export-cuda", "torch-export", "cuda", "torch.export program (.pt2) moved to CUDA"),
     BackendInfo("ort-cpu", "onnx", "cpu", "ONNX Runtime, CPUExecutionProvider"),
     BackendInfo("ort-cuda", "onnx", "cuda", "ONNX Runtime, CUDAExecutionProvider (onnxruntime-gpu)"),
     BackendInfo("ort-tensorrt", "onnx", "cuda", "ONNX Runtime, TensorrtExecutionProvider"),
@@ -75,12 +77,14 @@ class Runner:
 
 
 class TorchRunner(Runner):
-    def __init__(self, module, device: str, threads: int):
+    def __init__(self, module, device: str, threads: int, exported: bool = False):
         import torch
 
         self.torch = torch
         self.device = torch.device(device)
-        self.module = module.to(self.device).eval()
+        # A module unlifted from a torch.export program refuses .eval() (it was traced in eval mode)
+        # and is already on its device (moved as a program, see load_runner).
+        self.module = module if exported else module.to(self.device).eval()
         self.info = {"torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
                      "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"}
 
@@ -140,12 +144,19 @@ def load_runner(backend: str, path: str, threads: int) -> Runner:
         return OrtRunner(path, backend, threads)
     if info.format == "torchscript":
         module = torch.jit.load(path, map_location=info.device)
+    elif info.format == "torch-export":
+        program = torch.export.load(path)
+        if info.device == "cuda":
+            from torch.export.passes import move_to_device_pass
+
+            program = move_to_device_pass(program, "cuda")
+        module = program.module()
     else:
         # Our own variant file, written by this run's pipeline (see workbench.variants.save_module).
         from workbench.variants import load_module
 
         module = load_module(path)
-    runner = TorchRunner(module, info.device, threads)
+    runner = TorchRunner(module, info.device, threads, exported=info.format == "torch-export")
     if backend.startswith("torch-compile"):
         runner.module = torch.compile(runner.module)
     return runner

@@ -60,7 +60,7 @@ def model_io(path: Path, inputs: list[str] | None) -> ModelIO:
         return ModelIO.from_json(json.loads(sidecar.read_text()))
     if path.suffix == ".onnx":
         return io_from_onnx(path)
-    raise RecipeError(f"{path}: a TorchScript file declares no input shapes; give --input name=dims:dtype "
+    raise RecipeError(f"{path}: a TorchScript or .pt2 file declares no input shapes; give --input name=dims:dtype "
                       f"(e.g. --input pixels=batch,1,8,8:float32)")
 
 
@@ -75,8 +75,8 @@ def bench_file(args) -> int:
     path = Path(args.model_file)
     if not path.is_file():
         raise RecipeError(f"MODEL_FILE {str(path)!r}: no such file")
-    fmt = "onnx" if path.suffix == ".onnx" else "torchscript"
-    backends = args.backend or (["ort-cpu"] if fmt == "onnx" else ["torchscript-cpu"])
+    fmt = {".onnx": "onnx", ".pt2": "torch-export"}.get(path.suffix, "torchscript")
+    backends = args.backend or [{"onnx": "ort-cpu", "torch-export": "torch-export-cpu"}.get(fmt, "torchscript-cpu")]
     for b in backends:
         if b not in BACKENDS:
             raise RecipeError(f"--backend {b!r} is not a backend. Accepted: {', '.join(BACKENDS)}")

@@ -60,3 +60,33 @@ def test_torch_compile_cell_reports_compile_time_apart(write_recipe, tmp_out):
     # The first (compiling) call is far slower than a warm one and is kept out of the samples.
     assert cell["cold"]["first_call_ms"] > cell["latency_ms"]["p50"]
     assert cell["accuracy"]["accuracy"] > 0.9
+
+
+def test_bench_a_torch_export_program(quick_run, tmp_path):
+    """A .pt2 written by export_pt2 runs on the torch-export-cpu backend and computes what its module does."""
+    import numpy as np
+    import torch
+
+    from bench.backends import load_runner
+    from export.torch_export import export_pt2
+    from workbench.model import ModelIO
+    from workbench.variants import load_module
+
+    variant_dir = quick_run.run_dir / "variants" / "baseline"
+    module = load_module(variant_dir / "module.pt")
+    io = ModelIO.from_json(json.loads((variant_dir / "model.onnx.io.json").read_text()))
+    pt2 = tmp_path / "digits.pt2"
+    assert export_pt2(module, io, pt2)["exporter"] == "torch.export"
+    (tmp_path / "digits.pt2.io.json").write_text(json.dumps(io.to_json()))
+
+    x = io.make(batch=3, seq=16, seed=1)  # a batch size the program was not traced at
+    runner = load_runner("torch-export-cpu", str(pt2), threads=1)
+    with torch.no_grad():
+        expected = module(**{k: torch.from_numpy(v) for k, v in x.items()}).numpy()
+    np.testing.assert_allclose(runner.outputs(runner.prepare(x)), expected, atol=1e-5)
+
+    out = tmp_path / "pt2"
+    assert main(["bench", str(pt2), "--batch", "2", "--quick", "--out", str(out)]) == 0
+    cell = json.loads((out / "results.json").read_text())["cells"][0]
+    assert cell["backend"] == "torch-export-cpu" and cell["format"] == "torch-export"
+    assert cell["status"] in ("ok", "unstable"), cell["reason"]

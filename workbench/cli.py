@@ -32,16 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="rebuild a run's report from its results.json")
     rep.add_argument("run_dir")
 
-    b = sub.add_parser("bench", help="benchmark one model file (.onnx, TorchScript .pt) without a recipe")
+    b = sub.add_parser("bench", help="benchmark one model file (.onnx, TorchScript .pt, torch.export .pt2) "
+                       "without a recipe")
     b.add_argument("model_file")
     b.add_argument("--backend", nargs="+", default=None, help="backends (default: ort-cpu for .onnx, "
-                   "torchscript-cpu for .pt)")
+                   "torch-export-cpu for .pt2, torchscript-cpu for .pt)")
     b.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes")
     b.add_argument("--seq-len", type=int, default=128)
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--out", default=None, help="folder for results.json (default: reports/bench/<file>/<time>)")
     b.add_argument("--input", action="append", default=None, metavar="NAME=DIMS:DTYPE",
-                   help="declare an input (needed for TorchScript files without a .io.json), "
+                   help="declare an input (needed for TorchScript / .pt2 files without a .io.json), "
                    "e.g. pixels=batch,1,8,8:float32; repeat for several")
     b.add_argument("--quick", action="store_true")
 
