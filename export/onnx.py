@@ -1,5 +1,6 @@
 """ONNX export with torch.onnx: the dynamo exporter first, the TorchScript-based exporter as a
-recorded fallback; batch and sequence axes dynamic; the result checked by onnx.checker."""
+recorded fallback; batch and sequence axes dynamic; the result checked by onnx.checker. With
+exporter `optimum`, Hugging Face models go through optimum's exporter first (export.optimum_onnx)."""
 from __future__ import annotations
 
 import contextlib
@@ -41,9 +42,19 @@ def export_onnx(module, io_spec: ModelIO, path: Path, *, opset: int = 18, export
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     large = weight_bytes > EXTERNAL_DATA_BYTES
     record = {"exporter": None, "opset": opset, "fallback_reason": None}
-    tries = ["dynamo", "torchscript"] if exporter == "dynamo" else ["torchscript"]
+    tries = {"optimum": ["optimum", "dynamo", "torchscript"], "dynamo": ["dynamo", "torchscript"]}.get(
+        exporter, ["torchscript"])
     t0 = time.perf_counter()
     for which in tries:
+        if which == "optimum":
+            try:
+                from export.optimum_onnx import export_with_optimum
+
+                record["exporter"] = export_with_optimum(module, io_spec, path, opset=opset, external_data=large)
+                break
+            except Exception as e:  # noqa: BLE001 - recorded; the torch.onnx exporters come next
+                record["fallback_reason"] = f"optimum exporter failed: {type(e).__name__}: {str(e)[:300]}"
+                continue
         try:
             # The exporters print progress to stdout; the run log gets the pipeline's own lines.
             with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -59,7 +70,8 @@ def export_onnx(module, io_spec: ModelIO, path: Path, *, opset: int = 18, export
             reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:400]
             if which == tries[-1]:
                 raise RuntimeError(f"ONNX export failed ({which} exporter): {reason}") from e
-            record["fallback_reason"] = f"dynamo exporter failed: {reason}"
+            record["fallback_reason"] = "; ".join(filter(None, [record["fallback_reason"],
+                                                                f"dynamo exporter failed: {reason}"]))
     record["seconds"] = round(time.perf_counter() - t0, 3)
     onnx.checker.check_model(str(path))  # path form: works for external data too
     onnx.shape_inference.infer_shapes_path(str(path))

@@ -32,6 +32,20 @@ def transformer_config(module):
     return None
 
 
+def attention_shape(module) -> Optional[tuple[int, int]]:
+    """(heads, attention width) of an encoder's layers as they are now. Pruned heads leave the config's
+    num_attention_heads and hidden_size unchanged, so read the attention modules; when layers differ,
+    (0, 0) lets ORT's fusion detect each layer's from its graph. None: not a BERT-like encoder."""
+    from compress.prune import _bert_layers
+
+    layers = _bert_layers(module) if module is not None else []
+    shapes = {(getattr(layer.attention.self, "num_attention_heads", 0), getattr(layer.attention.self, "all_head_size", 0))
+              for layer in layers}
+    if not layers:
+        return None
+    return shapes.pop() if len(shapes) == 1 else (0, 0)
+
+
 @register
 class OnnxOptimize(Step):
     name = "onnx-optimize"
@@ -52,9 +66,12 @@ class OnnxOptimize(Step):
             from onnxruntime.transformers.optimizer import optimize_model
 
             cfg = transformer_config(model.source_module)
-            heads = p.num_heads or getattr(cfg, "num_attention_heads", None)
-            hidden = p.hidden_size or getattr(cfg, "hidden_size", None)
-            if not heads or not hidden:
+            found = attention_shape(model.source_module)
+            if found is None and cfg is not None:
+                found = (cfg.num_attention_heads, cfg.hidden_size)
+            heads = p.num_heads if p.num_heads is not None else (found or (None, None))[0]
+            hidden = p.hidden_size if p.hidden_size is not None else (found or (None, None))[1]
+            if heads is None or hidden is None:
                 raise ValueError("fusion 'bert' needs num_heads and hidden_size: the model has no Hugging Face "
                                  "config to read them from, so set them in the step")
             fused = optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=0)

@@ -148,7 +148,7 @@ class ParityTolerance(Strict):
 class ExportSpec(Strict):
     formats: list[ExportFormat] = Field(default_factory=lambda: ["onnx"])
     opset: int = Field(18, ge=14, le=23)
-    exporter: Literal["dynamo", "torchscript"] = "dynamo"
+    exporter: Literal["dynamo", "torchscript", "optimum"] = "dynamo"
     parity: ParityTolerance = Field(default_factory=ParityTolerance)
 
     @model_validator(mode="before")
