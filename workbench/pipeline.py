@@ -104,6 +104,10 @@ class Run:
 
             self.src = load_model(self.recipe)
             self.task = build_task(self.recipe, self.src)
+            if self.quick:  # a smoke run: two evaluation batches are enough to see that accuracy is scored
+                self.task.eval_batches = self.task.eval_batches[:2]
+                if self.task.labels is not None:
+                    self.task.labels = self.task.labels[:self.task.eval_size]
             if self.task.type == "embedding-fidelity":
                 from workbench.infer import torch_outputs
 

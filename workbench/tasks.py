@@ -73,6 +73,20 @@ def _tokenize(tokenizer, texts: list[str], max_length: int) -> list[dict[str, np
     return out
 
 
+def _tokenize_bucketed(tokenizer, texts: list[str], max_length: int, labels=None):
+    """Training batches of texts of similar length, in a seeded shuffled order. Padding to the
+    longest text of a random batch of docstrings quadruples the tokens a forward pass sees; here each
+    batch pads only to its neighbours, while any prefix of the batches (calibration, --quick
+    distillation) still spans short and long texts. Returns (batches, labels in batch order)."""
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    order = np.argsort(lengths, kind="stable")
+    chunks = [order[i:i + EVAL_BATCH] for i in range(0, len(order), EVAL_BATCH)]
+    chunks = [chunks[i] for i in np.random.default_rng(0).permutation(len(chunks))]
+    batches = [_tokenize(tokenizer, [texts[j] for j in c], max_length)[0] for c in chunks]
+    ordered = None if labels is None else np.asarray(labels)[np.concatenate(chunks)]
+    return batches, ordered
+
+
 def build_task(recipe: Recipe, src: SourceModel) -> Task:
     t = recipe.task
     if isinstance(t, ClassificationTask):
@@ -95,10 +109,10 @@ def build_task(recipe: Recipe, src: SourceModel) -> Task:
         pairs = list(zip(texts, y_all))
         train, held = split_by_hash(pairs, texts)
         held = held[:t.eval_size] if t.eval_size else held
+        train_batches, train_labels = _tokenize_bucketed(src.tokenizer, [p[0] for p in train], t.max_length,
+                                                         np.array([p[1] for p in train], dtype=np.int64))
         return Task("classification", _tokenize(src.tokenizer, [p[0] for p in held], t.max_length),
-                    np.array([p[1] for p in held], dtype=np.int64),
-                    _tokenize(src.tokenizer, [p[0] for p in train], t.max_length),
-                    np.array([p[1] for p in train], dtype=np.int64),
+                    np.array([p[1] for p in held], dtype=np.int64), train_batches, train_labels,
                     description=f"{t.data.path}, held-out 20% ({len(held)} rows), metric: accuracy")
     if isinstance(t, EmbeddingFidelityTask):
         if isinstance(t.data, BuiltinData):
@@ -110,7 +124,7 @@ def build_task(recipe: Recipe, src: SourceModel) -> Task:
             desc = f"{t.data.path} (held-out 20%)"
         held = held[:t.eval_size]
         return Task("embedding-fidelity", _tokenize(src.tokenizer, held, t.max_length), None,
-                    _tokenize(src.tokenizer, train, t.max_length),
+                    _tokenize_bucketed(src.tokenizer, train, t.max_length)[0],
                     description=f"{desc}, {len(held)} texts, metrics: mean cosine and Spearman to the source model")
     return Task("none", description="no task: latency and memory only")
 

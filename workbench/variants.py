@@ -66,12 +66,17 @@ def root_key(recipe) -> str:
     return _hash({"model": spec, "files": files, "seed": recipe.seed})
 
 
+# Bumped when what the built-in tasks feed the steps changes (v2: more stdlib docstring paragraphs,
+# length-bucketed text batches), so that cached distilled or calibrated variants are not reused.
+TASK_DATA_VERSION = 2
+
+
 def variant_key(parent_key: str, steps: list, recipe, quick: bool, other_keys: tuple = ()) -> str:
     """`other_keys`: keys of the other variants the steps read (a distillation teacher)."""
     lib = versions()
     return _hash({
         "parent": parent_key, "others": list(other_keys), "steps": [s.model_dump(mode="json") for s in steps],
-        "quick": quick,
+        "quick": quick, "data": TASK_DATA_VERSION,
         "seed": recipe.seed, "task": recipe.task.model_dump(mode="json"),
         "export": {"opset": recipe.export.opset, "exporter": recipe.export.exporter},
         "versions": {k: lib.get(k) for k in ("torch", "onnxruntime", "onnxruntime-gpu", "torch-pruning",
