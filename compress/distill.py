@@ -27,6 +27,18 @@ class DistillParams(StepParams):
     weight_decay: float = Field(0.0, ge=0)
     max_batches: Optional[int] = Field(None, gt=1, description="use at most this many batches of the training "
                                        "split (the teacher runs over each once); --quick uses at most 8")
+    hidden_weight: float = Field(0.0, ge=0, description="transformer encoders: weight of a layer-by-layer MSE "
+                                 "between student and teacher hidden states (same depth and width, as FFN / head "
+                                 "pruning leaves them); guides a heavily pruned student far faster than the "
+                                 "output alone")
+    schedule: Literal["constant", "onecycle"] = Field(
+        "constant", description="learning rate: constant, or one cycle (warm up over the first tenth of the "
+        "steps to lr, then anneal to zero)")
+    dropout: Optional[float] = Field(None, ge=0, lt=1, description="dropout probability while training "
+                                     "(default: the model's own; 0 makes the student fit the teacher's "
+                                     "deterministic outputs)")
+    freeze_embeddings: bool = Field(False, description="keep token embedding tables fixed (most of a small "
+                                    "encoder's parameters; pruning does not touch them)")
 
 
 @register
@@ -82,11 +94,91 @@ def _rebatch(batches, labels, batch_size):
     return [{k: v[i:i + batch_size] for k, v in arrays.items()} for i in range(0, n, batch_size)], labels
 
 
+class _LayerTap:
+    """Collects the hidden states each encoder layer outputs during a forward pass."""
+
+    def __init__(self, layers):
+        self.states: list = []
+        self.hooks = [layer.register_forward_hook(self._hook) for layer in layers]
+
+    def _hook(self, module, inputs, out):
+        self.states.append(out[0] if isinstance(out, tuple) else out)
+
+    def take(self) -> list:
+        states, self.states = self.states, []
+        return states
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def _encoder_layers(teacher, student, name: str) -> tuple[list, list]:
+    """The matching layers of teacher and student for hidden-state distillation, or a clear error."""
+    from compress.prune import _bert_layers
+
+    if teacher.format != "torch":
+        raise ValueError(f"hidden_weight needs a PyTorch teacher; '{name}' is an ONNX graph")
+    t_layers, s_layers = _bert_layers(teacher.module), _bert_layers(student)
+    if not t_layers or len(t_layers) != len(s_layers):
+        raise ValueError(f"hidden_weight needs teacher and student encoders of the same depth (BERT-like layers: "
+                         f"teacher {len(t_layers)}, student {len(s_layers)}); set hidden_weight: 0")
+    widths = {(layer.output.dense.out_features) for layer in t_layers + s_layers}
+    if len(widths) != 1:
+        raise ValueError(f"hidden_weight needs the same hidden size in teacher and student, found {sorted(widths)}")
+    return t_layers, s_layers
+
+
+def _teacher_hidden(teacher, layers, batches) -> tuple:
+    """The teacher's outputs and, per batch, its layers' hidden states (float16 to halve the memory)."""
+    import numpy as np
+    import torch
+
+    from tqdm import tqdm
+
+    tap, outs, hidden = _LayerTap(layers), [], []
+    try:
+        with torch.inference_mode():
+            for b in tqdm(batches, desc="teacher outputs and hidden states", unit="batch", leave=False):
+                outs.append(teacher.module(**{k: torch.from_numpy(v) for k, v in b.items()}).float().numpy())
+                hidden.append([h.half() for h in tap.take()])
+    finally:
+        tap.close()
+    return np.concatenate(outs), hidden
+
+
+class _TrainingSettings:
+    """Dropout override and frozen embeddings for the length of training, then put back as found."""
+
+    def __init__(self, module, p: DistillParams):
+        from torch import nn
+
+        self.module, self.p, self.saved = module, p, []
+        self.nn = nn
+
+    def __enter__(self):
+        for m in self.module.modules():
+            if self.p.dropout is not None and isinstance(m, self.nn.Dropout):
+                self.saved.append((m, "p", m.p))
+                m.p = self.p.dropout
+            # Attention dropout inside fused SDPA kernels is a float attribute, not a Dropout module.
+            if self.p.dropout is not None and isinstance(getattr(m, "dropout_prob", None), float):
+                self.saved.append((m, "dropout_prob", m.dropout_prob))
+                m.dropout_prob = self.p.dropout
+            if self.p.freeze_embeddings and isinstance(m, self.nn.Embedding):
+                self.saved.append((m.weight, "requires_grad", m.weight.requires_grad))
+                m.weight.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc):
+        for obj, attr, value in reversed(self.saved):
+            setattr(obj, attr, value)
+
+
 def _train(student, teacher, p: DistillParams, ctx, epochs: int) -> dict:
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from tqdm import tqdm
 
     from workbench.infer import variant_outputs
 
@@ -94,7 +186,13 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int) -> dict:
     batches, labels = _rebatch(task.train_batches, task.train_labels, p.batch_size)
     limit = min(p.max_batches or len(batches), 8 if ctx.quick else len(batches))
     batches = batches[:limit]  # labels stay aligned: they are indexed from the start
-    teacher_out = variant_outputs(teacher, batches)
+    tap = None
+    if p.hidden_weight > 0:
+        t_layers, s_layers = _encoder_layers(teacher, student, p.teacher)
+        teacher_out, teacher_hidden = _teacher_hidden(teacher, t_layers, batches)
+        tap = _LayerTap(s_layers)
+    else:
+        teacher_out = variant_outputs(teacher, batches)
     sizes = [len(next(iter(b.values()))) for b in batches]
     starts = np.cumsum([0] + sizes)
     n_val = max(1, len(batches) // 10)
@@ -119,6 +217,15 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int) -> dict:
             return F.mse_loss(out, t)
         return (1 - F.cosine_similarity(out, t, dim=-1)).mean()
 
+    def hidden_loss(i, x):
+        """Mean over layers of the per-element MSE on real (unpadded) tokens."""
+        states = tap.take()
+        ids = next(iter(x.values()))
+        mask = x.get("attention_mask", torch.ones(ids.shape[:2])).unsqueeze(-1).float()
+        per_layer = [((s - t.float()) ** 2 * mask).sum() / (mask.sum() * s.shape[-1])
+                     for s, t in zip(states, teacher_hidden[i])]
+        return torch.stack(per_layer).mean()
+
     def validate() -> float:
         """Higher is better: accuracy on the held-out tenth, or cosine to the teacher."""
         student.eval()
@@ -127,37 +234,63 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int) -> dict:
             for i in val_idx:
                 x, t, y = tensors(i)
                 out = student(**x)
+                if tap:
+                    tap.take()
                 scores.append((out.argmax(-1) == y).float().mean().item() if (classifier and y is not None)
                               else F.cosine_similarity(out, t, dim=-1).mean().item())
         return float(np.mean(scores))
 
     torch.manual_seed(ctx.seed)
     rng = np.random.default_rng(ctx.seed)
-    opt = torch.optim.AdamW(student.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    best, best_state, stale, steps, history = validate(), copy.deepcopy(student.state_dict()), 0, 0, []
-    start_score = best
-    for epoch in range(epochs):
-        student.train()
-        bar = tqdm(rng.permutation(train_idx), desc=f"distill {ctx.variant} epoch {epoch + 1}/{epochs}",
-                   unit="batch", leave=False)
-        for i in bar:
-            x, t, y = tensors(int(i))
-            loss = loss_fn(student(**x), t, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if p.max_steps and steps >= p.max_steps:
-                break
-        score = validate()
-        history.append({"epoch": epoch + 1, "loss": round(float(loss.item()), 5), "val": round(score, 5)})
-        if score >= best:  # ties go to the later, longer-trained epoch
-            best, best_state, stale = score, copy.deepcopy(student.state_dict()), 0
-        else:
-            stale += 1
-        if (p.max_steps and steps >= p.max_steps) or stale > p.patience:
-            break
+    try:
+        best, best_state, start_score, steps, history = _loop(
+            student, p, epochs, train_idx, rng, ctx, tensors, loss_fn, hidden_loss if tap else None, validate)
+    finally:
+        if tap:
+            tap.close()
     student.load_state_dict(best_state)  # the best epoch on the held-out tenth, not the last one
-    return {"teacher": p.teacher, "loss": loss_kind, "epochs_run": len(history), "steps": steps,
-            "val_before": round(start_score, 5), "val_best": round(best, 5), "history": history}
+    return {"teacher": p.teacher, "loss": loss_kind, "hidden_weight": p.hidden_weight, "epochs_run": len(history),
+            "steps": steps, "batches": len(batches), "val_before": round(start_score, 5), "val_best": round(best, 5),
+            "history": history}
+
+
+def _loop(student, p, epochs, train_idx, rng, ctx, tensors, loss_fn, hidden_loss, validate):
+    """The optimiser loop with early stopping on the held-out tenth; returns the best state seen."""
+    import torch
+    from tqdm import tqdm
+
+    with _TrainingSettings(student, p):
+        opt = torch.optim.AdamW([w for w in student.parameters() if w.requires_grad], lr=p.lr,
+                                weight_decay=p.weight_decay)
+        total = epochs * len(train_idx) if not p.max_steps else min(p.max_steps, epochs * len(train_idx))
+        sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=max(total, 2), pct_start=0.1)
+                 if p.schedule == "onecycle" else None)
+        best, best_state, stale, steps, history = validate(), copy.deepcopy(student.state_dict()), 0, 0, []
+        start_score = best
+        for epoch in range(epochs):
+            student.train()
+            bar = tqdm(rng.permutation(train_idx), desc=f"distill {ctx.variant} epoch {epoch + 1}/{epochs}",
+                       unit="batch", leave=False)
+            for i in bar:
+                x, t, y = tensors(int(i))
+                loss = loss_fn(student(**x), t, y)
+                if hidden_loss:
+                    loss = loss + p.hidden_weight * hidden_loss(int(i), x)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if sched and steps < total:
+                    sched.step()
+                steps += 1
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if p.max_steps and steps >= p.max_steps:
+                    break
+            score = validate()
+            history.append({"epoch": epoch + 1, "loss": round(float(loss.item()), 5), "val": round(score, 5)})
+            if score >= best:  # ties go to the later, longer-trained epoch
+                best, best_state, stale = score, copy.deepcopy(student.state_dict()), 0
+            else:
+                stale += 1
+            if (p.max_steps and steps >= p.max_steps) or stale > p.patience:
+                break
+    return best, best_state, start_score, steps, history

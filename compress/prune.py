@@ -1,6 +1,11 @@
 """Pruning steps: structured channel pruning with torch-pruning (the model really shrinks), and
 unstructured / 2:4 magnitude pruning with torch.nn.utils.prune (weights zeroed, made permanent;
-dense kernels do not get faster from zeros, and the report says so)."""
+dense kernels do not get faster from zeros, and the report says so).
+
+Transformer encoders lose FFN channels and attention heads. Ranked by activation, what a removed
+unit contributed is not simply lost: the output projection over the kept units is refit by least
+squares on training activations (the idea behind FLAP's bias compensation, taken to the weights),
+which keeps far more of the model before any distillation."""
 from __future__ import annotations
 
 import copy
@@ -18,8 +23,11 @@ class PruneParams(StepParams):
         "unstructured: zero the smallest weights; 2:4: zero 2 of every 4 weights along the input dimension")
     ratio: float = Field(0.5, gt=0, lt=1, description="fraction of channels (structured) or weights to remove; "
                          "ignored by 2:4, which is always 50%")
-    importance: Literal["magnitude", "taylor"] = Field(
-        "magnitude", description="structured: L2 magnitude, or first-order Taylor (needs task labels)")
+    importance: Literal["magnitude", "taylor", "activation"] = Field(
+        "magnitude", description="structured: L2 magnitude; taylor: first-order Taylor (CNNs, needs task labels); "
+        "activation: how much what a channel or head adds to its layer's output varies on the task's training "
+        "batches; what stays is then refit by least squares to reproduce the full layer (transformer encoders, "
+        "no labels needed)")
     global_pruning: bool = Field(False, description="rank channels across layers instead of per layer")
     ignored_layers: list[str] = Field(default_factory=list, description="module names never pruned "
                                       "(the output layer is always kept)")
@@ -29,6 +37,9 @@ class PruneParams(StepParams):
         "channels and/or whole attention heads; the model's config is fixed up to match")
     head_ratio: Optional[float] = Field(None, ge=0, lt=1, description="fraction of heads removed per layer "
                                         "(default: ratio); at least one head is kept")
+
+
+STATS_BATCHES = 16  # training batches whose activations rank and refit (importance: activation)
 
 
 def _kind_is_transformer(recipe) -> bool:
@@ -47,15 +58,22 @@ class Prune(Step):
     @classmethod
     def check(cls, params, *, recipe, variant, where, field):
         if params.method == "structured" and _kind_is_transformer(recipe):
-            if params.importance != "magnitude":
+            if params.importance == "taylor":
                 raise field_error(where, f"{field}.importance", "transformer pruning ranks FFN channels and heads by "
-                                  "weight magnitude", value=params.importance, accepted=["magnitude"])
+                                  "weight magnitude or by their activations", value=params.importance,
+                                  accepted=["magnitude", "activation"])
+            if params.importance == "activation" and recipe.task.type == "none":
+                raise field_error(where, f"{field}.importance", "needs the task's training batches: set a task with "
+                                  "data, or use magnitude", value=params.importance)
             if not params.targets:
                 raise field_error(where, f"{field}.targets", "names nothing to prune", value=[],
                                   accepted=["ffn", "heads"])
 
     def run(self, model, params, ctx):
         p = PruneParams.model_validate(params)
+        if p.method == "structured" and p.importance == "activation" and not _bert_layers(model.module):
+            raise ValueError("importance 'activation' ranks FFN channels and heads of transformer encoders; "
+                             "use magnitude or taylor for this model")
         module = copy.deepcopy(model.module).eval()
         if p.method == "structured" and _bert_layers(module):
             _transformer(module, model.io, p, ctx)
@@ -87,7 +105,16 @@ def _transformer(module, io_spec, p: PruneParams, ctx) -> None:
     layers = _bert_layers(module)
     hf = next(m for m in module.modules() if hasattr(m, "prune_heads") and hasattr(m, "config"))
     cfg = hf.config
+    n_heads = cfg.num_attention_heads
+    size = cfg.hidden_size // n_heads
     before = sum(x.numel() for x in module.parameters())
+    if "heads" in p.targets and getattr(cfg, "pruned_heads", None):
+        raise ValueError("this model's heads were pruned already (config.pruned_heads); prune heads in one step")
+    stats = _activation_stats(module, layers, (ctx.task.train_batches if ctx.task else [])[:STATS_BATCHES]) \
+        if p.importance == "activation" else None
+    ctx.notes["importance"] = p.importance
+    if stats:
+        ctx.notes["refit"] = f"least squares on {int(stats[0]['ffn'][-1, -1])} training tokens"
     if "ffn" in p.targets:
         width = layers[0].intermediate.dense.out_features
         keep = max(1, round(width * (1 - p.ratio)))
@@ -96,31 +123,104 @@ def _transformer(module, io_spec, p: PruneParams, ctx) -> None:
         graph = tp.DependencyGraph().build_dependency(module, example_inputs=example_inputs(io_spec))
         for layer in layers:
             w_in, w_out = layer.intermediate.dense.weight, layer.output.dense.weight
-            # A channel matters by the weights that write it and the weights that read it.
-            importance = w_in.detach().norm(dim=1) * w_out.detach().norm(dim=0)
+            st = stats[layers.index(layer)] if stats else None
+            if st:  # how much what the channel adds to the output varies around its mean
+                importance = _covariance(st["ffn"]).diagonal().float() * (w_out.detach() ** 2).sum(0)
+            else:  # the weights that write the channel and the weights that read it
+                importance = w_in.detach().norm(dim=1) * w_out.detach().norm(dim=0)
             drop = importance.argsort()[:width - keep].tolist()
+            refit = _refit(layer.output.dense, st["ffn"], sorted(set(range(width)) - set(drop))) if st else None
             if drop:
                 graph.get_pruning_group(layer.intermediate.dense, tp.prune_linear_out_channels, idxs=drop).prune()
+            if refit:  # torch-pruning keeps the remaining channels in their order, as the refit does
+                layer.output.dense.weight.data, layer.output.dense.bias.data = refit
         cfg.intermediate_size = keep
         ctx.notes["intermediate_size"] = [width, keep]
     if "heads" in p.targets:
-        n_heads = cfg.num_attention_heads
-        size = cfg.hidden_size // n_heads
         n_drop = min(n_heads - 1, int((p.head_ratio if p.head_ratio is not None else p.ratio) * n_heads))
-        plan = {}
+        plan, refits = {}, {}
         for i, layer in enumerate(layers):
             att = layer.attention
             q, k, v = att.self.query.weight, att.self.key.weight, att.self.value.weight
-            o = att.output.dense.weight
+            o = att.output.dense.weight.detach()
             with torch.no_grad():
-                score = [sum(float(w[h * size:(h + 1) * size].norm()) for w in (q, k, v))
-                         + float(o[:, h * size:(h + 1) * size].norm()) for h in range(n_heads)]
+                if stats:  # the variance of what each head adds to the attention output
+                    cov = _covariance(stats[i]["context"])
+                    score = [float(((o[:, sl].double() @ cov[sl, sl]) * o[:, sl].double()).sum())
+                             for sl in (slice(h * size, (h + 1) * size) for h in range(n_heads))]
+                else:
+                    score = [sum(float(w[h * size:(h + 1) * size].norm()) for w in (q, k, v))
+                             + float(o[:, h * size:(h + 1) * size].norm()) for h in range(n_heads)]
             plan[i] = sorted(range(n_heads), key=lambda h: score[h])[:n_drop]
+            if stats and plan[i]:
+                kept = [d for h in range(n_heads) if h not in plan[i] for d in range(h * size, (h + 1) * size)]
+                refits[i] = _refit(att.output.dense, stats[i]["context"], kept)
         if n_drop:
             hf.prune_heads(plan)  # also records config.pruned_heads, so save/from_pretrained round-trips
+        for i, (weight, bias) in refits.items():  # prune_heads keeps the remaining heads in order
+            layers[i].attention.output.dense.weight.data, layers[i].attention.output.dense.bias.data = weight, bias
         ctx.notes["heads_removed_per_layer"] = [n_drop, n_heads]
     after = sum(x.numel() for x in module.parameters())
     ctx.notes.update(params_before=int(before), params_after=int(after))
+
+
+def _activation_stats(module, layers, batches) -> list[dict]:
+    """Per layer, over the real (unpadded) tokens of some training batches, the Gram matrices (with a
+    column of ones appended, so means come with them) of the FFN activations after the nonlinearity
+    and of the attention context that the output projection reads. Both rank what to remove and
+    refit what stays."""
+    import torch
+
+    if not batches:
+        raise ValueError("importance 'activation' needs the task's training batches, and there are none")
+    grams = [{} for _ in layers]
+    state = {"mask": None}
+
+    def on_input(i, key, of_output=False):
+        def hook(mod, inputs, out):
+            x = (out if of_output else inputs[0]).detach()
+            x = x.reshape(-1, x.shape[-1])[state["mask"]]
+            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+            g = (x.T @ x).double()  # one batch in float32, the running sum in float64
+            grams[i][key] = grams[i][key] + g if key in grams[i] else g
+        return hook
+
+    hooks = [h for i, layer in enumerate(layers) for h in (
+        layer.intermediate.register_forward_hook(on_input(i, "ffn", of_output=True)),
+        layer.attention.output.dense.register_forward_hook(on_input(i, "context")))]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                mask = b.get("attention_mask")
+                ids = next(iter(b.values()))
+                state["mask"] = (torch.from_numpy(mask) if mask is not None else torch.ones(ids.shape)).reshape(-1).bool()
+                module(**{k: torch.from_numpy(v) for k, v in b.items()})
+    finally:
+        for h in hooks:
+            h.remove()
+    return grams
+
+
+def _covariance(gram):
+    """Covariance of the inputs from a Gram matrix whose last row and column are the ones column."""
+    n = gram[-1, -1]
+    mean = gram[:-1, -1] / n
+    return gram[:-1, :-1] / n - mean[:, None] * mean[None, :]
+
+
+def _refit(linear, gram, keep: list[int]):
+    """Weights and bias over the kept inputs that best reproduce (least squares, lightly ridged) what
+    the linear layer computed from all its inputs on the statistics' tokens. Removing a channel
+    then costs only what the kept ones cannot express of it."""
+    import torch
+
+    full = torch.cat([linear.weight.detach().double(), linear.bias.detach().double()[:, None]], 1)
+    idx = torch.tensor(list(keep) + [gram.shape[0] - 1])
+    lhs, rhs = gram[idx][:, idx], gram[idx] @ full.T
+    ridge = 1e-5 * lhs.diagonal()[:-1].mean() * torch.eye(len(idx), dtype=lhs.dtype)
+    ridge[-1, -1] = 0  # the bias is free
+    sol = torch.linalg.solve(lhs + ridge, rhs)
+    return sol[:-1].T.float().contiguous(), sol[-1].float().contiguous()
 
 
 def _structured(module, io_spec, p: PruneParams, ctx) -> None:

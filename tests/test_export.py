@@ -51,6 +51,31 @@ def test_export_reloads_in_a_fresh_process_and_matches_at_two_sequence_lengths(t
     assert parity(ref, out, "embedding")["max_abs_diff"] < 1e-4
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_optimum_export_takes_the_models_inputs_and_pools_as_it_does(tiny_encoder, tmp_path, pooling):
+    """optimum exports the bare encoder; the completed graph takes input_ids and attention_mask only,
+    pools like EmbeddingModel and matches it after a fresh-process reload, at two lengths."""
+    import onnx
+
+    module, io = EmbeddingModel(tiny_encoder[0].encoder, pooling).eval(), tiny_encoder[1]
+    record = export_onnx(module, io, tmp_path / "opt.onnx", exporter="optimum")
+    assert record["exporter"] == "optimum (feature-extraction)" and record["fallback_reason"] is None
+    graph = onnx.load(str(tmp_path / "opt.onnx")).graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
+    assert [o.name for o in graph.output] == [io.output]
+    batches = _padded_batches(io)
+    out = outputs_in_fresh_process("onnx", tmp_path / "opt.onnx", batches)
+    assert parity(torch_outputs(module, batches), out, "embedding")["max_abs_diff"] < 1e-4
+
+
+def test_optimum_export_of_a_model_it_does_not_know_falls_back_and_says_why(tmp_path):
+    from workbench.sources.models import DIGITS_IO, DigitsCNN
+
+    record = export_onnx(DigitsCNN().eval(), DIGITS_IO, tmp_path / "cnn.onnx", exporter="optimum")
+    assert record["exporter"] == "torch.onnx (dynamo)"
+    assert "optimum exports Hugging Face models" in record["fallback_reason"]
+
+
 def test_onnx_export_uses_the_dynamo_exporter_by_default(tiny_encoder, tmp_path):
     module, io = tiny_encoder
     record = export_onnx(module, io, tmp_path / "m.onnx")
@@ -71,6 +96,28 @@ def test_bert_fusion_records_attention_fusions_and_keeps_the_outputs(tiny_encode
     diff = np.abs(onnx_outputs(fused.onnx_path, batches) - torch_outputs(module, batches)).max()
     assert diff < 1e-4
 
+
+
+def test_bert_fusion_of_a_head_pruned_encoder_uses_the_heads_it_has(tiny_encoder, tmp_path):
+    """prune_heads leaves config.num_attention_heads as it was; fusion must read the layers instead."""
+    import copy
+
+    from compress.prune import Prune
+
+    io = tiny_encoder[1]
+    ctx = StepContext(work_dir=tmp_path, task=None, quick=True, seed=0, variant="p", export=None)
+    module = Prune().run(VariantModel(io=io, module=copy.deepcopy(tiny_encoder[0])),
+                         {"method": "structured", "targets": ["heads"], "head_ratio": 0.5}, ctx).module
+    assert module.encoder.config.num_attention_heads == 2
+    export_onnx(module, io, tmp_path / "plain.onnx", exporter="torchscript")
+    work = tmp_path / "work"
+    work.mkdir()
+    ctx = StepContext(work_dir=work, task=None, quick=True, seed=0, variant="fused", export=None)
+    fused = OnnxOptimize().run(VariantModel(io=io, onnx_path=tmp_path / "plain.onnx", source_module=module),
+                               {"fusion": "bert"}, ctx)
+    assert ctx.notes["fusion_config"] == {"num_heads": 1, "hidden_size": 16}
+    batches = _padded_batches(io)
+    assert np.abs(onnx_outputs(fused.onnx_path, batches) - torch_outputs(module, batches)).max() < 1e-4
 
 def _quantize(module, io, tmp_path, params, task=None):
     from export.onnx_quantize import OnnxQuantize
@@ -121,3 +168,92 @@ def test_transformer_pruning_shrinks_ffn_and_heads_and_round_trips_through_save_
     assert np.abs(torch_outputs(reloaded, batches) - out).max() < 1e-5
     export_onnx(pruned, io, tmp_path / "pruned.onnx")
     assert np.abs(onnx_outputs(tmp_path / "pruned.onnx", batches) - out).max() < 1e-4
+
+
+def _text_task(io, n_batches=6, seed=10):
+    from workbench.tasks import Task
+
+    return Task("embedding-fidelity", train_batches=[io.make(batch=8, seq=12, seed=seed + i) for i in range(n_batches)])
+
+
+@pytest.mark.parametrize("targets, params", [
+    (["heads"], {"head_ratio": 0.5}),
+    (["ffn"], {"ratio": 9 / 37}),
+])
+def test_activation_importance_removes_what_adds_nothing(tiny_encoder, tmp_path, targets, params):
+    """A head whose value projection is zero, and FFN channels that never fire, add nothing to the
+    output, yet their weights are the largest: magnitude keeps them, activation removes them and
+    leaves the outputs unchanged."""
+    import copy
+
+    from compress.prune import Prune
+
+    module = copy.deepcopy(tiny_encoder[0])
+    io = tiny_encoder[1]
+    with torch.no_grad():
+        for layer in module.encoder.encoder.layer:
+            if targets == ["heads"]:
+                att = layer.attention.self
+                att.value.weight[:16] = 0  # head 0 (of two heads of 16) reads nothing
+                att.value.bias[:16] = 0
+                att.query.weight[:16] *= 10  # and looks important by weight norm
+                att.key.weight[:16] *= 10
+            else:
+                dense = layer.intermediate.dense
+                dense.weight[:9] *= 10  # large weights, but a bias far below zero: GELU gives 0, never fires
+                dense.bias[:9] = -1000
+                layer.output.dense.weight[:, :9] *= 10
+    batches = _padded_batches(io)
+    before = torch_outputs(module, batches)
+    outs = {}
+    for importance in ("magnitude", "activation"):
+        ctx = StepContext(work_dir=tmp_path, task=_text_task(io), quick=True, seed=0, variant="p", export=None)
+        step = {"method": "structured", "targets": targets, "importance": importance, **params}
+        outs[importance] = torch_outputs(Prune().run(VariantModel(io=io, module=module), step, ctx).module, batches)
+    assert np.abs(outs["activation"] - before).max() < 1e-4
+    assert np.abs(outs["magnitude"] - before).max() > 1e-3
+
+
+def test_hidden_state_distillation_brings_a_pruned_encoder_back_toward_its_teacher(tiny_encoder, tmp_path):
+    import copy
+
+    from compress.distill import Distill
+    from compress.prune import Prune
+
+    teacher_module, io = tiny_encoder
+    teacher = VariantModel(io=io, module=teacher_module)
+    task = _text_task(io, n_batches=20)
+    ctx = StepContext(work_dir=tmp_path, task=task, quick=False, seed=0, variant="s", export=None)
+    pruned = Prune().run(VariantModel(io=io, module=copy.deepcopy(teacher_module)),
+                         {"method": "structured", "ratio": 0.5, "importance": "activation"}, ctx)
+    # A random tiny encoder barely notices pruning (its embeddings dominate): knock its layers
+    # about so that there is something to win back.
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for w in pruned.module.encoder.encoder.parameters():
+            w.add_(torch.randn_like(w) * 0.5)
+    ctx = StepContext(work_dir=tmp_path, task=task, quick=False, seed=0, variant="s", export=None,
+                      lookup=lambda name: teacher if name == "baseline" else None)
+    params = {"teacher": "baseline", "epochs": 4, "lr": 3e-3, "hidden_weight": 1.0, "schedule": "onecycle",
+              "dropout": 0.0, "freeze_embeddings": True, "patience": 4}
+    student = Distill().run(pruned, params, ctx).module
+    notes = ctx.notes
+    assert notes["hidden_weight"] == 1.0 and notes["epochs_run"] == 4
+    assert notes["val_best"] > notes["val_before"] + 0.01, notes
+    # The overrides last only for training: dropout and trainable embeddings are as they were.
+    assert all(m.p == 0.1 for m in student.modules() if isinstance(m, torch.nn.Dropout))
+    assert all(w.requires_grad for w in student.parameters())
+
+
+def test_hidden_state_distillation_needs_an_encoder_of_the_same_depth(tiny_encoder, tmp_path):
+    import copy
+
+    from compress.distill import Distill
+
+    teacher_module, io = tiny_encoder
+    student = copy.deepcopy(teacher_module)
+    del student.encoder.encoder.layer[1]
+    ctx = StepContext(work_dir=tmp_path, task=_text_task(io), quick=True, seed=0, variant="s", export=None,
+                      lookup=lambda name: VariantModel(io=io, module=teacher_module))
+    with pytest.raises(ValueError, match="same depth"):
+        Distill().run(VariantModel(io=io, module=student), {"teacher": "baseline", "hidden_weight": 1.0}, ctx)
