@@ -110,7 +110,8 @@ def _transformer(module, io_spec, p: PruneParams, ctx) -> None:
     before = sum(x.numel() for x in module.parameters())
     if "heads" in p.targets and getattr(cfg, "pruned_heads", None):
         raise ValueError("this model's heads were pruned already (config.pruned_heads); prune heads in one step")
-    stats = _activation_stats(module, layers, (ctx.task.train_batches if ctx.task else [])[:STATS_BATCHES]) \
+    n_stats = STATS_BATCHES // 4 if ctx.quick else STATS_BATCHES  # --quick: a smoke run
+    stats = _activation_stats(module, layers, (ctx.task.train_batches if ctx.task else [])[:n_stats]) \
         if p.importance == "activation" else None
     ctx.notes["importance"] = p.importance
     if stats:

@@ -5,8 +5,10 @@ an unfinished run."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -30,7 +32,7 @@ log = logging.getLogger("workbench")
 def quick_timing(timing) -> dict:
     """--quick: a smoke run; the report says so, and its numbers are not for decisions."""
     t = timing.model_dump()
-    t.update(warmup=min(t["warmup"], 3), min_iters=min(t["min_iters"], 10), min_seconds=min(t["min_seconds"], 0.25),
+    t.update(warmup=min(t["warmup"], 2), min_iters=min(t["min_iters"], 5), min_seconds=min(t["min_seconds"], 0.25),
              max_seconds=min(t["max_seconds"], 10.0))
     return t
 
@@ -67,10 +69,15 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"[:500]
 
 
-def _no_onnx_form(module) -> Optional[str]:
-    """Why `module` cannot become an ONNX graph (layers with no ONNX operator), or None."""
+def _no_export_form(module, fmt: str) -> Optional[str]:
+    """Why `module` has no `fmt` form (layers the format has no operator for), or None."""
     kinds = {type(m).__module__.split(".")[0] if type(m).__module__.startswith("bitsandbytes")
              else type(m).__module__ for m in module.modules()}
+    if fmt != "onnx":
+        if "bitsandbytes" in kinds:  # its layers call Python autograd functions that tracing cannot record
+            return (f"bitsandbytes layers have no {fmt} form (their matmuls are Python autograd functions); "
+                    "benchmark the module itself on torch-cpu / torch-cuda")
+        return None
     if any(k.startswith("torch.ao.nn.quantized.dynamic") for k in kinds):
         return ("PyTorch dynamic-int8 layers (quantized::linear_dynamic) have no ONNX export; quantize the ONNX "
                 "graph with the onnx-quantize step instead")
@@ -159,6 +166,7 @@ class Run:
         models: dict[str, Optional[VariantModel]] = {}
         self.models = models  # steps look up other variants (a distillation teacher) here
         keys: dict[str, str] = {}
+        self.keys = keys  # the export stage reuses ONNX files exported under these keys
         records = []
         for name in tqdm(recipe.order(), desc="compress", unit="variant"):
             v = recipe.variants[name]
@@ -183,7 +191,7 @@ class Run:
                     rec.update(cached=True, notes=stored["notes"])
                     log.info("variant %s: reused from cache %s", name, key)
                 else:
-                    self._build(name, v.steps, parent, key)
+                    self._build(name, v.steps, parent, key, keys[v.from_] if v.from_ else root_key(recipe))
                     # Measure what was saved, not the object that was saved: the cells load the file too.
                     model, stored = self.cache.load(key, parent_source)
                     rec.update(cached=False, notes=stored["notes"])
@@ -215,10 +223,37 @@ class Run:
                 r["params_ratio"] = round(r["params"] / base["params"], 4)
         return records, models
 
-    def _build(self, name: str, steps, parent: VariantModel, key: str) -> None:
-        """Apply the steps to the parent and store the result in the cache under `key`."""
-        from export.onnx import export_onnx
+    def _onnx_export(self, module, key: Optional[str], dest: Path, exporter: str) -> dict:
+        """Export `module` to `dest`. When `key` names the module (a variant's cache key), the file is
+        kept in the cache and copied on later calls: two ONNX variants of one parent, and that
+        parent's own ONNX artifact, then cost one export, not three."""
+        from export.onnx import export_onnx, onnx_files
 
+        opset = self.recipe.export.opset
+        if key is None:
+            return export_onnx(module, self.src.io, dest, opset=opset, exporter=exporter)
+        memo = self.cache.root / "onnx-exports" / f"{key}-{exporter}-{opset}"
+        if not (memo / "record.json").exists():
+            work = self.cache.new_workdir()
+            try:
+                rec = export_onnx(module, self.src.io, work / "model.onnx", opset=opset, exporter=exporter)
+                if len(onnx_files(work / "model.onnx")) > 1:  # external data: not worth copying around
+                    self.cache.discard(work)
+                    return export_onnx(module, self.src.io, dest, opset=opset, exporter=exporter)
+                atomic.write_json(work / "record.json", rec)
+                memo.parent.mkdir(parents=True, exist_ok=True)
+                work.rename(memo)  # appears whole or not at all
+            except OSError:  # another run stored it first
+                self.cache.discard(work)
+            except BaseException:
+                self.cache.discard(work)
+                raise
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(memo / "model.onnx", dest)
+        return {**json.loads((memo / "record.json").read_text()), "reused": "exported once for this module, copied"}
+
+    def _build(self, name: str, steps, parent: VariantModel, key: str, parent_key: str) -> None:
+        """Apply the steps to the parent and store the result in the cache under `key`."""
         work = self.cache.new_workdir()
         try:
             model = VariantModel(io=parent.io, module=parent.module, onnx_path=parent.onnx_path,
@@ -228,8 +263,10 @@ class Run:
                 step = get_step(call.name)()
                 if step.consumes == "onnx" and model.format == "torch":
                     exported = work / "exported.onnx"
-                    rec = export_onnx(model.module, model.io, exported, opset=self.recipe.export.opset,
-                                      exporter=step.exporter_for(call.params) or self.recipe.export.exporter)
+                    # Still the parent's module (no torch step before it in this variant): shareable.
+                    same = model.module is parent.module
+                    rec = self._onnx_export(model.module, parent_key if same else None, exported,
+                                            step.exporter_for(call.params) or self.recipe.export.exporter)
                     notes.append({"step": "onnx export (implicit, before an ONNX step)", **rec})
                     model = VariantModel(io=model.io, onnx_path=exported, source_module=model.module)
                 ctx = StepContext(work_dir=work, task=self.task, quick=self.quick, seed=self.recipe.seed, variant=name,
@@ -244,7 +281,6 @@ class Run:
 
     # ------------------------------------------------------------------ export
     def export(self, models: dict[str, Optional[VariantModel]]) -> list[dict]:
-        from export.onnx import export_onnx
         from export.parity import parity, violations
         from export.reload import outputs_in_fresh_process
         from export.torch_export import export_pt2
@@ -266,7 +302,7 @@ class Run:
                 reference = torch_outputs(model.module, batches)
                 for fmt in spec.formats:
                     art = {"variant": name, "format": fmt, "status": "ok", "reason": None}
-                    why_not = _no_onnx_form(model.module) if fmt == "onnx" else None
+                    why_not = _no_export_form(model.module, fmt)
                     if why_not:
                         art.update(status="skipped", reason=why_not)
                         artifacts.append(art)
@@ -275,7 +311,7 @@ class Run:
                     try:
                         path = vdir / EXPORT_FILES[fmt]
                         if fmt == "onnx":
-                            art.update(export_onnx(model.module, io, path, opset=spec.opset, exporter=spec.exporter))
+                            art.update(self._onnx_export(model.module, self.keys.get(name), path, spec.exporter))
                         elif fmt == "torchscript":
                             art.update(export_torchscript(model.module, io, path))
                         else:
