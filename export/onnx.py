@@ -16,6 +16,10 @@ from workbench.model import ModelIO
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
+def needs_external_data(module) -> bool:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
+
+
 def example_inputs(io_spec: ModelIO):
     """Batch 2 and sequence 16: a size of 1 would let the exporter specialise the axis."""
     import torch
@@ -39,8 +43,7 @@ def export_onnx(module, io_spec: ModelIO, path: Path, *, opset: int = 18, export
     path.parent.mkdir(parents=True, exist_ok=True)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed" notices
     kwargs = example_inputs(io_spec)
-    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    large = weight_bytes > EXTERNAL_DATA_BYTES
+    large = needs_external_data(module)
     record = {"exporter": None, "opset": opset, "fallback_reason": None}
     tries = {"optimum": ["optimum", "dynamo", "torchscript"], "dynamo": ["dynamo", "torchscript"]}.get(
         exporter, ["torchscript"])

@@ -227,19 +227,16 @@ class Run:
         """Export `module` to `dest`. When `key` names the module (a variant's cache key), the file is
         kept in the cache and copied on later calls: two ONNX variants of one parent, and that
         parent's own ONNX artifact, then cost one export, not three."""
-        from export.onnx import export_onnx, onnx_files
+        from export.onnx import export_onnx, needs_external_data
 
         opset = self.recipe.export.opset
-        if key is None:
+        if key is None or needs_external_data(module):  # a graph with external data files is not worth copying around
             return export_onnx(module, self.src.io, dest, opset=opset, exporter=exporter)
         memo = self.cache.root / "onnx-exports" / f"{key}-{exporter}-{opset}"
         if not (memo / "record.json").exists():
             work = self.cache.new_workdir()
             try:
                 rec = export_onnx(module, self.src.io, work / "model.onnx", opset=opset, exporter=exporter)
-                if len(onnx_files(work / "model.onnx")) > 1:  # external data: not worth copying around
-                    self.cache.discard(work)
-                    return export_onnx(module, self.src.io, dest, opset=opset, exporter=exporter)
                 atomic.write_json(work / "record.json", rec)
                 memo.parent.mkdir(parents=True, exist_ok=True)
                 work.rename(memo)  # appears whole or not at all
