@@ -39,6 +39,14 @@ class DistillParams(StepParams):
                                      "deterministic outputs)")
     freeze_embeddings: bool = Field(False, description="keep token embedding tables fixed (most of a small "
                                     "encoder's parameters; pruning does not touch them)")
+    layerwise_epochs: int = Field(0, ge=0, description="transformer encoders: before end-to-end training, train "
+                                  "each encoder layer in turn, front to back, to reproduce the teacher layer's "
+                                  "output from the input the already-trained student layers give it (this many "
+                                  "passes over the batches per layer). A step costs one layer's forward and "
+                                  "backward, and errors stop compounding through the depth; needs the same depth "
+                                  "and width in teacher and student, as FFN / head pruning leaves them")
+    layerwise_lr: float = Field(5e-4, gt=0, description="peak learning rate of the layer-by-layer phase "
+                                "(one cycle per layer)")
 
 
 @register
@@ -187,10 +195,9 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int) -> dict:
     limit = min(p.max_batches or len(batches), 8 if ctx.quick else len(batches))
     batches = batches[:limit]  # labels stay aligned: they are indexed from the start
     tap = None
-    if p.hidden_weight > 0:
+    if p.hidden_weight > 0 or p.layerwise_epochs:
         t_layers, s_layers = _encoder_layers(teacher, student, p.teacher)
         teacher_out, teacher_hidden = _teacher_hidden(teacher, t_layers, batches)
-        tap = _LayerTap(s_layers)
     else:
         teacher_out = variant_outputs(teacher, batches)
     sizes = [len(next(iter(b.values()))) for b in batches]
@@ -220,11 +227,8 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int) -> dict:
     def hidden_loss(i, x):
         """Mean over layers of the per-element MSE on real (unpadded) tokens."""
         states = tap.take()
-        ids = next(iter(x.values()))
-        mask = x.get("attention_mask", torch.ones(ids.shape[:2])).unsqueeze(-1).float()
-        per_layer = [((s - t.float()) ** 2 * mask).sum() / (mask.sum() * s.shape[-1])
-                     for s, t in zip(states, teacher_hidden[i])]
-        return torch.stack(per_layer).mean()
+        mask = _token_mask(batches[i])
+        return torch.stack([_masked_mse(s, t, mask) for s, t in zip(states, teacher_hidden[i])]).mean()
 
     def validate() -> float:
         """Higher is better: accuracy on the held-out tenth, or cosine to the teacher."""
@@ -242,16 +246,115 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int) -> dict:
 
     torch.manual_seed(ctx.seed)
     rng = np.random.default_rng(ctx.seed)
+    layerwise, untrained = {}, None
+    if p.layerwise_epochs:
+        untrained = (validate(), copy.deepcopy(student.state_dict()))
+        layerwise_epochs = min(p.layerwise_epochs, 1) if ctx.quick else p.layerwise_epochs
+        layerwise = _layerwise(student, s_layers, [batches[i] for i in train_idx],
+                               [teacher_hidden[i] for i in train_idx], p.layerwise_lr, layerwise_epochs, rng, ctx)
+    if p.hidden_weight > 0:
+        tap = _LayerTap(s_layers)
     try:
         best, best_state, start_score, steps, history = _loop(
             student, p, epochs, train_idx, rng, ctx, tensors, loss_fn, hidden_loss if tap else None, validate)
     finally:
         if tap:
             tap.close()
+    if untrained and untrained[0] > best:  # training only hurt on the held-out tenth: keep the student as it came
+        best, best_state = untrained
     student.load_state_dict(best_state)  # the best epoch on the held-out tenth, not the last one
     return {"teacher": p.teacher, "loss": loss_kind, "hidden_weight": p.hidden_weight, "epochs_run": len(history),
-            "steps": steps, "batches": len(batches), "val_before": round(start_score, 5), "val_best": round(best, 5),
-            "history": history}
+            "steps": steps, "batches": len(batches), "val_before": round(untrained[0] if untrained else start_score, 5),
+            "val_best": round(best, 5), "history": history,
+            **({"layerwise": {**layerwise, "val_after": round(start_score, 5)}} if layerwise else {})}
+
+
+def _masked_mse(out, target, mask):
+    """Per-element MSE over the real (unpadded) tokens; mask is (batch, tokens, 1)."""
+    return ((out - target.float()) ** 2 * mask).sum() / (mask.sum() * out.shape[-1])
+
+
+def _token_mask(batch: dict):
+    import torch
+
+    ids = next(iter(batch.values()))
+    mask = batch.get("attention_mask")
+    return torch.from_numpy(mask if mask is not None else ids * 0 + 1).unsqueeze(-1).float()
+
+
+def _layerwise(student, layers, batches, teacher_hidden, lr: float, epochs: int, rng, ctx) -> dict:
+    """Block-wise reconstruction: layer i of the student learns, with the others frozen, to turn the
+    input that layers 0..i-1 of the (already trained) student give it into what layer i of the
+    teacher outputs. Each layer thus also corrects the error its predecessors left, and a training
+    step costs one layer's forward and backward instead of the whole model's. Dropout is off: the
+    layer fits the teacher's deterministic outputs."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    was_training, saved = student.training, [(w, w.requires_grad) for w in student.parameters()]
+    student.eval()
+    for w in student.parameters():
+        w.requires_grad_(False)
+    report = []
+    try:
+        for i, layer in enumerate(layers):
+            inputs = _layer_inputs(student, layer, batches)
+            params = list(layer.parameters())
+            for w in params:
+                w.requires_grad_(True)
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            total = max(epochs * len(batches), 2)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.1)
+            losses = []
+            bar = tqdm(total=total, desc=f"distill {ctx.variant} layer {i + 1}/{len(layers)}", unit="batch",
+                       leave=False)
+            for _ in range(epochs):
+                for j in rng.permutation(len(batches)):
+                    args, kwargs = inputs[j]
+                    out = layer(*args, **kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    loss = _masked_mse(out, teacher_hidden[j][i], _token_mask(batches[j]))
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    losses.append(loss.item())
+                    bar.update()
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.close()
+            for w in params:
+                w.requires_grad_(False)
+            k = max(1, len(batches) // 4)  # a quarter of an epoch of steps at the start and at the end
+            report.append({"layer": i, "mse_first": round(float(np.mean(losses[:k])), 5),
+                           "mse_last": round(float(np.mean(losses[-k:])), 5)})
+    finally:
+        for w, flag in saved:
+            w.requires_grad_(flag)
+        student.train(was_training)
+    return {"epochs": epochs, "lr": lr, "layers": report}
+
+
+def _layer_inputs(student, layer, batches) -> list:
+    """What reaches one encoder layer for each batch (its positional and keyword arguments), from
+    forward passes that stop there."""
+    import torch
+
+    from compress.capture import StopForward, forward_until
+
+    inputs = []
+
+    def capture(module, args, kwargs):
+        inputs.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
+        raise StopForward
+
+    hook = layer.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for b in batches:
+            forward_until(student, b)
+    finally:
+        hook.remove()
+    return inputs
 
 
 def _loop(student, p, epochs, train_idx, rng, ctx, tensors, loss_fn, hidden_loss, validate):

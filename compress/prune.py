@@ -3,9 +3,11 @@ unstructured / 2:4 magnitude pruning with torch.nn.utils.prune (weights zeroed, 
 dense kernels do not get faster from zeros, and the report says so).
 
 Transformer encoders lose FFN channels and attention heads. Ranked by activation, what a removed
-unit contributed is not simply lost: the output projection over the kept units is refit by least
-squares on training activations (the idea behind FLAP's bias compensation, taken to the weights),
-which keeps far more of the model before any distillation."""
+unit contributed is not simply lost: layer by layer, front to back, the output projection over the
+kept units is refit by least squares so that the pruned model reproduces the unpruned one's
+LayerNorm inputs on training text (FLAP's bias compensation taken to the weights, with each layer
+also correcting the error its predecessors left), which keeps far more of the model before any
+distillation."""
 from __future__ import annotations
 
 import copy
@@ -26,8 +28,8 @@ class PruneParams(StepParams):
     importance: Literal["magnitude", "taylor", "activation"] = Field(
         "magnitude", description="structured: L2 magnitude; taylor: first-order Taylor (CNNs, needs task labels); "
         "activation: how much what a channel or head adds to its layer's output varies on the task's training "
-        "batches; what stays is then refit by least squares to reproduce the full layer (transformer encoders, "
-        "no labels needed)")
+        "batches; layer by layer, what stays is then refit by least squares to reproduce the unpruned model "
+        "(transformer encoders, no labels needed)")
     global_pruning: bool = Field(False, description="rank channels across layers instead of per layer")
     ignored_layers: list[str] = Field(default_factory=list, description="module names never pruned "
                                       "(the output layer is always kept)")
@@ -76,7 +78,7 @@ class Prune(Step):
                              "use magnitude or taylor for this model")
         module = copy.deepcopy(model.module).eval()
         if p.method == "structured" and _bert_layers(module):
-            _transformer(module, model.io, p, ctx)
+            _transformer(module, model.module, model.io, p, ctx)
         elif p.method == "structured":
             _structured(module, model.io, p, ctx)
         else:
@@ -94,9 +96,15 @@ def _bert_layers(module) -> list:
         getattr(getattr(m, "output", None), "dense", None), nn.Linear)]
 
 
-def _transformer(module, io_spec, p: PruneParams, ctx) -> None:
+def _transformer(module, teacher, io_spec, p: PruneParams, ctx) -> None:
     """FFN channels through torch-pruning's dependency graph (intermediate.dense outputs, with the
-    matching output.dense inputs), heads with Hugging Face's prune_heads; the config follows."""
+    matching output.dense inputs), heads with Hugging Face's prune_heads; the config follows.
+
+    With importance 'activation' the layers are pruned one after another, front to back. Each is
+    ranked on the activations the already-pruned model feeds it, and its output projections are
+    refit so that the sum entering each LayerNorm matches the unpruned model's: the refit of layer
+    i also absorbs the error that layers before it left in the residual stream, instead of letting
+    errors compound through the depth."""
     import torch
     import torch_pruning as tp
 
@@ -111,95 +119,106 @@ def _transformer(module, io_spec, p: PruneParams, ctx) -> None:
     if "heads" in p.targets and getattr(cfg, "pruned_heads", None):
         raise ValueError("this model's heads were pruned already (config.pruned_heads); prune heads in one step")
     n_stats = STATS_BATCHES // 4 if ctx.quick else STATS_BATCHES  # --quick: a smoke run
-    stats = _activation_stats(module, layers, (ctx.task.train_batches if ctx.task else [])[:n_stats]) \
-        if p.importance == "activation" else None
+    batches = (ctx.task.train_batches if ctx.task else [])[:n_stats] if p.importance == "activation" else None
+    if p.importance == "activation" and not batches:
+        raise ValueError("importance 'activation' needs the task's training batches, and there are none")
+    t_layers = _bert_layers(teacher.eval()) if batches else None
     ctx.notes["importance"] = p.importance
-    if stats:
-        ctx.notes["refit"] = f"least squares on {int(stats[0]['ffn'][-1, -1])} training tokens"
+    n_drop = min(n_heads - 1, int((p.head_ratio if p.head_ratio is not None else p.ratio) * n_heads)) \
+        if "heads" in p.targets else 0
     if "ffn" in p.targets:
         width = layers[0].intermediate.dense.out_features
         keep = max(1, round(width * (1 - p.ratio)))
         if p.round_to:
             keep = max(p.round_to, keep // p.round_to * p.round_to)
         graph = tp.DependencyGraph().build_dependency(module, example_inputs=example_inputs(io_spec))
-        for layer in layers:
+    tokens = 0
+    for i, layer in enumerate(layers):
+        if n_drop:
+            att = layer.attention
+            o = att.output.dense.weight.detach()
+            pair = _paired_stats(module, teacher, att.output, t_layers[i].attention.output, batches) if batches \
+                else None
+            with torch.no_grad():
+                if pair:  # the variance of what each head adds to the attention output
+                    cov = _covariance(pair[0])
+                    score = [float(((o[:, sl].double() @ cov[sl, sl]) * o[:, sl].double()).sum())
+                             for sl in (slice(h * size, (h + 1) * size) for h in range(n_heads))]
+                else:  # the weights that compute the head and the weights that read it
+                    score = [sum(float(w[h * size:(h + 1) * size].norm()) for w in
+                                 (att.self.query.weight, att.self.key.weight, att.self.value.weight))
+                             + float(o[:, h * size:(h + 1) * size].norm()) for h in range(n_heads)]
+            drop = sorted(range(n_heads), key=lambda h: score[h])[:n_drop]
+            hf.prune_heads({i: drop})  # also records config.pruned_heads, so save/from_pretrained round-trips
+            if pair:  # prune_heads keeps the remaining heads in their order, as the refit does
+                kept = [d for h in range(n_heads) if h not in drop for d in range(h * size, (h + 1) * size)]
+                _set(att.output.dense, *_refit(*pair, kept))
+                tokens = int(pair[0][-1, -1])
+        if "ffn" in p.targets:
             w_in, w_out = layer.intermediate.dense.weight, layer.output.dense.weight
-            st = stats[layers.index(layer)] if stats else None
-            if st:  # how much what the channel adds to the output varies around its mean
-                importance = _covariance(st["ffn"]).diagonal().float() * (w_out.detach() ** 2).sum(0)
-            else:  # the weights that write the channel and the weights that read it
-                importance = w_in.detach().norm(dim=1) * w_out.detach().norm(dim=0)
+            pair = _paired_stats(module, teacher, layer.output, t_layers[i].output, batches) if batches else None
+            with torch.no_grad():
+                if pair:  # how much what the channel adds to the output varies around its mean
+                    importance = _covariance(pair[0]).diagonal().float() * (w_out.detach() ** 2).sum(0)
+                else:  # the weights that write the channel and the weights that read it
+                    importance = w_in.detach().norm(dim=1) * w_out.detach().norm(dim=0)
             drop = importance.argsort()[:width - keep].tolist()
-            refit = _refit(layer.output.dense, st["ffn"], sorted(set(range(width)) - set(drop))) if st else None
             if drop:
                 graph.get_pruning_group(layer.intermediate.dense, tp.prune_linear_out_channels, idxs=drop).prune()
-            if refit:  # torch-pruning keeps the remaining channels in their order, as the refit does
-                layer.output.dense.weight.data, layer.output.dense.bias.data = refit
+            if pair:  # torch-pruning keeps the remaining channels in their order, as the refit does
+                _set(layer.output.dense, *_refit(*pair, sorted(set(range(width)) - set(drop))))
+                tokens = int(pair[0][-1, -1])
+    if "ffn" in p.targets:
         cfg.intermediate_size = keep
         ctx.notes["intermediate_size"] = [width, keep]
     if "heads" in p.targets:
-        n_drop = min(n_heads - 1, int((p.head_ratio if p.head_ratio is not None else p.ratio) * n_heads))
-        plan, refits = {}, {}
-        for i, layer in enumerate(layers):
-            att = layer.attention
-            q, k, v = att.self.query.weight, att.self.key.weight, att.self.value.weight
-            o = att.output.dense.weight.detach()
-            with torch.no_grad():
-                if stats:  # the variance of what each head adds to the attention output
-                    cov = _covariance(stats[i]["context"])
-                    score = [float(((o[:, sl].double() @ cov[sl, sl]) * o[:, sl].double()).sum())
-                             for sl in (slice(h * size, (h + 1) * size) for h in range(n_heads))]
-                else:
-                    score = [sum(float(w[h * size:(h + 1) * size].norm()) for w in (q, k, v))
-                             + float(o[:, h * size:(h + 1) * size].norm()) for h in range(n_heads)]
-            plan[i] = sorted(range(n_heads), key=lambda h: score[h])[:n_drop]
-            if stats and plan[i]:
-                kept = [d for h in range(n_heads) if h not in plan[i] for d in range(h * size, (h + 1) * size)]
-                refits[i] = _refit(att.output.dense, stats[i]["context"], kept)
-        if n_drop:
-            hf.prune_heads(plan)  # also records config.pruned_heads, so save/from_pretrained round-trips
-        for i, (weight, bias) in refits.items():  # prune_heads keeps the remaining heads in order
-            layers[i].attention.output.dense.weight.data, layers[i].attention.output.dense.bias.data = weight, bias
         ctx.notes["heads_removed_per_layer"] = [n_drop, n_heads]
+    if tokens:
+        ctx.notes["refit"] = f"least squares, layer by layer, on {tokens} training tokens"
     after = sum(x.numel() for x in module.parameters())
     ctx.notes.update(params_before=int(before), params_after=int(after))
 
 
-def _activation_stats(module, layers, batches) -> list[dict]:
-    """Per layer, over the real (unpadded) tokens of some training batches, the Gram matrices (with a
-    column of ones appended, so means come with them) of the FFN activations after the nonlinearity
-    and of the attention context that the output projection reads. Both rank what to remove and
-    refit what stays."""
+def _paired_stats(student, teacher, s_block, t_block, batches):
+    """For an output block (BertSelfOutput / BertOutput: LayerNorm(dense(x) + residual)), over the
+    real tokens of some training batches: the Gram matrix of the student's input x with a column of
+    ones appended (so means come with it), and its cross product with the target of a refit, the
+    teacher's sum before the LayerNorm minus the student's residual. Both models run only as far
+    as the block."""
     import torch
 
-    if not batches:
-        raise ValueError("importance 'activation' needs the task's training batches, and there are none")
-    grams = [{} for _ in layers]
-    state = {"mask": None}
+    from compress.capture import StopForward, block_inputs, forward_until
 
-    def on_input(i, key, of_output=False):
-        def hook(mod, inputs, out):
-            x = (out if of_output else inputs[0]).detach()
-            x = x.reshape(-1, x.shape[-1])[state["mask"]]
-            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-            g = (x.T @ x).double()  # one batch in float32, the running sum in float64
-            grams[i][key] = grams[i][key] + g if key in grams[i] else g
-        return hook
+    sums, seen = {}, {}
 
-    hooks = [h for i, layer in enumerate(layers) for h in (
-        layer.intermediate.register_forward_hook(on_input(i, "ffn", of_output=True)),
-        layer.attention.output.dense.register_forward_hook(on_input(i, "context")))]
+    def on_teacher(mod, args, kwargs):
+        x, residual = block_inputs(args, kwargs)
+        seen["target"] = (mod.dense(x) + residual).detach()
+        raise StopForward
+
+    def on_student(mod, args, kwargs):
+        x, residual = block_inputs(args, kwargs)
+        mask = seen["mask"]
+        x = x.detach().reshape(-1, x.shape[-1])[mask]
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        y = (seen["target"] - residual.detach()).reshape(-1, residual.shape[-1])[mask]
+        for key, value in (("gram", x.T @ x), ("cross", x.T @ y)):  # a batch in float32, the sum in float64
+            sums[key] = sums[key] + value.double() if key in sums else value.double()
+        raise StopForward
+
+    hooks = [t_block.register_forward_pre_hook(on_teacher, with_kwargs=True),
+             s_block.register_forward_pre_hook(on_student, with_kwargs=True)]
     try:
-        with torch.no_grad():
-            for b in batches:
-                mask = b.get("attention_mask")
-                ids = next(iter(b.values()))
-                state["mask"] = (torch.from_numpy(mask) if mask is not None else torch.ones(ids.shape)).reshape(-1).bool()
-                module(**{k: torch.from_numpy(v) for k, v in b.items()})
+        for b in batches:
+            ids = next(iter(b.values()))
+            mask = b.get("attention_mask")
+            seen["mask"] = torch.from_numpy(mask if mask is not None else ids * 0 + 1).reshape(-1).bool()
+            forward_until(teacher, b)
+            forward_until(student, b)
     finally:
         for h in hooks:
             h.remove()
-    return grams
+    return sums["gram"], sums["cross"]
 
 
 def _covariance(gram):
@@ -209,19 +228,21 @@ def _covariance(gram):
     return gram[:-1, :-1] / n - mean[:, None] * mean[None, :]
 
 
-def _refit(linear, gram, keep: list[int]):
-    """Weights and bias over the kept inputs that best reproduce (least squares, lightly ridged) what
-    the linear layer computed from all its inputs on the statistics' tokens. Removing a channel
-    then costs only what the kept ones cannot express of it."""
+def _refit(gram, cross, keep: list[int]):
+    """Weights and bias over the kept inputs that best reproduce the target (least squares, lightly
+    ridged). Removing a channel then costs only what the kept ones cannot express of it."""
     import torch
 
-    full = torch.cat([linear.weight.detach().double(), linear.bias.detach().double()[:, None]], 1)
     idx = torch.tensor(list(keep) + [gram.shape[0] - 1])
-    lhs, rhs = gram[idx][:, idx], gram[idx] @ full.T
+    lhs, rhs = gram[idx][:, idx], cross[idx]
     ridge = 1e-5 * lhs.diagonal()[:-1].mean() * torch.eye(len(idx), dtype=lhs.dtype)
     ridge[-1, -1] = 0  # the bias is free
     sol = torch.linalg.solve(lhs + ridge, rhs)
     return sol[:-1].T.float().contiguous(), sol[-1].float().contiguous()
+
+
+def _set(linear, weight, bias) -> None:
+    linear.weight.data, linear.bias.data = weight, bias
 
 
 def _structured(module, io_spec, p: PruneParams, ctx) -> None:
