@@ -260,7 +260,7 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int) -> dict:
     finally:
         if tap:
             tap.close()
-    if untrained and untrained[0] > best:  # training only hurt on the held-out tenth: keep the student as it came
+    if untrained and not best >= untrained[0]:  # training only hurt (or diverged to NaN): keep the student as it came
         best, best_state = untrained
     student.load_state_dict(best_state)  # the best epoch on the held-out tenth, not the last one
     return {"teacher": p.teacher, "loss": loss_kind, "hidden_weight": p.hidden_weight, "epochs_run": len(history),

@@ -320,3 +320,24 @@ def test_layerwise_distillation_trains_each_layer_toward_the_teacher_then_end_to
     assert ctx.notes["val_best"] >= lw["val_after"]
     # The layer phase freezes all but one layer at a time: every weight trains again afterwards.
     assert all(w.requires_grad for w in student.parameters())
+
+
+def test_distillation_that_only_hurts_returns_the_student_as_it_came(tiny_encoder, tmp_path):
+    """A student that already matches its teacher can only lose; absurd learning rates make both
+    the layer-by-layer and the end-to-end phase lose. The held-out tenth sees it, and the step hands
+    back the untrained student rather than a worse one."""
+    import copy
+
+    from compress.distill import Distill
+
+    teacher_module, io = tiny_encoder
+    teacher = VariantModel(io=io, module=teacher_module)
+    student = copy.deepcopy(teacher_module)
+    batches = _padded_batches(io)
+    before = torch_outputs(student, batches)
+    ctx = StepContext(work_dir=tmp_path, task=_text_task(io, n_batches=10), quick=False, seed=0, variant="s",
+                      export=None, lookup=lambda name: teacher)
+    params = {"teacher": "baseline", "epochs": 1, "lr": 50.0, "layerwise_epochs": 1, "layerwise_lr": 50.0}
+    out = Distill().run(VariantModel(io=io, module=student), params, ctx).module
+    assert ctx.notes["val_best"] == ctx.notes["val_before"], ctx.notes
+    assert np.abs(torch_outputs(out, batches) - before).max() < 1e-6
