@@ -214,10 +214,21 @@ def test_activation_importance_removes_what_adds_nothing(tiny_encoder, tmp_path,
     assert np.abs(outs["magnitude"] - before).max() > 1e-3
 
 
-def test_hidden_state_distillation_brings_a_pruned_encoder_back_toward_its_teacher(tiny_encoder, tmp_path):
+def _knocked_about(student, seed=1, scale=0.5):
+    """A random tiny encoder barely notices pruning (its embeddings dominate): knock its layers
+    about so that there is something to win back."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for w in student.encoder.encoder.parameters():
+            w.add_(torch.randn_like(w) * scale)
+    return student
+
+
+def _pruned_student(tiny_encoder, tmp_path):
+    """The tiny encoder pruned by half (activation importance) and knocked about, and the context of a
+    distill step whose teacher ('baseline') is the unpruned encoder."""
     import copy
 
-    from compress.distill import Distill
     from compress.prune import Prune
 
     teacher_module, io = tiny_encoder
@@ -226,14 +237,15 @@ def test_hidden_state_distillation_brings_a_pruned_encoder_back_toward_its_teach
     ctx = StepContext(work_dir=tmp_path, task=task, quick=False, seed=0, variant="s", export=None)
     pruned = Prune().run(VariantModel(io=io, module=copy.deepcopy(teacher_module)),
                          {"method": "structured", "ratio": 0.5, "importance": "activation"}, ctx)
-    # A random tiny encoder barely notices pruning (its embeddings dominate): knock its layers
-    # about so that there is something to win back.
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for w in pruned.module.encoder.encoder.parameters():
-            w.add_(torch.randn_like(w) * 0.5)
-    ctx = StepContext(work_dir=tmp_path, task=task, quick=False, seed=0, variant="s", export=None,
-                      lookup=lambda name: teacher if name == "baseline" else None)
+    _knocked_about(pruned.module)
+    return pruned, StepContext(work_dir=tmp_path, task=task, quick=False, seed=0, variant="s", export=None,
+                               lookup=lambda name: teacher if name == "baseline" else None)
+
+
+def test_hidden_state_distillation_brings_a_pruned_encoder_back_toward_its_teacher(tiny_encoder, tmp_path):
+    from compress.distill import Distill
+
+    pruned, ctx = _pruned_student(tiny_encoder, tmp_path)
     params = {"teacher": "baseline", "epochs": 4, "lr": 3e-3, "hidden_weight": 1.0, "schedule": "onecycle",
               "dropout": 0.0, "freeze_embeddings": True, "patience": 4}
     student = Distill().run(pruned, params, ctx).module
@@ -257,16 +269,6 @@ def test_hidden_state_distillation_needs_an_encoder_of_the_same_depth(tiny_encod
                       lookup=lambda name: VariantModel(io=io, module=teacher_module))
     with pytest.raises(ValueError, match="same depth"):
         Distill().run(VariantModel(io=io, module=student), {"teacher": "baseline", "hidden_weight": 1.0}, ctx)
-
-
-def _knocked_about(student, seed=1, scale=0.5):
-    """A random tiny encoder barely notices pruning (its embeddings dominate): knock its layers
-    about so that there is something to win back."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for w in student.encoder.encoder.parameters():
-            w.add_(torch.randn_like(w) * scale)
-    return student
 
 
 def test_activation_pruning_refits_layer_by_layer_and_stays_closer_than_magnitude(tiny_encoder, tmp_path):
@@ -295,21 +297,10 @@ def test_activation_pruning_refits_layer_by_layer_and_stays_closer_than_magnitud
 
 
 def test_layerwise_distillation_trains_each_layer_toward_the_teacher_then_end_to_end(tiny_encoder, tmp_path):
-    import copy
-
     from compress.distill import Distill
-    from compress.prune import Prune
 
-    teacher_module, io = tiny_encoder
-    teacher = VariantModel(io=io, module=teacher_module)
-    task = _text_task(io, n_batches=20)
-    ctx = StepContext(work_dir=tmp_path, task=task, quick=False, seed=0, variant="s", export=None)
-    pruned = Prune().run(VariantModel(io=io, module=copy.deepcopy(teacher_module)),
-                         {"method": "structured", "ratio": 0.5, "importance": "activation"}, ctx)
-    _knocked_about(pruned.module)
+    pruned, ctx = _pruned_student(tiny_encoder, tmp_path)
     pruned.module.train()
-    ctx = StepContext(work_dir=tmp_path, task=task, quick=False, seed=0, variant="s", export=None,
-                      lookup=lambda name: teacher if name == "baseline" else None)
     params = {"teacher": "baseline", "epochs": 1, "lr": 1e-4, "layerwise_epochs": 3, "layerwise_lr": 3e-3,
               "freeze_embeddings": True}
     student = Distill().run(pruned, params, ctx).module
