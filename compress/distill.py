@@ -260,12 +260,14 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int) -> dict:
     finally:
         if tap:
             tap.close()
-    if untrained and not best >= untrained[0]:  # training only hurt (or diverged to NaN): keep the student as it came
+    # Training that only hurt the held-out tenth (or diverged to NaN) hands back the student as it came.
+    if untrained and not best >= untrained[0]:
         best, best_state = untrained
     student.load_state_dict(best_state)  # the best epoch on the held-out tenth, not the last one
     return {"teacher": p.teacher, "loss": loss_kind, "hidden_weight": p.hidden_weight, "epochs_run": len(history),
-            "steps": steps, "batches": len(batches), "val_before": round(untrained[0] if untrained else start_score, 5),
-            "val_best": round(best, 5), "history": history,
+            "steps": steps, "batches": len(batches),
+            "val_before": round(untrained[0] if untrained else start_score, 5), "val_best": round(best, 5),
+            "history": history,
             **({"layerwise": {**layerwise, "val_after": round(start_score, 5)}} if layerwise else {})}
 
 
