@@ -19,6 +19,15 @@ def forward_until(module, batch: dict) -> None:
         pass
 
 
+def real_tokens(batch: dict):
+    """(batch, tokens) bool tensor: True where a token is real, not padding (all True without a mask)."""
+    import torch
+
+    ids = next(iter(batch.values()))
+    mask = batch.get("attention_mask")
+    return torch.from_numpy(mask if mask is not None else ids * 0 + 1).bool()
+
+
 def block_inputs(args: tuple, kwargs: dict, names: tuple[str, str] = ("hidden_states", "input_tensor")):
     """The two inputs of an output block (dense(x) + residual), passed by position or by name."""
     values = list(args[:2]) + [kwargs[n] for n in names[len(args[:2]):]]

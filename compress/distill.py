@@ -277,11 +277,10 @@ def _masked_mse(out, target, mask):
 
 
 def _token_mask(batch: dict):
-    import torch
+    """(batch, tokens, 1) float weights of the real tokens, for _masked_mse."""
+    from compress.capture import real_tokens
 
-    ids = next(iter(batch.values()))
-    mask = batch.get("attention_mask")
-    return torch.from_numpy(mask if mask is not None else ids * 0 + 1).unsqueeze(-1).float()
+    return real_tokens(batch).unsqueeze(-1).float()
 
 
 def _layerwise(student, layers, batches, teacher_hidden, lr: float, epochs: int, rng, ctx) -> dict:

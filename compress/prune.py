@@ -187,7 +187,7 @@ def _paired_stats(student, teacher, s_block, t_block, batches):
     as the block."""
     import torch
 
-    from compress.capture import StopForward, block_inputs, forward_until
+    from compress.capture import StopForward, block_inputs, forward_until, real_tokens
 
     sums, seen = {}, {}
 
@@ -210,9 +210,7 @@ def _paired_stats(student, teacher, s_block, t_block, batches):
              s_block.register_forward_pre_hook(on_student, with_kwargs=True)]
     try:
         for b in batches:
-            ids = next(iter(b.values()))
-            mask = b.get("attention_mask")
-            seen["mask"] = torch.from_numpy(mask if mask is not None else ids * 0 + 1).reshape(-1).bool()
+            seen["mask"] = real_tokens(b).reshape(-1)
             forward_until(teacher, b)
             forward_until(student, b)
     finally:
