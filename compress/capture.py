@@ -12,11 +12,55 @@ def forward_until(module, batch: dict) -> None:
     """Run the module on a batch of numpy arrays, without gradients, until a hook stops it."""
     import torch
 
+    call_until(module, (), {k: torch.from_numpy(v) for k, v in batch.items()})
+
+
+def call_until(module, args: tuple, kwargs: dict) -> None:
+    """Call the module without gradients until a hook stops it."""
+    import torch
+
     try:
         with torch.no_grad():
-            module(**{k: torch.from_numpy(v) for k, v in batch.items()})
+            module(*args, **kwargs)
     except StopForward:
         pass
+
+
+def layer_inputs(model, layer, batches) -> list:
+    """What reaches one layer of the model for each batch (its positional and keyword arguments),
+    from forward passes that stop there."""
+    import torch
+
+    inputs = []
+
+    def capture(module, args, kwargs):
+        inputs.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
+        raise StopForward
+
+    hook = layer.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for b in batches:
+            forward_until(model, b)
+    finally:
+        hook.remove()
+    return inputs
+
+
+def next_inputs(layer, inputs: list) -> list:
+    """The inputs of the layer after this one: this layer's output in place of its hidden states,
+    every other argument (attention mask, ...) unchanged."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            hidden = layer(*args, **kwargs)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            if args:
+                out.append(((hidden,) + tuple(args[1:]), kwargs))
+            else:
+                out.append(((), {**kwargs, "hidden_states": hidden}))
+    return out
 
 
 def real_tokens(batch: dict):

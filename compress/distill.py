@@ -293,14 +293,18 @@ def _layerwise(student, layers, batches, teacher_hidden, lr: float, epochs: int,
     import torch
     from tqdm import tqdm
 
+    from compress.capture import layer_inputs, next_inputs
+
     was_training, saved = student.training, [(w, w.requires_grad) for w in student.parameters()]
     student.eval()
     for w in student.parameters():
         w.requires_grad_(False)
     report = []
     try:
+        inputs = layer_inputs(student, layers[0], batches)
         for i, layer in enumerate(layers):
-            inputs = _layer_inputs(student, layer, batches)
+            if i:  # what the layer before, as trained, now gives
+                inputs = next_inputs(layers[i - 1], inputs)
             params = list(layer.parameters())
             for w in params:
                 w.requires_grad_(True)
@@ -334,28 +338,6 @@ def _layerwise(student, layers, batches, teacher_hidden, lr: float, epochs: int,
             w.requires_grad_(flag)
         student.train(was_training)
     return {"epochs": epochs, "lr": lr, "layers": report}
-
-
-def _layer_inputs(student, layer, batches) -> list:
-    """What reaches one encoder layer for each batch (its positional and keyword arguments), from
-    forward passes that stop there."""
-    import torch
-
-    from compress.capture import StopForward, forward_until
-
-    inputs = []
-
-    def capture(module, args, kwargs):
-        inputs.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
-        raise StopForward
-
-    hook = layer.register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        for b in batches:
-            forward_until(student, b)
-    finally:
-        hook.remove()
-    return inputs
 
 
 def _loop(student, p, epochs, train_idx, rng, ctx, tensors, loss_fn, hidden_loss, validate):

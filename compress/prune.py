@@ -108,6 +108,7 @@ def _transformer(module, teacher, io_spec, p: PruneParams, ctx) -> None:
     import torch
     import torch_pruning as tp
 
+    from compress.capture import layer_inputs, next_inputs, real_tokens
     from export.onnx import example_inputs
 
     layers = _bert_layers(module)
@@ -133,12 +134,17 @@ def _transformer(module, teacher, io_spec, p: PruneParams, ctx) -> None:
             keep = max(p.round_to, keep // p.round_to * p.round_to)
         graph = tp.DependencyGraph().build_dependency(module, example_inputs=example_inputs(io_spec))
     tokens = 0
+    if batches:  # what reaches layer 0 of each model; after each layer, what the next one gets
+        s_in, t_in = layer_inputs(module, layers[0], batches), layer_inputs(teacher, t_layers[0], batches)
+        masks = [real_tokens(b).reshape(-1) for b in batches]
     for i, layer in enumerate(layers):
+        if batches and i:
+            s_in, t_in = next_inputs(layers[i - 1], s_in), next_inputs(t_layers[i - 1], t_in)
         if n_drop:
             att = layer.attention
             o = att.output.dense.weight.detach()
-            pair = _paired_stats(module, teacher, att.output, t_layers[i].attention.output, batches) if batches \
-                else None
+            pair = _paired_stats((layer, att.output, s_in), (t_layers[i], t_layers[i].attention.output, t_in),
+                                 masks) if batches else None
             with torch.no_grad():
                 if pair:  # the variance of what each head adds to the attention output
                     cov = _covariance(pair[0])
@@ -156,7 +162,8 @@ def _transformer(module, teacher, io_spec, p: PruneParams, ctx) -> None:
                 tokens = int(pair[0][-1, -1])
         if "ffn" in p.targets:
             w_in, w_out = layer.intermediate.dense.weight, layer.output.dense.weight
-            pair = _paired_stats(module, teacher, layer.output, t_layers[i].output, batches) if batches else None
+            pair = _paired_stats((layer, layer.output, s_in), (t_layers[i], t_layers[i].output, t_in), masks) \
+                if batches else None
             with torch.no_grad():
                 if pair:  # how much what the channel adds to the output varies around its mean
                     importance = _covariance(pair[0]).diagonal().float() * (w_out.detach() ** 2).sum(0)
@@ -179,16 +186,17 @@ def _transformer(module, teacher, io_spec, p: PruneParams, ctx) -> None:
     ctx.notes.update(params_before=int(before), params_after=int(after))
 
 
-def _paired_stats(student, teacher, s_block, t_block, batches):
+def _paired_stats(student, teacher, masks):
     """For an output block (BertSelfOutput / BertOutput: LayerNorm(dense(x) + residual)), over the
     real tokens of some training batches: the Gram matrix of the student's input x with a column of
     ones appended (so means come with it), and its cross product with the target of a refit, the
-    teacher's sum before the LayerNorm minus the student's residual. Both models run only as far
-    as the block."""
+    teacher's sum before the LayerNorm minus the student's residual. `student` and `teacher` are
+    (layer, block in it, the layer's inputs per batch): only the layer runs, as far as the block."""
     import torch
 
-    from compress.capture import StopForward, block_inputs, forward_until, real_tokens
+    from compress.capture import StopForward, block_inputs, call_until
 
+    (s_layer, s_block, s_in), (t_layer, t_block, t_in) = student, teacher
     sums, seen = {}, {}
 
     def on_teacher(mod, args, kwargs):
@@ -209,10 +217,10 @@ def _paired_stats(student, teacher, s_block, t_block, batches):
     hooks = [t_block.register_forward_pre_hook(on_teacher, with_kwargs=True),
              s_block.register_forward_pre_hook(on_student, with_kwargs=True)]
     try:
-        for b in batches:
-            seen["mask"] = real_tokens(b).reshape(-1)
-            forward_until(teacher, b)
-            forward_until(student, b)
+        for mask, t_args, s_args in zip(masks, t_in, s_in):
+            seen["mask"] = mask
+            call_until(t_layer, *t_args)
+            call_until(s_layer, *s_args)
     finally:
         for h in hooks:
             h.remove()

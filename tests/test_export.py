@@ -271,6 +271,27 @@ def test_hidden_state_distillation_needs_an_encoder_of_the_same_depth(tiny_encod
         Distill().run(VariantModel(io=io, module=student), {"teacher": "baseline", "hidden_weight": 1.0}, ctx)
 
 
+def test_layer_inputs_carried_forward_layer_by_layer_are_what_the_whole_model_feeds_each_layer(tiny_encoder):
+    """Pruning statistics and the layer phase run one layer at a time on cached inputs instead of the
+    whole model up to that layer: on padded batches, both give each layer the same input."""
+    from compress.capture import layer_inputs, next_inputs
+
+    module, io = tiny_encoder
+    layers = list(module.encoder.encoder.layer)
+    batches = _padded_batches(io)
+    carried = layer_inputs(module, layers[0], batches)
+    for i in range(1, len(layers)):
+        carried = next_inputs(layers[i - 1], carried)
+        direct = layer_inputs(module, layers[i], batches)
+        for c, d in zip(map(_hidden_states, carried), map(_hidden_states, direct)):
+            assert c.shape == d.shape and torch.allclose(c, d, atol=1e-6)
+
+
+def _hidden_states(inputs):
+    args, kwargs = inputs
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def test_activation_pruning_refits_layer_by_layer_and_stays_closer_than_magnitude(tiny_encoder, tmp_path):
     """Ranked by activation, each layer is refit to the unpruned model's LayerNorm inputs given what
     the already-pruned layers feed it; the pruned encoder stays closer to the original than one
