@@ -137,11 +137,11 @@ class OrtRunner(Runner):
 
 
 def load_runner(backend: str, path: str, threads: int) -> Runner:
-    import torch
-
     info = BACKENDS[backend]
     if info.format == "onnx":
         return OrtRunner(path, backend, threads)
+    import torch
+
     if info.format == "torchscript":
         module = torch.jit.load(path, map_location=info.device)
     elif info.format == "torch-export":
