@@ -23,6 +23,25 @@ def test_bench_an_onnx_file_at_two_batch_sizes(quick_run, tmp_path, capsys):
     assert "ort-cpu" in capsys.readouterr().out
 
 
+def test_an_ort_cpu_cell_runs_without_importing_torch(quick_run, tmp_path):
+    """An ONNX Runtime deployment on CPU does not load torch; its cell's process must not either
+    (torch's import and thread pool would sit in its timings and memory)."""
+    import subprocess
+    import sys
+
+    onnx_file = quick_run.run_dir / "variants" / "baseline" / "model.onnx"
+    io = json.loads(onnx_file.with_name("model.onnx.io.json").read_text())
+    job = {"backend": "ort-cpu", "device": "cpu", "path": str(onnx_file), "threads": 1, "batch_size": 2,
+           "seq_len": 1, "io": io, "timing": {"warmup": 1, "min_iters": 3, "min_seconds": 0.01, "max_seconds": 5,
+                                              "stability_threshold": 0.25}}
+    code = ("import json, sys; from bench.worker import run; "
+            f"r = run(json.loads({json.dumps(json.dumps(job))})); "
+            "print(json.dumps({'torch': 'torch' in sys.modules, 'p50': r['latency_ms']['p50']}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["p50"] > 0 and out["torch"] is False
+
+
 def test_bench_a_torchscript_file_reads_its_io_sidecar(quick_run, tmp_path):
     ts_file = quick_run.run_dir / "variants" / "baseline" / "model.torchscript.pt"
     out = tmp_path / "ts"
