@@ -29,11 +29,12 @@ def test_an_ort_cpu_cell_runs_without_importing_torch(quick_run, tmp_path):
     import subprocess
     import sys
 
+    from bench.cells import cell_job
+
     onnx_file = quick_run.run_dir / "variants" / "baseline" / "model.onnx"
     io = json.loads(onnx_file.with_name("model.onnx.io.json").read_text())
-    job = {"backend": "ort-cpu", "device": "cpu", "path": str(onnx_file), "threads": 1, "batch_size": 2,
-           "seq_len": 1, "io": io, "timing": {"warmup": 1, "min_iters": 3, "min_seconds": 0.01, "max_seconds": 5,
-                                              "stability_threshold": 0.25}}
+    timing = {"warmup": 1, "min_iters": 3, "min_seconds": 0.01, "max_seconds": 5, "stability_threshold": 0.25}
+    job = cell_job("ort-cpu", onnx_file, io, 2, 1, 1, timing)
     code = ("import json, sys; from bench.worker import run; "
             f"r = run(json.loads({json.dumps(json.dumps(job))})); "
             "print(json.dumps({'torch': 'torch' in sys.modules, 'p50': r['latency_ms']['p50']}))")
