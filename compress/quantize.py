@@ -11,9 +11,11 @@ from workbench.steps import Step, StepParams, register
 
 
 class QuantizeParams(StepParams):
-    method: Literal["dynamic-int8", "bnb-int8", "bnb-nf4", "bnb-fp4"] = Field(
+    method: Literal["dynamic-int8", "bnb-int8", "bnb-nf4", "bnb-fp4", "fp16", "bf16"] = Field(
         "dynamic-int8", description="dynamic-int8: PyTorch int8 weights, activations quantized per batch (CPU); "
-        "bnb-int8: bitsandbytes Linear8bitLt (LLM.int8); bnb-nf4 / bnb-fp4: bitsandbytes Linear4bit")
+        "bnb-int8: bitsandbytes Linear8bitLt (LLM.int8); bnb-nf4 / bnb-fp4: bitsandbytes Linear4bit; "
+        "fp16 / bf16: every floating weight and activation in half precision, inputs and output kept float32 "
+        "(what GPUs run fastest; on CPUs bf16 pays only with AMX / AVX-512 BF16)")
     modules: list[Literal["Linear"]] = Field(default_factory=lambda: ["Linear"],
                                              description="layer types to quantize")
     skip_modules: list[str] = Field(default_factory=list, description="bnb: Linear layers (module names) kept "
@@ -34,6 +36,10 @@ class Quantize(Step):
         from torch import nn
 
         p = QuantizeParams.model_validate(params)
+        if p.method in HALF:
+            model.module = half_precision(copy.deepcopy(model.module).eval(), HALF[p.method])
+            ctx.notes["dtype"] = HALF[p.method]
+            return model
         if p.method.startswith("bnb-"):
             model.module = _bitsandbytes(copy.deepcopy(model.module).eval(), p, ctx)
             return model
@@ -49,6 +55,39 @@ class Quantize(Step):
         return model
 
 
+HALF = {"fp16": "float16", "bf16": "bfloat16"}
+BNB_4BIT_CPU_BLOCK = 32  # bitsandbytes' block_n for its AVX-512 4-bit CPU kernel
+
+
+def _floats_to(dtype, tensor):
+    import torch
+
+    return tensor.to(getattr(torch, dtype)) if torch.is_tensor(tensor) and tensor.is_floating_point() else tensor
+
+
+def _cast_inputs(dtype, module, args, kwargs):
+    return (tuple(_floats_to(dtype, a) for a in args), {k: _floats_to(dtype, v) for k, v in kwargs.items()})
+
+
+def _output_to_float32(module, args, kwargs, output):
+    return _floats_to("float32", output)
+
+
+def half_precision(module, dtype: str):
+    """Cast the module's floating weights and buffers to `dtype`; forward hooks cast floating inputs
+    to it and the output back to float32, so callers, exports and the accuracy scores see the same
+    interface as the fp32 model. The hooks are module-level functions: the module pickles, traces
+    (TorchScript, ONNX) and exports (torch.export) with them."""
+    import functools
+
+    import torch
+
+    module = module.to(getattr(torch, dtype))
+    module.register_forward_pre_hook(functools.partial(_cast_inputs, dtype), with_kwargs=True)
+    module.register_forward_hook(_output_to_float32, with_kwargs=True)
+    return module
+
+
 def _bitsandbytes(module, p: QuantizeParams, ctx):
     """Swap nn.Linear layers for bitsandbytes layers; the weights are quantized when the module is
     moved to its device (`.to`), which is here the CPU: cells on CUDA move it again."""
@@ -60,11 +99,18 @@ def _bitsandbytes(module, p: QuantizeParams, ctx):
     unknown = [n for n in p.skip_modules if n not in names]
     if unknown:
         raise ValueError(f"skip_modules {unknown} are not modules of the model")
-    swapped = 0
+    swapped, kept = 0, {}
     for parent_name, parent in list(module.named_modules()):
         for child_name, child in list(parent.named_children()):
             full = f"{parent_name}.{child_name}" if parent_name else child_name
             if not isinstance(child, nn.Linear) or full in p.skip_modules:
+                continue
+            if p.method != "bnb-int8" and child.out_features % BNB_4BIT_CPU_BLOCK:
+                # On CPUs with AVX-512 BF16, bitsandbytes repacks 4-bit weights for its CPU kernel at
+                # the first forward and asserts that the output width divides into its blocks. Keep
+                # such layers as they are, whatever CPU builds the variant: its file may run on one.
+                kept[full] = (f"out_features {child.out_features} is not a multiple of {BNB_4BIT_CPU_BLOCK}, "
+                              "which bitsandbytes' 4-bit CPU kernel needs")
                 continue
             bias = child.bias is not None
             if p.method == "bnb-int8":
@@ -80,7 +126,9 @@ def _bitsandbytes(module, p: QuantizeParams, ctx):
             setattr(parent, child_name, new)
             swapped += 1
     if swapped == 0:
-        raise ValueError("the model has no nn.Linear layer to quantize")
+        raise ValueError("the model has no nn.Linear layer to quantize" + (f" ({kept})" if kept else ""))
     module = module.to("cpu")  # bitsandbytes quantizes here
     ctx.notes.update(quantized_layers=swapped, bitsandbytes=bnb.__version__)
+    if kept:
+        ctx.notes["kept_in_full_precision"] = kept
     return module

@@ -39,8 +39,39 @@ def torch_stats(module, io: ModelIO, seq_len: int) -> dict:
             matrix += w.numel()
             with torch.no_grad():
                 zeros += int((w.int_repr() if w.is_quantized else w).eq(0).sum())
-    return {"params": int(params), "weight_bytes": int(weight_bytes),
+        weight_bytes += _quant_state_bytes(qs)
+    return {"params": int(params), "weight_bytes": int(weight_bytes), "linear_weight_bytes": _linear_bytes(module),
             "sparsity": round(zeros / matrix, 4) if matrix else 0.0, "flops": flops(module, io, seq_len)}
+
+
+def _quant_state_bytes(qs) -> int:
+    """Bytes of a bitsandbytes 4-bit weight's scales (absmax per block, nested when double-quantized):
+    part of what the weight costs in memory."""
+    if qs is None:
+        return 0
+    total = 0
+    for name in ("absmax", "code"):
+        t = getattr(qs, name, None)
+        if t is not None and hasattr(t, "element_size"):
+            total += t.numel() * t.element_size()
+    return total + _quant_state_bytes(getattr(qs, "state2", None))
+
+
+def _linear_bytes(module) -> int:
+    """Weight bytes of the Linear layers alone (bitsandbytes' layers subclass nn.Linear; PyTorch's
+    dynamic int8 ones are counted from their packed weights): what weight quantization acts on, apart
+    from embedding tables, which stay in their dtype."""
+    import torch
+
+    total = 0
+    for m in module.modules():
+        packed = getattr(m, "_packed_params", None)
+        if packed is not None and hasattr(packed, "_weight_bias"):
+            total += packed._weight_bias()[0].numel()  # one byte per int8 weight
+        elif isinstance(m, torch.nn.Linear):
+            w = m.weight
+            total += w.numel() * w.element_size() + _quant_state_bytes(getattr(w, "quant_state", None))
+    return int(total)
 
 
 def flops(module, io: ModelIO, seq_len: int) -> Optional[int]:
