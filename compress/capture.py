@@ -8,11 +8,11 @@ class StopForward(Exception):
     """Raised by a forward hook once it has what it needs."""
 
 
-def forward_until(module, batch: dict) -> None:
+def forward_until(module, batch: dict, device=None) -> None:
     """Run the module on a batch of numpy arrays, without gradients, until a hook stops it."""
     import torch
 
-    call_until(module, (), {k: torch.from_numpy(v) for k, v in batch.items()})
+    call_until(module, (), {k: torch.from_numpy(v).to(device or "cpu") for k, v in batch.items()})
 
 
 def call_until(module, args: tuple, kwargs: dict) -> None:
@@ -26,7 +26,7 @@ def call_until(module, args: tuple, kwargs: dict) -> None:
         pass
 
 
-def layer_inputs(model, layer, batches) -> list:
+def layer_inputs(model, layer, batches, device=None) -> list:
     """What reaches one layer of the model for each batch (its positional and keyword arguments),
     from forward passes that stop there."""
     import torch
@@ -40,7 +40,7 @@ def layer_inputs(model, layer, batches) -> list:
     hook = layer.register_forward_pre_hook(capture, with_kwargs=True)
     try:
         for b in batches:
-            forward_until(model, b)
+            forward_until(model, b, device)
     finally:
         hook.remove()
     return inputs
@@ -63,13 +63,13 @@ def next_inputs(layer, inputs: list) -> list:
     return out
 
 
-def real_tokens(batch: dict):
+def real_tokens(batch: dict, device=None):
     """(batch, tokens) bool tensor: True where a token is real, not padding (all True without a mask)."""
     import torch
 
     ids = next(iter(batch.values()))
     mask = batch.get("attention_mask")
-    return torch.from_numpy(mask if mask is not None else ids * 0 + 1).bool()
+    return torch.from_numpy(mask if mask is not None else ids * 0 + 1).bool().to(device or "cpu")
 
 
 def block_inputs(args: tuple, kwargs: dict, names: tuple[str, str] = ("hidden_states", "input_tensor")):

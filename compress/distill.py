@@ -47,6 +47,9 @@ class DistillParams(StepParams):
                                   "and width in teacher and student, as FFN / head pruning leaves them")
     layerwise_lr: float = Field(5e-4, gt=0, description="peak learning rate of the layer-by-layer phase "
                                 "(one cycle per layer)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where teacher and student run while training: auto takes the GPU when torch "
+        "sees one; the student is handed back on the CPU either way")
 
 
 @register
@@ -76,9 +79,36 @@ class Distill(Step):
         if any(getattr(m, "_packed_params", None) is not None for m in student.modules()):
             raise ValueError("the student has quantized layers, which cannot train: distill before quantizing")
         epochs = min(p.epochs, 1) if ctx.quick else p.epochs
-        ctx.notes.update(_train(student, teacher, p, ctx, epochs))
+        device = _device(p.device)
+        # The teacher is another variant's module, shared with the rest of the run: it goes back to
+        # the CPU afterwards, as it came.
+        teacher_module = teacher.module if teacher.format == "torch" else None
+        try:
+            if teacher_module is not None:
+                teacher_module.to(device)
+            student.to(device)
+            ctx.notes.update(_train(student, teacher, p, ctx, epochs, device))
+        finally:
+            if teacher_module is not None:
+                teacher_module.to("cpu")
+            student.to("cpu")
+        ctx.notes["device"] = _device_name(device)
         model.module = student.eval()
         return model
+
+
+def _device(choice: str):
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("distill.device is 'cuda' but torch sees no CUDA device here; use auto or cpu")
+    return torch.device("cuda" if choice in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def _device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _ancestors(recipe, name: str) -> set[str]:
@@ -137,8 +167,9 @@ def _encoder_layers(teacher, student, name: str) -> tuple[list, list]:
     return t_layers, s_layers
 
 
-def _teacher_hidden(teacher, layers, batches) -> tuple:
-    """The teacher's outputs and, per batch, its layers' hidden states (float16 to halve the memory)."""
+def _teacher_hidden(teacher, layers, batches, device) -> tuple:
+    """The teacher's outputs and, per batch, its layers' hidden states (float16 to halve the memory),
+    kept on `device`."""
     import numpy as np
     import torch
 
@@ -148,7 +179,8 @@ def _teacher_hidden(teacher, layers, batches) -> tuple:
     try:
         with torch.inference_mode():
             for b in tqdm(batches, desc="teacher outputs and hidden states", unit="batch", leave=False):
-                outs.append(teacher.module(**{k: torch.from_numpy(v) for k, v in b.items()}).float().numpy())
+                outs.append(teacher.module(**{k: torch.from_numpy(v).to(device) for k, v in b.items()})
+                            .float().cpu().numpy())
                 hidden.append([h.half() for h in tap.take()])
     finally:
         tap.close()
@@ -183,12 +215,12 @@ class _TrainingSettings:
             setattr(obj, attr, value)
 
 
-def _train(student, teacher, p: DistillParams, ctx, epochs: int) -> dict:
+def _train(student, teacher, p: DistillParams, ctx, epochs: int, device) -> dict:
     import numpy as np
     import torch
     import torch.nn.functional as F
 
-    from workbench.infer import variant_outputs
+    from workbench.infer import torch_outputs, variant_outputs
 
     task = ctx.task
     batches, labels = _rebatch(task.train_batches, task.train_labels, p.batch_size)
@@ -197,7 +229,9 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int) -> dict:
     tap = None
     if p.hidden_weight > 0 or p.layerwise_epochs:
         t_layers, s_layers = _encoder_layers(teacher, student, p.teacher)
-        teacher_out, teacher_hidden = _teacher_hidden(teacher, t_layers, batches)
+        teacher_out, teacher_hidden = _teacher_hidden(teacher, t_layers, batches, device)
+    elif teacher.format == "torch":
+        teacher_out = torch_outputs(teacher.module, batches, device)
     else:
         teacher_out = variant_outputs(teacher, batches)
     sizes = [len(next(iter(b.values()))) for b in batches]
@@ -208,9 +242,9 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int) -> dict:
     loss_kind = p.loss if p.loss != "auto" else ("kl" if classifier else "cosine")
 
     def tensors(i):
-        x = {k: torch.from_numpy(v) for k, v in batches[i].items()}
-        t = torch.from_numpy(teacher_out[starts[i]:starts[i + 1]])
-        y = torch.from_numpy(np.asarray(labels[starts[i]:starts[i + 1]])) if labels is not None else None
+        x = {k: torch.from_numpy(v).to(device) for k, v in batches[i].items()}
+        t = torch.from_numpy(teacher_out[starts[i]:starts[i + 1]]).to(device)
+        y = torch.from_numpy(np.asarray(labels[starts[i]:starts[i + 1]])).to(device) if labels is not None else None
         return x, t, y
 
     def loss_fn(out, t, y):
@@ -227,7 +261,7 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int) -> dict:
     def hidden_loss(i, x):
         """Mean over layers of the per-element MSE on real (unpadded) tokens."""
         states = tap.take()
-        mask = _token_mask(batches[i])
+        mask = _token_mask(batches[i], device)
         return torch.stack([_masked_mse(s, t, mask) for s, t in zip(states, teacher_hidden[i])]).mean()
 
     def validate() -> float:
@@ -251,7 +285,8 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int) -> dict:
         untrained = (validate(), copy.deepcopy(student.state_dict()))
         layerwise_epochs = min(p.layerwise_epochs, 1) if ctx.quick else p.layerwise_epochs
         layerwise = _layerwise(student, s_layers, [batches[i] for i in train_idx],
-                               [teacher_hidden[i] for i in train_idx], p.layerwise_lr, layerwise_epochs, rng, ctx)
+                               [teacher_hidden[i] for i in train_idx], p.layerwise_lr, layerwise_epochs, rng, ctx,
+                               device)
     if p.hidden_weight > 0:
         tap = _LayerTap(s_layers)
     try:
@@ -276,14 +311,14 @@ def _masked_mse(out, target, mask):
     return ((out - target.float()) ** 2 * mask).sum() / (mask.sum() * out.shape[-1])
 
 
-def _token_mask(batch: dict):
+def _token_mask(batch: dict, device=None):
     """(batch, tokens, 1) float weights of the real tokens, for _masked_mse."""
     from compress.capture import real_tokens
 
-    return real_tokens(batch).unsqueeze(-1).float()
+    return real_tokens(batch, device).unsqueeze(-1).float()
 
 
-def _layerwise(student, layers, batches, teacher_hidden, lr: float, epochs: int, rng, ctx) -> dict:
+def _layerwise(student, layers, batches, teacher_hidden, lr: float, epochs: int, rng, ctx, device) -> dict:
     """Block-wise reconstruction: layer i of the student learns, with the others frozen, to turn the
     input that layers 0..i-1 of the (already trained) student give it into what layer i of the
     teacher outputs. Each layer thus also corrects the error its predecessors left, and a training
@@ -295,13 +330,16 @@ def _layerwise(student, layers, batches, teacher_hidden, lr: float, epochs: int,
 
     from compress.capture import layer_inputs, next_inputs
 
+    import time
+
+    t0 = time.perf_counter()
     was_training, saved = student.training, [(w, w.requires_grad) for w in student.parameters()]
     student.eval()
     for w in student.parameters():
         w.requires_grad_(False)
     report = []
     try:
-        inputs = layer_inputs(student, layers[0], batches)
+        inputs = layer_inputs(student, layers[0], batches, device)
         for i, layer in enumerate(layers):
             if i:  # what the layer before, as trained, now gives
                 inputs = next_inputs(layers[i - 1], inputs)
@@ -319,7 +357,7 @@ def _layerwise(student, layers, batches, teacher_hidden, lr: float, epochs: int,
                     args, kwargs = inputs[j]
                     out = layer(*args, **kwargs)
                     out = out[0] if isinstance(out, tuple) else out
-                    loss = _masked_mse(out, teacher_hidden[j][i], _token_mask(batches[j]))
+                    loss = _masked_mse(out, teacher_hidden[j][i], _token_mask(batches[j], device))
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
@@ -337,11 +375,13 @@ def _layerwise(student, layers, batches, teacher_hidden, lr: float, epochs: int,
         for w, flag in saved:
             w.requires_grad_(flag)
         student.train(was_training)
-    return {"epochs": epochs, "lr": lr, "layers": report}
+    return {"epochs": epochs, "lr": lr, "layers": report, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def _loop(student, p, epochs, train_idx, rng, ctx, tensors, loss_fn, hidden_loss, validate):
     """The optimiser loop with early stopping on the held-out tenth; returns the best state seen."""
+    import time
+
     import torch
     from tqdm import tqdm
 
@@ -352,7 +392,7 @@ def _loop(student, p, epochs, train_idx, rng, ctx, tensors, loss_fn, hidden_loss
         sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=max(total, 2), pct_start=0.1)
                  if p.schedule == "onecycle" else None)
         best, best_state, stale, steps, history = validate(), copy.deepcopy(student.state_dict()), 0, 0, []
-        start_score = best
+        start_score, t0 = best, time.perf_counter()
         for epoch in range(epochs):
             student.train()
             bar = tqdm(rng.permutation(train_idx), desc=f"distill {ctx.variant} epoch {epoch + 1}/{epochs}",
@@ -372,7 +412,9 @@ def _loop(student, p, epochs, train_idx, rng, ctx, tensors, loss_fn, hidden_loss
                 if p.max_steps and steps >= p.max_steps:
                     break
             score = validate()
-            history.append({"epoch": epoch + 1, "loss": round(float(loss.item()), 5), "val": round(score, 5)})
+            # Seconds of training so far (validation included): fidelity against training time.
+            history.append({"epoch": epoch + 1, "loss": round(float(loss.item()), 5), "val": round(score, 5),
+                            "seconds": round(time.perf_counter() - t0, 2)})
             if score >= best:  # ties go to the later, longer-trained epoch
                 best, best_state, stale = score, copy.deepcopy(student.state_dict()), 0
             else:

@@ -6,13 +6,13 @@ from pathlib import Path
 import numpy as np
 
 
-def torch_outputs(module, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
+def torch_outputs(module, batches: list[dict[str, np.ndarray]], device=None) -> np.ndarray:
     import torch
 
     outs = []
     with torch.inference_mode():
         for b in batches:
-            out = module(**{k: torch.from_numpy(v) for k, v in b.items()})
+            out = module(**{k: torch.from_numpy(v).to(device or "cpu") for k, v in b.items()})
             outs.append(out.float().cpu().numpy())
     return np.concatenate(outs)
 
