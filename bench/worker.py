@@ -73,6 +73,13 @@ def run(job: dict) -> dict:
     runner = load_runner(job["backend"], job["path"], threads)
     load_s = time.perf_counter() - t0
     prepared = runner.prepare(io.make(batch, seq, seed=job.get("seed", 0)))
+    on_cuda = torch is not None and job["device"] == "cuda" and torch.cuda.is_available()
+    # ONNX Runtime allocates device memory itself: torch's allocator figures would read 0 there, so
+    # its cells get NVML's figure alone.
+    torch_alloc = on_cuda and not job["backend"].startswith("ort")
+    # What the loaded model and one batch of inputs hold on the device before any call: the
+    # weight memory a deployment pays for as long as the model is loaded.
+    loaded_bytes = int(torch.cuda.memory_allocated()) if torch_alloc else None
     t0 = time.perf_counter()
     first_ms = runner.timed_call(prepared)  # includes torch.compile / lazy init where the backend has it
     first_wall_ms = (time.perf_counter() - t0) * 1e3
@@ -98,9 +105,11 @@ def run(job: dict) -> dict:
         np.save(job["outputs_path"], np.concatenate(outs).astype(np.float32))
 
     memory = {"peak_rss_delta": max(_peak_rss_bytes() - rss_before, 0), "rss_idle_baseline": rss_before}
-    if torch is not None and job["device"] == "cuda" and torch.cuda.is_available():
+    if torch_alloc:
+        memory["cuda_allocated_after_load"] = loaded_bytes
         memory["cuda_max_allocated"] = int(torch.cuda.max_memory_allocated())
         memory["cuda_max_reserved"] = int(torch.cuda.max_memory_reserved())
+    if on_cuda:
         nvml = _nvml_process_bytes()
         if nvml is not None:
             memory["nvml_process_device_bytes"] = nvml  # includes the CUDA context, unlike the torch figures

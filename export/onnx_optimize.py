@@ -19,6 +19,10 @@ class OnnxOptimizeParams(StepParams):
         "transforms tied to this machine's CPU, so the file is not portable")
     fusion: Literal["none", "bert"] = Field(
         "none", description="bert: onnxruntime.transformers fusions for BERT-like encoders (MiniLM, BERT, RoBERTa)")
+    float16: bool = Field(False, description="convert weights and activations to float16 after fusion, inputs "
+                          "and outputs kept float32 (onnxruntime.transformers' converter; for GPU providers: "
+                          "ORT's CPU provider has no float16 kernel for many operators); pair with level: none, "
+                          "since the levels rewrite the graph for the CPU provider")
     num_heads: Optional[int] = Field(None, gt=0, description="attention heads; default: from the model's config")
     hidden_size: Optional[int] = Field(None, gt=0, description="hidden size; default: from the model's config")
 
@@ -79,6 +83,15 @@ class OnnxOptimize(Step):
             ctx.notes["fusion_config"] = {"num_heads": heads, "hidden_size": hidden}
             src = ctx.work_dir / "fused.onnx"
             fused.save_model_to_file(str(src))
+        if p.float16:
+            import onnx
+            from onnxruntime.transformers.onnx_model import OnnxModel
+
+            half = OnnxModel(onnx.load(str(src)))
+            half.convert_float_to_float16(keep_io_types=True)
+            src = ctx.work_dir / "float16.onnx"
+            half.save_model_to_file(str(src))
+            ctx.notes["float16"] = "weights and activations float16; inputs and outputs float32"
         final = ctx.work_dir / "model.onnx"
         if p.level != "none":
             import onnxruntime as ort
