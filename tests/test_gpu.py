@@ -1,4 +1,8 @@
-"""GPU paths: run only where CUDA is visible; elsewhere they skip with the reason."""
+"""GPU paths: run only where CUDA is visible; elsewhere they skip with the reason.
+
+On the digits CNN: CUDA-event timing on torch-cuda and TorchScript, ONNX Runtime's CUDA provider
+with IOBinding (proven by reading the session's providers back), fp16 / bf16 and bitsandbytes nf4
+on CUDA, distillation on the GPU, the CUDA allocator's figures, and torch.compile on CUDA."""
 import json
 from pathlib import Path
 
@@ -16,29 +20,57 @@ model: {source: builtin, name: digits-cnn}
 task: {type: classification, data: {source: builtin, name: digits}}
 variants:
   baseline: {}
-export: [onnx, torchscript]
+  fp16: {from: baseline, steps: [{quantize: {method: fp16}}]}
+  bf16: {from: baseline, steps: [{quantize: {method: bf16}}]}
+  nf4: {from: baseline, steps: [{quantize: {method: bnb-nf4, compute_dtype: float16}}]}
+  pruned-kd: {from: baseline, steps: [{prune: {method: structured, ratio: 0.5}},
+                                      {distill: {teacher: baseline, epochs: 3, device: cuda}}]}
+export: {formats: [onnx, torchscript], parity: {max_abs_diff: 0.05}}
 bench:
   backends: [torch-cuda, torchscript-cuda, ort-cuda]
-  batch_sizes: [1, 32]
+  batch_sizes: [32]
   timing: {warmup: 3, min_iters: 10, min_seconds: 0.1}
 """
 
 
-def test_cuda_backends_measure_the_digits_cnn(tmp_path: Path):
-    recipe = tmp_path / "gpu.yaml"
-    recipe.write_text(RECIPE)
+def _run(tmp_path: Path, text: str, name: str) -> dict:
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(text)
     assert main(["run", str(recipe), "--out", str(tmp_path / "out"), "--quick"]) == 0
-    run = next(p for p in (tmp_path / "out" / "gpu-smoke").iterdir() if p.name != "cache")
-    results = json.loads((run / "results.json").read_text())
+    run = next(p for p in (tmp_path / "out" / name).iterdir() if p.name != "cache")
+    return json.loads((run / "results.json").read_text())
+
+
+def test_cuda_backends_precisions_and_distillation_on_the_digits_cnn(tmp_path: Path):
+    results = _run(tmp_path, RECIPE, "gpu-smoke")
     assert results["environment"].get("gpu")
-    cells = {(c["backend"], c["batch_size"]): c for c in results["cells"]}
-    torch_cell = cells[("torch-cuda", 32)]
-    assert torch_cell["status"] in ("ok", "unstable"), torch_cell["reason"]
-    assert torch_cell["memory"]["cuda_max_allocated"] > 0
-    assert torch_cell["accuracy"]["accuracy"] > 0.9
-    ort_cell = cells[("ort-cuda", 32)]
+    variants = {v["name"]: v for v in results["variants"]}
+    assert all(v["status"] == "ok" for v in variants.values()), [(v["name"], v["error"]) for v in variants.values()]
+    assert variants["pruned-kd"]["notes"][1]["device"] == torch.cuda.get_device_name(0)
+    cells = {(c["variant"], c["backend"]): c for c in results["cells"]}
+    for name in ("baseline", "fp16", "bf16", "nf4", "pruned-kd"):
+        c = cells[(name, "torch-cuda")]
+        assert c["status"] in ("ok", "unstable"), (name, c["reason"])
+        assert c["memory"]["cuda_max_allocated"] >= c["memory"]["cuda_allocated_after_load"] > 0
+        assert c["accuracy"]["accuracy"] > 0.9, name
+    loaded = {n: cells[(n, "torch-cuda")]["memory"]["cuda_allocated_after_load"] for n in ("baseline", "fp16", "nf4")}
+    assert loaded["nf4"] < loaded["baseline"] and loaded["fp16"] < loaded["baseline"], loaded
+    assert cells[("baseline", "torchscript-cuda")]["status"] in ("ok", "unstable")
+    ort_cell = cells[("baseline", "ort-cuda")]
     # Either it really ran on CUDA, or it says why (provider missing): never a silent CPU number.
     if ort_cell["status"] in ("ok", "unstable"):
         assert ort_cell["threads"]["providers"][0] == "CUDAExecutionProvider"
+        assert ort_cell["threads"]["io_binding"] is True
+        assert ort_cell["accuracy"]["accuracy"] > 0.9
     else:
         assert ort_cell["reason"]
+
+
+def test_torch_compile_on_cuda_keeps_compile_time_apart(tmp_path: Path):
+    text = RECIPE.replace("name: gpu-smoke", "name: gpu-compile").replace(
+        "backends: [torch-cuda, torchscript-cuda, ort-cuda]", "backends: [torch-compile-cuda]")
+    text = text[:text.index("  fp16:")] + text[text.index("export:"):]
+    cell = _run(tmp_path, text, "gpu-compile")["cells"][0]
+    assert cell["status"] in ("ok", "unstable"), cell["reason"]
+    assert cell["cold"]["compile_s"] > 0 and cell["latency_ms"]["p50"] < cell["cold"]["first_call_ms"]
+    assert cell["accuracy"]["accuracy"] > 0.9
