@@ -132,3 +132,30 @@ def _bitsandbytes(module, p: QuantizeParams, ctx):
     if kept:
         ctx.notes["kept_in_full_precision"] = kept
     return module
+
+
+def restore_bitsandbytes(module):
+    """Give unpickled bitsandbytes layers their weight classes back.
+
+    torch.save pickles a Parameter subclass as a plain Parameter carrying the subclass's attributes,
+    so a reloaded Linear4bit's weight is no longer a Params4bit (nor a Linear8bitLt's an Int8Params).
+    On the CPU that goes unnoticed; moved to CUDA, the weight's bytes move but its quantization
+    state (absmax, SCB) stays in host memory, and the first kernel reads it from there: an illegal
+    memory access (seen on an H200). Rewrapped, `.to(device)` moves both again."""
+    import bitsandbytes as bnb
+
+    for m in module.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, bnb.nn.Linear4bit) and w is not None and not isinstance(w, bnb.nn.Params4bit):
+            state = w.__dict__
+            m.weight = bnb.nn.Params4bit(
+                w.data, requires_grad=False, quant_state=state.get("quant_state"),
+                blocksize=state.get("blocksize"), compress_statistics=state.get("compress_statistics", True),
+                quant_type=state.get("quant_type", "fp4"), quant_storage=state.get("quant_storage", w.dtype),
+                module=m, bnb_quantized=state.get("bnb_quantized", True))
+        elif isinstance(m, bnb.nn.Linear8bitLt) and w is not None and not isinstance(w, bnb.nn.Int8Params):
+            state = w.__dict__
+            m.weight = bnb.nn.Int8Params(w.data, requires_grad=False,
+                                         has_fp16_weights=state.get("has_fp16_weights", False),
+                                         CB=state.get("CB"), SCB=state.get("SCB"))
+    return module

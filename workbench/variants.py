@@ -48,7 +48,12 @@ def load_module(path: str | Path):
     digest_file = path.with_suffix(".sha256")
     if not digest_file.exists() or digest_file.read_text().strip() != _sha256(path):
         raise RuntimeError(f"{path}: not a module file written by model-workbench (digest missing or different)")
-    return torch.load(path, map_location="cpu", weights_only=False).eval()
+    module = torch.load(path, map_location="cpu", weights_only=False).eval()
+    if any(type(m).__module__.startswith("bitsandbytes") for m in module.modules()):
+        from compress.quantize import restore_bitsandbytes
+
+        module = restore_bitsandbytes(module)
+    return module
 
 
 def root_key(recipe) -> str:
