@@ -131,23 +131,42 @@ def _cell_label(c: dict) -> str:
     return f"{c['variant']}\n{c['backend']} b{c['batch_size']}"
 
 
+DEVICE_MEMORY = (("cuda_allocated_after_load", "model and inputs loaded (torch allocator)", "tab:green"),
+                 ("cuda_max_allocated", "peak while running (torch allocator)", "tab:orange"),
+                 ("nvml_process_device_bytes", "whole process on the GPU, CUDA context included (NVML)", "tab:gray"))
+
+
 def memory_bars(results, out: Path) -> Path | None:
+    """Host memory of every cell; a second panel with device memory when any cell ran on a GPU."""
     cells = [c for c in _measured(results) if c.get("memory", {}).get("peak_rss_delta") is not None]
     if not cells:
         return None
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(cells) + 2), 4.5))
+    gpu = [c for c in cells if any(c["memory"].get(k) is not None for k, _, _ in DEVICE_MEMORY)]
+    width = max(6, 0.7 * len(cells) + 2)
+    fig, axes = plt.subplots(1, 2 if gpu else 1, figsize=(width + (max(5, 0.9 * len(gpu) + 2) if gpu else 0), 4.8),
+                             squeeze=False)
+    ax = axes[0][0]
     x = np.arange(len(cells))
-    ax.bar(x, [c["memory"]["peak_rss_delta"] / MB for c in cells], color="tab:purple",
-           label="peak RSS increase of the cell's process")
-    cuda = [c.get("memory", {}).get("cuda_max_allocated") for c in cells]
-    if any(v is not None for v in cuda):
-        ax.bar(x, [(v or 0) / MB for v in cuda], width=0.4, color="tab:orange", label="torch.cuda.max_memory_allocated")
+    ax.bar(x, [c["memory"]["peak_rss_delta"] / MB for c in cells], color="tab:purple")
     ax.set_xticks(x)
     ax.set_xticklabels([_cell_label(c) for c in cells], rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("memory (MiB)")
-    ax.set_title("Memory by cell (process peak over its idle baseline)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("MiB")
+    ax.set_title("Host: peak RSS increase of the cell's process", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
+    if gpu:
+        ax = axes[0][1]
+        x = np.arange(len(gpu))
+        w = 0.8 / len(DEVICE_MEMORY)
+        for j, (key, label, color) in enumerate(DEVICE_MEMORY):
+            values = [c["memory"].get(key) for c in gpu]
+            if any(v is not None for v in values):
+                ax.bar(x + (j - 1) * w, [(v or 0) / MB for v in values], width=w, color=color, label=label)
+        ax.set_xticks(x)
+        ax.set_xticklabels([_cell_label(c) for c in gpu], rotation=45, ha="right", fontsize=7)
+        ax.set_ylabel("MiB")
+        ax.set_title("GPU memory (ONNX Runtime cells: NVML only)", fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
     return _save(fig, out / "memory_by_cell.png")
 
 

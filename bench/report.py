@@ -127,8 +127,14 @@ def variants_table(results: dict) -> tuple[list[str], list[list[str]]]:
 def cells_table(results: dict, sp: dict) -> tuple[list[str], list[list[str]]]:
     metric = primary_metric(results)
     variants = {v["name"]: v for v in results["variants"]}
+    # GPU columns only where a cell ran on one: the allocator's peak (torch cells) and NVML's whole
+    # process figure (every CUDA cell, CUDA context included).
+    gpu = any(c.get("memory", {}).get(k) is not None for c in results["cells"]
+              for k in ("cuda_max_allocated", "nvml_process_device_bytes"))
     head = ["variant", "backend", "batch", "p50 ms [95% CI]", "p95 ms", "p99 ms", "n", "items/s",
-            "speedup vs baseline [95% CI]", metric or "accuracy", "peak RSS Δ MB", "% of GEMM peak", "status"]
+            "speedup vs baseline [95% CI]", metric or "accuracy", "peak RSS Δ MB"]
+    head += ["GPU alloc peak MB", "GPU process MB (NVML)"] if gpu else []
+    head += ["% of GEMM peak", "status"]
     rows = []
     for i, c in enumerate(results["cells"]):
         lat = c.get("latency_ms")
@@ -136,14 +142,16 @@ def cells_table(results: dict, sp: dict) -> tuple[list[str], list[list[str]]]:
             p50 = f"{lat['p50']:.3f} [{lat['ci95'][0]:.3f}, {lat['ci95'][1]:.3f}]"
             s = sp.get(i)
             speed = f"{s[0]:.2f}x [{s[1]:.2f}, {s[2]:.2f}]" if s else "–"
-            mem = c.get("memory", {}).get("peak_rss_delta")
+            memory = c.get("memory", {})
+            mb = lambda key: _fmt(memory[key] / MB, 1) if memory.get(key) is not None else "–"  # noqa: E731
             rows.append([c["variant"], c["backend"], str(c["batch_size"]), p50, _fmt(lat["p95"]), _fmt(lat["p99"]),
                          str(lat["n"]), _fmt(c.get("throughput"), 1), speed,
-                         _fmt(cell_score(c, variants, metric), 4), _fmt(mem / MB, 1) if mem is not None else "–",
-                         f"{100 * c['roofline_fraction']:.1f}" if c.get("roofline_fraction") is not None else "–",
-                         c["status"]])
+                         _fmt(cell_score(c, variants, metric), 4), mb("peak_rss_delta")]
+                        + ([mb("cuda_max_allocated"), mb("nvml_process_device_bytes")] if gpu else [])
+                        + [f"{100 * c['roofline_fraction']:.1f}" if c.get("roofline_fraction") is not None else "–",
+                           c["status"]])
         else:
-            rows.append([c["variant"], c["backend"], str(c["batch_size"])] + ["–"] * 9 + [c["status"]])
+            rows.append([c["variant"], c["backend"], str(c["batch_size"])] + ["–"] * (len(head) - 4) + [c["status"]])
     return head, rows
 
 

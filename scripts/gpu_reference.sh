@@ -25,10 +25,10 @@ for stage in $STAGES; do
             recipe=recipes/minilm-l6-gpu.yaml
             [ "$stage" = distill ] && recipe=recipes/minilm-l6-gpu-distill.yaml
             name=$(basename "$recipe" .yaml)
-            # Progress bars redraw with carriage returns: keep the log readable.
-            $PY -m workbench.cli run "$recipe" --out "$RUNS" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' \
-                > "$OUT_DIR/$stage.log"
-            echo "$stage: exit ${PIPESTATUS[0]}"
+            # Straight to the file, no pipe: a stage killed by a time limit keeps every line it wrote
+            # (a pipe's buffer dies with it; that lost the first GPU run's log).
+            $PY -m workbench.cli run "$recipe" --out "$RUNS" > "$OUT_DIR/$stage.log" 2>&1
+            echo "$stage: exit $?"
             run=$(ls -td "$RUNS/$name"/*/ 2>/dev/null | grep -v /cache/ | head -n 1)
             [ -n "$run" ] && tar czf "$OUT_DIR/$stage-run.tar.gz" -C "$run" --exclude=variants --exclude=.work . ;;
         *)
