@@ -1,103 +1,13 @@
-"""Backends: one small runner each, with one interface. A runner is built inside the cell's own
-process; `unavailable` is asked in the parent to turn a backend that cannot run here into a
-skipped cell with its reason."""
+"""The backends: one class each, registered by subclassing core.backends.Backend, and the runners
+that time them. A runner is built inside the cell's own process; `unavailable` is asked in the
+parent, so a backend that cannot run here becomes a skipped cell with its reason."""
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class BackendInfo:
-    name: str
-    format: str  # the artifact format it runs: torch / torchscript / torch-export / onnx
-    device: str  # cpu / cuda
-    summary: str
-
-
-BACKENDS = {b.name: b for b in [
-    BackendInfo("torch-cpu", "torch", "cpu", "PyTorch eager on CPU"),
-    BackendInfo("torch-cuda", "torch", "cuda", "PyTorch eager on CUDA (timed with CUDA events)"),
-    BackendInfo("torch-compile-cpu", "torch", "cpu", "torch.compile (inductor) on CPU; compile time kept apart"),
-    BackendInfo("torch-compile-cuda", "torch", "cuda", "torch.compile (inductor) on CUDA"),
-    BackendInfo("torchscript-cpu", "torchscript", "cpu", "TorchScript module on CPU"),
-    BackendInfo("torchscript-cuda", "torchscript", "cuda", "TorchScript module on CUDA"),
-    BackendInfo("torch-export-cpu", "torch-export", "cpu", "torch.export program (.pt2) on CPU, run through .module()"),
-    BackendInfo("torch-export-cuda", "torch-export", "cuda", "torch.export program (.pt2) moved to CUDA"),
-    BackendInfo("ort-cpu", "onnx", "cpu", "ONNX Runtime, CPUExecutionProvider"),
-    BackendInfo("ort-cuda", "onnx", "cuda", "ONNX Runtime, CUDAExecutionProvider (onnxruntime-gpu)"),
-    BackendInfo("ort-tensorrt", "onnx", "cuda", "ONNX Runtime, TensorrtExecutionProvider"),
-]}
-
-ORT_PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
-                 "ort-tensorrt": "TensorrtExecutionProvider"}
-
-
-def unavailable(name: str) -> Optional[str]:
-    """Why backend `name` cannot run on this machine, or None when it can."""
-    info = BACKENDS[name]
-    if info.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            return "no CUDA device is visible to torch on this machine"
-    if name in ORT_PROVIDERS:
-        import onnxruntime as ort
-
-        provider = ORT_PROVIDERS[name]
-        if provider not in ort.get_available_providers():
-            hint = " (install the `gpu` extra: onnxruntime-gpu)" if info.device == "cuda" else ""
-            return f"ONNX Runtime here offers {ort.get_available_providers()}, not {provider}{hint}"
-        if provider == "TensorrtExecutionProvider" and not _tensorrt_libraries():
-            # onnxruntime-gpu lists the TensorRT provider whether or not TensorRT itself is installed.
-            return ("onnxruntime-gpu has a TensorRT provider, but TensorRT's libraries (libnvinfer) are not "
-                    "installed here (pip install tensorrt, matching the CUDA version)")
-    return None
-
-
-def _tensorrt_libraries() -> bool:
-    import ctypes
-    import ctypes.util
-
-    if ctypes.util.find_library("nvinfer"):
-        return True
-    for soname in ("libnvinfer.so.10", "libnvinfer.so.11", "libnvinfer.so"):
-        try:
-            ctypes.CDLL(soname)
-            return True
-        except OSError:
-            continue
-    try:  # the tensorrt pip wheels keep the libraries in their own package folder
-        import tensorrt_libs  # noqa: F401
-
-        return True
-    except ImportError:
-        return False
-
-
-class Runner:
-    """Built from an artifact; `prepare` moves inputs where the backend wants them (outside the
-    timed region), `timed_call` runs once and returns milliseconds of completed work."""
-
-    info: dict
-
-    def prepare(self, inputs: dict[str, np.ndarray]):
-        raise NotImplementedError
-
-    def call(self, prepared):
-        raise NotImplementedError
-
-    def timed_call(self, prepared) -> float:
-        t0 = time.perf_counter()
-        self.call(prepared)
-        return (time.perf_counter() - t0) * 1e3
-
-    def outputs(self, prepared) -> np.ndarray:
-        out = self.call(prepared)
-        return out if isinstance(out, np.ndarray) else out.float().cpu().numpy()
+from core.backends import BACKENDS, Backend, Runner
 
 
 class TorchRunner(Runner):
@@ -145,7 +55,7 @@ class OrtRunner(Runner):
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
-        want = ORT_PROVIDERS[backend]
+        want = BACKENDS[backend].provider
         providers = [want] + (["CPUExecutionProvider"] if want != "CPUExecutionProvider" else [])
         self.session = ort.InferenceSession(path, so, providers=providers)
         got = self.session.get_providers()
@@ -186,27 +96,167 @@ class OrtRunner(Runner):
         return prepared.copy_outputs_to_cpu()[0]
 
 
-def load_runner(backend: str, path: str, threads: int) -> Runner:
-    info = BACKENDS[backend]
-    if info.format == "onnx":
-        return OrtRunner(path, backend, threads)
-    import torch
+# ----------------------------------------------------------------------------- PyTorch
+class TorchBackend(Backend):
+    """Our own variant file (a pickled module, core.modelfile), eager."""
 
-    if info.format == "torchscript":
-        module = torch.jit.load(path, map_location=info.device)
-    elif info.format == "torch-export":
+    format = "torch"
+    uses_torch_allocator = True
+
+    @classmethod
+    def module(cls, path: str):
+        from core.modelfile import load_module
+
+        return load_module(path)
+
+    @classmethod
+    def load(cls, path: str, threads: int) -> Runner:
+        return TorchRunner(cls.module(path), cls.device, threads)
+
+
+class TorchCPU(TorchBackend):
+    name, device, summary = "torch-cpu", "cpu", "PyTorch eager on CPU"
+
+
+class TorchCUDA(TorchBackend):
+    name, device, summary = "torch-cuda", "cuda", "PyTorch eager on CUDA (timed with CUDA events)"
+
+
+class TorchCompileBackend(TorchBackend):
+    compiles = True
+
+    @classmethod
+    def load(cls, path: str, threads: int) -> Runner:
+        import torch
+
+        runner = super().load(path, threads)
+        runner.module = torch.compile(runner.module)
+        return runner
+
+
+class TorchCompileCPU(TorchCompileBackend):
+    name, device, summary = "torch-compile-cpu", "cpu", "torch.compile (inductor) on CPU; compile time kept apart"
+
+
+class TorchCompileCUDA(TorchCompileBackend):
+    name, device, summary = "torch-compile-cuda", "cuda", "torch.compile (inductor) on CUDA"
+
+
+class TorchScriptBackend(TorchBackend):
+    format = "torchscript"
+
+    @classmethod
+    def module(cls, path: str):
+        import torch
+
+        return torch.jit.load(path, map_location=cls.device)
+
+
+class TorchScriptCPU(TorchScriptBackend):
+    name, device, summary = "torchscript-cpu", "cpu", "TorchScript module on CPU"
+
+
+class TorchScriptCUDA(TorchScriptBackend):
+    name, device, summary = "torchscript-cuda", "cuda", "TorchScript module on CUDA"
+
+
+class TorchExportBackend(TorchBackend):
+    format = "torch-export"
+
+    @classmethod
+    def load(cls, path: str, threads: int) -> Runner:
+        import torch
+
         program = torch.export.load(path)
-        if info.device == "cuda":
+        if cls.device == "cuda":
             from torch.export.passes import move_to_device_pass
 
             program = move_to_device_pass(program, "cuda")
-        module = program.module()
-    else:
-        # Our own variant file, written by this run's pipeline (see workbench.variants.save_module).
-        from workbench.variants import load_module
+        return TorchRunner(program.module(), cls.device, threads, exported=True)
 
-        module = load_module(path)
-    runner = TorchRunner(module, info.device, threads, exported=info.format == "torch-export")
-    if backend.startswith("torch-compile"):
-        runner.module = torch.compile(runner.module)
-    return runner
+
+class TorchExportCPU(TorchExportBackend):
+    name, device, summary = "torch-export-cpu", "cpu", "torch.export program (.pt2) on CPU, run through .module()"
+
+
+class TorchExportCUDA(TorchExportBackend):
+    name, device, summary = "torch-export-cuda", "cuda", "torch.export program (.pt2) moved to CUDA"
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime
+class OrtBackend(Backend):
+    format = "onnx"
+    provider: ClassVar[str]
+    # An ONNX Runtime deployment on CPU does not load torch, so neither does its cell. On CUDA it
+    # does: torch's wheels are where the CUDA libraries ORT loads usually come from.
+    imports = ("onnxruntime",)
+
+    @classmethod
+    def unavailable(cls) -> Optional[str]:
+        why = super().unavailable()
+        if why:
+            return why
+        import onnxruntime as ort
+
+        if cls.provider not in ort.get_available_providers():
+            hint = " (install the `gpu` extra: onnxruntime-gpu)" if cls.device == "cuda" else ""
+            return f"ONNX Runtime here offers {ort.get_available_providers()}, not {cls.provider}{hint}"
+        return None
+
+    @classmethod
+    def load(cls, path: str, threads: int) -> Runner:
+        return OrtRunner(path, cls.name, threads)
+
+
+class OrtCPU(OrtBackend):
+    name, device, summary, provider = "ort-cpu", "cpu", "ONNX Runtime, CPUExecutionProvider", "CPUExecutionProvider"
+
+
+class OrtCUDA(OrtBackend):
+    name, device, provider = "ort-cuda", "cuda", "CUDAExecutionProvider"
+    summary = "ONNX Runtime, CUDAExecutionProvider (onnxruntime-gpu), inputs and outputs bound on the device"
+    imports = ("torch", "onnxruntime")
+
+
+class OrtTensorRT(OrtBackend):
+    name, device, provider = "ort-tensorrt", "cuda", "TensorrtExecutionProvider"
+    summary = "ONNX Runtime, TensorrtExecutionProvider"
+    imports = ("torch", "onnxruntime")
+
+    @classmethod
+    def unavailable(cls) -> Optional[str]:
+        why = super().unavailable()
+        if why is None and not _tensorrt_libraries():
+            # onnxruntime-gpu lists the TensorRT provider whether or not TensorRT itself is installed.
+            return ("onnxruntime-gpu has a TensorRT provider, but TensorRT's libraries (libnvinfer) are not "
+                    "installed here (pip install tensorrt, matching the CUDA version)")
+        return why
+
+
+def _tensorrt_libraries() -> bool:
+    import ctypes
+    import ctypes.util
+
+    if ctypes.util.find_library("nvinfer"):
+        return True
+    for soname in ("libnvinfer.so.10", "libnvinfer.so.11", "libnvinfer.so"):
+        try:
+            ctypes.CDLL(soname)
+            return True
+        except OSError:
+            continue
+    try:  # the tensorrt pip wheels keep the libraries in their own package folder
+        import tensorrt_libs  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def unavailable(name: str) -> Optional[str]:
+    """Why backend `name` cannot run on this machine, or None when it can."""
+    return BACKENDS[name].unavailable()
+
+
+def load_runner(backend: str, path: str, threads: int) -> Runner:
+    return BACKENDS[backend].load(path, threads)

@@ -10,15 +10,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from workbench import atomic
+from core import atomic
+from core.processes import MB, child_env, locate, memory_bytes
 
 
 def cell_job(backend: str, path, io_json: dict, batch: int, seq_len: int, threads: int, timing: dict, *,
              seed: int = 0, eval_inputs=None, outputs_path=None, sys_path=()) -> dict:
     """The job a worker runs: everything it needs, as JSON (see bench.worker)."""
-    from bench.backends import BACKENDS
+    import bench.backends  # noqa: F401 - registers the shipped backends
+    from core.backends import BACKENDS
 
-    return {"backend": backend, "device": BACKENDS[backend].device, "path": str(path), "io": io_json,
+    cls = BACKENDS[backend]
+    return {"backend": backend, "backend_module": locate(cls), "device": cls.device, "path": str(path),
+            "io": io_json,
             "batch_size": batch, "seq_len": seq_len, "threads": threads, "timing": timing, "seed": seed,
             "eval_inputs": str(eval_inputs) if eval_inputs else None,
             "outputs_path": str(outputs_path) if outputs_path else None, "sys_path": list(sys_path)}
@@ -32,12 +36,7 @@ def run_cell(job: dict, timeout_s: float, work_dir: Path, memory_limit_mb: float
     result_path = Path(job_path).with_suffix(".result.json")
     job = {**job, "result_path": str(result_path)}
     atomic.write_json(Path(job_path), job)
-    threads = str(job["threads"])
-    # Thread pools read these at start-up; set them before the child imports anything.
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = child_env(int(job["threads"]))
     try:
         proc, over = _supervise([sys.executable, "-m", "bench.worker", job_path], env, timeout_s, memory_limit_mb)
     finally:
@@ -60,20 +59,6 @@ def run_cell(job: dict, timeout_s: float, work_dir: Path, memory_limit_mb: float
     return {"status": "unstable" if unstable else "ok", "reason": reason, **result}
 
 
-MB = 1024 * 1024
-
-
-def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def _supervise(cmd, env, timeout_s: float, memory_limit_mb):
     """Run the worker, polling its RSS so a cell over its memory limit is killed and named as such
     (an OOM kill of the whole machine would take the run with it). Returns (completed, rss_over)."""
@@ -87,7 +72,7 @@ def _supervise(cmd, env, timeout_s: float, memory_limit_mb):
                 child.wait()
                 return None, None
             if memory_limit_mb is not None:
-                rss = _rss(child.pid)
+                rss = memory_bytes("VmRSS", child.pid)
                 if rss > memory_limit_mb * MB:
                     child.kill()
                     child.wait()

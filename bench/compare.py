@@ -16,8 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from bench.protocol import ratio_ci  # noqa: E402
 from bench.report import md_table  # noqa: E402
-from workbench import atomic  # noqa: E402
-from workbench.errors import RecipeError  # noqa: E402
+from core import atomic  # noqa: E402
+from core.errors import RecipeError  # noqa: E402
 
 
 def _key(c: dict) -> tuple:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -16,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from core.processes import child_env, default_threads
+
 PLAIN_LOOP = r"""
 import json, sys, time
 import numpy as np
 import onnxruntime as ort
-from workbench.model import ModelIO
+from core.model import ModelIO
 path, io_json, batch, seq, threads, iters = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
 so = ort.SessionOptions()
 so.intra_op_num_threads = threads
@@ -42,15 +43,15 @@ print(json.dumps({"p50": float(np.median(samples)), "n": iters}))
 
 def main(argv=None) -> int:
     from bench.cells import cell_job, run_cell
-    from bench.standalone import model_io
-    from workbench import atomic
-    from workbench.environment import fingerprint
+    from core.file_inputs import model_io
+    from core import atomic
+    from core.environment import fingerprint
 
     ap = argparse.ArgumentParser(prog="python -m bench.harness_check")
     ap.add_argument("model")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--out", default=None, help="write the findings as JSON here")
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     io = model_io(path, None)
     timing = {"warmup": 10, "min_iters": args.iters, "min_seconds": 0.0, "max_seconds": 600.0,
               "stability_threshold": 0.25}
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(Path(__file__).parent.parent)}
+    env = child_env(args.threads)
     rounds = []
     with tempfile.TemporaryDirectory() as work:
         for r in range(args.rounds):

@@ -1,4 +1,4 @@
-"""Plots for the report, from results.json alone. Every plot has a title, axis labels with units
+"""Plots for the report, from results.json and bench.analysis. Every plot has a title, axis labels with units
 and a legend; latency axes turn logarithmic when values span more than an order of magnitude."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from workbench import atomic  # noqa: E402
+from bench.analysis import Recommendation, cell_score, primary_metric  # noqa: E402
+from core import atomic  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -67,17 +68,16 @@ def latency_bars(results, out: Path) -> Path | None:
     return _save(fig, out / "latency_by_variant.png")
 
 
-def accuracy_vs_latency(results, out: Path, rec: dict) -> Path | None:
-    metric = results.get("task", {}).get("primary")
+def accuracy_vs_latency(results, out: Path, rec: Recommendation) -> Path | None:
+    """At the batch size the recommendation was made for, with the recommended cell circled."""
+    metric = primary_metric(results)
     if not metric:
         return None
-    from bench.report import cell_score
-
     variants = {v["name"]: v for v in results["variants"]}
-    batch = rec["rules"][0].split()[-1]
+    batch = rec.batch_size
     pts = []
     for c in _measured(results):
-        if str(c["batch_size"]) != batch:
+        if c["batch_size"] != batch:
             continue
         s = cell_score(c, variants, metric)
         if s is not None:
@@ -99,9 +99,9 @@ def accuracy_vs_latency(results, out: Path, rec: dict) -> Path | None:
             front.append((x, y))
     ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="gray", ls="--", label="Pareto frontier",
             zorder=2)
-    if rec.get("winner"):
-        w = rec["winner"]
-        ax.scatter([w[1]], [w[3]], s=300, facecolors="none", edgecolors="red", linewidths=2, label="recommended",
+    if rec.winner:
+        w = rec.winner
+        ax.scatter([w.p50], [w.score], s=300, facecolors="none", edgecolors="red", linewidths=2, label="recommended",
                    zorder=4)
     xs = [p[0] for p in pts]
     if max(xs) / max(min(xs), 1e-9) > 10:
@@ -175,7 +175,7 @@ def speedup_vs_accuracy_delta(results, out: Path, sp: dict) -> Path | None:
     measured = [(i, c) for i, c in enumerate(results["cells"]) if i in sp]
     if not measured:
         return None
-    metric = results.get("task", {}).get("primary")
+    metric = primary_metric(results)
     fig, axes = plt.subplots(1, 2 if metric else 1, figsize=(12 if metric else 7, 4.8), squeeze=False)
     ax = axes[0][0]
     vals = [sp[i] for i, _ in measured]
@@ -200,7 +200,7 @@ def speedup_vs_accuracy_delta(results, out: Path, sp: dict) -> Path | None:
     return _save(fig, out / "speedup_and_accuracy_delta.png")
 
 
-def make_plots(results: dict, out: Path, rec: dict, sp: dict) -> list[tuple[str, Path]]:
+def make_plots(results: dict, out: Path, rec: Recommendation, sp: dict) -> list[tuple[str, Path]]:
     out.mkdir(parents=True, exist_ok=True)
     plots = [("Latency by variant and backend", latency_bars(results, out)),
              ("Accuracy against latency (Pareto frontier)", accuracy_vs_latency(results, out, rec)),

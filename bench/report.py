@@ -1,19 +1,17 @@
 """The report, made from results.json alone: results.csv, report.md, a self-contained report.html
-(plots embedded as data URIs) and plots/*.png."""
+(plots embedded as data URIs) and plots/*.png. The numbers it shows come from bench.analysis."""
 from __future__ import annotations
 
 import base64
 import html
 import json
 from pathlib import Path
-from typing import Optional
 
 import pandas as pd
 
-from bench.protocol import ratio_ci
-from workbench import atomic
-
-MB = 1024 * 1024
+from bench.analysis import MB, Recommendation, cell_score, primary_metric, recommend, speedups
+from bench.plots import make_plots
+from core import atomic
 
 
 # ----------------------------------------------------------------------------- data
@@ -28,73 +26,6 @@ def cells_frame(results: dict) -> pd.DataFrame:
             df = df.drop(columns=[col])
     drop = [c for c in df.columns if c.startswith("stability.window_medians")]
     return df.drop(columns=drop)
-
-
-def primary_metric(results: dict) -> Optional[str]:
-    return results.get("task", {}).get("primary")
-
-
-def cell_score(cell: dict, variants: dict, metric: Optional[str]) -> Optional[float]:
-    """The cell's own accuracy (from the backend's outputs) when measured, else its variant's."""
-    if not metric:
-        return None
-    acc = cell.get("accuracy") or variants.get(cell["variant"], {}).get("accuracy") or {}
-    return acc.get(metric)
-
-
-def speedups(results: dict) -> dict[int, tuple[float, float, float]]:
-    """Speedup of each measured cell against the baseline variant on the same backend and batch."""
-    base_name = results["recipe"]["parsed"]["report"]["baseline"]
-    cells = results["cells"]
-    base = {(c["backend"], c["batch_size"]): c for c in cells if c["variant"] == base_name and c.get("samples_ms")}
-    out = {}
-    for i, c in enumerate(cells):
-        b = base.get((c["backend"], c["batch_size"]))
-        if b is not None and c.get("samples_ms"):
-            out[i] = ratio_ci(b["samples_ms"], c["samples_ms"])
-    return out
-
-
-def recommend(results: dict) -> dict:
-    """The fastest cell (p50) that meets every constraint of `report.constraints`; the runner-up too."""
-    spec = results["recipe"]["parsed"]
-    cons = spec["report"]["constraints"]
-    metric = primary_metric(results)
-    variants = {v["name"]: v for v in results["variants"]}
-    base = variants.get(spec["report"]["baseline"], {})
-    base_score = (base.get("accuracy") or {}).get(metric) if metric else None
-    batch = cons.get("batch_size") or spec["bench"]["batch_sizes"][0]
-    rules = [f"batch size {batch}"]
-    if cons.get("backend"):
-        rules.append(f"backend {cons['backend']}")
-    if cons.get("max_accuracy_drop") is not None:
-        rules.append(f"{metric} drop <= {cons['max_accuracy_drop']}")
-    if cons.get("max_latency_ms") is not None:
-        rules.append(f"p50 <= {cons['max_latency_ms']} ms")
-    if cons.get("max_memory_mb") is not None:
-        rules.append(f"peak RSS increase <= {cons['max_memory_mb']} MB")
-    candidates, rejected = [], 0
-    for c in results["cells"]:
-        if c["status"] not in ("ok", "unstable") or c["batch_size"] != batch:
-            continue
-        if cons.get("backend") and c["backend"] != cons["backend"]:
-            continue
-        score = cell_score(c, variants, metric)
-        ok = True
-        if cons.get("max_accuracy_drop") is not None and base_score is not None:
-            ok &= score is not None and base_score - score <= cons["max_accuracy_drop"] + 1e-12
-        if cons.get("max_latency_ms") is not None:
-            ok &= c["latency_ms"]["p50"] <= cons["max_latency_ms"]
-        if cons.get("max_memory_mb") is not None:
-            ok &= c.get("memory", {}).get("peak_rss_delta", 0) / MB <= cons["max_memory_mb"]
-        if ok:
-            candidates.append((c["status"] != "ok", c["latency_ms"]["p50"], c, score))
-        else:
-            rejected += 1
-    # Stable cells first: an unstable cell only wins when nothing stable meets the constraints.
-    candidates.sort(key=lambda t: (t[0], t[1]))
-    return {"rules": rules, "rejected": rejected, "metric": metric, "base_score": base_score,
-            "winner": candidates[0] if candidates else None, "runner_up": candidates[1] if len(candidates) > 1 else None}
 
 
 # ----------------------------------------------------------------------------- tables
@@ -180,7 +111,7 @@ def html_table(head, rows) -> str:
 
 
 # ----------------------------------------------------------------------------- document
-def sections(results: dict, plots: list[tuple[str, str]], rec: dict, sp: dict) -> list[tuple[str, object]]:
+def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, sp: dict) -> list[tuple[str, object]]:
     """The report as (kind, content) blocks; md and html render the same blocks."""
     blocks: list[tuple[str, object]] = [("h1", f"model-workbench report: {results['recipe']['name']}")]
     meta = (f"Recipe `{results['recipe']['path']}` (sha256 {str(results['recipe']['sha256'])[:12]}), "
@@ -191,29 +122,28 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: dict, sp: dict) -
         blocks.append(("warn", "QUICK RUN: timing and training budgets were shrunk (--quick). These numbers are a "
                                "smoke test, not a basis for a decision."))
     blocks.append(("h2", "Recommendation"))
-    w = rec["winner"]
+    w = rec.winner
     if w is None:
-        blocks.append(("p", f"No measured cell meets the constraints ({'; '.join(rec['rules'])}). "
+        blocks.append(("p", f"No measured cell meets the constraints ({'; '.join(rec.rules)}). "
                             "See the tables below for what was measured and why cells failed."))
     else:
-        c, score = w[2], w[3]
+        c, score = w.cell, w.score
         why = (f"fastest median latency ({c['latency_ms']['p50']:.3f} ms, 95% CI {c['latency_ms']['ci95'][0]:.3f}–"
-               f"{c['latency_ms']['ci95'][1]:.3f}) among the cells meeting: {'; '.join(rec['rules'])}")
-        idx = results["cells"].index(c)
-        if idx in sp:
-            s = sp[idx]
+               f"{c['latency_ms']['ci95'][1]:.3f}) among the cells meeting: {'; '.join(rec.rules)}")
+        if w.cell_index in sp:
+            s = sp[w.cell_index]
             why += f"; {s[0]:.2f}x the baseline on the same backend (95% CI {s[1]:.2f}–{s[2]:.2f})"
-        if rec["metric"] and score is not None:
-            why += f"; {rec['metric']} {score:.4f}"
-            if rec["base_score"] is not None:
-                why += f" (baseline {rec['base_score']:.4f})"
+        if rec.metric and score is not None:
+            why += f"; {rec.metric} {score:.4f}"
+            if rec.base_score is not None:
+                why += f" (baseline {rec.base_score:.4f})"
         if c["status"] == "unstable":
             why += ". Warning: this cell's latency was unstable"
-        blocks.append(("p", f"**Ship `{c['variant']}` on `{c['backend']}`** — {why}."))
-        r = rec["runner_up"]
+        blocks.append(("p", f"**Ship `{w.variant}` on `{w.backend}`** — {why}."))
+        r = rec.runner_up
         if r:
-            blocks.append(("p", f"Runner-up: `{r[2]['variant']}` on `{r[2]['backend']}` "
-                                f"({r[2]['latency_ms']['p50']:.3f} ms p50). {rec['rejected']} measured cell(s) at this "
+            blocks.append(("p", f"Runner-up: `{r.variant}` on `{r.backend}` "
+                                f"({r.p50:.3f} ms p50). {rec.rejected} measured cell(s) at this "
                                 f"batch size did not meet the constraints."))
     if plots:
         blocks.append(("h2", "Plots"))
@@ -314,8 +244,6 @@ def render_html(blocks, run_dir: Path) -> str:
 
 
 def write_report(run_dir: Path) -> None:
-    from bench.plots import make_plots
-
     run_dir = Path(run_dir)
     results = json.loads((run_dir / "results.json").read_text())
     df = cells_frame(results)

@@ -9,9 +9,9 @@ import json
 import os
 import time
 
-from workbench import atomic
-from workbench.environment import cpu_model
-from workbench.sources.cache import cache_dir
+from core import atomic
+from core.environment import cpu_model
+from core.cache import cache_dir
 
 
 def _best_seconds(fn, repeats: int) -> float:

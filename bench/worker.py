@@ -5,25 +5,11 @@ every other. The job says what to load and how to time it; the result is written
 the job's `result_path`, so a crash leaves no result at all rather than half of one."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
 import time
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    # VmHWM belongs to this process image. ru_maxrss would not do: Linux carries it across exec,
-    # so a child of a big parent would report the parent's peak.
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _nvml_process_bytes():
@@ -46,18 +32,19 @@ def _nvml_process_bytes():
 def run(job: dict) -> dict:
     import numpy as np
 
-    from bench.backends import load_runner
     from bench.protocol import measure, stability, summarize
-    from workbench.model import ModelIO
+    from core.backends import BACKENDS
+    from core.model import ModelIO
+    from core.processes import import_located, memory_bytes
 
+    import_located(job["backend_module"])
     threads = int(job["threads"])
-    # An ONNX Runtime deployment on CPU does not load torch, so neither does its cell: no torch thread
-    # pool beside ORT's, no seconds of import per cell. ORT on CUDA keeps it: torch's wheels are
-    # where the CUDA libraries it loads usually come from.
-    torch = None
-    if not job["backend"].startswith("ort") or job["device"] == "cuda":
-        import torch
-
+    backend = BACKENDS[job["backend"]]
+    # The libraries the backend's deployment loads, imported before the idle baseline so the memory
+    # delta is the model's. An ort-cpu cell never imports torch (no torch thread pool beside ORT's).
+    modules = {name: importlib.import_module(name) for name in backend.imports}
+    torch = modules.get("torch")
+    if torch is not None:
         torch.set_num_threads(threads)
         torch.set_num_interop_threads(1)
     for p in job.get("sys_path", []):
@@ -66,17 +53,15 @@ def run(job: dict) -> dict:
     batch, seq = int(job["batch_size"]), int(job["seq_len"])
     timing = job["timing"]
 
-    if job["backend"].startswith("ort"):
-        import onnxruntime  # noqa: F401 - imported before the baseline so the delta is the model's, not the library's
-    rss_before = _rss_bytes()  # after imports: the idle baseline of this process
+    rss_before = memory_bytes("VmRSS")  # after imports: the idle baseline of this process
     t0 = time.perf_counter()
-    runner = load_runner(job["backend"], job["path"], threads)
+    runner = backend.load(job["path"], threads)
     load_s = time.perf_counter() - t0
     prepared = runner.prepare(io.make(batch, seq, seed=job.get("seed", 0)))
     on_cuda = torch is not None and job["device"] == "cuda" and torch.cuda.is_available()
     # ONNX Runtime allocates device memory itself: torch's allocator figures would read 0 there, so
     # its cells get NVML's figure alone.
-    torch_alloc = on_cuda and not job["backend"].startswith("ort")
+    torch_alloc = on_cuda and backend.uses_torch_allocator
     # What the loaded model and one batch of inputs hold on the device before any call: the
     # weight memory a deployment pays for as long as the model is loaded.
     loaded_bytes = int(torch.cuda.memory_allocated()) if torch_alloc else None
@@ -92,19 +77,19 @@ def run(job: dict) -> dict:
     result["capped_by_max_seconds"] = m["capped"]
     result["cold"] = {"load_s": round(load_s, 4), "first_call_ms": round(first_wall_ms, 3),
                       "first_call_timed_ms": round(first_ms, 3)}
-    if job["backend"].startswith("torch-compile"):
+    if backend.compiles:
         # torch.compile compiles on the first call: that is the compile time, kept out of the warm numbers.
         result["cold"]["compile_s"] = round(first_wall_ms / 1e3, 4)
     result["threads"] = {"requested": threads, **runner.info}
 
     if job.get("eval_inputs"):
         # Accuracy from the very outputs this backend produces, on the real evaluation split.
-        from workbench.infer import load_batches
+        from core.infer import load_batches
 
         outs = [runner.outputs(runner.prepare(b)) for b in load_batches(job["eval_inputs"])]
         np.save(job["outputs_path"], np.concatenate(outs).astype(np.float32))
 
-    memory = {"peak_rss_delta": max(_peak_rss_bytes() - rss_before, 0), "rss_idle_baseline": rss_before}
+    memory = {"peak_rss_delta": max(memory_bytes("VmHWM") - rss_before, 0), "rss_idle_baseline": rss_before}
     if torch_alloc:
         memory["cuda_allocated_after_load"] = loaded_bytes
         memory["cuda_max_allocated"] = int(torch.cuda.max_memory_allocated())
@@ -122,7 +107,7 @@ def main() -> int:
     with open(job_path) as fh:
         job = json.load(fh)
     result = run(job)
-    from workbench import atomic
+    from core import atomic
 
     atomic.write_json(job["result_path"], result)
     return 0

@@ -1,1 +1,1 @@
-"""Transforms nn.Module -> nn.Module: pruning, quantization (and, later, distillation)."""
+"""Transforms nn.Module -> nn.Module: pruning, quantization, distillation."""

@@ -9,8 +9,9 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from workbench.errors import field_error
-from workbench.steps import Step, StepParams, register
+from core.encoders import bert_layers
+from core.errors import field_error
+from core.steps import Step, StepParams, register
 
 
 class DistillParams(StepParams):
@@ -58,6 +59,10 @@ class Distill(Step):
     summary = "knowledge distillation from another variant (KL + labels, or cosine/MSE on embeddings)"
     Params = DistillParams
     consumes = "torch"
+
+    @classmethod
+    def references(cls, params: dict) -> list[str]:
+        return [params.get("teacher", "baseline")]
 
     @classmethod
     def check(cls, params, *, recipe, variant, where, field):
@@ -153,11 +158,9 @@ class _LayerTap:
 
 def _encoder_layers(teacher, student, name: str) -> tuple[list, list]:
     """The matching layers of teacher and student for hidden-state distillation, or a clear error."""
-    from compress.prune import _bert_layers
-
     if teacher.format != "torch":
         raise ValueError(f"hidden_weight needs a PyTorch teacher; '{name}' is an ONNX graph")
-    t_layers, s_layers = _bert_layers(teacher.module), _bert_layers(student)
+    t_layers, s_layers = bert_layers(teacher.module), bert_layers(student)
     if not t_layers or len(t_layers) != len(s_layers):
         raise ValueError(f"hidden_weight needs teacher and student encoders of the same depth (BERT-like layers: "
                          f"teacher {len(t_layers)}, student {len(s_layers)}); set hidden_weight: 0")
@@ -220,7 +223,7 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int, device) -> dict
     import torch
     import torch.nn.functional as F
 
-    from workbench.infer import torch_outputs, variant_outputs
+    from core.infer import torch_outputs, variant_outputs
 
     task = ctx.task
     batches, labels = _rebatch(task.train_batches, task.train_labels, p.batch_size)

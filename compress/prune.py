@@ -15,8 +15,9 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from workbench.errors import field_error
-from workbench.steps import Step, StepParams, register
+from core.encoders import bert_layers
+from core.errors import field_error
+from core.steps import Step, StepParams, register
 
 
 class PruneParams(StepParams):
@@ -45,9 +46,7 @@ STATS_BATCHES = 16  # training batches whose activations rank and refit (importa
 
 
 def _kind_is_transformer(recipe) -> bool:
-    from workbench.recipe import model_kind
-
-    return model_kind(recipe.model) == "embedding" or getattr(recipe.model, "source", "") == "hf"
+    return recipe.model_kind == "embedding" or getattr(recipe.model, "source", "") == "hf"
 
 
 @register
@@ -73,11 +72,11 @@ class Prune(Step):
 
     def run(self, model, params, ctx):
         p = PruneParams.model_validate(params)
-        if p.method == "structured" and p.importance == "activation" and not _bert_layers(model.module):
+        if p.method == "structured" and p.importance == "activation" and not bert_layers(model.module):
             raise ValueError("importance 'activation' ranks FFN channels and heads of transformer encoders; "
                              "use magnitude or taylor for this model")
         module = copy.deepcopy(model.module).eval()
-        if p.method == "structured" and _bert_layers(module):
+        if p.method == "structured" and bert_layers(module):
             _transformer(module, model.module, model.io, p, ctx)
         elif p.method == "structured":
             _structured(module, model.io, p, ctx)
@@ -85,15 +84,6 @@ class Prune(Step):
             _masked(module, p, ctx)
         model.module = module
         return model
-
-
-def _bert_layers(module) -> list:
-    """The layers of a BERT-like encoder (attention + intermediate.dense + output.dense), in order."""
-    from torch import nn
-
-    return [m for m in module.modules() if hasattr(m, "attention") and isinstance(
-        getattr(getattr(m, "intermediate", None), "dense", None), nn.Linear) and isinstance(
-        getattr(getattr(m, "output", None), "dense", None), nn.Linear)]
 
 
 def _transformer(module, teacher, io_spec, p: PruneParams, ctx) -> None:
@@ -109,9 +99,9 @@ def _transformer(module, teacher, io_spec, p: PruneParams, ctx) -> None:
     import torch_pruning as tp
 
     from compress.capture import layer_inputs, next_inputs, real_tokens
-    from export.onnx import example_inputs
+    from core.model import example_inputs
 
-    layers = _bert_layers(module)
+    layers = bert_layers(module)
     hf = next(m for m in module.modules() if hasattr(m, "prune_heads") and hasattr(m, "config"))
     cfg = hf.config
     n_heads = cfg.num_attention_heads
@@ -123,7 +113,7 @@ def _transformer(module, teacher, io_spec, p: PruneParams, ctx) -> None:
     batches = (ctx.task.train_batches if ctx.task else [])[:n_stats] if p.importance == "activation" else None
     if p.importance == "activation" and not batches:
         raise ValueError("importance 'activation' needs the task's training batches, and there are none")
-    t_layers = _bert_layers(teacher.eval()) if batches else None
+    t_layers = bert_layers(teacher.eval()) if batches else None
     ctx.notes["importance"] = p.importance
     n_drop = min(n_heads - 1, int((p.head_ratio if p.head_ratio is not None else p.ratio) * n_heads)) \
         if "heads" in p.targets else 0

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from workbench.steps import Step, StepParams, register
+from core.steps import Step, StepParams, register
 
 
 class QuantizeParams(StepParams):
@@ -27,7 +27,7 @@ class QuantizeParams(StepParams):
 @register
 class Quantize(Step):
     name = "quantize"
-    summary = "PyTorch dynamic int8 quantization of Linear layers (CPU kernels: fbgemm / qnnpack)"
+    summary = "PyTorch dynamic int8 (CPU), bitsandbytes int8 / nf4 / fp4, or fp16 / bf16 weights and activations"
     Params = QuantizeParams
     consumes = "torch"
 
@@ -133,29 +133,3 @@ def _bitsandbytes(module, p: QuantizeParams, ctx):
         ctx.notes["kept_in_full_precision"] = kept
     return module
 
-
-def restore_bitsandbytes(module):
-    """Give unpickled bitsandbytes layers their weight classes back.
-
-    torch.save pickles a Parameter subclass as a plain Parameter carrying the subclass's attributes,
-    so a reloaded Linear4bit's weight is no longer a Params4bit (nor a Linear8bitLt's an Int8Params).
-    On the CPU that goes unnoticed; moved to CUDA, the weight's bytes move but its quantization
-    state (absmax, SCB) stays in host memory, and the first kernel reads it from there: an illegal
-    memory access (seen on an H200). Rewrapped, `.to(device)` moves both again."""
-    import bitsandbytes as bnb
-
-    for m in module.modules():
-        w = getattr(m, "weight", None)
-        if isinstance(m, bnb.nn.Linear4bit) and w is not None and not isinstance(w, bnb.nn.Params4bit):
-            state = w.__dict__
-            m.weight = bnb.nn.Params4bit(
-                w.data, requires_grad=False, quant_state=state.get("quant_state"),
-                blocksize=state.get("blocksize"), compress_statistics=state.get("compress_statistics", True),
-                quant_type=state.get("quant_type", "fp4"), quant_storage=state.get("quant_storage", w.dtype),
-                module=m, bnb_quantized=state.get("bnb_quantized", True))
-        elif isinstance(m, bnb.nn.Linear8bitLt) and w is not None and not isinstance(w, bnb.nn.Int8Params):
-            state = w.__dict__
-            m.weight = bnb.nn.Int8Params(w.data, requires_grad=False,
-                                         has_fp16_weights=state.get("has_fp16_weights", False),
-                                         CB=state.get("CB"), SCB=state.get("SCB"))
-    return module

@@ -9,8 +9,10 @@ import logging
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
-from workbench.model import ModelIO
+from core.formats import ExportFormat, module_kinds
+from core.model import ModelIO, dynamic_axes, example_inputs
 
 # Above this many weight bytes the graph cannot live in one protobuf (2 GiB limit).
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -18,20 +20,6 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 
 def needs_external_data(module) -> bool:
     return sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
-
-
-def example_inputs(io_spec: ModelIO):
-    """Batch 2 and sequence 16: a size of 1 would let the exporter specialise the axis."""
-    import torch
-
-    return {k: torch.from_numpy(v) for k, v in io_spec.make(batch=2, seq=16, seed=0).items()}
-
-
-def dynamic_axes(io_spec: ModelIO) -> dict:
-    axes = {name: {i: d for i, d in enumerate(spec["shape"]) if d in ("batch", "seq")}
-            for name, spec in io_spec.inputs.items()}
-    axes[io_spec.output] = {0: "batch"}
-    return axes
 
 
 def export_onnx(module, io_spec: ModelIO, path: Path, *, opset: int = 18, exporter: str = "dynamo") -> dict:
@@ -82,11 +70,33 @@ def export_onnx(module, io_spec: ModelIO, path: Path, *, opset: int = 18, export
     return record
 
 
-def onnx_files(path: Path) -> list[Path]:
-    """The .onnx file and any external-data files saved beside it."""
-    import onnx
+class OnnxFormat(ExportFormat):
+    name, file_name = "onnx", "model.onnx"
+    summary = "ONNX graph (torch.onnx dynamo exporter; TorchScript-based or optimum exporters as configured)"
 
-    path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    extra = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-    return [path] + [path.parent / x for x in sorted(extra)]
+    @classmethod
+    def unsupported(cls, module) -> Optional[str]:
+        kinds = module_kinds(module)
+        if any(k.startswith("torch.ao.nn.quantized.dynamic") for k in kinds):
+            return ("PyTorch dynamic-int8 layers (quantized::linear_dynamic) have no ONNX export; quantize the "
+                    "ONNX graph with the onnx-quantize step instead")
+        if "bitsandbytes" in kinds:
+            return ("bitsandbytes layers have no ONNX export; for an int8 / int4 ONNX graph use the onnx-quantize "
+                    "step on the unquantized parent")
+        return None
+
+    @classmethod
+    def export(cls, module, io, path: Path, spec) -> dict:
+        return export_onnx(module, io, path, opset=spec.opset, exporter=spec.exporter)
+
+    @classmethod
+    def shareable(cls, module) -> bool:
+        return not needs_external_data(module)  # a graph with external data files is not worth copying around
+
+    @classmethod
+    def load(cls, path: str):
+        from core.infer import onnx_session
+
+        sess = onnx_session(path)
+        names = {i.name for i in sess.get_inputs()}
+        return lambda b: sess.run(None, {k: v for k, v in b.items() if k in names})[0]

@@ -8,7 +8,8 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from workbench.steps import Step, StepParams, register
+from core.encoders import attention_shape, transformer_config
+from core.steps import Step, StepParams, register
 
 LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
@@ -25,29 +26,6 @@ class OnnxOptimizeParams(StepParams):
                           "since the levels rewrite the graph for the CPU provider")
     num_heads: Optional[int] = Field(None, gt=0, description="attention heads; default: from the model's config")
     hidden_size: Optional[int] = Field(None, gt=0, description="hidden size; default: from the model's config")
-
-
-def transformer_config(module):
-    """The Hugging Face config inside a wrapped module (the one that knows heads and hidden size)."""
-    for m in module.modules() if module is not None else []:
-        cfg = getattr(m, "config", None)
-        if cfg is not None and hasattr(cfg, "num_attention_heads"):
-            return cfg
-    return None
-
-
-def attention_shape(module) -> Optional[tuple[int, int]]:
-    """(heads, attention width) of an encoder's layers as they are now. Pruned heads leave the config's
-    num_attention_heads and hidden_size unchanged, so read the attention modules; when layers differ,
-    (0, 0) lets ORT's fusion detect each layer's from its graph. None: not a BERT-like encoder."""
-    from compress.prune import _bert_layers
-
-    layers = _bert_layers(module) if module is not None else []
-    shapes = {(getattr(layer.attention.self, "num_attention_heads", 0), getattr(layer.attention.self, "all_head_size", 0))
-              for layer in layers}
-    if not layers:
-        return None
-    return shapes.pop() if len(shapes) == 1 else (0, 0)
 
 
 @register

@@ -9,8 +9,8 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from workbench.errors import field_error
-from workbench.steps import Step, StepParams, register
+from core.errors import field_error
+from core.steps import Step, StepParams, register
 
 
 class OnnxQuantizeParams(StepParams):
@@ -102,7 +102,7 @@ class OnnxQuantize(Step):
             quantize_dynamic(str(src), str(out), per_channel=p.per_channel, reduce_range=p.reduce_range,
                              weight_type=getattr(QuantType, p.weight_type), op_types_to_quantize=p.op_types)
             return
-        from workbench.infer import onnx_session
+        from core.infer import onnx_session
 
         names = {i.name for i in onnx_session(src).get_inputs()}
         batches = ctx.task.train_batches[:p.calibration_batches]

@@ -2,7 +2,7 @@
 inputs, dynamic axes and quirks. optimum exports the bare transformer (last_hidden_state or
 logits, with token_type_ids as an input); the workbench's model also pools and takes only
 input_ids and attention_mask, so the graph is completed here: token_type_ids become zeros made
-inside the graph, and the same pooling as workbench.sources.models.EmbeddingModel is appended."""
+inside the graph, and the same pooling as core.encoders.EmbeddingModel is appended."""
 from __future__ import annotations
 
 import contextlib
@@ -12,12 +12,12 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from workbench.model import ModelIO
+from core.model import ModelIO
 
 
 def hf_inside(module):
     """(Hugging Face model, optimum task, pooling) for the workbench's wrappers; None otherwise."""
-    from workbench.sources.models import EmbeddingModel, SequenceClassifier
+    from core.encoders import EmbeddingModel, SequenceClassifier
 
     if isinstance(module, EmbeddingModel) and hasattr(module.encoder, "config"):
         return module.encoder, "feature-extraction", module.pooling

@@ -5,8 +5,8 @@ import time
 import warnings
 from pathlib import Path
 
-from export.onnx import example_inputs
-from workbench.model import ModelIO
+from core.formats import ExportFormat, module_kinds, torch_callable
+from core.model import ModelIO, example_inputs
 
 
 def export_torchscript(module, io_spec: ModelIO, path: Path) -> dict:
@@ -27,3 +27,30 @@ def export_torchscript(module, io_spec: ModelIO, path: Path) -> dict:
         how = "torch.jit.script"
     torch.jit.save(scripted, str(path))
     return {"exporter": how, "fallback_reason": fallback, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def no_trace_form(module, fmt: str):
+    """bitsandbytes layers call Python autograd functions that tracing cannot record."""
+    if "bitsandbytes" in module_kinds(module):
+        return (f"bitsandbytes layers have no {fmt} form (their matmuls are Python autograd functions); "
+                "benchmark the module itself on torch-cpu / torch-cuda")
+    return None
+
+
+class TorchScriptFormat(ExportFormat):
+    name, file_name = "torchscript", "model.torchscript.pt"
+    summary = "TorchScript (torch.jit.trace; torch.jit.script when tracing fails)"
+
+    @classmethod
+    def unsupported(cls, module):
+        return no_trace_form(module, cls.name)
+
+    @classmethod
+    def export(cls, module, io, path: Path, spec) -> dict:
+        return export_torchscript(module, io, path)
+
+    @classmethod
+    def load(cls, path: str):
+        import torch
+
+        return torch_callable(torch.jit.load(path))

@@ -89,8 +89,8 @@ def test_bench_a_torch_export_program(quick_run, tmp_path):
 
     from bench.backends import load_runner
     from export.torch_export import export_pt2
-    from workbench.model import ModelIO
-    from workbench.variants import load_module
+    from core.model import ModelIO
+    from core.modelfile import load_module
 
     variant_dir = quick_run.run_dir / "variants" / "baseline"
     module = load_module(variant_dir / "module.pt")

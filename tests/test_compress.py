@@ -91,8 +91,8 @@ def test_bitsandbytes_weights_keep_their_class_and_state_through_the_variant_fil
 
     from compress.quantize import QuantizeParams, _bitsandbytes
     from workbench.sources.models import DigitsCNN
-    from workbench.steps import StepContext
-    from workbench.variants import load_module, save_module
+    from core.steps import StepContext
+    from core.modelfile import load_module, save_module
 
     ctx = StepContext(work_dir=tmp_path, task=None, quick=True, seed=0, variant="q", export=None)
     module = _bitsandbytes(DigitsCNN().eval(), QuantizeParams(method=method), ctx)

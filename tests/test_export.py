@@ -10,10 +10,10 @@ from export.parity import parity
 from export.reload import outputs_in_fresh_process
 from export.torch_export import export_pt2
 from export.torchscript import export_torchscript
-from workbench.infer import onnx_outputs, torch_outputs
-from workbench.model import VariantModel
+from core.infer import onnx_outputs, torch_outputs
+from core.model import VariantModel
 from workbench.sources.models import EmbeddingModel, text_io
-from workbench.steps import StepContext
+from core.steps import StepContext
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from workbench.cli import main
-from workbench.infer import torch_outputs
+from core.infer import torch_outputs
 from workbench.recipe import load_recipe
 from workbench.sources.data import digits_split, read_text_file, split_by_hash, stdlib_docstrings
 from workbench.sources.models import load_model

@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from workbench.errors import RecipeError
+from core.errors import RecipeError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,7 +104,7 @@ def _dispatch(args) -> int:
         print(f"report: {run_dir / 'report.md'}")
         return 0
     if args.command == "bench":
-        from bench.standalone import bench_file
+        from workbench.standalone import bench_file
 
         return bench_file(args)
     if args.command == "compare":
@@ -117,16 +117,22 @@ def _dispatch(args) -> int:
 
 
 def _list() -> int:
-    from bench.backends import BACKENDS, unavailable
-    from workbench.steps import describe_steps
+    from core.backends import BACKENDS
+    from core.formats import FORMATS
+    from core.steps import describe_steps
+    from workbench import plugins
 
+    plugins.load()
     print("steps (recipe `variants.<name>.steps`):")
     for name, consumes, produces, summary in describe_steps():
         print(f"  {name:16} {consumes:>5} -> {consumes if produces == 'same' else produces:5}  {summary}")
     print("\nbackends (recipe `bench.backends`):")
-    for name, info in BACKENDS.items():
-        why = unavailable(name)
+    for name, cls in BACKENDS.items():
+        why = cls.unavailable()
         print(f"  {name:20} {'usable here' if why is None else 'not here: ' + why}")
+    print("\nexport formats (recipe `export.formats`):")
+    for name, cls in FORMATS.items():
+        print(f"  {name:14} {cls.file_name:22} {cls.summary}")
     print("\nbuilt-in models: digits-cnn (classifier, 1x8x8), minilm-l6 (sentence embeddings)")
     print("built-in data:   digits (classification), stdlib-docstrings (embedding-fidelity)")
     return 0

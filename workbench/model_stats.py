@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from workbench.model import ModelIO
+from core.model import ModelIO
 
 
 def _weights(module):

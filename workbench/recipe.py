@@ -9,20 +9,35 @@ from __future__ import annotations
 import hashlib
 import importlib
 import re
-import sys
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from bench.backends import BACKENDS
-from workbench.errors import RecipeError, field_error
+from core.backends import BACKENDS
+from core.errors import RecipeError, field_error
+from core.formats import FORMATS
+from workbench import plugins
+from workbench.schema_errors import pydantic_error
 
-# One list of backend names: the runners' registry. Typed here so a recipe naming another is rejected.
-BackendName = Literal[tuple(BACKENDS)]
-ExportFormat = Literal["onnx", "torchscript", "torch-export"]
+plugins.load()  # the registries below are complete from here on
+
+
+def _registered(registry: dict, what: str) -> AfterValidator:
+    """A name checked against a registry when the recipe is validated (not when this module is
+    imported), so a step, backend or format registered later is accepted too."""
+
+    def check(name: str) -> str:
+        if name not in registry:
+            raise ValueError(f"is not a {what} this install offers; accepted: {', '.join(registry)}")
+        return name
+
+    return AfterValidator(check)
+
+
+BackendName = Annotated[str, _registered(BACKENDS, "backend")]
+ExportFormat = Annotated[str, _registered(FORMATS, "export format")]
 
 
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -213,6 +228,11 @@ class Recipe(Strict):
         return self._path
 
     @property
+    def model_kind(self) -> str:
+        """'classifier' or 'embedding': what the model's single output means."""
+        return model_kind(self.model)
+
+    @property
     def sha256(self) -> Optional[str]:
         return self._sha256
 
@@ -224,14 +244,17 @@ class Recipe(Strict):
         return Path(self.path).resolve().parent / q
 
     def dependencies(self, name: str) -> list[str]:
-        """The variants `name` needs first: its parent and any teacher its steps name."""
+        """The variants `name` needs first: its parent and the variants its steps read (the step
+        registry's `references`, e.g. a distillation teacher)."""
+        from core.steps import STEPS
+
         v = self.variants[name]
         deps = [v.from_] if v.from_ else []
         for s in v.steps:
-            params = s.params if isinstance(s, StepCall) else (next(iter(s.values())) if isinstance(s, dict) and
-                                                               len(s) == 1 else None)
-            if isinstance(params, dict) and isinstance(params.get("teacher"), str):
-                deps.append(params["teacher"])
+            step_name, params = (s.name, s.params) if isinstance(s, StepCall) else _split_raw(s)
+            step = STEPS.get(step_name)
+            if step is not None and isinstance(params, dict):
+                deps += [r for r in step.references(params) if isinstance(r, str)]
         return [d for d in deps if d in self.variants]
 
     def order(self) -> list[str]:
@@ -275,98 +298,14 @@ def parse_recipe(data: dict, where: str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise _pydantic_error(e, Recipe, where) from None
-
-
-def _pydantic_error(e: ValidationError, root: type, where: str, prefix: str = "") -> RecipeError:
-    err = e.errors(include_url=False)[0]
-    loc = list(err["loc"])
-    display, parent_cls = _walk(root, loc[:-1]) if loc else ([], root)
-    field = _path([prefix] + display + loc[-1:]) if loc else prefix
-    etype = err["type"]
-    if etype == "extra_forbidden":
-        accepted = sorted(parent_cls.model_fields) if _is_model(parent_cls) else None
-        accepted = [_alias(parent_cls, a) for a in accepted] if accepted else None
-        return field_error(where, field, "unknown key", accepted=accepted)
-    if etype == "missing":
-        return field_error(where, field, "is required but missing")
-    value = err.get("input")
-    if isinstance(value, (dict, list)) and len(repr(value)) > 80:
-        value = None
-    return field_error(where, field, err["msg"], value=value)
-
-
-def _path(parts: list) -> str:
-    """['bench', 'batch_sizes', 1] -> 'bench.batch_sizes[1]'."""
-    out = ""
-    for p in parts:
-        if p == "" or p is None:
-            continue
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out
-
-
-def _alias(cls, name: str) -> str:
-    f = cls.model_fields[name]
-    return f.alias or name
-
-
-def _is_model(cls) -> bool:
-    return isinstance(cls, type) and issubclass(cls, BaseModel)
-
-
-def _walk(cls, loc: list) -> tuple[list, Any]:
-    """Follow an error location through the schema: returns the path a user would write
-    (without pydantic's union tags) and the model class at the end of it."""
-    shown: list = []
-    for part in loc:
-        cls = _unwrap(cls)
-        if _is_union(cls):
-            members = [_unwrap(m) for m in typing.get_args(cls)]
-            tagged = [m for m in members if _is_model(m) and _tag_of(m) == part]
-            if tagged:  # a discriminated-union tag: not a key the user wrote
-                cls = tagged[0]
-                continue
-        if _is_model(cls):
-            name = next((n for n, f in cls.model_fields.items() if part in (n, f.alias)), None)
-            shown.append(_alias(cls, name) if name else part)
-            cls = cls.model_fields[name].annotation if name else None
-        else:
-            shown.append(part)
-            args = typing.get_args(cls)
-            cls = args[-1] if args else None
-    cls = _unwrap(cls)
-    return shown, cls
-
-
-def _unwrap(cls):
-    while typing.get_origin(cls) is Annotated:
-        cls = typing.get_args(cls)[0]
-    if _is_union(cls):
-        members = [a for a in typing.get_args(cls) if a is not type(None)]
-        if len(members) == 1:
-            return _unwrap(members[0])
-    return cls
-
-
-def _is_union(cls) -> bool:
-    import types
-    return typing.get_origin(cls) in (Union, types.UnionType)
-
-
-def _tag_of(model_cls) -> Optional[str]:
-    for key in ("source", "type"):
-        f = model_cls.model_fields.get(key)
-        if f is not None and typing.get_origin(f.annotation) is Literal:
-            return typing.get_args(f.annotation)[0]
-    return None
+        raise pydantic_error(e, Recipe, where) from None
 
 
 # ----------------------------------------------------------------------------- cross-field checks
 def check_recipe(recipe: Recipe, where: str) -> None:
     """Checks that span fields: the variant DAG, the steps and the formats they pass along,
     paths that must exist, and whether the task fits the model."""
-    from workbench.steps import get_step, step_names
+    from core.steps import get_step, step_names
 
     names = list(recipe.variants)
     for name, v in recipe.variants.items():
@@ -397,7 +336,7 @@ def check_recipe(recipe: Recipe, where: str) -> None:
             try:
                 p = step.Params.model_validate(params or {})
             except ValidationError as e:
-                raise _pydantic_error(e, step.Params, where, prefix=f"{field}.{step_name}") from None
+                raise pydantic_error(e, step.Params, where, prefix=f"{field}.{step_name}") from None
             # torch -> ONNX happens implicitly (the runner exports first); ONNX -> torch cannot.
             if step.consumes == "torch" and current == "onnx":
                 what = {"torch": "a PyTorch module", "onnx": "an ONNX graph"}
@@ -418,6 +357,16 @@ def check_recipe(recipe: Recipe, where: str) -> None:
     if c.backend is not None and c.backend not in recipe.bench.backends:
         raise field_error(where, "report.constraints.backend", "is not among bench.backends", value=c.backend,
                           accepted=recipe.bench.backends)
+
+
+def _split_raw(raw) -> tuple[Optional[str], Optional[dict]]:
+    """(name, params) of a step as written (`name` or `{name: {params}}`), without checking it."""
+    if isinstance(raw, str):
+        return raw, {}
+    if isinstance(raw, dict) and len(raw) == 1:
+        name, params = next(iter(raw.items()))
+        return name, params if isinstance(params, dict) else {}
+    return None, None
 
 
 def _split_step(raw, where: str, field: str) -> tuple[str, Optional[dict]]:
@@ -474,14 +423,10 @@ def _check_model(recipe: Recipe, where: str) -> None:
             raise field_error(where, "model.source", "needs the torchvision package, which is not importable here",
                               value="torchvision", accepted="builtin, hf, python") from None
     if isinstance(m, PythonModel):
-        mod_name, attr = m.ref.split(":")
-        folder = str(recipe.resolve("."))
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
+        from workbench.sources.refs import resolve_ref
+
         try:
-            obj = importlib.import_module(mod_name)
-            for a in attr.split("."):
-                obj = getattr(obj, a)
+            obj = resolve_ref(m.ref, recipe.resolve("."))
         except Exception as e:
             raise field_error(where, "model.ref", f"cannot be imported ({type(e).__name__}: {e})", value=m.ref,
                               accepted="'package.module:callable' importable from the recipe's folder") from None

@@ -11,49 +11,13 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from workbench import atomic
-from workbench.environment import versions
-from workbench.model import ModelIO, VariantModel
+from core import atomic
+from core.environment import versions
+from core.model import ModelIO, VariantModel
+from core.modelfile import load_module, onnx_files, save_module
 
 MODULE_FILE = "module.pt"
 ONNX_FILE = "model.onnx"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def save_module(module, path: Path) -> str:
-    """Pickle the whole module (pruned and quantized modules change structure, so a state_dict alone
-    cannot rebuild them) and return its sha256, which `load_module` checks before unpickling."""
-    import torch
-
-    atomic.write_with(path, lambda tmp: torch.save(module, tmp))
-    digest = _sha256(path)
-    atomic.write_text(path.with_suffix(".sha256"), digest + "\n")
-    return digest
-
-
-def load_module(path: str | Path):
-    """Load a module file this tool wrote. Unpickling runs code, so only files whose digest matches
-    the one written beside them at save time are accepted; user checkpoints never come here
-    (they load with weights_only=True)."""
-    import torch
-
-    path = Path(path)
-    digest_file = path.with_suffix(".sha256")
-    if not digest_file.exists() or digest_file.read_text().strip() != _sha256(path):
-        raise RuntimeError(f"{path}: not a module file written by model-workbench (digest missing or different)")
-    module = torch.load(path, map_location="cpu", weights_only=False).eval()
-    if any(type(m).__module__.startswith("bitsandbytes") for m in module.modules()):
-        from compress.quantize import restore_bitsandbytes
-
-        module = restore_bitsandbytes(module)
-    return module
 
 
 def root_key(recipe) -> str:
@@ -120,16 +84,12 @@ class VariantCache:
         if model.format == "torch":
             save_module(model.module, workdir / MODULE_FILE)
         elif model.onnx_path != workdir / ONNX_FILE:
-            from export.onnx import onnx_files
-
             files = onnx_files(model.onnx_path)
             for f in files:
                 shutil.copy2(f, workdir / (ONNX_FILE if f == files[0] else f.name))
         # Keep only the model's own files: steps leave intermediates (pre-processed graphs) behind.
         keep = {MODULE_FILE, Path(MODULE_FILE).with_suffix(".sha256").name, ONNX_FILE}
         if model.format == "onnx":
-            from export.onnx import onnx_files
-
             keep |= {f.name for f in onnx_files(workdir / ONNX_FILE)}
         for f in workdir.iterdir():
             if f.name not in keep:
@@ -150,8 +110,6 @@ class VariantCache:
 def model_files(model: VariantModel, cache_folder: Path) -> list[Path]:
     if model.format == "torch":
         return [cache_folder / MODULE_FILE, cache_folder / "module.sha256"]
-    from export.onnx import onnx_files
-
     return onnx_files(cache_folder / ONNX_FILE)
 
 

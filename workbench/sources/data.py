@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench import atomic
-from workbench.sources.cache import cache_dir
+from core import atomic
+from core.cache import cache_dir
 
 
 def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -5,7 +5,6 @@ Every source yields a SourceModel: an nn.Module whose forward takes named tensor
 tensor (logits or a pooled embedding), plus the ModelIO that says how to build its inputs."""
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from workbench import atomic
-from workbench.model import ModelIO
+from core import atomic
+from core.cache import cache_dir
+from core.encoders import EmbeddingModel, SequenceClassifier  # noqa: F401 - also where older pickles look
+from core.model import ModelIO
 from workbench.recipe import BuiltinModel, HFModel, PythonModel, Recipe, TorchvisionModel, model_kind
-from workbench.sources.cache import cache_dir
+from workbench.sources.refs import resolve_ref
 
 
 @dataclass
@@ -91,33 +92,6 @@ def digits_cnn(seed: int = 0) -> SourceModel:
 
 
 # ----------------------------------------------------------------------------- Hugging Face
-class EmbeddingModel(nn.Module):
-    """A transformer encoder with pooling: (input_ids, attention_mask) -> sentence embedding."""
-
-    def __init__(self, encoder: nn.Module, pooling: str = "mean"):
-        super().__init__()
-        self.encoder = encoder
-        self.pooling = pooling
-
-    def forward(self, input_ids, attention_mask):
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-
-
-class SequenceClassifier(nn.Module):
-    """(input_ids, attention_mask) -> logits, for AutoModelForSequenceClassification models."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-
 def text_io(vocab_size: int, kind: str) -> ModelIO:
     return ModelIO(inputs={
         "input_ids": {"shape": ["batch", "seq"], "dtype": "int64", "low": 0, "high": int(vocab_size)},
@@ -181,11 +155,7 @@ class _NamedInput(nn.Module):
 
 
 def python_model(spec: PythonModel, recipe: Recipe) -> SourceModel:
-    mod_name, attr = spec.ref.split(":")
-    obj = importlib.import_module(mod_name)
-    for a in attr.split("."):
-        obj = getattr(obj, a)
-    module = obj(**spec.kwargs)
+    module = resolve_ref(spec.ref, recipe.resolve("."))(**spec.kwargs)
     if not isinstance(module, nn.Module):
         raise TypeError(f"model.ref {spec.ref} returned {type(module).__name__}, not a torch.nn.Module")
     if spec.checkpoint:

@@ -44,6 +44,20 @@ class ModelIO:
         return cls(inputs=d["inputs"], kind=d["kind"], output=d.get("output", "output"))
 
 
+def example_inputs(io_spec: ModelIO) -> dict:
+    """Batch 2 and sequence 16: a size of 1 would let the exporter specialise the axis."""
+    import torch
+
+    return {k: torch.from_numpy(v) for k, v in io_spec.make(batch=2, seq=16, seed=0).items()}
+
+
+def dynamic_axes(io_spec: ModelIO) -> dict:
+    axes = {name: {i: d for i, d in enumerate(spec["shape"]) if d in ("batch", "seq")}
+            for name, spec in io_spec.inputs.items()}
+    axes[io_spec.output] = {0: "batch"}
+    return axes
+
+
 @dataclass
 class VariantModel:
     """A variant as it moves through the steps: a torch module, or an ONNX graph on disk."""

@@ -42,7 +42,7 @@ def variant_outputs(model, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
 
 def save_batches(path: Path, batches: list[dict[str, np.ndarray]]) -> None:
     """Batches (which may differ in shape) in one .npz: keys "<batch index>/<input name>"."""
-    from workbench import atomic
+    from core import atomic
 
     arrays = {f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b.items()}
     atomic.write_with(Path(path), lambda tmp: np.savez(open(tmp, "wb"), n_batches=len(batches), **arrays))

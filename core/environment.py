@@ -7,6 +7,8 @@ import platform
 import subprocess
 import sys
 
+from core.processes import default_threads
+
 LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "torch-pruning", "bitsandbytes",
              "transformers", "optimum", "optimum-onnx", "numpy", "pandas", "scikit-learn", "model-workbench")
 
@@ -71,7 +73,7 @@ def fingerprint(threads: int | None = None) -> dict:
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),
         "cores_logical": os.cpu_count(),
-        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores_available": default_threads(),
         "threads_requested": threads,
         "libraries": versions(),
         **gpu_info(),

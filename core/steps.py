@@ -1,19 +1,15 @@
-"""The step registry. A step is one transform with typed parameters; it declares which model
-format it consumes and produces, so a recipe can be checked before any work is done."""
+"""The step registry. A step is one transform with typed parameters, one class in compress/ or
+export/ registered with `@register`; it declares which model format it consumes and produces and
+which other variants it reads, so a recipe can be ordered and checked before any work is done."""
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
 from pydantic import BaseModel, ConfigDict
 
-# Modules whose import registers steps. Kept explicit so `workbench list` shows them all.
-STEP_MODULES = ("compress.quantize", "compress.prune", "compress.distill", "export.onnx_quantize",
-                "export.onnx_optimize")
-
-_REGISTRY: dict[str, type["Step"]] = {}
+STEPS: dict[str, type["Step"]] = {}
 
 
 class StepParams(BaseModel):
@@ -32,6 +28,12 @@ class Step:
     @classmethod
     def check(cls, params, *, recipe, variant: str, where: str, field: str) -> None:
         """Cross-field checks at recipe load (e.g. a teacher that names a variant). Raise RecipeError."""
+
+    @classmethod
+    def references(cls, params: dict) -> list[str]:
+        """Names of the other variants this step reads (a distillation teacher): they are built first,
+        and their cache keys enter this variant's."""
+        return []
 
     @classmethod
     def exporter_for(cls, params: dict) -> Optional[str]:
@@ -57,25 +59,17 @@ class StepContext:
 
 
 def register(cls: type[Step]) -> type[Step]:
-    _REGISTRY[cls.name] = cls
+    STEPS[cls.name] = cls
     return cls
 
 
-def _load() -> None:
-    for mod in STEP_MODULES:
-        importlib.import_module(mod)
-
-
 def get_step(name: str) -> type[Step]:
-    _load()
-    return _REGISTRY[name]
+    return STEPS[name]
 
 
 def step_names() -> list[str]:
-    _load()
-    return sorted(_REGISTRY)
+    return sorted(STEPS)
 
 
 def describe_steps() -> list[tuple[str, str, str, str]]:
-    _load()
-    return [(n, s.consumes, s.produces, s.summary) for n, s in sorted(_REGISTRY.items())]
+    return [(n, s.consumes, s.produces, s.summary) for n, s in sorted(STEPS.items())]

@@ -1,0 +1,60 @@
+"""The export-format registry. A format is one class in export/ that subclasses ExportFormat
+(registration is automatic): the file it writes, how to export a torch module to it, how to load
+it back as a callable (the fresh-process parity check uses that), and why a module has no such form."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Optional
+
+import numpy as np
+
+FORMATS: dict[str, type["ExportFormat"]] = {}
+
+
+class ExportFormat:
+    name: ClassVar[str]
+    file_name: ClassVar[str]
+    summary: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            FORMATS[cls.name] = cls
+
+    @classmethod
+    def unsupported(cls, module) -> Optional[str]:
+        """Why `module` has no form in this format (and what to do instead), or None."""
+        return None
+
+    @classmethod
+    def export(cls, module, io, path: Path, spec: Any) -> dict:
+        """Write `path` from `module` (inputs described by `io`, a core.model.ModelIO; `spec` is the
+        recipe's export section); return what happened, for the results."""
+        raise NotImplementedError
+
+    @classmethod
+    def shareable(cls, module) -> bool:
+        """Whether one exported file may be copied for every variant that shares the module."""
+        return True
+
+    @classmethod
+    def load(cls, path: str) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+        """A callable: dict of numpy inputs -> numpy output, on the CPU."""
+        raise NotImplementedError
+
+
+def module_kinds(module) -> set[str]:
+    """The Python packages the module's layers come from ("bitsandbytes", "torch.ao.nn.quantized..."),
+    for `unsupported` checks."""
+    return {type(m).__module__.split(".")[0] if type(m).__module__.startswith("bitsandbytes")
+            else type(m).__module__ for m in module.modules()}
+
+
+def torch_callable(module) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    import torch
+
+    def run(batch):
+        with torch.no_grad():
+            return module(**{k: torch.from_numpy(v) for k, v in batch.items()}).float().numpy()
+
+    return run

@@ -1,0 +1,76 @@
+"""Child processes of the workbench (bench cells, fresh-process parity, the harness check): their
+environment, and how a child finds a backend or export format registered outside the project's
+packages (in a user's module or a test)."""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+ROOT = str(Path(__file__).resolve().parent.parent)  # the folder that holds core/, bench/, ...
+MB = 1024 * 1024
+
+
+def child_env(threads: int | None = None) -> dict:
+    """The parent's environment with the project importable, warnings off, and, when `threads` is
+    given, every thread pool sized before the child imports anything (they read it at start-up)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+    return env
+
+
+def locate(cls) -> list[str]:
+    """[module, folder]: what a fresh process imports to find `cls` in its registry."""
+    module = sys.modules[cls.__module__]
+    path = getattr(module, "__file__", None)
+    return [cls.__module__, str(Path(path).resolve().parent) if path else ""]
+
+
+def import_located(spec) -> None:
+    """In a fresh process: import the module that `locate` named (its folder goes last on sys.path,
+    so it shadows nothing)."""
+    module, folder = spec
+    if folder and folder not in sys.path:
+        sys.path.append(folder)
+    importlib.import_module(module)
+
+
+def default_threads() -> int:
+    """Every core this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def plugin_folders() -> list[str]:
+    """Folders of the modules that registered a step, backend or format from outside the project's
+    packages: a child process needs them to unpickle a module a step built there, or to find the
+    backend itself."""
+    from core.backends import BACKENDS
+    from core.formats import FORMATS
+    from core.steps import STEPS
+
+    folders = []
+    for cls in [*STEPS.values(), *BACKENDS.values(), *FORMATS.values()]:
+        module, folder = locate(cls)
+        if not folder:
+            continue
+        root = Path(folder).parents[module.count(".") - 1] if "." in module else Path(folder)
+        if str(root) != ROOT and str(root) not in folders:  # the folder `module` imports from
+            folders.append(str(root))
+    return folders
+
+
+def memory_bytes(field: str, pid: str | int = "self") -> int:
+    """A process's VmRSS (resident now) or VmHWM (its peak) from /proc, in bytes; 0 if it is gone.
+    VmHWM belongs to the process image: ru_maxrss would not do, since Linux carries it across exec
+    and a child of a big parent would report the parent's peak."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

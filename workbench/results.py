@@ -1,0 +1,49 @@
+"""results.json: the one document a run (recipe or `workbench bench`) writes, assembled in one
+place so that both produce the same schema; everything else is made from it."""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Optional
+
+from core import atomic
+from core.environment import fingerprint
+
+SCHEMA_VERSION = 1
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def quick_timing(timing) -> dict:
+    """--quick: a smoke run; the report says so, and its numbers are not for decisions."""
+    t = timing.model_dump()
+    t.update(warmup=min(t["warmup"], 2), min_iters=min(t["min_iters"], 5), min_seconds=min(t["min_seconds"], 0.25),
+             max_seconds=min(t["max_seconds"], 10.0))
+    return t
+
+
+def write_results(run_dir: Path, *, recipe: dict, threads: int, model: dict, task: dict, timing: dict,
+                  started: str, quick: bool, variants: list, artifacts: list, cells: list,
+                  roofline_probe: Optional[dict] = None) -> dict:
+    """Write run_dir/results.json atomically (a folder without it is an unfinished run) and the report."""
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "recipe": recipe,
+        "environment": {**fingerprint(threads), "roofline_probe": roofline_probe},
+        "model": model,
+        "task": task,
+        "timing": timing,
+        "started": started,
+        "finished": now(),
+        "quick": quick,
+        "variants": variants,
+        "artifacts": artifacts,
+        "cells": cells,
+    }
+    atomic.write_json(run_dir / "results.json", results)
+    from bench.report import write_report
+
+    write_report(run_dir)
+    return results

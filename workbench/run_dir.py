@@ -1,0 +1,50 @@
+"""A run's folder and log: `<out>/<recipe>/<run id>/`, created once and never reused, with run.log
+beside what the run writes. The console gets progress bars and short lines; details go to the log."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+
+from tqdm import tqdm
+
+log = logging.getLogger("workbench")
+
+
+def new_run_dir(root: Path, name: str) -> Path:
+    base = root / name
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for i in range(1000):
+        d = base / (stamp if i == 0 else f"{stamp}-{i}")
+        try:
+            d.mkdir(parents=True)
+            return d
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"cannot create a run directory under {base}")
+
+
+def open_log(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return handler
+
+
+def close_log(handler: logging.Handler) -> None:
+    log.removeHandler(handler)
+    handler.close()
+
+
+def say(msg: str) -> None:
+    """A line for the person watching and for the log."""
+    log.info(msg)
+    tqdm.write(msg)
+
+
+def reason(e: BaseException) -> str:
+    """One line naming the exception: what a failed variant, artifact or cell records."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}"[:500]

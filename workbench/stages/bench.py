@@ -1,0 +1,68 @@
+"""Bench: every variant on every backend at every batch size, one process per cell (bench.cells).
+A cell that cannot run says why (variant failed, no artifact of the backend's format, artifact
+failed, backend unavailable here); a measured cell gets its accuracy from its own outputs."""
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from bench.cells import cell_job, run_cell
+from core.backends import BACKENDS
+from core.infer import save_batches
+from core.processes import plugin_folders
+from workbench.run_dir import log
+
+
+def bench(run, models, variants: list[dict], artifacts: list[dict]) -> list[dict]:
+    spec = run.recipe.bench
+    work = run.run_dir / ".work"
+    eval_path = None
+    if spec.accuracy and run.task.type != "none":
+        eval_path = work / "eval_inputs.npz"
+        save_batches(eval_path, run.task.eval_batches)
+    by_key = {(a["variant"], a["format"]): a for a in artifacts}
+    flops = {v["name"]: v.get("flops") for v in variants}
+    seq = spec.seq_len if run.src.io.has_seq() else None
+    cells = []
+    plan = [(v["name"], b, n) for v in variants for b in spec.backends for n in spec.batch_sizes]
+    # The recipe's folder (a `python` model source) and any plugin's (a step's module class).
+    sys_path = [str(run.recipe.resolve("."))] + plugin_folders()
+    bar = tqdm(plan, desc="bench", unit="cell")
+    for name, backend, batch in bar:
+        bar.set_postfix_str(f"{name} {backend} b{batch}")
+        cls = BACKENDS[backend]
+        cell = {"variant": name, "format": cls.format, "backend": backend, "device": cls.device,
+                "batch_size": batch, "shape": {"seq_len": seq}, "status": None, "reason": None}
+        cells.append(cell)
+        art = by_key.get((name, cls.format))
+        why_not = cls.unavailable()
+        if models.get(name) is None:
+            cell.update(status="failed", reason=f"variant '{name}' failed: "
+                        f"{next(v['error'] for v in variants if v['name'] == name)}")
+        elif art is None:
+            cell.update(status="skipped", reason=(
+                f"variant '{name}' is an ONNX graph: no {cls.format} artifact" if models[name].format == "onnx"
+                else f"format '{cls.format}' is not in export.formats"))
+        elif art["status"] != "ok":
+            cell.update(status=art["status"], reason=f"{cls.format} artifact {art['status']}: {art['reason']}")
+        elif why_not:
+            cell.update(status="skipped", reason=why_not)
+        else:
+            outputs = work / f"outputs-{len(cells)}.npy"
+            job = cell_job(backend, run.run_dir / art["path"], run.src.io.to_json(), batch, spec.seq_len,
+                           run.threads, run.timing, seed=run.recipe.seed, eval_inputs=eval_path,
+                           outputs_path=outputs, sys_path=sys_path)
+            cell.update(run_cell(job, spec.cell_timeout_s, work, spec.memory_limit_mb))
+            if cell["status"] != "failed" and outputs.exists():
+                cell["accuracy"] = run.task.metrics(np.load(outputs))
+                outputs.unlink()
+            log.info("cell %s %s b%d: %s %s", name, backend, batch, cell["status"],
+                     cell.get("latency_ms", {}).get("p50", cell["reason"]))
+        if art is not None and "parity" in art:
+            cell["parity"] = art["parity"]
+        if flops.get(name):
+            cell["flops"] = flops[name] * batch
+    bar.close()
+    if eval_path and eval_path.exists():
+        eval_path.unlink()
+    return cells

@@ -1,0 +1,109 @@
+"""Compress: build every variant of the recipe in dependency order (parents, teachers first), each
+from the content-addressed cache when it was built before. A failing variant is recorded with its
+reason and its descendants fail with it; the rest of the run goes on."""
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Optional
+
+from tqdm import tqdm
+
+from core.infer import variant_outputs
+from core.model import VariantModel
+from core.steps import StepContext, get_step
+from workbench.model_stats import files_size, onnx_stats, torch_stats
+from workbench.run_dir import log, reason
+from workbench.stages.export import export_memoised
+from workbench.variants import link_or_copy, model_files, root_key, variant_key
+
+
+def compress(run) -> tuple[list[dict], dict[str, Optional[VariantModel]]]:
+    """Returns (one record per variant, the variants' models by name; None where one failed)."""
+    recipe = run.recipe
+    models: dict[str, Optional[VariantModel]] = {}
+    run.models = models  # steps look up other variants (a distillation teacher) here
+    keys: dict[str, str] = {}
+    run.keys = keys  # the export stage reuses files exported under these keys
+    records = []
+    for name in tqdm(recipe.order(), desc="compress", unit="variant"):
+        v = recipe.variants[name]
+        rec = {"name": name, "parent": v.from_, "steps": [s.model_dump(mode="json") for s in v.steps],
+               "status": "ok", "error": None}
+        records.append(rec)
+        models[name] = None
+        if v.from_ and models.get(v.from_) is None:
+            rec.update(status="failed", error=f"its parent variant '{v.from_}' failed")
+            continue
+        parent = models[v.from_] if v.from_ else VariantModel(io=run.src.io, module=run.src.module,
+                                                              source_module=run.src.module)
+        parent_source = parent.module if parent.format == "torch" else parent.source_module
+        others = tuple(keys.get(d, "failed") for d in recipe.dependencies(name) if d != v.from_)
+        parent_key = keys[v.from_] if v.from_ else root_key(recipe)
+        key = keys[name] = variant_key(parent_key, v.steps, recipe, run.quick, others)
+        t0 = time.perf_counter()
+        try:
+            hit = run.cache.load(key, parent_source)
+            if hit:
+                model, stored = hit
+                rec.update(cached=True, notes=stored["notes"])
+                log.info("variant %s: reused from cache %s", name, key)
+            else:
+                _build(run, name, v.steps, parent, key, parent_key)
+                # Measure what was saved, not the object that was saved: the cells load the file too.
+                model, stored = run.cache.load(key, parent_source)
+                rec.update(cached=False, notes=stored["notes"])
+                log.info("variant %s: built in %.1f s", name, time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - one variant failing never stops the run
+            log.error("variant %s failed:\n%s", name, traceback.format_exc())
+            tqdm.write(f"variant {name} failed: {reason(e)}")
+            rec.update(status="failed", error=reason(e))
+            continue
+        models[name] = model
+        rec["format"] = model.format
+        rec["seconds"] = round(time.perf_counter() - t0, 3)
+        files = model_files(model, run.cache.folder(key))
+        vdir = run.run_dir / "variants" / name
+        for f in files:
+            link_or_copy(f, vdir / f.name)
+        rec["files"] = [str((vdir / f.name).relative_to(run.run_dir)) for f in files]
+        rec["size_bytes"] = files_size(files)
+        rec.update(torch_stats(model.module, model.io, recipe.bench.seq_len) if model.format == "torch"
+                   else onnx_stats(model.onnx_path))
+        if run.task.type != "none":
+            rec["accuracy"] = run.task.metrics(variant_outputs(model, run.task.eval_batches))
+    base = next((r for r in records if r["name"] == recipe.report.baseline), None)
+    for r in records:
+        if base and base.get("accuracy") and r.get("accuracy"):
+            r["accuracy_delta"] = {k: round(r["accuracy"][k] - base["accuracy"][k], 6) for k in r["accuracy"]}
+        if base and base.get("params") and r.get("params"):
+            r["params_ratio"] = round(r["params"] / base["params"], 4)
+    return records, models
+
+
+def _build(run, name: str, steps, parent: VariantModel, key: str, parent_key: str) -> None:
+    """Apply the steps to the parent and store the result in the cache under `key`."""
+    work = run.cache.new_workdir()
+    try:
+        model = VariantModel(io=parent.io, module=parent.module, onnx_path=parent.onnx_path,
+                             source_module=parent.source_module)
+        notes = []
+        for call in steps:
+            step = get_step(call.name)()
+            if step.consumes == "onnx" and model.format == "torch":
+                exported = work / "exported.onnx"
+                # Still the parent's module (no torch step before it in this variant): shareable.
+                same = model.module is parent.module
+                rec = export_memoised(run, "onnx", model.module, parent_key if same else None, exported,
+                                      step.exporter_for(call.params))
+                notes.append({"step": "onnx export (implicit, before an ONNX step)", **rec})
+                model = VariantModel(io=model.io, onnx_path=exported, source_module=model.module)
+            ctx = StepContext(work_dir=work, task=run.task, quick=run.quick, seed=run.recipe.seed, variant=name,
+                              export=run.recipe.export, lookup=lambda n: run.models.get(n))
+            t0 = time.perf_counter()
+            model = step.run(model, call.params, ctx)
+            notes.append({"step": call.name, "seconds": round(time.perf_counter() - t0, 3), **ctx.notes})
+        run.cache.store(key, work, model, {"variant": name, "notes": notes})
+    except BaseException:
+        run.cache.discard(work)
+        raise

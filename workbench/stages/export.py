@@ -1,0 +1,102 @@
+"""Export: every torch variant to every format in `export.formats` (the format registry says how,
+and why a module has none), each file reloaded in a fresh process and checked for parity against
+the module it came from. An export that fails or misses the tolerance is a recorded artifact."""
+from __future__ import annotations
+
+import json
+import shutil
+import traceback
+from pathlib import Path
+from typing import Optional
+
+from tqdm import tqdm
+
+from core import atomic
+from core.formats import FORMATS
+from core.infer import onnx_outputs, torch_outputs
+from core.model import VariantModel
+from export.parity import parity, violations
+from export.reload import outputs_in_fresh_process
+from workbench.run_dir import log, reason
+
+
+def export_memoised(run, fmt: str, module, key: Optional[str], dest: Path, exporter: Optional[str] = None) -> dict:
+    """Export `module` to `dest` in format `fmt`. When `key` names the module (a variant's cache
+    key), the file is kept in the cache and copied on later calls: two ONNX variants of one parent,
+    and that parent's own ONNX artifact, then cost one export, not three."""
+    spec = run.recipe.export.model_copy(update={"exporter": exporter}) if exporter else run.recipe.export
+    cls = FORMATS[fmt]
+    if key is None or not cls.shareable(module):
+        return cls.export(module, run.src.io, dest, spec)
+    memo = run.cache.root / "exports" / f"{key}-{fmt}-{spec.exporter}-{spec.opset}"
+    if not (memo / "record.json").exists():
+        work = run.cache.new_workdir()
+        try:
+            rec = cls.export(module, run.src.io, work / cls.file_name, spec)
+            atomic.write_json(work / "record.json", rec)
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            work.rename(memo)  # appears whole or not at all
+        except OSError:  # another run stored it first
+            run.cache.discard(work)
+        except BaseException:
+            run.cache.discard(work)
+            raise
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(memo / cls.file_name, dest)
+    return {**json.loads((memo / "record.json").read_text()), "reused": "exported once for this module, copied"}
+
+
+def export(run, models: dict[str, Optional[VariantModel]]) -> list[dict]:
+    spec = run.recipe.export
+    io = run.src.io
+    # Real evaluation inputs where the task has them (they vary in sequence length), else two shapes.
+    batches = run.task.eval_batches[:4] or [io.make(2, 16, seed=1), io.make(3, 24, seed=2)]
+    artifacts = []
+    todo = [(n, m) for n, m in models.items() if m is not None]
+    bar = tqdm(total=sum(len(spec.formats) for _ in todo), desc="export", unit="artifact")
+    for name, model in todo:
+        if model.format == "torch":
+            artifacts.append({"variant": name, "format": "torch", "path": f"variants/{name}/module.pt",
+                              "status": "ok", "reason": None, "exporter": "torch.save"})
+            reference = torch_outputs(model.module, batches)
+            for fmt in spec.formats:
+                artifacts.append(_export_one(run, name, model, fmt, batches, reference))
+                bar.update()
+        else:
+            # An ONNX-only variant: its graph is the artifact; parity against its torch ancestor
+            # measures what its steps changed on purpose, so no tolerance is applied.
+            ref = torch_outputs(model.source_module, batches)
+            artifacts.append({"variant": name, "format": "onnx", "path": f"variants/{name}/model.onnx",
+                              "status": "ok", "reason": None, "exporter": "produced by the variant's steps",
+                              "parity": parity(ref, onnx_outputs(model.onnx_path, batches), io.kind),
+                              "parity_note": "against the torch ancestor; not gated (the steps changed it)"})
+            for fmt in spec.formats:
+                if fmt != "onnx":
+                    artifacts.append({"variant": name, "format": fmt, "status": "skipped",
+                                      "reason": f"variant '{name}' is an ONNX graph; {fmt} needs a torch module"})
+                bar.update()
+    bar.close()
+    return artifacts
+
+
+def _export_one(run, name: str, model: VariantModel, fmt: str, batches, reference) -> dict:
+    art = {"variant": name, "format": fmt, "status": "ok", "reason": None}
+    cls = FORMATS[fmt]
+    why_not = cls.unsupported(model.module)
+    if why_not:
+        return {**art, "status": "skipped", "reason": why_not}
+    try:
+        path = run.run_dir / "variants" / name / cls.file_name
+        art.update(export_memoised(run, fmt, model.module, run.keys.get(name), path))
+        out = outputs_in_fresh_process(fmt, path, batches)
+        art["parity_checked_in"] = "a fresh process, after reloading the file"
+        art["path"] = str(path.relative_to(run.run_dir))
+        atomic.write_json(path.with_name(path.name + ".io.json"), run.src.io.to_json())
+        art["parity"] = parity(reference, out, run.src.io.kind)
+        bad = violations(art["parity"], run.recipe.export.parity)
+        if bad:
+            art.update(status="failed", reason=f"parity outside export.parity tolerance: {bad}")
+    except Exception as e:  # noqa: BLE001 - an export that fails is a recorded cell
+        log.error("export %s/%s failed:\n%s", name, fmt, traceback.format_exc())
+        art.update(status="failed", reason=reason(e))
+    return art

@@ -1,0 +1,71 @@
+"""`workbench bench MODEL_FILE`: benchmark one model file without a recipe. Inputs come from the
+file's declared inputs (ONNX), or from the `<file>.io.json` that `workbench run` writes beside each
+export, or from `--input name=dims:dtype`. Writes a results.json of the run schema and a report."""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from core.errors import RecipeError
+from core.file_inputs import model_io
+from core.processes import default_threads
+from workbench import results
+
+def bench_file(args) -> int:
+    import bench.backends  # noqa: F401 - registers the shipped backends
+    from bench.cells import cell_job, run_cell
+    from core.backends import BACKENDS
+    from workbench.recipe import BenchSpec, Timing
+
+    path = Path(args.model_file)
+    if not path.is_file():
+        raise RecipeError(f"MODEL_FILE {str(path)!r}: no such file")
+    fmt = {".onnx": "onnx", ".pt2": "torch-export"}.get(path.suffix, "torchscript")
+    backends = args.backend or [{"onnx": "ort-cpu", "torch-export": "torch-export-cpu"}.get(fmt, "torchscript-cpu")]
+    for b in backends:
+        if b not in BACKENDS:
+            raise RecipeError(f"--backend {b!r} is not a backend. Accepted: {', '.join(BACKENDS)}")
+        if BACKENDS[b].format != fmt:
+            ok = [n for n, i in BACKENDS.items() if i.format == fmt]
+            raise RecipeError(f"--backend {b!r} runs {BACKENDS[b].format} files, not {fmt}. Accepted for "
+                              f"{path.name}: {', '.join(ok)}")
+    if any(n <= 0 for n in args.batch):
+        raise RecipeError(f"--batch {args.batch}: batch sizes must be positive")
+    io = model_io(path, getattr(args, "input", None))
+    threads = args.threads or default_threads()
+    timing = results.quick_timing(Timing()) if args.quick else Timing().model_dump()
+    out = Path(args.out) if args.out else Path("reports") / "bench" / path.stem / dt.datetime.now().strftime(
+        "%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    started = results.now()
+    name = path.stem
+    cells = []
+    for b in backends:
+        for n in args.batch:
+            cls = BACKENDS[b]
+            cell = {"variant": name, "format": fmt, "backend": b, "device": cls.device, "batch_size": n,
+                    "shape": {"seq_len": args.seq_len if io.has_seq() else None}, "status": None, "reason": None}
+            why = cls.unavailable()
+            if why:
+                cell.update(status="skipped", reason=why)
+            else:
+                cell.update(run_cell(cell_job(b, path.resolve(), io.to_json(), n, args.seq_len, threads, timing),
+                                     timeout_s=900, work_dir=out / ".work"))
+            cells.append(cell)
+            lat = cell.get("latency_ms")
+            print(f"{b:18} batch {n:4}  " + (f"p50 {lat['p50']:.3f} ms  p95 {lat['p95']:.3f} ms  "
+                                             f"{cell['throughput']:.1f} items/s  {cell['status']}" if lat
+                                             else f"{cell['status']}: {cell['reason']}"))
+    bench_spec = BenchSpec(backends=backends, batch_sizes=args.batch, seq_len=args.seq_len, threads=threads)
+    # The same document a recipe run writes: a one-variant "recipe" named after the file.
+    results.write_results(
+        out, threads=threads, started=started, quick=bool(args.quick), timing=timing,
+        recipe={"name": f"bench {path.name}", "path": None, "sha256": None,
+                "parsed": {"bench": bench_spec.model_dump(mode="json"), "report": {"baseline": name, "constraints": {}}}},
+        model={"description": str(path), "io": io.to_json()},
+        task={"type": "none", "description": "no task: latency and memory only", "primary": None, "eval_size": 0},
+        variants=[{"name": name, "parent": None, "steps": [], "status": "ok", "error": None, "format": fmt,
+                   "size_bytes": path.stat().st_size}],
+        artifacts=[], cells=cells)
+    print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}")
+    return 0
