@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from bench.protocol import ratio_ci
+import numpy as np
+
+from bench.protocol import paired_ratio_ci
 
 MB = 1024 * 1024
 
@@ -22,18 +24,39 @@ def cell_score(cell: dict, variants: dict, metric: Optional[str]) -> Optional[fl
     return acc.get(metric)
 
 
+def measured(cell: dict) -> bool:
+    return bool(cell.get("repeats") or cell.get("samples_ms"))
+
+
 def speedups(results: dict) -> dict[int, tuple[float, float, float]]:
-    """Speedup of each measured cell against the baseline variant on the same backend and batch:
-    cell index -> (ratio of medians, 95% CI low, high)."""
+    """Speedup of each measured cell against the baseline variant on the same backend and batch,
+    paired by round (bench.protocol.paired_ratio_ci): cell index -> (ratio, 95% CI low, high)."""
     base_name = results["recipe"]["parsed"]["report"]["baseline"]
     cells = results["cells"]
-    base = {(c["backend"], c["batch_size"]): c for c in cells if c["variant"] == base_name and c.get("samples_ms")}
+    base = {(c["backend"], c["batch_size"]): c for c in cells if c["variant"] == base_name and measured(c)}
     out = {}
     for i, c in enumerate(cells):
         b = base.get((c["backend"], c["batch_size"]))
-        if b is not None and c.get("samples_ms"):
-            out[i] = ratio_ci(b["samples_ms"], c["samples_ms"])
+        if b is not None and measured(c):
+            ratio = paired_ratio_ci(b, c)
+            if ratio is not None:
+                out[i] = ratio
     return out
+
+
+def faster(a: dict, b: dict) -> Optional[tuple[float, float, float]]:
+    """How much faster cell `a` is than cell `b` (> 1: faster), paired by round; for results
+    measured in one round, None."""
+    return paired_ratio_ci(b, a)
+
+
+def significantly_faster(a: dict, b: dict) -> bool:
+    """True when `a` beats `b` with the whole 95 % interval above 1; without rounds to pair, when
+    their own intervals do not overlap."""
+    r = faster(a, b)
+    if r is not None:
+        return r[1] > 1.0
+    return a["latency_ms"]["ci95"][1] < b["latency_ms"]["ci95"][0]
 
 
 @dataclass(frozen=True)
@@ -72,6 +95,23 @@ class Recommendation:
     rejected: int
     winner: Optional[Candidate]
     runner_up: Optional[Candidate]
+    # Candidates the fastest one does not beat significantly, the fastest first (one entry: a clear
+    # winner); with several, the winner is picked among them by `TIE_RULE`.
+    tied: tuple = ()
+    unjudged: tuple = ()  # why some cells could not be judged against a constraint (they fail it)
+
+
+TIE_RULE = "fewest compression steps, then smallest model file, then lowest p50"
+
+
+def _steps(variants: dict, name: str) -> int:
+    """Compression steps from the source model to this variant, counted along its lineage."""
+    count, seen = 0, set()
+    while name in variants and name not in seen:
+        seen.add(name)
+        count += len(variants[name].get("steps") or [])
+        name = variants[name].get("parent")
+    return count
 
 
 def recommend(results: dict) -> Recommendation:
@@ -92,7 +132,7 @@ def recommend(results: dict) -> Recommendation:
         rules.append(f"p50 <= {cons['max_latency_ms']} ms")
     if cons.get("max_memory_mb") is not None:
         rules.append(f"peak RSS increase <= {cons['max_memory_mb']} MB")
-    candidates, rejected = [], 0
+    candidates, rejected, unjudged = [], 0, []
     for i, c in enumerate(results["cells"]):
         if c["status"] not in ("ok", "unstable") or c["batch_size"] != batch:
             continue
@@ -100,18 +140,52 @@ def recommend(results: dict) -> Recommendation:
             continue
         score = cell_score(c, variants, metric)
         ok = True
-        if cons.get("max_accuracy_drop") is not None and base_score is not None:
-            ok &= score is not None and base_score - score <= cons["max_accuracy_drop"] + 1e-12
+        # A constraint that cannot be judged fails the cell, with the reason: it never passes silently.
+        if cons.get("max_accuracy_drop") is not None:
+            if base_score is None or score is None:
+                ok = False
+                unjudged.append(f"{c['variant']} / {c['backend']}: no {metric or 'accuracy'} score "
+                                f"{'for the baseline' if base_score is None else 'for this cell'}")
+            else:
+                ok &= base_score - score <= cons["max_accuracy_drop"] + 1e-12
         if cons.get("max_latency_ms") is not None:
             ok &= c["latency_ms"]["p50"] <= cons["max_latency_ms"]
         if cons.get("max_memory_mb") is not None:
-            ok &= c.get("memory", {}).get("peak_rss_delta", 0) / MB <= cons["max_memory_mb"]
+            mem = c.get("memory", {}).get("peak_rss_delta")
+            if mem is None:
+                ok = False
+                unjudged.append(f"{c['variant']} / {c['backend']}: no memory figure")
+            else:
+                ok &= mem / MB <= cons["max_memory_mb"]
         if ok:
             candidates.append(Candidate(i, c, score))
         else:
             rejected += 1
     # Stable cells first: an unstable cell only wins when nothing stable meets the constraints.
     candidates.sort(key=lambda cand: (cand.unstable, cand.p50))
+    if not candidates:
+        return Recommendation(metric=metric, base_score=base_score, batch_size=batch,
+                              backend=cons.get("backend") or None, rules=rules, rejected=rejected, winner=None,
+                              runner_up=None, unjudged=tuple(unjudged))
+    fastest = candidates[0]
+    tied = [fastest] + [c for c in candidates[1:]
+                        if c.unstable == fastest.unstable and not significantly_faster(fastest.cell, c.cell)]
+    sizes = {v["name"]: v.get("size_bytes") or 0 for v in results["variants"]}
+    winner = (fastest if len(tied) == 1 else
+              min(tied, key=lambda c: (_steps(variants, c.variant), sizes.get(c.variant, 0), c.p50)))
+    runner_up = next((c for c in candidates if c is not winner), None)
     return Recommendation(metric=metric, base_score=base_score, batch_size=batch, backend=cons.get("backend") or None,
-                          rules=rules, rejected=rejected, winner=candidates[0] if candidates else None,
-                          runner_up=candidates[1] if len(candidates) > 1 else None)
+                          rules=rules, rejected=rejected, winner=winner, runner_up=runner_up, tied=tuple(tied),
+                          unjudged=tuple(unjudged))
+
+
+def quietness(results: dict) -> Optional[dict]:
+    """How busy the rest of the machine was while cells were measured (bench.rounds' readings)."""
+    readings = [r["noise"] for c in results["cells"] for r in c.get("repeats") or [] if r.get("noise")]
+    if not readings:
+        return None
+    other = [r["other_cpu_cores"] for r in readings]
+    return {"processes": len(readings), "other_cpu_cores_median": float(np.median(other)),
+            "other_cpu_cores_max": float(max(other)), "steal_cores_max": float(max(r["steal_cores"] for r in readings)),
+            "remeasured": sum(r.get("attempts", 1) - 1 for c in results["cells"] for r in c.get("repeats") or []),
+            "busy_kept": sum(bool(r.get("busy")) for r in readings)}

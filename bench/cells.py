@@ -1,5 +1,5 @@
-"""Runs one cell in a child process and turns whatever happens (result, crash, time-out) into a
-cell record. Nothing a cell does can stop the run."""
+"""Runs one measuring process of a cell (bench.worker) and turns whatever happens (raw result, crash,
+time-out, memory limit) into a record. Nothing a cell does can stop the run."""
 from __future__ import annotations
 
 import json
@@ -29,7 +29,8 @@ def cell_job(backend: str, path, io_json: dict, batch: int, seq_len: int, thread
 
 
 def run_cell(job: dict, timeout_s: float, work_dir: Path, memory_limit_mb: float | None = None) -> dict:
-    """Run `job` (see bench.worker) and return {"status": ..., "reason": ..., **measurements}."""
+    """Run `job` (see bench.worker) once: {"status": "ok", "reason": None, **raw measurements} or
+    {"status": "failed", "reason": ...}."""
     work_dir.mkdir(parents=True, exist_ok=True)
     fd, job_path = tempfile.mkstemp(prefix="job-", suffix=".json", dir=work_dir)
     os.close(fd)
@@ -50,13 +51,7 @@ def run_cell(job: dict, timeout_s: float, work_dir: Path, memory_limit_mb: float
         return {"status": "failed", "reason": _failure_reason(proc)}
     result = json.loads(result_path.read_text())
     result_path.unlink()
-    unstable = not result["stability"]["stable"]
-    reason = None
-    if unstable:
-        s = result["stability"]
-        reason = (f"latency did not settle: medians of {len(s['window_medians_ms'])} consecutive windows spread "
-                  f"{s['window_spread']:.0%} (threshold {s['threshold']:.0%})")
-    return {"status": "unstable" if unstable else "ok", "reason": reason, **result}
+    return {"status": "ok", "reason": None, **result}  # raw samples: bench.rounds makes the statistics
 
 
 def _supervise(cmd, env, timeout_s: float, memory_limit_mb):

@@ -14,7 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.protocol import ratio_ci  # noqa: E402
+from bench.analysis import measured  # noqa: E402
+from bench.protocol import unpaired_ratio_ci  # noqa: E402
 from bench.report import md_table  # noqa: E402
 from core import atomic  # noqa: E402
 from core.errors import RecipeError  # noqa: E402
@@ -34,14 +35,15 @@ def _load(run_dir: Path) -> dict:
 def compare(a: dict, b: dict, margin: float = 0.05) -> list[dict]:
     """One row per cell measured in both runs: ratio = p50_B / p50_A (> 1: B is slower)."""
     metric = (b.get("task") or {}).get("primary")
-    cells_a = {_key(c): c for c in a["cells"] if c.get("samples_ms")}
+    cells_a = {_key(c): c for c in a["cells"] if measured(c)}
     rows = []
     for c in b["cells"]:
         old = cells_a.get(_key(c))
-        if old is None or not c.get("samples_ms"):
+        if old is None or not measured(c):
             continue
-        speed, lo, hi = ratio_ci(old["samples_ms"], c["samples_ms"])  # speedup of B over A
-        ratio, r_lo, r_hi = 1 / speed, 1 / hi, 1 / lo
+        # The two runs were not interleaved, so nothing pairs: the interval resamples each run's
+        # processes, and so carries the between-process spread of both.
+        ratio, r_lo, r_hi = unpaired_ratio_ci(old, c)
         if r_lo > 1 + margin:
             verdict = "slower"
         elif r_hi < 1 - margin:

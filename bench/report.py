@@ -9,22 +9,26 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.analysis import MB, Recommendation, cell_score, primary_metric, recommend, speedups
+from bench.analysis import (MB, TIE_RULE, Recommendation, cell_score, faster, primary_metric, quietness, recommend,
+                            speedups)
 from bench.plots import make_plots
 from core import atomic
 
 
 # ----------------------------------------------------------------------------- data
 def cells_frame(results: dict) -> pd.DataFrame:
-    """One row per cell, nested fields flattened with dots; raw samples left out (they stay in the JSON)."""
-    rows = [{k: v for k, v in c.items() if k not in ("samples_ms", "warmup_ms")} for c in results["cells"]]
+    """One row per cell, nested fields flattened with dots; raw samples and per-process records left
+    out (they stay in the JSON), the processes' medians kept as `repeat_p50s`."""
+    rows = [{**{k: v for k, v in c.items() if k not in ("samples_ms", "warmup_ms", "repeats")},
+             **({"repeat_p50s": " ".join(str(r["p50"]) for r in c["repeats"])} if c.get("repeats") else {})}
+            for c in results["cells"]]
     df = pd.json_normalize(rows)
     for col in ("latency_ms.ci95",):
         if col in df:
             df[col + "_lo"] = df[col].map(lambda x: x[0] if isinstance(x, list) else None)
             df[col + "_hi"] = df[col].map(lambda x: x[1] if isinstance(x, list) else None)
             df = df.drop(columns=[col])
-    drop = [c for c in df.columns if c.startswith("stability.window_medians")]
+    drop = [c for c in df.columns if c.startswith(("stability.window_medians", "stability.within"))]
     return df.drop(columns=drop)
 
 
@@ -121,6 +125,13 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
     if results.get("quick"):
         blocks.append(("warn", "QUICK RUN: timing and training budgets were shrunk (--quick). These numbers are a "
                                "smoke test, not a basis for a decision."))
+    quiet = quietness(results)
+    if quiet:
+        blocks.append(("p", f"Machine while measuring ({quiet['processes']} cell processes): other processes used "
+                            f"a median {quiet['other_cpu_cores_median']:.2f} cores (at most "
+                            f"{quiet['other_cpu_cores_max']:.2f}); CPU steal at most {quiet['steal_cores_max']:.2f} "
+                            f"cores; {quiet['remeasured']} process(es) re-measured because the machine was busy, "
+                            f"{quiet['busy_kept']} kept busy after the retries ran out."))
     blocks.append(("h2", "Recommendation"))
     w = rec.winner
     if w is None:
@@ -139,12 +150,23 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
                 why += f" (baseline {rec.base_score:.4f})"
         if c["status"] == "unstable":
             why += ". Warning: this cell's latency was unstable"
+        if len(rec.tied) > 1:
+            names = ", ".join(f"`{t.variant}` on `{t.backend}` ({t.p50:.3f} ms)" for t in rec.tied)
+            why += (f". It is not significantly faster than the others that tie with the fastest within the "
+                    f"rounds' noise ({names}); among those it was picked by the rule: {TIE_RULE}")
+        elif rec.runner_up is not None:
+            r = faster(w.cell, rec.runner_up.cell)
+            if r is not None:
+                why += f"; {r[0]:.2f}x the runner-up, paired by round (95% CI {r[1]:.2f}–{r[2]:.2f})"
         blocks.append(("p", f"**Ship `{w.variant}` on `{w.backend}`** — {why}."))
         r = rec.runner_up
         if r:
             blocks.append(("p", f"Runner-up: `{r.variant}` on `{r.backend}` "
                                 f"({r.p50:.3f} ms p50). {rec.rejected} measured cell(s) at this "
                                 f"batch size did not meet the constraints."))
+    if rec.unjudged:
+        blocks.append(("p", "Cells that failed a constraint because it could not be judged: "
+                            + "; ".join(rec.unjudged) + "."))
     if plots:
         blocks.append(("h2", "Plots"))
         for title, path in plots:
@@ -155,8 +177,14 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
         blocks.append(("p", "Sparsity is the fraction of exact zeros in weight matrices. Dense kernels do not "
                             "skip zeros: unstructured and 2:4 sparsity shrink nothing and speed nothing up here."))
     blocks.append(("h2", "Latency, throughput, accuracy and memory per cell"))
-    blocks.append(("p", "p50 with a 95% bootstrap interval; speedup is the ratio of baseline p50 to this p50 on the "
-                        "same backend and batch. Accuracy is computed from the outputs this backend produced. "
+    rounds = max((len(c.get("repeats") or []) for c in results["cells"]), default=0)
+    protocol = (f"Each cell was measured in {rounds} processes, one per interleaved round; p50 is the median of "
+                "their medians, and its 95% interval resamples processes, then samples: it says what a rerun "
+                "would see. Speedup is the baseline's p50 over this cell's on the same backend and batch, paired "
+                "round by round, with an interval over rounds." if rounds > 1 else
+                "p50 with a 95% bootstrap interval; speedup is the ratio of baseline p50 to this p50 on the "
+                "same backend and batch.")
+    blocks.append(("p", protocol + " Accuracy is computed from the outputs this backend produced. "
                         f"Timing protocol: {json.dumps(results.get('timing', {}))}."))
     probe = results["environment"].get("roofline_probe")
     if probe:

@@ -29,10 +29,13 @@ def _nvml_process_bytes():
     return None
 
 
+MEMORY_CALLS = 3  # untimed calls of the memory phase, after the first
+
+
 def run(job: dict) -> dict:
     import numpy as np
 
-    from bench.protocol import measure, stability, summarize
+    from bench.protocol import measure
     from core.backends import BACKENDS
     from core.model import ModelIO
     from core.processes import import_located, memory_bytes
@@ -53,7 +56,9 @@ def run(job: dict) -> dict:
     batch, seq = int(job["batch_size"]), int(job["seq_len"])
     timing = job["timing"]
 
-    rss_before = memory_bytes("VmRSS")  # after imports: the idle baseline of this process
+    # The idle baseline: after the backend's libraries are imported, before the model loads.
+    rss_before = memory_bytes("VmRSS")
+    started = time.time()
     t0 = time.perf_counter()
     runner = backend.load(job["path"], threads)
     load_s = time.perf_counter() - t0
@@ -68,29 +73,16 @@ def run(job: dict) -> dict:
     t0 = time.perf_counter()
     first_ms = runner.timed_call(prepared)  # includes torch.compile / lazy init where the backend has it
     first_wall_ms = (time.perf_counter() - t0) * 1e3
-    m = measure(lambda: runner.timed_call(prepared), warmup=timing["warmup"], min_iters=timing["min_iters"],
-                min_seconds=timing["min_seconds"], max_seconds=timing["max_seconds"])
-    result = summarize(m["samples_ms"], batch)
-    result["stability"] = stability(m["samples_ms"], timing["stability_threshold"])
-    result["samples_ms"] = [round(x, 6) for x in m["samples_ms"]]
-    result["warmup_ms"] = [round(x, 6) for x in m["warmup_ms"]]
-    result["capped_by_max_seconds"] = m["capped"]
-    result["cold"] = {"load_s": round(load_s, 4), "first_call_ms": round(first_wall_ms, 3),
-                      "first_call_timed_ms": round(first_ms, 3)}
-    if backend.compiles:
-        # torch.compile compiles on the first call: that is the compile time, kept out of the warm numbers.
-        result["cold"]["compile_s"] = round(first_wall_ms / 1e3, 4)
-    result["threads"] = {"requested": threads, **runner.info}
 
-    if job.get("eval_inputs"):
-        # Accuracy from the very outputs this backend produces, on the real evaluation split.
-        from core.infer import load_batches
-
-        outs = [runner.outputs(runner.prepare(b)) for b in load_batches(job["eval_inputs"])]
-        np.save(job["outputs_path"], np.concatenate(outs).astype(np.float32))
-
+    # The memory phase: a few calls, then the peak. Read here, before the timed loop, it is the
+    # model's at this batch size and cannot depend on how many iterations the timing takes.
+    if torch_alloc:
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(MEMORY_CALLS):
+        runner.call(prepared)
     memory = {"peak_rss_delta": max(memory_bytes("VmHWM") - rss_before, 0), "rss_idle_baseline": rss_before}
     if torch_alloc:
+        torch.cuda.synchronize()
         memory["cuda_allocated_after_load"] = loaded_bytes
         memory["cuda_max_allocated"] = int(torch.cuda.max_memory_allocated())
         memory["cuda_max_reserved"] = int(torch.cuda.max_memory_reserved())
@@ -98,7 +90,25 @@ def run(job: dict) -> dict:
         nvml = _nvml_process_bytes()
         if nvml is not None:
             memory["nvml_process_device_bytes"] = nvml  # includes the CUDA context, unlike the torch figures
-    result["memory"] = memory
+
+    # Raw samples only: statistics are the parent's job, so nothing of the tool's own grows in here.
+    m = measure(lambda: runner.timed_call(prepared), warmup=timing["warmup"], min_iters=timing["min_iters"],
+                min_seconds=timing["min_seconds"], max_seconds=timing["max_seconds"])
+    result = {"samples_ms": [round(x, 6) for x in m["samples_ms"]], "warmup_ms": [round(x, 6) for x in m["warmup_ms"]],
+              "capped_by_max_seconds": m["capped"], "started": round(started, 3), "memory": memory,
+              "cold": {"load_s": round(load_s, 4), "first_call_ms": round(first_wall_ms, 3),
+                       "first_call_timed_ms": round(first_ms, 3)},
+              "threads": {"requested": threads, **runner.info}}
+    if backend.compiles:
+        # torch.compile compiles on the first call: that is the compile time, kept out of the warm numbers.
+        result["cold"]["compile_s"] = round(first_wall_ms / 1e3, 4)
+
+    if job.get("eval_inputs"):
+        # Accuracy from the very outputs this backend produces, on the real evaluation split.
+        from core.infer import load_batches
+
+        outs = [runner.outputs(runner.prepare(b)) for b in load_batches(job["eval_inputs"])]
+        np.save(job["outputs_path"], np.concatenate(outs).astype(np.float32))
     return result
 
 

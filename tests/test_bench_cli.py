@@ -37,7 +37,7 @@ def test_an_ort_cpu_cell_runs_without_importing_torch(quick_run, tmp_path):
     job = cell_job("ort-cpu", onnx_file, io, 2, 1, 1, timing)
     code = ("import json, sys; from bench.worker import run; "
             f"r = run(json.loads({json.dumps(json.dumps(job))})); "
-            "print(json.dumps({'torch': 'torch' in sys.modules, 'p50': r['latency_ms']['p50']}))")
+            "print(json.dumps({'torch': 'torch' in sys.modules, 'p50': min(r['samples_ms'])}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     out = json.loads(proc.stdout.splitlines()[-1])
     assert out["p50"] > 0 and out["torch"] is False
@@ -110,3 +110,28 @@ def test_bench_a_torch_export_program(quick_run, tmp_path):
     cell = json.loads((out / "results.json").read_text())["cells"][0]
     assert cell["backend"] == "torch-export-cpu" and cell["format"] == "torch-export"
     assert cell["status"] in ("ok", "unstable"), cell["reason"]
+
+
+def test_a_cells_memory_does_not_depend_on_how_long_it_was_timed(quick_run, tmp_path):
+    """The memory figure is read in its own phase before the timed loop, and no statistics are
+    computed in the cell's process: 20 or 20,000 iterations give the same peak."""
+    import subprocess
+    import sys
+
+    from bench.cells import cell_job
+
+    onnx_file = quick_run.run_dir / "variants" / "baseline" / "model.onnx"
+    io = json.loads(onnx_file.with_name("model.onnx.io.json").read_text())
+    peaks = {}
+    for iters in (20, 20000):
+        timing = {"warmup": 1, "min_iters": iters, "min_seconds": 0.0, "max_seconds": 60, "stability_threshold": 0.25}
+        job = cell_job("ort-cpu", onnx_file, io, 1, 1, 1, timing)
+        code = ("import json; from bench.worker import run; "
+                f"r = run(json.loads({json.dumps(json.dumps(job))})); "
+                "print(json.dumps({'n': len(r['samples_ms']), 'peak': r['memory']['peak_rss_delta']}))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+        out = json.loads(proc.stdout.splitlines()[-1])
+        assert out["n"] == iters
+        peaks[iters] = out["peak"]
+    assert abs(peaks[20000] - peaks[20]) < 4 * 1024 * 1024, peaks
+    assert peaks[20] < 150 * 1024 * 1024  # a 10 KB CNN's cell is not charged for the tool

@@ -1,4 +1,5 @@
-"""`workbench compare`: unchanged cells show no significant difference; a slowed model is flagged."""
+"""`workbench compare`: unchanged cells show no significant difference; a model 20 % slower is flagged
+against each of two runs of the original."""
 import json
 import os
 from pathlib import Path
@@ -53,7 +54,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compare")
     (tmp / "sleepy_model.py").write_text(MODEL)
     (tmp / "sleepy.yaml").write_text(RECIPE)
-    return _run(tmp, "a", "5"), _run(tmp, "b", "5"), _run(tmp, "slow", "8"), tmp
+    return _run(tmp, "a", "5"), _run(tmp, "b", "5"), _run(tmp, "slow", "6"), tmp
 
 
 def _verdicts(out: Path) -> list[str]:
@@ -67,11 +68,15 @@ def test_two_runs_of_an_unchanged_recipe_show_no_significant_difference(runs):
     assert (tmp / "same" / "compare.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_a_deliberately_slowed_model_is_flagged_and_fails_the_gate(runs, capsys):
-    a, _, slow, tmp = runs
-    assert main(["compare", str(a), str(slow), "--out", str(tmp / "slow"), "--fail-if-slower", "5%"]) == 3
-    assert _verdicts(tmp / "slow") == ["slower"]
+@pytest.mark.parametrize("original", [0, 1])
+def test_a_model_20_percent_slower_is_flagged_and_fails_the_gate(runs, capsys, original):
+    slow, tmp = runs[2], runs[3]
+    out = tmp / f"slow-vs-{original}"
+    assert main(["compare", str(runs[original]), str(slow), "--out", str(out), "--fail-if-slower", "5%"]) == 3
+    assert _verdicts(out) == ["slower"]
     assert "FAIL" in capsys.readouterr().out
+    row = json.loads((out / "compare.json").read_text())["cells"][0]
+    assert 0.1 < row["change"] < 0.3
 
 
 def test_compare_of_a_folder_without_results_exits_2(tmp_path, capsys):

@@ -126,7 +126,10 @@ def test_measured_cells_have_latency_throughput_memory_and_accuracy(quick_run):
         assert c["throughput"] == pytest.approx(c["batch_size"] * 1e3 / lat["p50"], rel=1e-3)
         assert isinstance(c["memory"]["peak_rss_delta"], int) and c["memory"]["peak_rss_delta"] >= 0
         assert 0.0 <= c["accuracy"]["accuracy"] <= 1.0
-        assert len(c["samples_ms"]) == lat["n"]  # raw samples are kept
+        # Measured in two processes (--quick), one per interleaved round; their raw samples are kept.
+        assert [r["round"] for r in sorted(c["repeats"], key=lambda r: r["round"])] == [0, 1]
+        assert sum(len(r["samples_ms"]) for r in c["repeats"]) == lat["n"] and lat["processes"] == 2
+        assert min(r["p50"] for r in c["repeats"]) <= lat["p50"] <= max(r["p50"] for r in c["repeats"])
 
 
 def test_baseline_is_measured_on_every_backend_and_batch(quick_run):

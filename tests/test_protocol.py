@@ -143,3 +143,54 @@ def test_measure_keeps_the_raw_samples():
     m = measure(lambda: float(next(values)), warmup=2, min_iters=5, min_seconds=0.0, max_seconds=10.0)
     assert m["warmup_ms"] == [0.0, 1.0]
     assert m["samples_ms"] == [2.0, 3.0, 4.0, 5.0, 6.0]
+
+
+# ----------------------------------------------------------------------------- across processes
+def _processes(medians, n=400, jitter=0.01, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"samples_ms": list(m * (1 + rng.normal(0, jitter, n)))} for m in medians]
+
+
+def test_median_draws_match_a_plain_bootstrap_of_the_median():
+    from bench.protocol import median_draws
+
+    rng = np.random.default_rng(3)
+    samples = rng.lognormal(0, 0.3, 301)
+    fast = np.percentile(median_draws(samples, 4000, np.random.default_rng(1)), [2.5, 97.5])
+    slow = np.percentile(np.median(samples[rng.integers(0, 301, size=(4000, 301))], axis=1), [2.5, 97.5])
+    assert fast == pytest.approx(slow, rel=0.02)
+
+
+def test_a_cell_is_the_median_of_its_processes_and_its_interval_spans_them():
+    from bench.protocol import combine
+
+    cell = combine(_processes([10.0, 11.0, 12.0]), batch_size=4, threshold=0.25)
+    lat = cell["latency_ms"]
+    assert lat["p50"] == pytest.approx(11.0, rel=0.01) and lat["processes"] == 3 and lat["n"] == 1200
+    # The interval says what a rerun would see: it reaches towards the other processes' medians,
+    # far wider than any one process's own interval (about +-0.1 %).
+    assert lat["ci95"][0] < 10.5 and lat["ci95"][1] > 11.5
+    assert cell["unstable_reason"] is None
+
+
+def test_processes_that_disagree_or_too_few_samples_make_a_cell_unstable():
+    from bench.protocol import combine
+
+    spread = combine(_processes([10.0, 15.0, 10.2]), batch_size=1, threshold=0.25)
+    assert "medians spread 49%" in spread["unstable_reason"]
+    few = combine(_processes([10.0, 10.0], n=6), batch_size=1, threshold=0.25)
+    assert "only 6 samples" in few["unstable_reason"]
+    capped = combine([{**p, "capped_by_max_seconds": True} for p in _processes([10.0, 10.0])], 1, 0.25)
+    assert "max_seconds" in capped["unstable_reason"]
+
+
+def test_pairing_by_round_cancels_drift_that_an_unpaired_comparison_cannot():
+    from bench.protocol import paired_ratio_ci, unpaired_ratio_ci
+
+    drift = [10.0, 13.0, 8.0, 11.0]  # the machine's speed wanders from round to round
+    base = {"repeats": [{"round": r, **p} for r, p in enumerate(_processes(drift, seed=1))]}
+    slow = {"repeats": [{"round": r, **p} for r, p in enumerate(_processes([1.2 * m for m in drift], seed=2))]}
+    point, lo, hi = paired_ratio_ci(base, slow)
+    assert point == pytest.approx(1 / 1.2, rel=0.01) and hi < 0.86  # clearly slower, round by round
+    _, ulo, uhi = unpaired_ratio_ci(base, slow)
+    assert ulo < 1.0 < uhi  # the same data, unpaired: drift swamps a 20 % change

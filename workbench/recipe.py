@@ -177,7 +177,7 @@ class ExportSpec(Strict):
 class Timing(Strict):
     warmup: int = Field(10, ge=0)
     min_iters: int = Field(50, ge=5)
-    min_seconds: float = Field(2.0, ge=0)
+    min_seconds: float = Field(1.0, ge=0, description="per process; a cell runs `repeats` processes")
     max_seconds: float = Field(60.0, gt=0)
     stability_threshold: float = Field(
         0.25, gt=0, description="max relative spread of window medians before a cell is 'unstable'")
@@ -189,6 +189,8 @@ class BenchSpec(Strict):
     seq_len: int = Field(128, gt=0)
     threads: Optional[int] = Field(None, gt=0, description="intra-op threads; default: all cores")
     timing: Timing = Field(default_factory=Timing)
+    repeats: int = Field(3, ge=1, le=20, description="processes per cell, one per interleaved round; --quick: "
+                         "at most 2")
     accuracy: bool = Field(True, description="run the evaluation split through every cell")
     cell_timeout_s: float = Field(900, gt=0)
     memory_limit_mb: Optional[float] = Field(None, gt=0, description="kill a cell whose process RSS exceeds this")

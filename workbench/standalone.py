@@ -13,7 +13,8 @@ from workbench import results
 
 def bench_file(args) -> int:
     import bench.backends  # noqa: F401 - registers the shipped backends
-    from bench.cells import cell_job, run_cell
+    from bench.cells import cell_job
+    from bench.rounds import measure_in_rounds
     from core.backends import BACKENDS
     from workbench.recipe import BenchSpec, Timing
 
@@ -39,7 +40,7 @@ def bench_file(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = results.now()
     name = path.stem
-    cells = []
+    cells, jobs = [], []
     for b in backends:
         for n in args.batch:
             cls = BACKENDS[b]
@@ -49,14 +50,20 @@ def bench_file(args) -> int:
             if why:
                 cell.update(status="skipped", reason=why)
             else:
-                cell.update(run_cell(cell_job(b, path.resolve(), io.to_json(), n, args.seq_len, threads, timing),
-                                     timeout_s=900, work_dir=out / ".work"))
+                jobs.append((len(cells), cell_job(b, path.resolve(), io.to_json(), n, args.seq_len, threads, timing)))
             cells.append(cell)
-            lat = cell.get("latency_ms")
-            print(f"{b:18} batch {n:4}  " + (f"p50 {lat['p50']:.3f} ms  p95 {lat['p95']:.3f} ms  "
-                                             f"{cell['throughput']:.1f} items/s  {cell['status']}" if lat
-                                             else f"{cell['status']}: {cell['reason']}"))
-    bench_spec = BenchSpec(backends=backends, batch_sizes=args.batch, seq_len=args.seq_len, threads=threads)
+    repeats = 2 if args.quick else 3
+    measured = measure_in_rounds(jobs, repeats=repeats, seed=0, timeout_s=900, work_dir=out / ".work",
+                                 memory_limit_mb=None, threshold=Timing().stability_threshold)
+    for i, _ in jobs:
+        cells[i].update(measured[i])
+    for cell in cells:
+        lat = cell.get("latency_ms")
+        print(f"{cell['backend']:18} batch {cell['batch_size']:4}  " + (
+            f"p50 {lat['p50']:.3f} ms [{lat['ci95'][0]:.3f}, {lat['ci95'][1]:.3f}] over {lat['processes']} processes  "
+            f"{cell['throughput']:.1f} items/s  {cell['status']}" if lat else f"{cell['status']}: {cell['reason']}"))
+    bench_spec = BenchSpec(backends=backends, batch_sizes=args.batch, seq_len=args.seq_len, threads=threads,
+                           repeats=repeats)
     # The same document a recipe run writes: a one-variant "recipe" named after the file.
     results.write_results(
         out, threads=threads, started=started, quick=bool(args.quick), timing=timing,

@@ -1,12 +1,16 @@
-"""Bench: every variant on every backend at every batch size, one process per cell (bench.cells).
-A cell that cannot run says why (variant failed, no artifact of the backend's format, artifact
-failed, backend unavailable here); a measured cell gets its accuracy from its own outputs."""
+"""Bench: every variant on every backend at every batch size, each measured in `bench.repeats`
+processes over interleaved rounds (bench.rounds). A cell that cannot run says why (variant
+failed, no artifact of the backend's format, artifact failed, backend unavailable here); a
+measured cell gets its accuracy from its own outputs (those of its first process)."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from bench.cells import cell_job, run_cell
+from bench.cells import cell_job
+from bench.rounds import measure_in_rounds
 from core.backends import BACKENDS
 from core.infer import save_batches
 from core.processes import plugin_folders
@@ -23,13 +27,11 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> list[dict
     by_key = {(a["variant"], a["format"]): a for a in artifacts}
     flops = {v["name"]: v.get("flops") for v in variants}
     seq = spec.seq_len if run.src.io.has_seq() else None
-    cells = []
+    cells, jobs = [], []
     plan = [(v["name"], b, n) for v in variants for b in spec.backends for n in spec.batch_sizes]
     # The recipe's folder (a `python` model source) and any plugin's (a step's module class).
     sys_path = [str(run.recipe.resolve("."))] + plugin_folders()
-    bar = tqdm(plan, desc="bench", unit="cell")
-    for name, backend, batch in bar:
-        bar.set_postfix_str(f"{name} {backend} b{batch}")
+    for name, backend, batch in plan:
         cls = BACKENDS[backend]
         cell = {"variant": name, "format": cls.format, "backend": backend, "device": cls.device,
                 "batch_size": batch, "shape": {"seq_len": seq}, "status": None, "reason": None}
@@ -49,20 +51,36 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> list[dict
             cell.update(status="skipped", reason=why_not)
         else:
             outputs = work / f"outputs-{len(cells)}.npy"
-            job = cell_job(backend, run.run_dir / art["path"], run.src.io.to_json(), batch, spec.seq_len,
-                           run.threads, run.timing, seed=run.recipe.seed, eval_inputs=eval_path,
-                           outputs_path=outputs, sys_path=sys_path)
-            cell.update(run_cell(job, spec.cell_timeout_s, work, spec.memory_limit_mb))
-            if cell["status"] != "failed" and outputs.exists():
-                cell["accuracy"] = run.task.metrics(np.load(outputs))
-                outputs.unlink()
-            log.info("cell %s %s b%d: %s %s", name, backend, batch, cell["status"],
-                     cell.get("latency_ms", {}).get("p50", cell["reason"]))
+            jobs.append((len(cells) - 1, cell_job(backend, run.run_dir / art["path"], run.src.io.to_json(), batch,
+                                                  spec.seq_len, run.threads, run.timing, seed=run.recipe.seed,
+                                                  eval_inputs=eval_path, outputs_path=outputs, sys_path=sys_path)))
         if art is not None and "parity" in art:
             cell["parity"] = art["parity"]
         if flops.get(name):
             cell["flops"] = flops[name] * batch
+
+    repeats = min(spec.repeats, 2) if run.quick else spec.repeats
+    bar = tqdm(total=len(jobs) * repeats, desc=f"bench ({repeats} rounds)", unit="process")
+
+    def progress(i, round_):
+        c = cells[i]
+        bar.set_postfix_str(f"round {round_ + 1}: {c['variant']} {c['backend']} b{c['batch_size']}")
+        bar.update()
+
+    measured = measure_in_rounds(jobs, repeats=repeats, seed=run.recipe.seed, timeout_s=spec.cell_timeout_s,
+                                 work_dir=work, memory_limit_mb=spec.memory_limit_mb,
+                                 threshold=spec.timing.stability_threshold, progress=progress)
     bar.close()
+    for i, job in jobs:
+        cell = cells[i]
+        cell.update(measured[i])
+        outputs = Path(job["outputs_path"])
+        if cell["status"] != "failed" and outputs.exists():
+            cell["accuracy"] = run.task.metrics(np.load(outputs))
+        if outputs.exists():
+            outputs.unlink()
+        log.info("cell %s %s b%d: %s %s", cell["variant"], cell["backend"], cell["batch_size"], cell["status"],
+                 cell.get("latency_ms", {}).get("p50", cell["reason"]))
     if eval_path and eval_path.exists():
         eval_path.unlink()
     return cells
