@@ -188,9 +188,15 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
                         f"Timing protocol: {json.dumps(results.get('timing', {}))}."))
     probe = results["environment"].get("roofline_probe")
     if probe:
+        paper = probe.get("paper") or {}
+        paper_text = (f" Paper peaks: fp32 {paper['fp32'] / 1e9:.1f}, bf16 {paper['bf16'] / 1e9:.1f}, int8 "
+                      f"{paper['int8'] / 1e9:.1f} G op/s ({paper['method']}); a cell counts against the larger of "
+                      "the measured and the paper peak of its precision (int8 cells with their ancestor's FLOPs), "
+                      "so it cannot pass 100 %." if paper else " Quantized kernels are not counted.")
         blocks.append(("p", f"% of GEMM peak: FLOPs per forward × batch / p50, over this machine's measured "
-                            f"{probe['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({probe['method']}); quantized kernels "
-                            f"are not counted. Copy bandwidth: {probe['peak_bytes_per_s'] / 1e9:.1f} GB/s."
+                            f"{probe['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({probe['method']})." + paper_text +
+                            f" Copy bandwidth: {probe['peak_bytes_per_s'] / 1e9:.1f} GB/s, against the weight bytes "
+                            "a forward streams (embedding tables left out)."
                             + (" Warning: the probe ran while the machine was busy, so the peak is understated."
                                if probe.get("measured_under_load") else "")))
     blocks.append(("table", cells_table(results, sp)))

@@ -1,7 +1,11 @@
-"""This machine's measured limits, for the roofline view: a short fp32 GEMM probe (FLOP/s) and a
-memory-copy probe (bytes/s), cached per machine, thread count and torch version. A cell's
-`roofline_fraction` is the FLOP/s it reached over the GEMM peak; `bandwidth_fraction` is the
-weight bytes it streamed per second over the copy bandwidth (the limit for small batches)."""
+"""This machine's limits, for the roofline view. Two kinds, both shown: a short measured probe (an
+fp32 GEMM for FLOP/s, a memory copy for bytes/s; run before any cell, cached per machine, thread
+count and torch version) and a paper peak from the CPU's flags, clock and cores, per precision
+(fp32, bf16, int8: VNNI and AMX where present). A cell's `roofline_fraction` is the operations it
+did per second over the larger of the two for its precision, so it cannot pass 100 %; int8 cells
+(PyTorch dynamic int8, ONNX Runtime int8, bitsandbytes int8) count against the int8 peak with
+their ancestor's FLOPs. `bandwidth_fraction` is the weight bytes it streamed per second (embedding
+tables left out: a lookup reads a few rows) over the copy bandwidth."""
 from __future__ import annotations
 
 import hashlib
@@ -28,7 +32,7 @@ def probe(threads: int) -> dict:
     import torch
 
     key = hashlib.sha1(f"{cpu_model()}|{threads}|{torch.__version__}".encode()).hexdigest()[:12]
-    path = cache_dir() / f"roofline-cpu-v2-{key}.json"
+    path = cache_dir() / f"roofline-cpu-v3-{key}.json"
     if path.exists():
         return json.loads(path.read_text())
     old = torch.get_num_threads()
@@ -44,7 +48,7 @@ def probe(threads: int) -> dict:
     finally:
         torch.set_num_threads(old)
     busy = load_before > 0.5 * (os.cpu_count() or 1)
-    result = {"device": "cpu", "threads": threads, "peak_flops_per_s": 2 * n ** 3 / gemm,
+    result = {"device": "cpu", "threads": threads, "peak_flops_per_s": 2 * n ** 3 / gemm, "paper": paper_peaks(threads),
               "peak_bytes_per_s": 2 * src.numel() * 4 / copy,  # read + write
               "method": f"best of 10 fp32 {n}x{n} torch.mm; best of 5 copies of 128 MiB", "cpu": cpu_model(),
               "load_average_before": round(load_before, 2), "measured_under_load": busy}
@@ -53,16 +57,100 @@ def probe(threads: int) -> dict:
     return result
 
 
-def annotate(cells: list[dict], weight_bytes: dict[str, int], peak: dict) -> None:
-    """Add achieved rates and fractions of the probed peaks to measured CPU cells."""
+# Operations per cycle per core, by vector unit: two FMA pipes (most server cores since Haswell and
+# Zen 2; one-pipe parts make these an upper bound, which a peak must be), an FMA counted as two
+# operations. Vendor figures; AMX from Intel's TMUL description (1024 int8 / 512 bf16 MACs a cycle).
+FP32_LANES = (("avx512f", 16), ("avx2", 8), ("sse2", 4))
+AMX_OPS = {"int8": 2048, "bf16": 1024}
+
+
+def _clock_ghz() -> float | None:
+    for path in ("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq",):
+        try:
+            return int(open(path).read()) / 1e6
+        except (OSError, ValueError):
+            pass
+    mhz = []
+    try:
+        with open("/proc/cpuinfo") as fh:
+            mhz = [float(line.split(":")[1]) for line in fh if line.startswith("cpu MHz")]
+    except OSError:
+        pass
+    return max(mhz) / 1e3 if mhz else None
+
+
+def paper_peaks(threads: int, flags: set[str] | None = None, ghz: float | None = None) -> dict:
+    """Peak operations per second per precision from the CPU's flags, clock and the threads used
+    (logical CPUs counted as cores: with SMT this overstates, as an upper bound should)."""
+    from core.environment import cpu_flags
+
+    flags = set(cpu_flags()) if flags is None else flags
+    ghz = _clock_ghz() if ghz is None else ghz
+    if not ghz:
+        return {}
+    lanes = next((n for flag, n in FP32_LANES if flag in flags), 4)
+    fp32 = lanes * 2 * 2  # lanes x FMA (2 ops) x 2 pipes
+    int8 = fp32 * 4 * (2 if {"avx512_vnni", "avx_vnni"} & flags else 1)  # 4 int8 per fp32 lane; VNNI fuses the add
+    bf16 = fp32 * (2 if "avx512_bf16" in flags else 1)
+    if "amx_int8" in flags:
+        int8 = max(int8, AMX_OPS["int8"])
+    if "amx_bf16" in flags:
+        bf16 = max(bf16, AMX_OPS["bf16"])
+    scale = threads * ghz * 1e9
+    return {"fp32": fp32 * scale, "bf16": bf16 * scale, "int8": int8 * scale, "clock_ghz": ghz,
+            "method": f"{threads} threads x {ghz:.2f} GHz x ops/cycle from the CPU flags (fp32 {fp32}, bf16 {bf16}, "
+                      f"int8 {int8} per core)"}
+
+
+INT8_STEPS = {("quantize", "dynamic-int8"), ("quantize", "bnb-int8"), ("onnx-quantize", "dynamic"),
+              ("onnx-quantize", "static")}
+
+
+def precision(variants: dict, name: str) -> str:
+    """The precision a variant's matmuls run in: int8 when a step along its lineage quantized
+    activations and weights to int8; fp32 otherwise (weight-only int4 / nf4 dequantize to fp32)."""
+    seen = set()
+    while name in variants and name not in seen:
+        seen.add(name)
+        for step in variants[name].get("steps") or []:  # {"name", "params"}, defaults filled in
+            step_name, params = step.get("name"), step.get("params") or {}
+            method = params.get("method") or params.get("mode")
+            if (step_name, method) in INT8_STEPS:
+                return "int8"
+            if step_name == "quantize" and method == "bf16":
+                return "bf16"
+        name = variants[name].get("parent")
+    return "fp32"
+
+
+def ancestor_flops(variants: dict, name: str):
+    """A variant's FLOPs per forward, or its nearest ancestor's: quantization keeps every matmul's
+    shape, while the FLOP counter cannot see into quantized kernels."""
+    seen = set()
+    while name in variants and name not in seen:
+        seen.add(name)
+        if variants[name].get("flops"):
+            return variants[name]["flops"]
+        name = variants[name].get("parent")
+    return None
+
+
+def annotate(cells: list[dict], variants: list[dict], peak: dict) -> None:
+    """Add achieved rates and fractions of the peaks to measured CPU cells."""
+    by_name = {v["name"]: v for v in variants}
+    paper = peak.get("paper") or {}
     for c in cells:
         lat = c.get("latency_ms")
         if not lat or c.get("device") != "cpu":
             continue
         seconds = lat["p50"] / 1e3
-        if c.get("flops"):
-            c["achieved_flops_per_s"] = c["flops"] / seconds
-            c["roofline_fraction"] = round(c["achieved_flops_per_s"] / peak["peak_flops_per_s"], 4)
-        wb = weight_bytes.get(c["variant"])
-        if wb:
-            c["bandwidth_fraction"] = round(wb / seconds / peak["peak_bytes_per_s"], 4)
+        kind = precision(by_name, c["variant"])
+        flops = c.get("flops") or (ancestor_flops(by_name, c["variant"]) or 0) * c["batch_size"]
+        ceiling = max(peak["peak_flops_per_s"] if kind == "fp32" else 0.0, paper.get(kind, 0.0))
+        if flops and ceiling:
+            c["achieved_flops_per_s"] = flops / seconds
+            c["roofline_precision"] = kind
+            c["roofline_fraction"] = round(c["achieved_flops_per_s"] / ceiling, 4)
+        streamed = (by_name.get(c["variant"]) or {}).get("streamed_weight_bytes")
+        if streamed:
+            c["bandwidth_fraction"] = round(streamed / seconds / peak["peak_bytes_per_s"], 4)

@@ -56,8 +56,8 @@ def attention_shape(module) -> Optional[tuple[int, int]]:
     num_attention_heads and hidden_size unchanged, so read the attention modules; when layers differ,
     (0, 0) lets ORT's fusion detect each layer's from its graph. None: not a BERT-like encoder."""
     layers = bert_layers(module) if module is not None else []
-    shapes = {(getattr(layer.attention.self, "num_attention_heads", 0), getattr(layer.attention.self, "all_head_size", 0))
-              for layer in layers}
+    shapes = {(getattr(layer.attention.self, "num_attention_heads", 0),
+               getattr(layer.attention.self, "all_head_size", 0)) for layer in layers}
     if not layers:
         return None
     return shapes.pop() if len(shapes) == 1 else (0, 0)

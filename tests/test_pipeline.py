@@ -121,7 +121,8 @@ def test_measured_cells_have_latency_throughput_memory_and_accuracy(quick_run):
         for key in LATENCY_KEYS:
             assert key in lat, key
         assert lat["n"] >= 5  # bench.timing.min_iters
-        assert 0 < lat["p50"] <= lat["p90"] <= lat["p95"] <= lat["p99"]
+        # p50 is the median of the processes' medians; the tail percentiles are over all samples.
+        assert 0 < lat["p50"] and 0 < lat["p90"] <= lat["p95"] <= lat["p99"]
         assert lat["ci95"][0] <= lat["p50"] <= lat["ci95"][1]
         assert c["throughput"] == pytest.approx(c["batch_size"] * 1e3 / lat["p50"], rel=1e-3)
         assert isinstance(c["memory"]["peak_rss_delta"], int) and c["memory"]["peak_rss_delta"] >= 0

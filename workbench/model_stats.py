@@ -40,7 +40,11 @@ def torch_stats(module, io: ModelIO, seq_len: int) -> dict:
             with torch.no_grad():
                 zeros += int((w.int_repr() if w.is_quantized else w).eq(0).sum())
         weight_bytes += _quant_state_bytes(qs)
+    embedding = sum(m.weight.numel() * m.weight.element_size() for m in module.modules()
+                    if isinstance(m, torch.nn.Embedding))
     return {"params": int(params), "weight_bytes": int(weight_bytes), "linear_weight_bytes": _linear_bytes(module),
+            # What a forward pass streams from memory: an embedding lookup reads a few rows, not the table.
+            "streamed_weight_bytes": int(weight_bytes - embedding),
             "sparsity": round(zeros / matrix, 4) if matrix else 0.0, "flops": flops(module, io, seq_len)}
 
 
@@ -98,15 +102,22 @@ def onnx_stats(path: Path) -> dict:
     from onnx import numpy_helper
 
     model = onnx.load(str(path))
-    params = weight_bytes = matrix = zeros = 0
+    params = weight_bytes = matrix = zeros = looked_up = 0
+    consumers: dict[str, set] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
     for t in model.graph.initializer:
         a = numpy_helper.to_array(t)
         params += a.size
         weight_bytes += a.nbytes
+        if consumers.get(t.name) == {"Gather"}:  # an embedding table: a lookup reads a few rows
+            looked_up += a.nbytes
         if a.ndim >= 2:
             matrix += a.size
             zeros += int(np.count_nonzero(a == 0))
     return {"params": int(params), "weight_bytes": int(weight_bytes),
+            "streamed_weight_bytes": int(weight_bytes - looked_up),
             "sparsity": round(zeros / matrix, 4) if matrix else 0.0, "flops": None}
 
 

@@ -56,12 +56,13 @@ class Run:
                 self.task.reference = torch_outputs(self.src.module, self.task.eval_batches)
             variants, models = compress(self)
             artifacts = export(self, models)
-            cells = bench(self, models, variants, artifacts)
             from bench.roofline import annotate, probe
 
-            peak = probe(self.threads) if any(c.get("latency_ms") for c in cells) else None
-            if peak:
-                annotate(cells, {v["name"]: v.get("weight_bytes") for v in variants}, peak)
+            # The machine's peaks, probed before any cell runs, while nothing of ours is loaded.
+            peak = probe(self.threads) if self.recipe.bench.backends else None
+            cells = bench(self, models, variants, artifacts)
+            if peak and any(c.get("latency_ms") for c in cells):
+                annotate(cells, variants, peak)
             results.write_results(
                 self.run_dir, threads=self.threads, started=started, quick=self.quick, timing=self.timing,
                 recipe={"name": self.recipe.name, "path": self.recipe.path, "sha256": self.recipe.sha256,

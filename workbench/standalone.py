@@ -68,7 +68,8 @@ def bench_file(args) -> int:
     results.write_results(
         out, threads=threads, started=started, quick=bool(args.quick), timing=timing,
         recipe={"name": f"bench {path.name}", "path": None, "sha256": None,
-                "parsed": {"bench": bench_spec.model_dump(mode="json"), "report": {"baseline": name, "constraints": {}}}},
+                "parsed": {"bench": bench_spec.model_dump(mode="json"),
+                           "report": {"baseline": name, "constraints": {}}}},
         model={"description": str(path), "io": io.to_json()},
         task={"type": "none", "description": "no task: latency and memory only", "primary": None, "eval_size": 0},
         variants=[{"name": name, "parent": None, "steps": [], "status": "ok", "error": None, "format": fmt,
