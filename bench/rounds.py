@@ -19,6 +19,7 @@ import numpy as np
 from bench.cells import run_cell
 from bench.protocol import combine
 
+KEEP_SAMPLES = 1000  # raw samples kept per process in results.json (every k-th beyond that, in time order)
 BUSY_LIMIT_CORES = 0.3  # other processes' CPU (plus steal) above this, in cores, makes a process re-measured
 RETRIES = 2  # re-measurements of one process on a busy machine, at most
 
@@ -107,6 +108,14 @@ def measure_in_rounds(jobs: list[tuple[Any, dict]], *, repeats: int, seed: int, 
             for key, job in jobs}
 
 
+def thin(samples: list) -> dict:
+    """The raw samples a results.json keeps of one process: all of them up to KEEP_SAMPLES, else every
+    k-th in time order (`samples_stride` k), which keeps their distribution and their drift. The
+    cell's own statistics were computed from all of them; a fast cell takes 30,000 samples a second."""
+    stride = -(-len(samples) // KEEP_SAMPLES)
+    return {"samples_ms": samples[::stride], "samples_stride": stride}
+
+
 def _failed(failure: dict, done: list) -> dict:
     reason = failure["reason"]
     if done:
@@ -119,7 +128,7 @@ def _cell(processes: list[dict], batch: int, threshold: float) -> dict:
     first = processes[0]
     repeats = [{"round": p["round"], "p50": round(float(np.median(p["samples_ms"])), 6), "n": len(p["samples_ms"]),
                 "started": p["started"], "attempts": p["attempts"], "noise": p["noise"],
-                "capped_by_max_seconds": p["capped_by_max_seconds"], "samples_ms": p["samples_ms"],
+                "capped_by_max_seconds": p["capped_by_max_seconds"], **thin(p["samples_ms"]),
                 "warmup_ms": p["warmup_ms"], **({"cold": p["cold"]} if i else {})}
                for i, p in enumerate(processes)]
     # Memory is read in a phase that does not depend on timing, so processes agree; the median

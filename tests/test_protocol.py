@@ -194,3 +194,14 @@ def test_pairing_by_round_cancels_drift_that_an_unpaired_comparison_cannot():
     assert point == pytest.approx(1 / 1.2, rel=0.01) and hi < 0.86  # clearly slower, round by round
     _, ulo, uhi = unpaired_ratio_ci(base, slow)
     assert ulo < 1.0 < uhi  # the same data, unpaired: drift swamps a 20 % change
+
+
+def test_a_fast_cells_stored_samples_are_thinned_in_time_order_and_say_so():
+    from bench.rounds import KEEP_SAMPLES, thin
+
+    samples = list(np.linspace(1.0, 2.0, 30_001))  # a slow drift upwards, as a fast cell would record it
+    kept = thin(samples)
+    assert len(kept["samples_ms"]) <= KEEP_SAMPLES and kept["samples_stride"] == 31
+    assert kept["samples_ms"] == samples[::31]  # every k-th, order kept: the drift is still visible
+    assert np.median(kept["samples_ms"]) == pytest.approx(np.median(samples), rel=1e-3)
+    assert thin([1.0, 2.0]) == {"samples_ms": [1.0, 2.0], "samples_stride": 1}
