@@ -10,7 +10,10 @@ also correcting the error its predecessors left), which keeps far more of the mo
 distillation."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 from typing import Literal, Optional
 
 from pydantic import Field
@@ -40,6 +43,18 @@ class PruneParams(StepParams):
         "channels and/or whole attention heads; the model's config is fixed up to match")
     head_ratio: Optional[float] = Field(None, ge=0, lt=1, description="fraction of heads removed per layer "
                                         "(default: ratio); at least one head is kept")
+
+
+@contextlib.contextmanager
+def _library_prints():
+    """torch-pruning print()s its notices ("Warning! No positional inputs found..."): they go to the
+    log (run.log during a run), not to the console."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        yield
+    for line in out.getvalue().splitlines():
+        if line.strip():
+            logging.getLogger("torch_pruning").warning(line.strip())
 
 
 STATS_BATCHES = 16  # training batches whose activations rank and refit (importance: activation)
@@ -122,7 +137,8 @@ def _transformer(module, teacher, io_spec, p: PruneParams, ctx) -> None:
         keep = max(1, round(width * (1 - p.ratio)))
         if p.round_to:
             keep = max(p.round_to, keep // p.round_to * p.round_to)
-        graph = tp.DependencyGraph().build_dependency(module, example_inputs=example_inputs(io_spec))
+        with _library_prints():
+            graph = tp.DependencyGraph().build_dependency(module, example_inputs=example_inputs(io_spec))
     tokens = 0
     if batches:  # what reaches layer 0 of each model; after each layer, what the next one gets
         s_in, t_in = layer_inputs(module, layers[0], batches), layer_inputs(teacher, t_layers[0], batches)
@@ -261,14 +277,15 @@ def _structured(module, io_spec, p: PruneParams, ctx) -> None:
         imp = tp.importance.TaylorImportance()
     else:
         imp = tp.importance.MagnitudeImportance(p=2)
-    before_ops, before_params = tp.utils.count_ops_and_params(module, example)
-    pruner = tp.pruner.BasePruner(module, example, importance=imp, pruning_ratio=p.ratio,
-                                  global_pruning=p.global_pruning, ignored_layers=ignored, round_to=p.round_to)
-    if p.importance == "taylor":
-        _taylor_gradients(module, ctx)
-    pruner.step()
-    module.zero_grad(set_to_none=True)
-    after_ops, after_params = tp.utils.count_ops_and_params(module, example)
+    with _library_prints():
+        before_ops, before_params = tp.utils.count_ops_and_params(module, example)
+        pruner = tp.pruner.BasePruner(module, example, importance=imp, pruning_ratio=p.ratio,
+                                      global_pruning=p.global_pruning, ignored_layers=ignored, round_to=p.round_to)
+        if p.importance == "taylor":
+            _taylor_gradients(module, ctx)
+        pruner.step()
+        module.zero_grad(set_to_none=True)
+        after_ops, after_params = tp.utils.count_ops_and_params(module, example)
     ctx.notes.update(params_before=int(before_params), params_after=int(after_params),
                      macs_before=int(before_ops), macs_after=int(after_ops))
 

@@ -74,3 +74,15 @@ def memory_bytes(field: str, pid: str | int = "self") -> int:
     except OSError:
         pass
     return 0
+
+
+def die_with_parent() -> None:
+    """For Popen's preexec_fn: the child gets SIGKILL when the process that started it dies, so a
+    killed run leaves no orphan measuring on (and writing its result into) a dead run (Linux)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - elsewhere the child outlives its parent, as before
+        pass

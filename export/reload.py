@@ -17,14 +17,15 @@ def outputs_in_fresh_process(fmt: str, path: Path, batches: list[dict], timeout_
     import json
 
     from core.formats import FORMATS
-    from core.processes import child_env, locate
+    from core.processes import child_env, die_with_parent, locate
 
     where = json.dumps(locate(FORMATS[fmt]))  # the format's module, wherever it was registered
     with tempfile.TemporaryDirectory() as tmp:
         inputs, out = Path(tmp) / "batches.npz", Path(tmp) / "out.npy"
         save_batches(inputs, batches)
         proc = subprocess.run([sys.executable, "-m", "export.reload", fmt, str(path), str(inputs), str(out), where],
-                              capture_output=True, text=True, timeout=timeout_s, env=child_env())
+                              capture_output=True, text=True, timeout=timeout_s, env=child_env(),
+                              preexec_fn=die_with_parent)
         if proc.returncode != 0 or not out.exists():
             lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
             raise RuntimeError(f"reloading the {fmt} file in a fresh process failed: "

@@ -160,3 +160,26 @@ def test_model_factory_that_returns_no_module_exits_1_without_results(tmp_path, 
     assert "not a torch.nn.Module" in err
     assert "Traceback" not in err
     assert list((tmp_path / "out").rglob("results.json")) == []  # nothing that passes for a finished run
+
+
+def test_model_whose_constructor_raises_names_model_ref_and_the_run_says_failed(tmp_path, capsys):
+    (tmp_path / "wb_test_raising_factory.py").write_text(textwrap.dedent('''
+        def make():
+            raise RuntimeError("boom")
+    '''))
+    recipe = {**RECIPE, "name": "raising-factory",
+              "model": {**RECIPE["model"], "ref": "wb_test_raising_factory:make"},
+              "bench": {**RECIPE["bench"], "batch_sizes": [1]}}
+    import json
+
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "model.ref 'wb_test_raising_factory:make'" in err and "boom" in err and "Traceback" not in err
+    run = next((tmp_path / "out" / "raising-factory").iterdir())
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and "boom" in status["reason"]
+    assert "run failed" in (run / "run.log").read_text()

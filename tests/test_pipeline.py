@@ -188,6 +188,9 @@ def test_run_directory_layout(quick_run):
         assert any((d / "variants" / v).iterdir()), v
     assert (d / "variants" / "ort-int8" / "model.onnx").is_file()
     assert (d / "variants" / "baseline" / "model.torchscript.pt").is_file()
+    status = json.loads((d / "status.json").read_text())
+    assert status["state"] == "finished" and status["finished"] >= status["started"]
+    assert "run finished" in (d / "run.log").read_text()
 
 
 def test_variant_files_listed_in_results_exist(quick_run):

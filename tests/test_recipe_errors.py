@@ -65,6 +65,9 @@ CASES = {
     "hf-model-path-missing": (
         recipe(model={"source": "hf", "path": "./nope"}, task={"type": "none"}),
         ["model.path", "./nope", "no such directory"]),
+    "hf-hub-id-not-in-the-offline-cache": (
+        recipe(model={"source": "hf", "path": "no-such-org/no-such-model"}, task={"type": "none"}),
+        ["model.path", "no-such-org/no-such-model", "local Hugging Face cache", "offline"]),
     "unknown-backend": (
         with_bench(backends=["torch-cpu", "torch-tpu"]),
         ["bench.backends", "'torch-tpu'", "ort-cpu"]),

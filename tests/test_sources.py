@@ -232,3 +232,34 @@ def test_onnx_quantize_leaves_no_files_in_the_working_directory(text_project, tm
     r = json.loads((run_dir / "results.json").read_text())
     assert [v["status"] for v in r["variants"]] == ["ok", "ok"]
     assert sorted(p.name for p in cwd.iterdir()) == []
+
+
+def test_a_classification_data_file_is_scored_only_on_rows_the_steps_never_see(tmp_path):
+    """A data file gets a stable, stratified held-out quarter: training, calibration and statistics
+    draw on the rest, so a distilled model cannot be scored on rows it learnt."""
+    import numpy as np
+
+    from workbench.recipe import parse_recipe
+    from workbench.sources.models import load_model
+    from workbench.tasks import build_task
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((203, 1, 8, 8)).astype(np.float32)
+    x[:, 0, 0, 0] = np.arange(203)  # a row id, to tell the rows apart
+    y = np.repeat(np.arange(10), 21)[:203]
+    np.savez(tmp_path / "rows.npz", x=x, y=y)
+    spec = {"name": "file", "model": {"source": "builtin", "name": "digits-cnn"},
+            "task": {"type": "classification", "data": {"source": "file", "path": "rows.npz"}},
+            "variants": {"baseline": {}}}
+    recipe = parse_recipe(spec, "file.yaml")
+    recipe._path = str(tmp_path / "file.yaml")
+    task = build_task(recipe, load_model(recipe))
+    held = {int(r) for b in task.eval_batches for r in b["pixels"][:, 0, 0, 0]}
+    train = {int(r) for b in task.train_batches for r in b["pixels"][:, 0, 0, 0]}
+    assert held and train and not held & train and len(held) + len(train) == 203
+    assert abs(len(held) - 0.25 * 203) <= 10  # a quarter, class by class
+    assert set(task.labels.tolist()) == set(range(10))  # every class is represented in the held-out rows
+    assert "held out" in task.description
+    # The same split on every run.
+    again = build_task(recipe, load_model(recipe))
+    assert {int(r) for b in again.eval_batches for r in b["pixels"][:, 0, 0, 0]} == held

@@ -4,12 +4,14 @@ export or cell is recorded with its reason and the run goes on; results.json is 
 atomically, so a run directory without it is an unfinished run."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from core import atomic
 from core.processes import default_threads
 from workbench import results
 from workbench.recipe import Recipe
-from workbench.run_dir import close_log, log, new_run_dir, open_log, say
+from workbench.run_dir import close_log, log, new_run_dir, open_log, reason, say
 from workbench.stages.bench import bench
 from workbench.stages.compress import compress
 from workbench.stages.export import export
@@ -36,6 +38,7 @@ class Run:
         started = results.now()
         self.run_dir = new_run_dir(self.out_root, self.recipe.name)
         handler = open_log(self.run_dir)
+        self._status("running", started=started, pid=os.getpid())
         try:
             say(f"run directory: {self.run_dir}")
             import torch
@@ -72,9 +75,24 @@ class Run:
                       "eval_size": self.task.eval_size},
                 variants=variants, artifacts=artifacts, cells=cells, roofline_probe=peak)
             log.info("report: %s", self.run_dir / "report.md")
+            self._status("finished", started=started, finished=results.now())
+            log.info("run finished")
             return self.run_dir
+        except KeyboardInterrupt:
+            self._status("interrupted", started=started, reason="interrupted (SIGINT) before results.json was written")
+            log.error("run interrupted")
+            raise
+        except BaseException as e:
+            self._status("failed", started=started, reason=reason(e))
+            log.error("run failed: %s", reason(e))
+            raise
         finally:
             close_log(handler)
+
+    def _status(self, state: str, **fields) -> None:
+        """status.json: running -> finished, failed (with the reason) or interrupted. A folder that
+        says running with no live process behind it is a run that was killed."""
+        atomic.write_json(self.run_dir / "status.json", {"state": state, **fields})
 
 
 def run_recipe(recipe: Recipe, out_root: Path = Path("reports"), quick: bool = False) -> Path:

@@ -407,6 +407,18 @@ def model_kind(spec) -> str:
     return spec.kind
 
 
+def _in_hf_cache(repo_id: str, revision: Optional[str]) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - an id the hub library rejects is not in the cache either
+        return False
+    return isinstance(found, str)
+
+
 def _check_model(recipe: Recipe, where: str) -> None:
     m = recipe.model
     if isinstance(m, HFModel):
@@ -414,6 +426,12 @@ def _check_model(recipe: Recipe, where: str) -> None:
         if looks_local and not recipe.resolve(m.path).is_dir():
             raise field_error(where, "model.path", "no such directory", value=m.path,
                               accepted="a save_pretrained directory (relative to the recipe file) or a hub id")
+        if not looks_local and not _in_hf_cache(m.path, m.revision):
+            # The workbench runs offline: a hub id must already be in the local Hugging Face cache.
+            raise field_error(where, "model.path", "is neither a local folder nor a hub id in the local Hugging Face "
+                              "cache (the workbench runs offline)", value=m.path,
+                              accepted="a save_pretrained directory (relative to the recipe file), or a hub id "
+                              "downloaded beforehand (huggingface-cli download ID)")
     ckpt = getattr(m, "checkpoint", None)
     if ckpt and not recipe.resolve(ckpt).is_file():
         raise field_error(where, "model.checkpoint", "no such file", value=ckpt,

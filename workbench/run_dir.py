@@ -25,16 +25,25 @@ def new_run_dir(root: Path, name: str) -> Path:
 
 
 def open_log(run_dir: Path) -> logging.Handler:
+    """run.log gets the workbench's own lines and, instead of the console, what the libraries say:
+    Python warnings and records of loggers without a handler of their own (ONNX Runtime's
+    quantizer logs to the root logger)."""
     handler = logging.FileHandler(run_dir / "run.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    logging.captureWarnings(True)
+    for name in ("py.warnings", ""):
+        logging.getLogger(name).addHandler(handler)
+    logging.getLogger("py.warnings").propagate = False
     return handler
 
 
 def close_log(handler: logging.Handler) -> None:
-    log.removeHandler(handler)
+    for name in ("workbench", "py.warnings", ""):
+        logging.getLogger(name).removeHandler(handler)
+    logging.captureWarnings(False)
     handler.close()
 
 

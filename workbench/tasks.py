@@ -87,6 +87,23 @@ def _tokenize_bucketed(tokenizer, texts: list[str], max_length: int, labels=None
     return batches, ordered
 
 
+EVAL_FRACTION = 0.25  # of a classification data file, held out for evaluation
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) row indices: `fraction` of every class held out (at least one row of any
+    class with two or more), chosen by a seeded shuffle, so the split is the same on every run."""
+    rng = np.random.default_rng(seed)
+    train, held = [], []
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        k = int(round(len(rows) * fraction)) if len(rows) > 1 else 0
+        k = max(k, 1) if len(rows) > 1 else 0
+        held.append(rows[:k])
+        train.append(rows[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
+
+
 def build_task(recipe: Recipe, src: SourceModel) -> Task:
     t = recipe.task
     if isinstance(t, ClassificationTask):
@@ -95,9 +112,13 @@ def build_task(recipe: Recipe, src: SourceModel) -> Task:
             desc = "scikit-learn digits, held-out 25% split"
         else:
             d = np.load(recipe.resolve(t.data.path))
-            x, y = d["x"].astype(np.float32), d["y"].astype(np.int64)
-            x_tr, y_tr = x, y  # one file: calibration and distillation draw on it too
-            desc = f"{t.data.path} (x, y)"
+            x_all, y_all = d["x"].astype(np.float32), d["y"].astype(np.int64)
+            # Never score on rows that train, calibrate or rank: a stable, seeded, stratified quarter
+            # of the file is held out, the rest is what the steps may use.
+            train_idx, held_idx = stratified_split(y_all, EVAL_FRACTION, recipe.seed)
+            x_tr, y_tr, x, y = x_all[train_idx], y_all[train_idx], x_all[held_idx], y_all[held_idx]
+            desc = (f"{t.data.path} (x, y): {len(held_idx)} of {len(y_all)} rows held out for evaluation "
+                    f"(stratified, seed {recipe.seed}), {len(train_idx)} for the steps")
         if t.eval_size:
             x, y = x[:t.eval_size], y[:t.eval_size]
         name = next(iter(src.io.inputs))

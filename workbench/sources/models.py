@@ -155,7 +155,10 @@ class _NamedInput(nn.Module):
 
 
 def python_model(spec: PythonModel, recipe: Recipe) -> SourceModel:
-    module = resolve_ref(spec.ref, recipe.resolve("."))(**spec.kwargs)
+    try:
+        module = resolve_ref(spec.ref, recipe.resolve("."))(**spec.kwargs)
+    except Exception as e:
+        raise RuntimeError(f"model.ref {spec.ref!r}: building the model raised {type(e).__name__}: {e}") from e
     if not isinstance(module, nn.Module):
         raise TypeError(f"model.ref {spec.ref} returned {type(module).__name__}, not a torch.nn.Module")
     if spec.checkpoint:
