@@ -44,6 +44,31 @@ def speedups(results: dict) -> dict[int, tuple[float, float, float]]:
     return out
 
 
+def reference_speedups(results: dict) -> tuple[Optional[str], dict[int, tuple[float, float, float]]]:
+    """Every measured cell against one reference: the baseline on the first backend of the recipe
+    that measured it, at the same batch size, so gains across backends show (PyTorch to ONNX
+    Runtime int8, say). Paired by round, as the same-backend speedups are. Returns (reference
+    backend, cell index -> (ratio, 95% CI low, high))."""
+    base_name = results["recipe"]["parsed"]["report"]["baseline"]
+    cells = results["cells"]
+    backends = (results["recipe"]["parsed"].get("bench") or {}).get("backends") or []
+    for backend in backends:
+        ref = {c["batch_size"]: c for c in cells
+               if c["variant"] == base_name and c["backend"] == backend and measured(c)}
+        if ref:
+            break
+    else:
+        return None, {}
+    out = {}
+    for i, c in enumerate(cells):
+        r = ref.get(c["batch_size"])
+        if r is not None and measured(c):
+            ratio = paired_ratio_ci(r, c)
+            if ratio is not None:
+                out[i] = ratio
+    return backend, out
+
+
 def faster(a: dict, b: dict) -> Optional[tuple[float, float, float]]:
     """How much faster cell `a` is than cell `b` (> 1: faster), paired by round; for results
     measured in one round, None."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.analysis import (MB, TIE_RULE, Recommendation, cell_score, faster, primary_metric, quietness, recommend,
-                            speedups)
+                            reference_speedups, speedups)
 from bench.plots import make_plots
 from core import atomic
 
@@ -66,8 +66,10 @@ def cells_table(results: dict, sp: dict) -> tuple[list[str], list[list[str]]]:
     # process figure (every CUDA cell, CUDA context included).
     gpu = any(c.get("memory", {}).get(k) is not None for c in results["cells"]
               for k in ("cuda_max_allocated", "nvml_process_device_bytes"))
+    ref_backend, ref = reference_speedups(results)
     head = ["variant", "backend", "batch", "p50 ms [95% CI]", "p95 ms", "p99 ms", "n", "items/s",
-            "speedup vs baseline [95% CI]", metric or "accuracy", "peak RSS Δ MB"]
+            "speedup vs baseline [95% CI]"] + ([f"vs baseline on {ref_backend} [95% CI]"] if ref else [])
+    head += [metric or "accuracy", "peak RSS Δ MB"]
     head += ["GPU alloc peak MB", "GPU process MB (NVML)"] if gpu else []
     head += ["% of GEMM peak", "status"]
     rows = []
@@ -75,13 +77,14 @@ def cells_table(results: dict, sp: dict) -> tuple[list[str], list[list[str]]]:
         lat = c.get("latency_ms")
         if lat:
             p50 = f"{lat['p50']:.3f} [{lat['ci95'][0]:.3f}, {lat['ci95'][1]:.3f}]"
-            s = sp.get(i)
-            speed = f"{s[0]:.2f}x [{s[1]:.2f}, {s[2]:.2f}]" if s else "–"
+            ratio = lambda s: f"{s[0]:.2f}x [{s[1]:.2f}, {s[2]:.2f}]" if s else "–"  # noqa: E731
+            speed = ratio(sp.get(i))
             memory = c.get("memory", {})
             mb = lambda key: _fmt(memory[key] / MB, 1) if memory.get(key) is not None else "–"  # noqa: E731
             rows.append([c["variant"], c["backend"], str(c["batch_size"]), p50, _fmt(lat["p95"]), _fmt(lat["p99"]),
-                         str(lat["n"]), _fmt(c.get("throughput"), 1), speed,
-                         _fmt(cell_score(c, variants, metric), 4), mb("peak_rss_delta")]
+                         str(lat["n"]), _fmt(c.get("throughput"), 1), speed]
+                        + ([ratio(ref.get(i))] if ref else [])
+                        + [_fmt(cell_score(c, variants, metric), 4), mb("peak_rss_delta")]
                         + ([mb("cuda_max_allocated"), mb("nvml_process_device_bytes")] if gpu else [])
                         + [f"{100 * c['roofline_fraction']:.1f}" if c.get("roofline_fraction") is not None else "–",
                            c["status"]])
@@ -95,9 +98,12 @@ def artifacts_table(results: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for a in results.get("artifacts", []):
         p = a.get("parity") or {}
+        status = a["status"] + (f": {a['reason']}" if a.get("reason") else "")
+        if a.get("parity_note"):  # a graph its steps changed on purpose (quantized): compared, not gated
+            status += f" ({a['parity_note']})"
         rows.append([a["variant"], a["format"], a.get("exporter") or "–",
                      f"{p['max_abs_diff']:.2e}" if "max_abs_diff" in p else "–", _fmt(p.get("cosine_min"), 6),
-                     _fmt(p.get("top1_agreement"), 4), a["status"] + (f": {a['reason']}" if a.get("reason") else "")])
+                     _fmt(p.get("top1_agreement"), 4), status])
     return head, rows
 
 

@@ -320,3 +320,19 @@ def test_rerun_reuses_every_variant_from_the_cache(quick_run):
         assert a["accuracy"] == b["accuracy"]
         assert a["size_bytes"] == b["size_bytes"]
     assert "reused from cache" in (dirs[0] / "report.md").read_text()
+
+
+def test_every_cell_is_also_compared_with_one_reference_across_backends(quick_run):
+    """Same-backend speedups cannot say how much faster ONNX Runtime is than PyTorch; a second column
+    compares every cell with the baseline on the recipe's first backend, paired by round."""
+    from bench.analysis import reference_speedups
+
+    backend, ref = reference_speedups(quick_run.results)
+    assert backend == "torch-cpu"
+    cells = quick_run.results["cells"]
+    ort_base = next(i for i, c in enumerate(cells) if c["variant"] == "baseline" and c["backend"] == "ort-cpu")
+    point, lo, hi = ref[ort_base]
+    assert lo <= point <= hi and point > 0
+    torch_base = next(i for i, c in enumerate(cells) if c["variant"] == "baseline" and c["backend"] == "torch-cpu")
+    assert ref[torch_base][0] == 1.0
+    assert "vs baseline on torch-cpu" in (quick_run.run_dir / "report.md").read_text()
