@@ -1,6 +1,7 @@
-"""The timing protocol and its statistics: warm-up, then time until both a minimum number of
-iterations and a minimum time are reached; percentiles, a bootstrap interval of the median, and a
-stability verdict computed from the raw samples, which are kept."""
+"""The timing protocol and its statistics: inside a cell's process, warm-up, then time until both a
+minimum number of iterations and a minimum time are reached (`measure`, raw samples only); in the
+parent, a cell's figures from its processes (`combine`), speedups paired by round and the
+comparison of two runs, each with a bootstrap interval over processes, and stability verdicts."""
 from __future__ import annotations
 
 import time
@@ -29,15 +30,6 @@ def measure(timed_call: Callable[[], float], *, warmup: int, min_iters: int, min
     return {"warmup_ms": warm, "samples_ms": samples, "capped": capped}
 
 
-def bootstrap_ci(samples, stat=np.median, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile-bootstrap interval of `stat` over the samples."""
-    a = np.asarray(samples, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    boots = stat(a[rng.integers(0, len(a), size=(n_boot, len(a)))], axis=1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
 def stability(samples, threshold: float) -> dict:
     """A cell is stable when the medians of consecutive windows agree within `threshold` (relative
     spread); a drift or a noisy neighbour shows up as windows that disagree."""
@@ -48,17 +40,6 @@ def stability(samples, threshold: float) -> dict:
     spread = (max(medians) - min(medians)) / float(np.median(a))
     return {"stable": bool(spread <= threshold), "window_spread": round(spread, 4), "threshold": threshold,
             "window_medians_ms": [round(m, 5) for m in medians]}
-
-
-def summarize(samples, batch_size: int) -> dict:
-    a = np.asarray(samples, dtype=np.float64)
-    p50, p90, p95, p99 = np.percentile(a, [50, 90, 95, 99])
-    lo, hi = bootstrap_ci(a)
-    latency = {"p50": p50, "p90": p90, "p95": p95, "p99": p99, "mean": a.mean(), "std": a.std(ddof=1) if len(a) > 1
-               else 0.0, "min": a.min(), "n": len(a), "ci95": [lo, hi]}
-    latency = {k: (round(float(v), 6) if not isinstance(v, (list, int)) else v) for k, v in latency.items()}
-    latency["ci95"] = [round(lo, 6), round(hi, 6)]
-    return {"latency_ms": latency, "throughput": round(batch_size * 1e3 / float(p50), 3)}
 
 
 def ratio_ci(baseline_samples, samples, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -89,14 +70,19 @@ def median_draws(samples, n: int, rng) -> np.ndarray:
     return np.quantile(a, rng.beta(half, half, size=n))
 
 
+def _median_over_resampled_groups(draws: np.ndarray, rng) -> np.ndarray:
+    """`draws` is (group, draw): for each draw, pick as many groups as there are, with replacement,
+    and take the median of their values in that draw."""
+    k, n = draws.shape
+    pick = rng.integers(0, k, size=(n, k))
+    return np.median(draws[pick, np.arange(n)[:, None]], axis=1)
+
+
 def hierarchical_median_draws(per_process: list, n: int = N_BOOT, seed: int = 0) -> np.ndarray:
     """Draws of the median of process medians: resample the processes, then each chosen process's
     samples. Its spread is what a rerun of the cell would see."""
     rng = np.random.default_rng(seed)
-    k = len(per_process)
-    draws = np.stack([median_draws(s, n, rng) for s in per_process])  # (process, draw)
-    pick = rng.integers(0, k, size=(n, k))
-    return np.median(draws[pick, np.arange(n)[:, None]], axis=1)
+    return _median_over_resampled_groups(np.stack([median_draws(s, n, rng) for s in per_process]), rng)
 
 
 def combine(processes: list[dict], batch_size: int, threshold: float) -> dict:
@@ -135,7 +121,7 @@ def combine(processes: list[dict], batch_size: int, threshold: float) -> dict:
             "unstable_reason": "; ".join(reasons) or None}
 
 
-def repeat_medians(cell: dict) -> dict[int, list]:
+def round_samples(cell: dict) -> dict[int, list]:
     """round -> that round's samples, for a cell measured in rounds (empty for older results)."""
     return {r["round"]: r["samples_ms"] for r in cell.get("repeats") or [] if r.get("samples_ms")}
 
@@ -145,7 +131,7 @@ def paired_ratio_ci(base: dict, cell: dict, n: int = N_BOOT, seed: int = 0) -> t
     gives a ratio of medians, measured minutes apart at most, so slow drift cancels. The interval
     resamples rounds, and each round's medians from their samples. None when fewer than two
     rounds pair up; for results without rounds, the ratio of pooled medians (`ratio_ci`)."""
-    a, b = repeat_medians(base), repeat_medians(cell)
+    a, b = round_samples(base), round_samples(cell)
     rounds = sorted(set(a) & set(b))
     if not a and not b and base.get("samples_ms") and cell.get("samples_ms"):
         return ratio_ci(base["samples_ms"], cell["samples_ms"], n_boot=n, seed=seed)
@@ -154,8 +140,7 @@ def paired_ratio_ci(base: dict, cell: dict, n: int = N_BOOT, seed: int = 0) -> t
     rng = np.random.default_rng(seed)
     point = float(np.median([np.median(a[r]) / np.median(b[r]) for r in rounds]))
     ratios = np.stack([median_draws(a[r], n, rng) / median_draws(b[r], n, rng) for r in rounds])
-    pick = rng.integers(0, len(rounds), size=(n, len(rounds)))
-    lo, hi = np.percentile(np.median(ratios[pick, np.arange(n)[:, None]], axis=1), [2.5, 97.5])
+    lo, hi = np.percentile(_median_over_resampled_groups(ratios, rng), [2.5, 97.5])
     return point, float(lo), float(hi)
 
 
@@ -164,8 +149,7 @@ def unpaired_ratio_ci(old: dict, new: dict, n: int = N_BOOT, seed: int = 0) -> t
     median of process medians is resampled hierarchically, so the interval carries both runs'
     between-process spread. Older results without processes fall back to their samples."""
     def per_process(c):
-        reps = [r["samples_ms"] for r in c.get("repeats") or [] if r.get("samples_ms")]
-        return reps or [c["samples_ms"]]
+        return list(round_samples(c).values()) or [c["samples_ms"]]
 
     a = hierarchical_median_draws(per_process(old), n, seed)
     b = hierarchical_median_draws(per_process(new), n, seed + 1)

@@ -6,60 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from bench.protocol import bootstrap_ci, measure, ratio_ci, stability, summarize
-
-
-# ----------------------------------------------------------------------------- summarize
-def test_summarize_percentiles_of_known_samples():
-    samples = np.arange(1, 101, dtype=float)  # 1 .. 100 ms
-    lat = summarize(samples, batch_size=1)["latency_ms"]
-    assert lat["p50"] == pytest.approx(50.5)
-    assert lat["p90"] == pytest.approx(90.1)
-    assert lat["p95"] == pytest.approx(95.05)
-    assert lat["p99"] == pytest.approx(99.01)
-    assert lat["mean"] == pytest.approx(50.5)
-    assert lat["std"] == pytest.approx(np.std(samples, ddof=1), rel=1e-6)
-    assert lat["min"] == 1.0
-    assert lat["n"] == 100
-
-
-def test_summarize_ci_brackets_p50_and_throughput_counts_items():
-    rng = np.random.default_rng(1)
-    samples = 2.0 + rng.normal(0, 0.05, 200)
-    s = summarize(samples, batch_size=8)
-    lo, hi = s["latency_ms"]["ci95"]
-    assert lo <= s["latency_ms"]["p50"] <= hi
-    assert s["throughput"] == pytest.approx(8 * 1e3 / s["latency_ms"]["p50"], rel=1e-4)
-
-
-def test_summarize_output_is_plain_json_numbers():
-    lat = summarize([1.0, 2.0, 3.0, 4.0, 5.0], batch_size=1)["latency_ms"]
-    assert isinstance(lat["n"], int)
-    assert all(type(lat[k]) is float for k in ("p50", "p90", "p95", "p99", "mean", "std", "min"))
-    assert all(type(x) is float for x in lat["ci95"])
-
-
-def test_summarize_single_sample_has_zero_std():
-    lat = summarize([3.0], batch_size=1)["latency_ms"]
-    assert lat["std"] == 0.0 and lat["p50"] == 3.0 and lat["n"] == 1
-
-
-# ----------------------------------------------------------------------------- bootstrap_ci
-def test_bootstrap_ci_brackets_the_median():
-    rng = np.random.default_rng(0)
-    samples = rng.lognormal(mean=0.0, sigma=0.3, size=300)
-    lo, hi = bootstrap_ci(samples)
-    assert lo < float(np.median(samples)) < hi
-    assert hi - lo < 0.5  # 300 samples pin the median down well
-
-
-def test_bootstrap_ci_is_reproducible_for_a_seed():
-    samples = np.random.default_rng(3).normal(5, 1, 50)
-    assert bootstrap_ci(samples, seed=7) == bootstrap_ci(samples, seed=7)
-
-
-def test_bootstrap_ci_of_constant_samples_is_a_point():
-    assert bootstrap_ci([4.0] * 20) == (4.0, 4.0)
+from bench.protocol import measure, ratio_ci, stability
 
 
 # ----------------------------------------------------------------------------- stability
