@@ -70,9 +70,3 @@ def real_tokens(batch: dict, device=None):
     ids = next(iter(batch.values()))
     mask = batch.get("attention_mask")
     return torch.from_numpy(mask if mask is not None else ids * 0 + 1).bool().to(device or "cpu")
-
-
-def block_inputs(args: tuple, kwargs: dict, names: tuple[str, str] = ("hidden_states", "input_tensor")):
-    """The two inputs of an output block (dense(x) + residual), passed by position or by name."""
-    values = list(args[:2]) + [kwargs[n] for n in names[len(args[:2]):]]
-    return values[0], values[1]

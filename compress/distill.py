@@ -9,7 +9,7 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from core.encoders import bert_layers
+from core.encoders import encoder_layers
 from core.errors import field_error
 from core.steps import Step, StepParams, register
 
@@ -160,14 +160,14 @@ def _encoder_layers(teacher, student, name: str) -> tuple[list, list]:
     """The matching layers of teacher and student for hidden-state distillation, or a clear error."""
     if teacher.format != "torch":
         raise ValueError(f"hidden_weight needs a PyTorch teacher; '{name}' is an ONNX graph")
-    t_layers, s_layers = bert_layers(teacher.module), bert_layers(student)
+    t_layers, s_layers = encoder_layers(teacher.module), encoder_layers(student)
     if not t_layers or len(t_layers) != len(s_layers):
-        raise ValueError(f"hidden_weight needs teacher and student encoders of the same depth (BERT-like layers: "
+        raise ValueError(f"hidden_weight needs teacher and student encoders of the same depth (encoder layers: "
                          f"teacher {len(t_layers)}, student {len(s_layers)}); set hidden_weight: 0")
-    widths = {(layer.output.dense.out_features) for layer in t_layers + s_layers}
+    widths = {layer.down.out_features for layer in t_layers + s_layers}
     if len(widths) != 1:
         raise ValueError(f"hidden_weight needs the same hidden size in teacher and student, found {sorted(widths)}")
-    return t_layers, s_layers
+    return [x.block for x in t_layers], [x.block for x in s_layers]
 
 
 def _teacher_hidden(teacher, layers, batches, device) -> tuple:
@@ -176,12 +176,12 @@ def _teacher_hidden(teacher, layers, batches, device) -> tuple:
     import numpy as np
     import torch
 
-    from tqdm import tqdm
+    from core.progress import progress
 
     tap, outs, hidden = _LayerTap(layers), [], []
     try:
         with torch.inference_mode():
-            for b in tqdm(batches, desc="teacher outputs and hidden states", unit="batch", leave=False):
+            for b in progress(batches, desc="teacher outputs and hidden states", unit="batch", leave=False):
                 outs.append(teacher.module(**{k: torch.from_numpy(v).to(device) for k, v in b.items()})
                             .float().cpu().numpy())
                 hidden.append([h.half() for h in tap.take()])
@@ -329,7 +329,7 @@ def _layerwise(student, layers, batches, teacher_hidden, lr: float, epochs: int,
     layer fits the teacher's deterministic outputs."""
     import numpy as np
     import torch
-    from tqdm import tqdm
+    from core.progress import progress
 
     from compress.capture import layer_inputs, next_inputs
 
@@ -353,7 +353,7 @@ def _layerwise(student, layers, batches, teacher_hidden, lr: float, epochs: int,
             total = max(epochs * len(batches), 2)
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.1)
             losses = []
-            bar = tqdm(total=total, desc=f"distill {ctx.variant} layer {i + 1}/{len(layers)}", unit="batch",
+            bar = progress(total=total, desc=f"distill {ctx.variant} layer {i + 1}/{len(layers)}", unit="batch",
                        leave=False)
             for _ in range(epochs):
                 for j in rng.permutation(len(batches)):
@@ -386,7 +386,7 @@ def _loop(student, p, epochs, train_idx, rng, ctx, tensors, loss_fn, hidden_loss
     import time
 
     import torch
-    from tqdm import tqdm
+    from core.progress import progress
 
     with _TrainingSettings(student, p):
         opt = torch.optim.AdamW([w for w in student.parameters() if w.requires_grad], lr=p.lr,
@@ -398,7 +398,7 @@ def _loop(student, p, epochs, train_idx, rng, ctx, tensors, loss_fn, hidden_loss
         start_score, t0 = best, time.perf_counter()
         for epoch in range(epochs):
             student.train()
-            bar = tqdm(rng.permutation(train_idx), desc=f"distill {ctx.variant} epoch {epoch + 1}/{epochs}",
+            bar = progress(rng.permutation(train_idx), desc=f"distill {ctx.variant} epoch {epoch + 1}/{epochs}",
                        unit="batch", leave=False)
             for i in bar:
                 x, t, y = tensors(int(i))

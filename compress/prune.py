@@ -18,7 +18,7 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from core.encoders import bert_layers
+from core.encoders import encoder_layers, unsupported_for_pruning
 from core.errors import field_error
 from core.steps import Step, StepParams, register
 
@@ -87,12 +87,16 @@ class Prune(Step):
 
     def run(self, model, params, ctx):
         p = PruneParams.model_validate(params)
-        if p.method == "structured" and p.importance == "activation" and not bert_layers(model.module):
-            raise ValueError("importance 'activation' ranks FFN channels and heads of transformer encoders; "
-                             "use magnitude or taylor for this model")
+        if p.method == "structured":
+            why = unsupported_for_pruning(model.module)
+            if why:
+                raise ValueError(why)
+            if p.importance == "activation" and not encoder_layers(model.module):
+                raise ValueError("importance 'activation' ranks FFN channels and heads of transformer encoders, and "
+                                 "this model has none; use magnitude (or taylor, for a classifier with labels)")
         module = copy.deepcopy(model.module).eval()
-        if p.method == "structured" and bert_layers(module):
-            _transformer(module, model.module, model.io, p, ctx)
+        if p.method == "structured" and encoder_layers(module):
+            _transformer(module, model.module, p, ctx)
         elif p.method == "structured":
             _structured(module, model.io, p, ctx)
         else:
@@ -101,56 +105,56 @@ class Prune(Step):
         return model
 
 
-def _transformer(module, teacher, io_spec, p: PruneParams, ctx) -> None:
-    """FFN channels through torch-pruning's dependency graph (intermediate.dense outputs, with the
-    matching output.dense inputs), heads with Hugging Face's prune_heads; the config follows.
+def _transformer(module, teacher, p: PruneParams, ctx) -> None:
+    """FFN channels with torch-pruning's linear pruners (the up projection's outputs, the down
+    projection's matching inputs), heads with Hugging Face's prune_heads; the config follows, so
+    save_pretrained / from_pretrained round-trip. Layers are found by structure (core.encoders), so
+    BERT, RoBERTa, DistilBERT and ViT take the same path.
 
     With importance 'activation' the layers are pruned one after another, front to back. Each is
     ranked on the activations the already-pruned model feeds it, and its output projections are
-    refit so that the sum entering each LayerNorm matches the unpruned model's: the refit of layer
-    i also absorbs the error that layers before it left in the residual stream, instead of letting
-    errors compound through the depth."""
+    refit so that each residual sum matches the unpruned model's: the refit of layer i also absorbs
+    the error that layers before it left in the residual stream, instead of letting errors compound
+    through the depth."""
     import torch
     import torch_pruning as tp
 
     from compress.capture import layer_inputs, next_inputs, real_tokens
-    from core.model import example_inputs
 
-    layers = bert_layers(module)
+    layers = encoder_layers(module)
     hf = next(m for m in module.modules() if hasattr(m, "prune_heads") and hasattr(m, "config"))
     cfg = hf.config
-    n_heads = cfg.num_attention_heads
-    size = cfg.hidden_size // n_heads
+    n_heads = layers[0].heads
+    size = layers[0].q.out_features // n_heads
     before = sum(x.numel() for x in module.parameters())
-    if "heads" in p.targets and getattr(cfg, "pruned_heads", None):
+    if "heads" in p.targets and (getattr(cfg, "pruned_heads", None) or len({x.heads for x in layers}) > 1):
         raise ValueError("this model's heads were pruned already (config.pruned_heads); prune heads in one step")
     n_stats = STATS_BATCHES // 4 if ctx.quick else STATS_BATCHES  # --quick: a smoke run
     batches = (ctx.task.train_batches if ctx.task else [])[:n_stats] if p.importance == "activation" else None
     if p.importance == "activation" and not batches:
         raise ValueError("importance 'activation' needs the task's training batches, and there are none")
-    t_layers = bert_layers(teacher.eval()) if batches else None
+    t_layers = encoder_layers(teacher.eval()) if batches else None
     ctx.notes["importance"] = p.importance
+    ctx.notes["layout"] = layers[0].family
     n_drop = min(n_heads - 1, int((p.head_ratio if p.head_ratio is not None else p.ratio) * n_heads)) \
         if "heads" in p.targets else 0
     if "ffn" in p.targets:
-        width = layers[0].intermediate.dense.out_features
+        width = layers[0].up.out_features
         keep = max(1, round(width * (1 - p.ratio)))
         if p.round_to:
             keep = max(p.round_to, keep // p.round_to * p.round_to)
-        with _library_prints():
-            graph = tp.DependencyGraph().build_dependency(module, example_inputs=example_inputs(io_spec))
     tokens = 0
     if batches:  # what reaches layer 0 of each model; after each layer, what the next one gets
-        s_in, t_in = layer_inputs(module, layers[0], batches), layer_inputs(teacher, t_layers[0], batches)
+        s_in, t_in = layer_inputs(module, layers[0].block, batches), layer_inputs(teacher, t_layers[0].block, batches)
         masks = [real_tokens(b).reshape(-1) for b in batches]
     for i, layer in enumerate(layers):
         if batches and i:
-            s_in, t_in = next_inputs(layers[i - 1], s_in), next_inputs(t_layers[i - 1], t_in)
+            s_in, t_in = next_inputs(layers[i - 1].block, s_in), next_inputs(t_layers[i - 1].block, t_in)
         if n_drop:
-            att = layer.attention
-            o = att.output.dense.weight.detach()
-            pair = _paired_stats((layer, att.output, s_in), (t_layers[i], t_layers[i].attention.output, t_in),
-                                 masks) if batches else None
+            o = layer.o.weight.detach()
+            pair = _paired_stats((layer.block, layer.o, layer.attn_sum, s_in),
+                                 (t_layers[i].block, t_layers[i].o, t_layers[i].attn_sum, t_in), masks) \
+                if batches else None
             with torch.no_grad():
                 if pair:  # the variance of what each head adds to the attention output
                     cov = _covariance(pair[0])
@@ -158,17 +162,18 @@ def _transformer(module, teacher, io_spec, p: PruneParams, ctx) -> None:
                              for sl in (slice(h * size, (h + 1) * size) for h in range(n_heads))]
                 else:  # the weights that compute the head and the weights that read it
                     score = [sum(float(w[h * size:(h + 1) * size].norm()) for w in
-                                 (att.self.query.weight, att.self.key.weight, att.self.value.weight))
+                                 (layer.q.weight, layer.k.weight, layer.v.weight))
                              + float(o[:, h * size:(h + 1) * size].norm()) for h in range(n_heads)]
             drop = sorted(range(n_heads), key=lambda h: score[h])[:n_drop]
             hf.prune_heads({i: drop})  # also records config.pruned_heads, so save/from_pretrained round-trips
             if pair:  # prune_heads keeps the remaining heads in their order, as the refit does
                 kept = [d for h in range(n_heads) if h not in drop for d in range(h * size, (h + 1) * size)]
-                _set(att.output.dense, *_refit(*pair, kept))
+                _set(layer.o, *_refit(*pair, kept))
                 tokens = int(pair[0][-1, -1])
         if "ffn" in p.targets:
-            w_in, w_out = layer.intermediate.dense.weight, layer.output.dense.weight
-            pair = _paired_stats((layer, layer.output, s_in), (t_layers[i], t_layers[i].output, t_in), masks) \
+            w_in, w_out = layer.up.weight, layer.down.weight
+            pair = _paired_stats((layer.block, layer.down, layer.ffn_sum, s_in),
+                                 (t_layers[i].block, t_layers[i].down, t_layers[i].ffn_sum, t_in), masks) \
                 if batches else None
             with torch.no_grad():
                 if pair:  # how much what the channel adds to the output varies around its mean
@@ -177,12 +182,14 @@ def _transformer(module, teacher, io_spec, p: PruneParams, ctx) -> None:
                     importance = w_in.detach().norm(dim=1) * w_out.detach().norm(dim=0)
             drop = importance.argsort()[:width - keep].tolist()
             if drop:
-                graph.get_pruning_group(layer.intermediate.dense, tp.prune_linear_out_channels, idxs=drop).prune()
+                with torch.no_grad():
+                    tp.prune_linear_out_channels(layer.up, drop)
+                    tp.prune_linear_in_channels(layer.down, drop)
             if pair:  # torch-pruning keeps the remaining channels in their order, as the refit does
-                _set(layer.output.dense, *_refit(*pair, sorted(set(range(width)) - set(drop))))
+                _set(layer.down, *_refit(*pair, sorted(set(range(width)) - set(drop))))
                 tokens = int(pair[0][-1, -1])
     if "ffn" in p.targets:
-        cfg.intermediate_size = keep
+        setattr(cfg, layers[0].ffn_config_attr, keep)
         ctx.notes["intermediate_size"] = [width, keep]
     if "heads" in p.targets:
         ctx.notes["heads_removed_per_layer"] = [n_drop, n_heads]
@@ -193,40 +200,51 @@ def _transformer(module, teacher, io_spec, p: PruneParams, ctx) -> None:
 
 
 def _paired_stats(student, teacher, masks):
-    """For an output block (BertSelfOutput / BertOutput: LayerNorm(dense(x) + residual)), over the
-    real tokens of some training batches: the Gram matrix of the student's input x with a column of
-    ones appended (so means come with it), and its cross product with the target of a refit, the
-    teacher's sum before the LayerNorm minus the student's residual. `student` and `teacher` are
-    (layer, block in it, the layer's inputs per batch): only the layer runs, as far as the block."""
+    """For an output projection and the residual sum it feeds (proj(x) + residual), over the real
+    tokens of some training batches: the Gram matrix of the student's input x with a column of ones
+    appended (so means come with it), and its cross product with the target of a refit, the
+    teacher's sum minus the student's residual. `student` and `teacher` are (layer, projection,
+    (module, "input" | "output") where the sum is read, the layer's inputs per batch): only the
+    layer runs, as far as the sum. The residual is the sum minus the projection's output, so no
+    family's block signature is assumed."""
     import torch
 
-    from compress.capture import StopForward, block_inputs, call_until
+    from compress.capture import StopForward, call_until
 
-    (s_layer, s_block, s_in), (t_layer, t_block, t_in) = student, teacher
     sums, seen = {}, {}
 
-    def on_teacher(mod, args, kwargs):
-        x, residual = block_inputs(args, kwargs)
-        seen["target"] = (mod.dense(x) + residual).detach()
-        raise StopForward
+    def tap(role):
+        def on_proj(mod, args, out):
+            seen[role + "_x"], seen[role + "_y"] = args[0].detach(), out.detach()
 
-    def on_student(mod, args, kwargs):
-        x, residual = block_inputs(args, kwargs)
-        mask = seen["mask"]
-        x = x.detach().reshape(-1, x.shape[-1])[mask]
-        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-        y = (seen["target"] - residual.detach()).reshape(-1, residual.shape[-1])[mask]
-        for key, value in (("gram", x.T @ x), ("cross", x.T @ y)):  # a batch in float32, the sum in float64
-            sums[key] = sums[key] + value.double() if key in sums else value.double()
-        raise StopForward
+        def on_sum(total):
+            total = (total[0] if isinstance(total, tuple) else total).detach()
+            if role == "teacher":
+                seen["target"] = total
+                raise StopForward
+            x, y = seen["student_x"], seen["student_y"]
+            rows = x.reshape(-1, x.shape[-1])
+            mask = seen["mask"] if seen["mask"].numel() == len(rows) else torch.ones(len(rows), dtype=torch.bool)
+            x = rows[mask]
+            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+            residual = total - y
+            y = (seen["target"] - residual).reshape(-1, residual.shape[-1])[mask]
+            for key, value in (("gram", x.T @ x), ("cross", x.T @ y)):  # a batch in float32, the sum in float64
+                sums[key] = sums[key] + value.double() if key in sums else value.double()
+            raise StopForward
+        return on_proj, on_sum
 
-    hooks = [t_block.register_forward_pre_hook(on_teacher, with_kwargs=True),
-             s_block.register_forward_pre_hook(on_student, with_kwargs=True)]
+    hooks = []
+    for role, (layer, proj, (where, side), _) in (("teacher", teacher), ("student", student)):
+        on_proj, on_sum = tap(role)
+        hooks.append(proj.register_forward_hook(on_proj))
+        hooks.append(where.register_forward_pre_hook(lambda mod, args, f=on_sum: f(args[0])) if side == "input"
+                     else where.register_forward_hook(lambda mod, args, out, f=on_sum: f(out)))
     try:
-        for mask, t_args, s_args in zip(masks, t_in, s_in):
+        for mask, t_args, s_args in zip(masks, teacher[3], student[3]):
             seen["mask"] = mask
-            call_until(t_layer, *t_args)
-            call_until(s_layer, *s_args)
+            call_until(teacher[0], *t_args)
+            call_until(student[0], *s_args)
     finally:
         for h in hooks:
             h.remove()

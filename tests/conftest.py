@@ -96,3 +96,54 @@ def quick_run(tmp_path_factory) -> QuickRun:
     run_dir = the_run_dir(out_root, QUICK_RECIPE["name"])
     results = json.loads((run_dir / "results.json").read_text())
     return QuickRun(recipe_path, out_root, run_dir, rc, results, QUICK_RECIPE)
+
+
+# ----------------------------------------------------------------------------- tiny Hugging Face text models
+WORDS = "the a movie film plot acting was very not good great fine bad awful terrible".split()
+
+
+def make_tiny_text_model(folder: Path, family: str = "bert", head: str = "sequence-classification") -> Path:
+    """A randomly initialised 2-layer encoder of `family` (bert, roberta, distilbert, albert) with a
+    20-token vocabulary, saved with its tokenizer the way save_pretrained lays out any Hugging Face
+    model: what a user's local model folder looks like."""
+    import torch
+    from transformers import (AlbertConfig, AutoModel, AutoModelForSequenceClassification, BertConfig,
+                              BertTokenizerFast, DistilBertConfig, RobertaConfig)
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    common = dict(vocab_size=len(WORDS) + 5, max_position_embeddings=64, num_labels=2, pad_token_id=0)
+    config = {
+        "bert": lambda: BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                                   **common),
+        "roberta": lambda: RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, **common),
+        "distilbert": lambda: DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, **common),
+        "albert": lambda: AlbertConfig(hidden_size=32, embedding_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=64, **common),
+    }[family]()
+    torch.manual_seed(0)
+    cls = AutoModel if head == "embedding" else AutoModelForSequenceClassification
+    cls.from_config(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_reviews_csv(path: Path, n: int = 60) -> Path:
+    """Short positive / negative reviews (text,label), alternating classes."""
+    import csv
+    import random
+
+    rng = random.Random(0)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        for i in range(n):
+            positive = i % 2 == 0
+            adj = rng.choice(["good", "great", "fine"] if positive else ["bad", "awful", "terrible"])
+            noun = rng.choice(["movie", "film", "plot", "acting"])
+            w.writerow([f"the {noun} was {'very ' * (i % 3)}{adj}", int(positive)])
+    return Path(path)
