@@ -3,19 +3,18 @@ corpus, the embedding-fidelity metric, and a Hugging Face text classifier from a
 CSV file, run end to end."""
 from __future__ import annotations
 
-import csv
 import json
-import random
 
 import numpy as np
 import pytest
 
+from conftest import make_reviews_csv, make_tiny_text_model
 from workbench.cli import main
 from core.infer import torch_outputs
 from workbench.recipe import load_recipe
-from workbench.sources.data import digits_split, read_text_file, split_by_hash, stdlib_docstrings
+from workbench.sources.data import digits_split, read_text_file, stdlib_docstrings
 from workbench.sources.models import load_model
-from workbench.tasks import build_task, embedding_fidelity
+from workbench.tasks import build_task, embedding_fidelity, grouped_split
 
 
 # ----------------------------------------------------------------------------- digits
@@ -99,14 +98,6 @@ def test_embedding_fidelity_ignores_scale_but_not_direction():
 
 
 # ----------------------------------------------------------------------------- text files
-def test_split_by_hash_is_stable_and_holds_out_about_one_in_five():
-    keys = [f"row {i}" for i in range(1000)]
-    train, held = split_by_hash(keys, keys)
-    assert (train, held) == split_by_hash(keys, keys)
-    assert not set(train) & set(held) and len(train) + len(held) == 1000
-    assert 150 < len(held) < 250
-
-
 def test_read_text_file_csv_and_jsonl(tmp_path):
     (tmp_path / "d.csv").write_text("text,label\nhello there,1\nbye now,0\n")
     assert read_text_file(tmp_path / "d.csv", "text", "label") == (["hello there", "bye now"], ["1", "0"])
@@ -117,38 +108,6 @@ def test_read_text_file_csv_and_jsonl(tmp_path):
 
 
 # ----------------------------------------------------------------------------- HF text classifier
-WORDS = "the a movie film plot acting was very not good great fine bad awful terrible".split()
-
-
-def make_tiny_bert(folder):
-    """A randomly initialised 2-layer BERT classifier with a 20-token vocabulary, saved with its
-    tokenizer the way save_pretrained lays out any Hugging Face model."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    folder.mkdir()
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=37, max_position_embeddings=64, num_labels=2)
-    BertForSequenceClassification(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
-def make_reviews_csv(path, n=60):
-    rng = random.Random(0)
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["text", "label"])
-        for i in range(n):
-            positive = i % 2 == 0
-            adj = rng.choice(["good", "great", "fine"] if positive else ["bad", "awful", "terrible"])
-            noun = rng.choice(["movie", "film", "plot", "acting"])
-            w.writerow([f"the {noun} was {'very ' * (i % 3)}{adj}", int(positive)])
-
-
 TEXT_RECIPE = """\
 name: tiny-text
 model: {source: hf, path: ./tiny-bert, head: sequence-classification}
@@ -166,7 +125,7 @@ bench:
 @pytest.fixture(scope="module")
 def text_project(tmp_path_factory):
     folder = tmp_path_factory.mktemp("text")
-    make_tiny_bert(folder / "tiny-bert")
+    make_tiny_text_model(folder / "tiny-bert", "bert")
     make_reviews_csv(folder / "data.csv")
     (folder / "tiny-text.yaml").write_text(TEXT_RECIPE)
     return folder
@@ -181,8 +140,8 @@ def test_text_classification_task_from_csv(text_project):
     recipe = load_recipe(text_project / "tiny-text.yaml")
     src = load_model(recipe)
     task = build_task(recipe, src)
-    texts, _ = read_text_file(text_project / "data.csv", "text", "label")
-    _, held = split_by_hash(texts, texts)
+    texts, labels = read_text_file(text_project / "data.csv", "text", "label")
+    _, held = grouped_split(texts, labels, 0.25, recipe.seed)
     assert task.type == "classification" and task.primary == "accuracy"
     assert task.eval_size == len(held) > 0
     batch = task.eval_batches[0]
@@ -210,7 +169,7 @@ def test_text_classification_quick_run(text_project, capsys):
     cells = {c["backend"]: c for c in r["cells"]}
     assert set(cells) == {"torch-cpu", "ort-cpu"}
     for c in cells.values():
-        assert c["status"] == "ok", c["reason"]
+        assert c["status"] in ("ok", "unstable"), c["reason"]  # measured (quick timing may be judged unstable)
         assert c["shape"] == {"seq_len": 16}
         # Both backends score the same model on the same rows: the same accuracy.
         assert c["accuracy"]["accuracy"] == pytest.approx(v["accuracy"]["accuracy"])

@@ -4,14 +4,16 @@ export or cell is recorded with its reason and the run goes on; results.json is 
 atomically, so a run directory without it is an unfinished run."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Optional
 
 from core import atomic
-from core.processes import default_threads
+from core.processes import default_threads, pid_alive
 from workbench import results
 from workbench.recipe import Recipe
-from workbench.run_dir import close_log, log, new_run_dir, open_log, reason, say
+from workbench.run_dir import close_log, log, new_run_dir, open_log, reason, say, watch_status
 from workbench.stages.bench import bench
 from workbench.stages.compress import compress
 from workbench.stages.export import export
@@ -34,13 +36,18 @@ class Run:
     def timing(self) -> dict:
         return results.quick_timing(self.recipe.bench.timing) if self.quick else self.recipe.bench.timing.model_dump()
 
-    def execute(self) -> Path:
+    def execute(self, resume: Optional[Path] = None) -> Path:
+        """Run the recipe into a new run directory, or, with `resume`, finish an interrupted one in
+        place: variants and exports come from the cache, measured processes from its journal."""
         started = results.now()
-        self.run_dir = new_run_dir(self.out_root, self.recipe.name)
+        self.run_dir = Path(resume) if resume else new_run_dir(self.out_root, self.recipe.name)
         handler = open_log(self.run_dir)
-        self._status("running", started=started, pid=os.getpid())
+        self._status("running", started=started, pid=os.getpid(), quick=self.quick,
+                     recipe={"path": str(Path(self.recipe.path).resolve()) if self.recipe.path else None,
+                             "sha256": self.recipe.sha256})
+        watcher = watch_status(self.run_dir / "status.json")
         try:
-            say(f"run directory: {self.run_dir}")
+            say(f"{'resuming' if resume else 'run directory:'} {self.run_dir}")
             import torch
 
             torch.set_num_threads(self.threads)
@@ -66,34 +73,65 @@ class Run:
             cells = bench(self, models, variants, artifacts)
             if peak and any(c.get("latency_ms") for c in cells):
                 annotate(cells, variants, peak)
+            say("writing results.json, the report and its plots")
             results.write_results(
                 self.run_dir, threads=self.threads, started=started, quick=self.quick, timing=self.timing,
                 recipe={"name": self.recipe.name, "path": self.recipe.path, "sha256": self.recipe.sha256,
                         "parsed": self.recipe.model_dump(mode="json", by_alias=True)},
                 model={"description": self.src.description, "io": self.src.io.to_json()},
-                task={"type": self.task.type, "description": self.task.description, "primary": self.task.primary,
-                      "eval_size": self.task.eval_size},
+                task=self.task.summary(),
                 variants=variants, artifacts=artifacts, cells=cells, roofline_probe=peak)
             log.info("report: %s", self.run_dir / "report.md")
+            (self.run_dir / ".work" / "processes.jsonl").unlink(missing_ok=True)  # all of it is in results.json
             self._status("finished", started=started, finished=results.now())
             log.info("run finished")
             return self.run_dir
         except KeyboardInterrupt:
-            self._status("interrupted", started=started, reason="interrupted (SIGINT) before results.json was written")
+            self._status("interrupted", started=started, ended=results.now(),
+                         reason="interrupted (SIGINT or SIGTERM) before results.json was written; "
+                         f"`workbench run --resume {self.run_dir}` finishes it")
             log.error("run interrupted")
             raise
         except BaseException as e:
-            self._status("failed", started=started, reason=reason(e))
+            self._status("failed", started=started, ended=results.now(), reason=reason(e))
             log.error("run failed: %s", reason(e))
             raise
         finally:
+            watcher.stop()
             close_log(handler)
 
     def _status(self, state: str, **fields) -> None:
-        """status.json: running -> finished, failed (with the reason) or interrupted. A folder that
-        says running with no live process behind it is a run that was killed."""
-        atomic.write_json(self.run_dir / "status.json", {"state": state, **fields})
+        """status.json: running -> finished, failed (with the reason) or interrupted. A run killed
+        outright (SIGKILL, out of memory) cannot write it: its watcher process does (run_dir.watch_status)."""
+        path = self.run_dir / "status.json"
+        keep = {k: v for k, v in (json.loads(path.read_text()).items() if path.exists() else ())
+                if k in ("pid", "quick", "recipe")}
+        atomic.write_json(path, {"state": state, **keep, **fields})
 
 
 def run_recipe(recipe: Recipe, out_root: Path = Path("reports"), quick: bool = False) -> Path:
     return Run(recipe, out_root, quick).execute()
+
+
+def resume_run(run_dir: Path) -> Path:
+    """Finish an interrupted or killed run in its own directory, with the recipe it was started with."""
+    from core.errors import RecipeError
+    from workbench.recipe import load_recipe
+
+    run_dir = Path(run_dir)
+    status_path = run_dir / "status.json"
+    if not status_path.is_file():
+        raise RecipeError(f"{run_dir}: no status.json here; --resume takes a run directory")
+    status = json.loads(status_path.read_text())
+    if status["state"] == "finished":
+        raise RecipeError(f"{run_dir}: this run finished; nothing to resume")
+    if status["state"] == "running" and pid_alive(status.get("pid")):
+        raise RecipeError(f"{run_dir}: this run is still running (pid {status['pid']})")
+    spec = status.get("recipe") or {}
+    if not spec.get("path") or not Path(spec["path"]).is_file():
+        raise RecipeError(f"{run_dir}: its recipe file {spec.get('path')!r} is gone; resume needs the same recipe")
+    recipe = load_recipe(spec["path"])
+    if recipe.sha256 != spec.get("sha256"):
+        raise RecipeError(f"{run_dir}: {spec['path']} changed since the run started; resuming would mix two "
+                          "recipes' numbers: run it afresh")
+    return Run(recipe, run_dir.parent.parent, bool(status.get("quick"))).execute(resume=run_dir)

@@ -104,6 +104,11 @@ class FileData(Strict):
     path: str = Field(description=".csv, .jsonl or .npz (arrays `x` and `y`)")
     text_field: str = "text"
     label_field: str = "label"
+    eval_fraction: float = Field(0.25, gt=0, lt=1, description="share of `path` held out for evaluation (stable, "
+                                 "seeded, stratified by label; identical texts stay on one side); the steps "
+                                 "(calibration, distillation, pruning statistics) see only the rest")
+    eval_path: Optional[str] = Field(None, description="a separate file of the same kind to evaluate on; then all "
+                                     "of `path` is for the steps and eval_fraction is not used")
 
 
 DataSpec = Annotated[Union[BuiltinData, FileData], Field(discriminator="source")]
@@ -354,6 +359,7 @@ def check_recipe(recipe: Recipe, where: str) -> None:
         fmt[name] = current
 
     _check_model(recipe, where)
+    _check_structured_pruning(recipe, where)
     _check_task(recipe, where)
     c = recipe.report.constraints
     if c.backend is not None and c.backend not in recipe.bench.backends:
@@ -454,6 +460,42 @@ def _check_model(recipe: Recipe, where: str) -> None:
             raise field_error(where, "model.ref", "is not callable", value=m.ref)
 
 
+def _hf_skeleton(recipe: Recipe):
+    """The Hugging Face model's modules built on the meta device from its config: the real structure,
+    no weights read, no memory. None when that cannot be done cheaply (remote code, no config)."""
+    m = recipe.model
+    if not isinstance(m, HFModel) or m.trust_remote_code:
+        return None
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+        local = recipe.resolve(m.path)
+        cfg = AutoConfig.from_pretrained(str(local) if local.exists() else m.path, revision=m.revision)
+        with torch.device("meta"):
+            return (AutoModel if m.head == "embedding" else AutoModelForSequenceClassification).from_config(cfg)
+    except Exception:  # noqa: BLE001 - the run reports what loading really says
+        return None
+
+
+def _check_structured_pruning(recipe: Recipe, where: str) -> None:
+    """A transformer whose layers the pruner does not know fails here, not after minutes of work."""
+    prunes = [(name, i) for name, v in recipe.variants.items() for i, s in enumerate(v.steps)
+              if s.name == "prune" and s.params.get("method", "structured") == "structured"]
+    if not prunes:
+        return
+    skeleton = _hf_skeleton(recipe)
+    if skeleton is None:
+        return
+    from core.encoders import unsupported_for_pruning
+
+    why = unsupported_for_pruning(skeleton)
+    if why:
+        name, i = prunes[0]
+        raise field_error(where, f"variants.{name}.steps[{i}].prune.method", why, value="structured",
+                          accepted=["unstructured", "2:4"])
+
+
 def _check_task(recipe: Recipe, where: str) -> None:
     t = recipe.task
     kind = model_kind(recipe.model)
@@ -466,9 +508,11 @@ def _check_task(recipe: Recipe, where: str) -> None:
                                                                  "embedding-fidelity": "embedding",
                                                                  "none": kind}.items() if v == kind])
     data = getattr(t, "data", None)
-    if isinstance(data, FileData) and not recipe.resolve(data.path).is_file():
-        raise field_error(where, "task.data.path", "no such file", value=data.path,
-                          accepted="a .csv, .jsonl or .npz file, relative to the recipe file")
+    for name in ("path", "eval_path"):
+        value = getattr(data, name, None) if isinstance(data, FileData) else None
+        if value and not recipe.resolve(value).is_file():
+            raise field_error(where, f"task.data.{name}", "no such file", value=value,
+                              accepted="a .csv, .jsonl or .npz file, relative to the recipe file")
     if isinstance(data, BuiltinData):
         fits = {"classification": ["digits"], "embedding-fidelity": ["stdlib-docstrings"]}[t.type]
         if data.name not in fits:

@@ -10,7 +10,7 @@ import numpy as np
 
 from workbench.recipe import (BuiltinData, ClassificationTask, EmbeddingFidelityTask, Recipe,
                               TextClassificationTask)
-from workbench.sources.data import digits_split, read_text_file, split_by_hash, stdlib_docstrings
+from workbench.sources.data import digits_split, read_text_file, stdlib_docstrings
 from workbench.sources.models import SourceModel
 
 EVAL_BATCH = 32
@@ -34,6 +34,19 @@ class Task:
     @property
     def eval_size(self) -> int:
         return sum(len(next(iter(b.values()))) for b in self.eval_batches)
+
+    def summary(self) -> dict:
+        """The task as results.json records it: how many rows each role got and, for a classifier,
+        the majority-class rate of the scored rows (what a model that learnt nothing reaches)."""
+        out = {"type": self.type, "description": self.description, "primary": self.primary,
+               "eval_size": self.eval_size,
+               "rows": {"evaluation": self.eval_size,
+                        "steps": sum(len(next(iter(b.values()))) for b in self.train_batches)}}
+        if self.labels is not None and len(self.labels):
+            counts = np.bincount(np.asarray(self.labels))
+            out.update(majority_rate=round(float(counts.max() / counts.sum()), 4),
+                       n_classes=int((counts > 0).sum()))
+        return out
 
     def metrics(self, outputs: np.ndarray) -> dict[str, float]:
         if self.type == "classification":
@@ -87,9 +100,6 @@ def _tokenize_bucketed(tokenizer, texts: list[str], max_length: int, labels=None
     return batches, ordered
 
 
-EVAL_FRACTION = 0.25  # of a classification data file, held out for evaluation
-
-
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, held-out) row indices: `fraction` of every class held out (at least one row of any
     class with two or more), chosen by a seeded shuffle, so the split is the same on every run."""
@@ -104,18 +114,38 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
 
 
+def grouped_split(keys: list[str], labels, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """stratified_split over distinct keys (texts): rows with the same text land on the same side,
+    so a duplicated sentence cannot be trained on and scored. Labels None: one stratum."""
+    first = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    distinct = list(first)
+    strata = np.array([labels[first[k]] if labels is not None else 0 for k in distinct])
+    _, held_idx = stratified_split(strata, fraction, seed)
+    held = {distinct[i] for i in held_idx}
+    return [i for i, k in enumerate(keys) if k not in held], [i for i, k in enumerate(keys) if k in held]
+
+
+def _npz(path) -> tuple[np.ndarray, np.ndarray]:
+    d = np.load(path)
+    return d["x"].astype(np.float32), d["y"].astype(np.int64)
+
+
 def build_task(recipe: Recipe, src: SourceModel) -> Task:
     t = recipe.task
     if isinstance(t, ClassificationTask):
         if isinstance(t.data, BuiltinData):
             x_tr, y_tr, x, y = digits_split()
             desc = "scikit-learn digits, held-out 25% split"
+        elif t.data.eval_path:
+            (x_tr, y_tr), (x, y) = _npz(recipe.resolve(t.data.path)), _npz(recipe.resolve(t.data.eval_path))
+            desc = f"{t.data.eval_path} ({len(y)} rows) for evaluation, {t.data.path} ({len(y_tr)} rows) for the steps"
         else:
-            d = np.load(recipe.resolve(t.data.path))
-            x_all, y_all = d["x"].astype(np.float32), d["y"].astype(np.int64)
-            # Never score on rows that train, calibrate or rank: a stable, seeded, stratified quarter
+            x_all, y_all = _npz(recipe.resolve(t.data.path))
+            # Never score on rows that train, calibrate or rank: a stable, seeded, stratified share
             # of the file is held out, the rest is what the steps may use.
-            train_idx, held_idx = stratified_split(y_all, EVAL_FRACTION, recipe.seed)
+            train_idx, held_idx = stratified_split(y_all, t.data.eval_fraction, recipe.seed)
             x_tr, y_tr, x, y = x_all[train_idx], y_all[train_idx], x_all[held_idx], y_all[held_idx]
             desc = (f"{t.data.path} (x, y): {len(held_idx)} of {len(y_all)} rows held out for evaluation "
                     f"(stratified, seed {recipe.seed}), {len(train_idx)} for the steps")
@@ -125,29 +155,46 @@ def build_task(recipe: Recipe, src: SourceModel) -> Task:
         return Task("classification", _batches({name: x}, EVAL_BATCH), y, _batches({name: x_tr}, EVAL_BATCH),
                     y_tr, description=f"{desc}, {len(y)} examples, metric: accuracy")
     if isinstance(t, TextClassificationTask):
-        texts, labels = read_text_file(recipe.resolve(t.data.path), t.data.text_field, t.data.label_field)
-        y_all = _label_ids(labels, src)
-        pairs = list(zip(texts, y_all))
-        train, held = split_by_hash(pairs, texts)
+        train, held, desc = _text_rows(recipe, t.data, labelled=True, src=src)
         held = held[:t.eval_size] if t.eval_size else held
         train_batches, train_labels = _tokenize_bucketed(src.tokenizer, [p[0] for p in train], t.max_length,
                                                          np.array([p[1] for p in train], dtype=np.int64))
         return Task("classification", _tokenize(src.tokenizer, [p[0] for p in held], t.max_length),
                     np.array([p[1] for p in held], dtype=np.int64), train_batches, train_labels,
-                    description=f"{t.data.path}, held-out 20% ({len(held)} rows), metric: accuracy")
+                    description=f"{desc}, {len(held)} scored, metric: accuracy")
     if isinstance(t, EmbeddingFidelityTask):
         if isinstance(t.data, BuiltinData):
             train, held = stdlib_docstrings()
             desc = "docstrings of the Python standard library (held-out 20%)"
         else:
-            texts, _ = read_text_file(recipe.resolve(t.data.path), t.data.text_field, None)
-            train, held = split_by_hash(texts, texts)
-            desc = f"{t.data.path} (held-out 20%)"
+            train, held, desc = _text_rows(recipe, t.data, labelled=False)
         held = held[:t.eval_size]
         return Task("embedding-fidelity", _tokenize(src.tokenizer, held, t.max_length), None,
                     _tokenize_bucketed(src.tokenizer, train, t.max_length)[0],
                     description=f"{desc}, {len(held)} texts, metrics: mean cosine and Spearman to the source model")
     return Task("none", description="no task: latency and memory only")
+
+
+def _text_rows(recipe: Recipe, data, *, labelled: bool, src: SourceModel = None) -> tuple[list, list, str]:
+    """(training rows, held-out rows, what the split was) of a text file: rows are (text, label id)
+    when labelled, else texts. A separate eval_path, or a seeded split stratified by label that keeps
+    identical texts on one side."""
+    def rows(path):
+        texts, labels = read_text_file(recipe.resolve(path), data.text_field, data.label_field if labelled else None)
+        return texts, (_label_ids(labels, src) if labelled else None)
+
+    def pick(texts, labels, idx):
+        return [(texts[i], labels[i]) if labelled else texts[i] for i in idx]
+
+    texts, labels = rows(data.path)
+    if data.eval_path:
+        e_texts, e_labels = rows(data.eval_path)
+        return (pick(texts, labels, range(len(texts))), pick(e_texts, e_labels, range(len(e_texts))),
+                f"{data.eval_path} ({len(e_texts)} rows) for evaluation, {data.path} ({len(texts)} rows) for the steps")
+    train_idx, held_idx = grouped_split(texts, labels, data.eval_fraction, recipe.seed)
+    return (pick(texts, labels, train_idx), pick(texts, labels, held_idx),
+            f"{data.path}: {len(held_idx)} of {len(texts)} rows held out for evaluation (stratified, seed "
+            f"{recipe.seed}; identical texts on one side), {len(train_idx)} for the steps")
 
 
 def _label_ids(labels: list, src: SourceModel) -> list[int]:

@@ -94,11 +94,3 @@ def read_text_file(path: Path, text_field: str, label_field: str | None) -> tupl
     texts = [str(r[text_field]) for r in rows]
     labels = [r[label_field] for r in rows] if label_field else []
     return texts, labels
-
-
-def split_by_hash(items: list, keys: list[str], heldout_every: int = 5) -> tuple[list, list]:
-    """Stable train / held-out split of items by a hash of their keys (1 in `heldout_every` held out)."""
-    train, held = [], []
-    for item, key in zip(items, keys):
-        (held if int(hashlib.sha1(key.encode()).hexdigest(), 16) % heldout_every == 0 else train).append(item)
-    return train, held
