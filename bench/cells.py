@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from core import atomic
-from core.processes import MB, child_env, die_with_parent, locate, memory_bytes
+from core.processes import MB, child_env, locate, memory_bytes
 
 
 def cell_job(backend: str, path, io_json: dict, batch: int, seq_len: int, threads: int, timing: dict, *,
@@ -58,22 +58,27 @@ def _supervise(cmd, env, timeout_s: float, memory_limit_mb):
     """Run the worker, polling its RSS so a cell over its memory limit is killed and named as such
     (an OOM kill of the whole machine would take the run with it). Returns (completed, rss_over)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, preexec_fn=die_with_parent)
-        deadline = time.monotonic() + timeout_s
-        over = None
-        while child.poll() is None:
-            if time.monotonic() > deadline:
-                child.kill()
-                child.wait()
-                return None, None
-            if memory_limit_mb is not None:
-                rss = memory_bytes("VmRSS", child.pid)
-                if rss > memory_limit_mb * MB:
+        child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        try:
+            deadline = time.monotonic() + timeout_s
+            over = None
+            while child.poll() is None:
+                if time.monotonic() > deadline:
                     child.kill()
                     child.wait()
-                    over = rss
-                    break
-            time.sleep(0.02)
+                    return None, None
+                if memory_limit_mb is not None:
+                    rss = memory_bytes("VmRSS", child.pid)
+                    if rss > memory_limit_mb * MB:
+                        child.kill()
+                        child.wait()
+                        over = rss
+                        break
+                time.sleep(0.02)
+        except BaseException:  # interrupted (SIGINT): the measurement stops with the run
+            child.kill()
+            child.wait()
+            raise
         out.seek(0)
         err.seek(0)
         return subprocess.CompletedProcess(cmd, child.returncode, out.read(), err.read()), over

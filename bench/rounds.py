@@ -8,6 +8,8 @@ steal, clock); a process measured on a busy machine is measured again, a bounded
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 import resource
 import time
@@ -18,6 +20,7 @@ import numpy as np
 
 from bench.cells import run_cell
 from bench.protocol import combine
+from core.processes import stop_requested
 
 KEEP_SAMPLES = 1000  # raw samples kept per process in results.json (every k-th beyond that, in time order)
 BUSY_LIMIT_CORES = 0.3  # other processes' CPU (plus steal) above this, in cores, makes a process re-measured
@@ -74,35 +77,80 @@ class NoiseMeter:
         return self.reading["other_cpu_cores"] + self.reading["steal_cores"] > BUSY_LIMIT_CORES
 
 
+class Journal:
+    """Every finished process of a run, one JSON line each, appended as it ends: a run that is
+    interrupted or killed keeps what it measured, and `workbench run --resume` measures only the
+    processes that are missing. A line is keyed by the job's fingerprint (everything that defines
+    the measurement) and its round; a torn last line, from a kill mid-write, is ignored."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path, self.done = path, {}
+        if path and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.done[(rec["job"], rec["round"])] = rec
+
+    @staticmethod
+    def fingerprint(job: dict) -> str:
+        return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    def get(self, job: dict, round_: int) -> Optional[dict]:
+        return self.done.get((self.fingerprint(job), round_))
+
+    def add(self, job: dict, round_: int, failed: bool, record: dict) -> None:
+        if self.path is None:
+            return
+        line = json.dumps({"job": self.fingerprint(job), "round": round_, "failed": failed, "record": record})
+        with open(self.path, "a") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
 def measure_in_rounds(jobs: list[tuple[Any, dict]], *, repeats: int, seed: int, timeout_s: float, work_dir: Path,
                       memory_limit_mb: Optional[float], threshold: float,
-                      progress: Callable[[Any, int], None] = lambda key, round_: None) -> dict[Any, dict]:
+                      progress: Callable[[Any, int, bool], None] = lambda key, round_, kept: None,
+                      journal: Optional[Path] = None) -> dict[Any, dict]:
     """`jobs`: (key, bench.cells job). Returns key -> the cell's measured fields (status, reason,
     latency_ms, throughput, stability, repeats, memory, cold, threads, noise). Only round 0's
-    job keeps `eval_inputs`: accuracy comes from one process's outputs."""
+    job keeps `eval_inputs`: accuracy comes from one process's outputs. With a `journal` file,
+    processes already recorded there are kept, not measured again (progress gets kept=True)."""
     processes: dict[Any, list] = {key: [] for key, _ in jobs}
     failures: dict[Any, dict] = {}
+    book = Journal(journal)
     rng = np.random.default_rng(seed)
     for round_ in range(repeats):
         for i in rng.permutation(len(jobs)):
+            if stop_requested():  # a Ctrl-C that Python swallowed somewhere still stops the run here
+                raise KeyboardInterrupt
             key, job = jobs[int(i)]
             if key in failures:
-                progress(key, round_)
+                progress(key, round_, True)
                 continue
-            if round_:
-                job = {**job, "eval_inputs": None, "outputs_path": None}
+            kept = book.get(job, round_)
+            if kept:
+                (failures.__setitem__(key, kept["record"]) if kept["failed"]
+                 else processes[key].append(kept["record"]))
+                progress(key, round_, True)
+                continue
+            spec = {**job, "eval_inputs": None, "outputs_path": None} if round_ else job
             for attempt in range(RETRIES + 1):
                 with NoiseMeter() as noise:
-                    result = run_cell(job, timeout_s, work_dir, memory_limit_mb)
+                    result = run_cell(spec, timeout_s, work_dir, memory_limit_mb)
                 if result["status"] == "failed":
                     failures[key] = {**result, "round": round_}
+                    book.add(job, round_, True, failures[key])
                     break
                 if noise.busy and attempt < RETRIES:
                     continue
                 processes[key].append({**result, "round": round_, "attempts": attempt + 1,
                                        "noise": {**noise.reading, "busy": noise.busy}})
+                book.add(job, round_, False, processes[key][-1])
                 break
-            progress(key, round_)
+            progress(key, round_, False)
     return {key: (_failed(failures[key], processes[key]) if key in failures
                   else _cell(processes[key], int(job["batch_size"]), threshold))
             for key, job in jobs}

@@ -113,6 +113,9 @@ def run(job: dict) -> dict:
 
 
 def main() -> int:
+    from core.processes import die_with_parent
+
+    die_with_parent()
     job_path = sys.argv[1]
     with open(job_path) as fh:
         job = json.load(fh)

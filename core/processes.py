@@ -15,7 +15,8 @@ MB = 1024 * 1024
 def child_env(threads: int | None = None) -> dict:
     """The parent's environment with the project importable, warnings off, and, when `threads` is
     given, every thread pool sized before the child imports anything (they read it at start-up)."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false",
+           "WORKBENCH_PARENT_PID": str(os.getpid())}
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if threads is not None:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
@@ -77,12 +78,48 @@ def memory_bytes(field: str, pid: str | int = "self") -> int:
 
 
 def die_with_parent() -> None:
-    """For Popen's preexec_fn: the child gets SIGKILL when the process that started it dies, so a
-    killed run leaves no orphan measuring on (and writing its result into) a dead run (Linux)."""
+    """Called first thing in a child (bench worker, fresh-process reload): the kernel sends it SIGKILL
+    when the process that started it dies, so a killed run leaves no orphan measuring on and writing
+    its result into a dead run (Linux). Done in the child, not in a Popen preexec_fn, which would
+    make every spawn a full fork: a Ctrl-C arriving during one is lost in the fork hooks. If the
+    parent died before the call took effect, the child exits at once."""
+    parent = os.environ.get("WORKBENCH_PARENT_PID")
     try:
         import ctypes
         import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     except Exception:  # noqa: BLE001 - elsewhere the child outlives its parent, as before
-        pass
+        return
+    if parent and os.getppid() != int(parent):
+        os._exit(1)
+
+
+def pid_alive(pid) -> bool:
+    """True when a process of that id exists (and is not a zombie)."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{int(pid)}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+_STOP = {"signal": None}
+
+
+def request_stop(signum, frame) -> None:
+    """Handler for SIGINT / SIGTERM: raise KeyboardInterrupt, and remember it. A KeyboardInterrupt
+    that lands inside a finaliser or a logging lock is swallowed by Python ("Exception ignored
+    in ..."); the loops that run for long check stop_requested() and raise it again."""
+    _STOP["signal"] = signum
+    raise KeyboardInterrupt
+
+
+def stop_requested() -> bool:
+    return _STOP["signal"] is not None
+
+
+def clear_stop() -> None:
+    _STOP["signal"] = None

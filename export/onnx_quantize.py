@@ -81,18 +81,26 @@ class OnnxQuantize(Step):
 
     @staticmethod
     def _preprocess(src, p, ctx):
+        """ORT's quant_pre_process, recorded as what it really did: symbolic shape inference fails on
+        some graphs ("Incomplete symbolic shape inference"); then ONNX shape inference and the graph
+        clean-up still run without it, and the lineage says so, with the reason."""
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         pre = ctx.work_dir / "preprocessed.onnx"
-        try:
-            # Symbolic shape inference drops temporary files into the current directory:
-            # run it inside the step's folder, whose leftovers the cache clears.
-            with _cwd(ctx.work_dir):
-                quant_pre_process(str(src.resolve()), str(pre.resolve()), skip_symbolic_shape=False)
-            return pre
-        except Exception as e:  # noqa: BLE001 - preprocessing helps but is optional
-            ctx.notes["preprocess_skipped"] = f"{type(e).__name__}: {str(e)[:200]}"
-            return src
+        reasons = []
+        for skip_symbolic in (False, True):
+            try:
+                # Symbolic shape inference drops temporary files into the current directory:
+                # run it inside the step's folder, whose leftovers the cache clears.
+                with _cwd(ctx.work_dir):
+                    quant_pre_process(str(src.resolve()), str(pre.resolve()), skip_symbolic_shape=skip_symbolic)
+                ctx.notes["preprocess"] = ("applied" if not reasons else
+                                           f"applied without symbolic shape inference ({reasons[0]})")
+                return pre
+            except Exception as e:  # noqa: BLE001 - preprocessing helps but is optional
+                reasons.append(f"{type(e).__name__}: {str(e)[:200]}")
+        ctx.notes["preprocess"] = f"skipped: {'; then '.join(reasons)}"
+        return src
 
     @staticmethod
     def _int8(src, out, p, ctx):

@@ -17,15 +17,14 @@ def outputs_in_fresh_process(fmt: str, path: Path, batches: list[dict], timeout_
     import json
 
     from core.formats import FORMATS
-    from core.processes import child_env, die_with_parent, locate
+    from core.processes import child_env, locate
 
     where = json.dumps(locate(FORMATS[fmt]))  # the format's module, wherever it was registered
     with tempfile.TemporaryDirectory() as tmp:
         inputs, out = Path(tmp) / "batches.npz", Path(tmp) / "out.npy"
         save_batches(inputs, batches)
         proc = subprocess.run([sys.executable, "-m", "export.reload", fmt, str(path), str(inputs), str(out), where],
-                              capture_output=True, text=True, timeout=timeout_s, env=child_env(),
-                              preexec_fn=die_with_parent)
+                              capture_output=True, text=True, timeout=timeout_s, env=child_env())
         if proc.returncode != 0 or not out.exists():
             lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
             raise RuntimeError(f"reloading the {fmt} file in a fresh process failed: "
@@ -37,8 +36,9 @@ def main() -> int:
     import json
 
     from core.formats import FORMATS
-    from core.processes import import_located
+    from core.processes import die_with_parent, import_located
 
+    die_with_parent()
     fmt, path, inputs, out, where = sys.argv[1:6]
     import_located(json.loads(where))
     run = FORMATS[fmt].load(path)

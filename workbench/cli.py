@@ -1,10 +1,11 @@
 """The `workbench` command. Exit codes: 0 the run finished (failed cells are in the report),
 2 the recipe or the arguments are invalid, 3 `compare --fail-if-slower` found a slower cell,
-1 anything else."""
+130 interrupted (SIGINT / SIGTERM; the run directory says so and can be resumed), 1 anything else."""
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -22,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     r = sub.add_parser("run", help="run a recipe end to end and write its report")
-    r.add_argument("recipe")
+    r.add_argument("recipe", nargs="?", help="the recipe file (not with --resume)")
+    r.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="finish an interrupted or killed run in place: only the missing measurements are made")
     r.add_argument("--out", default="reports", help="root folder of run directories (default: reports)")
     r.add_argument("--quick", action="store_true", help="shrink timing and training budgets for a smoke run")
 
@@ -63,6 +66,16 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    from core.processes import clear_stop, request_stop
+
+    # SIGTERM (a scheduler, `kill`) ends a run as Ctrl-C does: recorded as interrupted, resumable.
+    saved = {}
+    clear_stop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            saved[sig] = signal.signal(sig, request_stop)
+        except ValueError:  # not the main thread (an embedding application): leave its handlers alone
+            pass
     try:
         args = build_parser().parse_args(argv)
         return _dispatch(args)
@@ -70,13 +83,17 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished variants are cached; run the recipe again to resume", file=sys.stderr)
-        return 1
+        print("interrupted: finished variants are cached and measured processes kept; "
+              "`workbench run --resume RUN_DIR` finishes the run", file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001 - the last line of defence prints a message, not a traceback
         if os.environ.get("WORKBENCH_DEBUG"):
             raise
         print(f"error: {type(e).__name__}: {e} (set WORKBENCH_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def _dispatch(args) -> int:
@@ -87,10 +104,14 @@ def _dispatch(args) -> int:
         print(f"{args.recipe}: valid ({len(recipe.variants)} variants, backends {', '.join(recipe.bench.backends)})")
         return 0
     if args.command == "run":
-        recipe = load_recipe(args.recipe)
-        from workbench.pipeline import run_recipe
+        from workbench.pipeline import resume_run, run_recipe
 
-        run_dir = run_recipe(recipe, Path(args.out), quick=args.quick)
+        if bool(args.recipe) == bool(args.resume):
+            raise RecipeError("workbench run: give a recipe file, or --resume RUN_DIR (not both)")
+        if args.resume:
+            run_dir = resume_run(Path(args.resume))
+        else:
+            run_dir = run_recipe(load_recipe(args.recipe), Path(args.out), quick=args.quick)
         print(f"report: {run_dir / 'report.md'}")
         print(f"        {run_dir / 'report.html'}")
         return 0

@@ -6,7 +6,7 @@ import datetime as dt
 import logging
 from pathlib import Path
 
-from tqdm import tqdm
+from core.progress import write
 
 log = logging.getLogger("workbench")
 
@@ -50,10 +50,39 @@ def close_log(handler: logging.Handler) -> None:
 def say(msg: str) -> None:
     """A line for the person watching and for the log."""
     log.info(msg)
-    tqdm.write(msg)
+    write(msg)
 
 
 def reason(e: BaseException) -> str:
     """One line naming the exception: what a failed variant, artifact or cell records."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {text}"[:500]
+
+
+class _Watcher:
+    def __init__(self, proc):
+        self.proc = proc
+
+    def stop(self) -> None:
+        """The run wrote its own end: the watcher has nothing left to do."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
+
+
+def watch_status(status_path: Path) -> _Watcher:
+    """Start workbench.watcher for this run: it records `interrupted` if this process is killed.
+    In its own session, so a Ctrl-C meant for the run does not stop the watcher first."""
+    import os
+    import subprocess
+    import sys
+
+    from core.processes import child_env
+
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "workbench.watcher", str(status_path), str(os.getpid())], env=child_env(),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    except OSError:  # the run goes on; only a hard kill would go unrecorded
+        proc = None
+    return _Watcher(proc)

@@ -7,19 +7,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from core.progress import progress
 
 from bench.cells import cell_job
 from bench.rounds import measure_in_rounds
 from core.backends import BACKENDS
 from core.infer import save_batches
 from core.processes import plugin_folders
-from workbench.run_dir import log
+from workbench.run_dir import log, say
 
 
 def bench(run, models, variants: list[dict], artifacts: list[dict]) -> list[dict]:
     spec = run.recipe.bench
     work = run.run_dir / ".work"
+    work.mkdir(parents=True, exist_ok=True)
     eval_path = None
     if spec.accuracy and run.task.type != "none":
         eval_path = work / "eval_inputs.npz"
@@ -60,17 +61,24 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> list[dict
             cell["flops"] = flops[name] * batch
 
     repeats = min(spec.repeats, 2) if run.quick else spec.repeats
-    bar = tqdm(total=len(jobs) * repeats, desc=f"bench ({repeats} rounds)", unit="process")
+    bar = progress(total=len(jobs) * repeats, desc=f"bench ({repeats} rounds)", unit="process")
+    kept = []
 
-    def progress(i, round_):
+    def advance(i, round_, was_kept):
         c = cells[i]
+        kept.append(was_kept)
         bar.set_postfix_str(f"round {round_ + 1}: {c['variant']} {c['backend']} b{c['batch_size']}")
         bar.update()
 
+    # The journal keeps every finished process: a run that is interrupted resumes from it.
     measured = measure_in_rounds(jobs, repeats=repeats, seed=run.recipe.seed, timeout_s=spec.cell_timeout_s,
                                  work_dir=work, memory_limit_mb=spec.memory_limit_mb,
-                                 threshold=spec.timing.stability_threshold, progress=progress)
+                                 threshold=spec.timing.stability_threshold, progress=advance,
+                                 journal=work / "processes.jsonl")
     bar.close()
+    if any(kept):
+        say(f"bench: kept {sum(kept)} process(es) measured before the run was interrupted, "
+            f"measured {len(kept) - sum(kept)}")
     for i, job in jobs:
         cell = cells[i]
         cell.update(measured[i])

@@ -7,7 +7,7 @@ import time
 import traceback
 from typing import Optional
 
-from tqdm import tqdm
+from core.progress import progress, write
 
 from core.infer import variant_outputs
 from core.model import VariantModel
@@ -26,7 +26,7 @@ def compress(run) -> tuple[list[dict], dict[str, Optional[VariantModel]]]:
     keys: dict[str, str] = {}
     run.keys = keys  # the export stage reuses files exported under these keys
     records = []
-    for name in tqdm(recipe.order(), desc="compress", unit="variant"):
+    for name in progress(recipe.order(), desc="compress", unit="variant"):
         v = recipe.variants[name]
         rec = {"name": name, "parent": v.from_, "steps": [s.model_dump(mode="json") for s in v.steps],
                "status": "ok", "error": None}
@@ -56,7 +56,7 @@ def compress(run) -> tuple[list[dict], dict[str, Optional[VariantModel]]]:
                 log.info("variant %s: built in %.1f s", name, time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - one variant failing never stops the run
             log.error("variant %s failed:\n%s", name, traceback.format_exc())
-            tqdm.write(f"variant {name} failed: {reason(e)}")
+            write(f"variant {name} failed: {reason(e)}")
             rec.update(status="failed", error=reason(e))
             continue
         models[name] = model

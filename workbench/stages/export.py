@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-from tqdm import tqdm
+from core.progress import progress
 
 from core import atomic
 from core.formats import FORMATS
@@ -53,7 +53,7 @@ def export(run, models: dict[str, Optional[VariantModel]]) -> list[dict]:
     batches = run.task.eval_batches[:4] or [io.make(2, 16, seed=1), io.make(3, 24, seed=2)]
     artifacts = []
     todo = [(n, m) for n, m in models.items() if m is not None]
-    bar = tqdm(total=sum(len(spec.formats) for _ in todo), desc="export", unit="artifact")
+    bar = progress(total=sum(len(spec.formats) for _ in todo), desc="export", unit="artifact")
     for name, model in todo:
         if model.format == "torch":
             artifacts.append({"variant": name, "format": "torch", "path": f"variants/{name}/module.pt",
