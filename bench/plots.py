@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.transforms import ScaledTranslation  # noqa: E402
 
 from bench.analysis import Recommendation, cell_score, primary_metric  # noqa: E402
 from core import atomic  # noqa: E402
@@ -23,6 +24,13 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _legend_below(ax, *args, **kwargs):
+    """A legend under the axis label, a fixed distance in inches whatever the figure's height, so it covers no bar."""
+    below = ax.transAxes + ScaledTranslation(0, -0.55, ax.figure.dpi_scale_trans)
+    return ax.legend(*args, fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, 0),
+                     bbox_transform=below, **kwargs)
+
+
 def _measured(results):
     return [c for c in results["cells"] if c.get("latency_ms")]
 
@@ -34,10 +42,12 @@ def latency_bars(results, out: Path) -> Path | None:
     variants = [v["name"] for v in results["variants"]]
     backends = [b for b in results["recipe"]["parsed"]["bench"]["backends"] if any(c["backend"] == b for c in cells)]
     batches = sorted({c["batch_size"] for c in cells})
-    fig, axes = plt.subplots(1, len(batches), figsize=(max(6, 1.2 * len(variants) * len(batches) + 2), 4.5),
-                             squeeze=False)
+    # One panel per batch size, stacked: side by side they made a figure so wide that a page shrinks its text
+    # out of reach.
+    fig, axes = plt.subplots(len(batches), 1, figsize=(min(14, max(7, 0.5 * len(variants) * len(backends) + 2)),
+                                                       0.6 + 3.9 * len(batches)), squeeze=False)
     width = 0.8 / max(len(backends), 1)
-    for ax, batch in zip(axes[0], batches):
+    for ax, batch in zip(axes[:, 0], batches):
         p50s = [c["latency_ms"]["p50"] for c in cells if c["batch_size"] == batch]
         log = max(p50s) / max(min(p50s), 1e-9) > 10  # per panel: batch sizes differ by design
         for j, b in enumerate(backends):
@@ -63,54 +73,97 @@ def latency_bars(results, out: Path) -> Path | None:
         if log:
             ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][-1].legend(title="backend (hatched: unstable)", fontsize=8)
+    # Beside the first panel, where no bar can be under it (tight_layout gives both panels the same width).
+    axes[0][0].legend(title="backend\n(hatched: unstable)", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.suptitle("Latency by variant and backend (lower is better)")
     return _save(fig, out / "latency_by_variant.png")
 
 
-def accuracy_vs_latency(results, out: Path, rec: Recommendation) -> Path | None:
-    """At the batch size the recommendation was made for, with the recommended cell circled."""
+def pareto_points(results, rec: Recommendation) -> list[dict]:
+    """The cells the accuracy-latency plot shows (its batch size is the recommendation's), numbered 1.. in order
+    of p50: the plot prints the numbers and the report's table says which cell each is, so close or coinciding
+    points never need their names printed over each other."""
     metric = primary_metric(results)
     if not metric:
-        return None
+        return []
     variants = {v["name"]: v for v in results["variants"]}
-    batch = rec.batch_size
     pts = []
-    for c in _measured(results):
-        if c["batch_size"] != batch:
-            continue
-        s = cell_score(c, variants, metric)
+    for i, c in enumerate(results["cells"]):
+        s = cell_score(c, variants, metric) if c.get("latency_ms") and c["batch_size"] == rec.batch_size else None
         if s is not None:
-            pts.append((c["latency_ms"]["p50"], s, f"{c['variant']} / {c['backend']}", c))
+            pts.append({"cell_index": i, "variant": c["variant"], "backend": c["backend"],
+                        "p50": c["latency_ms"]["p50"], "score": s})
+    pts.sort(key=lambda p: (p["p50"], -p["score"], p["variant"], p["backend"]))
+    best = None  # Pareto frontier: no other point is both faster and more accurate
+    for n, p in enumerate(pts, 1):
+        p["n"] = n
+        p["frontier"] = best is None or p["score"] > best
+        best = p["score"] if best is None else max(best, p["score"])
+        p["recommended"] = rec.winner is not None and rec.winner.cell_index == p["cell_index"]
+    return pts
+
+
+def _number_labels(ax, pts: list[dict]) -> None:
+    """Print each point's number beside it. Points within a label's size on screen share one label ("1,2"),
+    and a label that would cover one already placed tries the other corners of its point."""
+    fig = ax.figure
+    fig.tight_layout()  # the layout _save applies, so screen distances measured here hold in the file
+    renderer = fig.canvas.get_renderer()
+    xy = ax.transData.transform([(p["p50"], p["score"]) for p in pts])
+    groups: list[tuple[tuple[float, float], list[dict]]] = []
+    for (px, py), p in zip(xy, pts):
+        near = next((g for g in groups if abs(g[0][0] - px) < 12 and abs(g[0][1] - py) < 9), None)
+        if near:
+            near[1].append(p)
+        else:
+            groups.append(((px, py), [p]))
+    placed = []
+    for _, members in groups:
+        text = ",".join(str(m["n"]) for m in members)
+        far = 2 if any(m["recommended"] for m in members) else 1  # clear of the circle around the recommended point
+        corners = [(5 * far, 4 * far), (5 * far, -11 * far), (-5 * far, 4 * far), (-5 * far, -11 * far),
+                   (0, 10 * far), (0, -16 * far)]
+        for dx, dy in corners:
+            label = ax.annotate(text, (members[0]["p50"], members[0]["score"]), textcoords="offset points",
+                                xytext=(dx, dy), fontsize=8, fontweight="bold", zorder=5,
+                                ha="left" if dx > 0 else "right" if dx < 0 else "center")
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed) or (dx, dy) == corners[-1]:
+                break  # the last corner stays even when taken: an overlap beats a missing number
+            label.remove()
+        placed.append(box)
+
+
+def accuracy_vs_latency(results, out: Path, rec: Recommendation) -> Path | None:
+    """At the batch size the recommendation was made for, points numbered as in `pareto_points`, with the
+    recommended cell circled."""
+    metric = primary_metric(results)
+    pts = pareto_points(results, rec)
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(8, 5))
-    backends = sorted({p[3]["backend"] for p in pts})
+    backends = sorted({p["backend"] for p in pts})
     markers = dict(zip(backends, "osD^vP*X"))
     for b in backends:
-        sel = [p for p in pts if p[3]["backend"] == b]
-        ax.scatter([p[0] for p in sel], [p[1] for p in sel], marker=markers[b], s=50, label=b, zorder=3)
-    for x, y, label, _ in pts:
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    # Pareto frontier: no other point is both faster and more accurate.
-    front = []
-    for x, y, *_ in sorted(pts, key=lambda p: (p[0], -p[1])):
-        if not front or y > front[-1][1]:
-            front.append((x, y))
-    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="gray", ls="--", label="Pareto frontier",
-            zorder=2)
-    if rec.winner:
-        w = rec.winner
-        ax.scatter([w.p50], [w.score], s=300, facecolors="none", edgecolors="red", linewidths=2, label="recommended",
-                   zorder=4)
-    xs = [p[0] for p in pts]
+        sel = [p for p in pts if p["backend"] == b]
+        ax.scatter([p["p50"] for p in sel], [p["score"] for p in sel], marker=markers.get(b, "o"), s=50, label=b,
+                   zorder=3)
+    front = [p for p in pts if p["frontier"]]
+    ax.step([p["p50"] for p in front], [p["score"] for p in front], where="post", color="gray", ls="--",
+            label="Pareto frontier", zorder=2)
+    for p in pts:
+        if p["recommended"]:
+            ax.scatter([p["p50"]], [p["score"]], s=300, facecolors="none", edgecolors="red", linewidths=2,
+                       label="recommended", zorder=4)
+    xs = [p["p50"] for p in pts]
     if max(xs) / max(min(xs), 1e-9) > 10:
         ax.set_xscale("log")
-    ax.set_xlabel(f"p50 latency at batch {batch} (ms)")
+    ax.set_xlabel(f"p50 latency at batch {rec.batch_size} (ms)")
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} against latency (up and left is better)")
+    ax.set_title(f"{metric} against latency (up and left is better; numbers: table below)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    _number_labels(ax, pts)
     return _save(fig, out / "accuracy_vs_latency.png")
 
 
@@ -128,7 +181,7 @@ def size_bars(results, out: Path) -> Path | None:
 
 
 def _cell_label(c: dict) -> str:
-    return f"{c['variant']}\n{c['backend']} b{c['batch_size']}"
+    return f"{c['variant']}  {c['backend']} b{c['batch_size']}"
 
 
 DEVICE_MEMORY = (("cuda_allocated_after_load", "model and inputs loaded (torch allocator)", "tab:green"),
@@ -137,74 +190,138 @@ DEVICE_MEMORY = (("cuda_allocated_after_load", "model and inputs loaded (torch a
 
 
 def memory_bars(results, out: Path) -> Path | None:
-    """Host memory of every cell; a second panel with device memory when any cell ran on a GPU."""
+    """Host memory of every cell; a second panel with device memory when any cell ran on a GPU. Horizontal bars,
+    a row per cell and the figure as tall as its rows, so cell labels stay readable however many cells ran."""
     cells = [c for c in _measured(results) if c.get("memory", {}).get("peak_rss_delta") is not None]
     if not cells:
         return None
     gpu = [c for c in cells if any(c["memory"].get(k) is not None for k, _, _ in DEVICE_MEMORY)]
-    width = max(6, 0.7 * len(cells) + 2)
-    fig, axes = plt.subplots(1, 2 if gpu else 1, figsize=(width + (max(5, 0.9 * len(gpu) + 2) if gpu else 0), 4.8),
-                             squeeze=False)
+    heights = [0.6 + 0.26 * len(cells)] + ([0.9 + 0.5 * len(gpu)] if gpu else [])
+    fig, axes = plt.subplots(len(heights), 1, figsize=(9, 0.9 + sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
     ax = axes[0][0]
-    x = np.arange(len(cells))
-    ax.bar(x, [c["memory"]["peak_rss_delta"] / MB for c in cells], color="tab:purple")
-    ax.set_xticks(x)
-    ax.set_xticklabels([_cell_label(c) for c in cells], rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("MiB")
+    y = np.arange(len(cells))
+    ax.barh(y, [c["memory"]["peak_rss_delta"] / MB for c in cells], height=0.7, color="tab:purple")
+    ax.set_yticks(y)
+    ax.set_yticklabels([_cell_label(c) for c in cells], fontsize=8)
+    ax.set_ylim(len(cells) - 0.5, -0.5)
+    ax.set_xlabel("MiB")
     ax.set_title("Host: peak RSS increase of the cell's process", fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
+    ax.grid(axis="x", alpha=0.3)
     if gpu:
-        ax = axes[0][1]
-        x = np.arange(len(gpu))
-        w = 0.8 / len(DEVICE_MEMORY)
+        ax = axes[1][0]
+        y = np.arange(len(gpu))
+        h = 0.8 / len(DEVICE_MEMORY)
         for j, (key, label, color) in enumerate(DEVICE_MEMORY):
             values = [c["memory"].get(key) for c in gpu]
             if any(v is not None for v in values):
-                ax.bar(x + (j - 1) * w, [(v or 0) / MB for v in values], width=w, color=color, label=label)
-        ax.set_xticks(x)
-        ax.set_xticklabels([_cell_label(c) for c in gpu], rotation=45, ha="right", fontsize=7)
-        ax.set_ylabel("MiB")
+                ax.barh(y + (j - 1) * h, [(v or 0) / MB for v in values], height=h, color=color, label=label)
+        ax.set_yticks(y)
+        ax.set_yticklabels([_cell_label(c) for c in gpu], fontsize=8)
+        ax.set_ylim(len(gpu) - 0.5, -0.5)
+        ax.set_xlabel("MiB")
         ax.set_title("GPU memory (ONNX Runtime cells: NVML only)", fontsize=10)
-        ax.legend(fontsize=7)
-        ax.grid(axis="y", alpha=0.3)
+        _legend_below(ax)
+        ax.grid(axis="x", alpha=0.3)
     return _save(fig, out / "memory_by_cell.png")
 
 
-def speedup_vs_accuracy_delta(results, out: Path, sp: dict) -> Path | None:
-    """Two panels: speedup over the baseline (95% CI) per cell, and each variant's metric change."""
-    measured = [(i, c) for i, c in enumerate(results["cells"]) if i in sp]
-    if not measured:
+SPEED_COLORS = (("tab:green", "faster: whole 95% CI above 1.0x"), ("tab:red", "slower: whole 95% CI below 1.0x"),
+                ("tab:gray", "no significant difference"))
+
+
+def speedup_bars(results, out: Path, sp: dict) -> Path | None:
+    """Speedup over the baseline on the same backend and batch, one group of horizontal bars per backend, a bar
+    per variant and batch size with its 95% CI. Bars grow from 1.0x, so slower cells point left; one row per bar
+    and the figure grows with the rows, so labels never overlap."""
+    base = results["recipe"]["parsed"]["report"]["baseline"]
+    cells = results["cells"]
+    shown = [i for i, c in enumerate(cells) if i in sp and c["variant"] != base]  # the baseline is 1.0x by definition
+    if not shown:
         return None
+    order = {v["name"]: k for k, v in enumerate(results["variants"])}
+    backends = list(dict.fromkeys([b for b in results["recipe"]["parsed"]["bench"]["backends"]]
+                                  + [cells[i]["backend"] for i in shown]))
+    rows: list[tuple[str, int | None]] = []  # (label, cell index); None: a backend's header row
+    for b in backends:
+        group = sorted((i for i in shown if cells[i]["backend"] == b),
+                       key=lambda i: (order.get(cells[i]["variant"], len(order)), cells[i]["batch_size"]))
+        if group:
+            rows.append((b, None))
+            rows += [(f"{cells[i]['variant']}  b{cells[i]['batch_size']}", i) for i in group]
+    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.3 * len(rows)))
+    for y, (_, i) in enumerate(rows):
+        if i is None:
+            ax.axhspan(y - 0.5, y + 0.5, color="#f0f0f0", zorder=0)
+            continue
+        s, lo, hi = sp[i]
+        color = SPEED_COLORS[0 if lo > 1 else 1 if hi < 1 else 2][0]
+        ax.barh(y, s - 1, left=1, height=0.7, color=color, hatch="//" if cells[i]["status"] == "unstable" else None,
+                zorder=2)
+        ax.errorbar(s, y, xerr=[[s - lo], [hi - s]], fmt="none", ecolor="black", capsize=3, lw=1, zorder=3)
+        right = s >= 1
+        ax.annotate(f"{s:.2f}x", (hi if right else lo, y), textcoords="offset points", xytext=(4 if right else -4, 0),
+                    ha="left" if right else "right", va="center", fontsize=8)
+    ax.axvline(1.0, color="black", lw=1, zorder=4)
+    ends = [v for i in shown for v in sp[i][1:]] + [1.0]
+    if max(ends) / max(min(ends), 1e-9) > 10:
+        ax.set_xscale("log")
+    ax.margins(x=0.12)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([label for label, _ in rows], fontsize=9)
+    for tick, (_, i) in zip(ax.get_yticklabels(), rows):
+        if i is None:
+            tick.set_fontweight("bold")
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # first row on top
+    ax.set_xlabel("speedup over the baseline on the same backend and batch (x), 95% CI")
+    ax.set_title("Speedup against the baseline (right of 1.0x is faster; grouped by backend)")
+    ax.grid(axis="x", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c, _ in SPEED_COLORS]
+    handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch="//"))
+    _legend_below(ax, handles, [t for _, t in SPEED_COLORS] + ["unstable latency"], ncol=2)
+    return _save(fig, out / "speedup_vs_baseline.png")
+
+
+def accuracy_delta_bars(results, out: Path) -> Path | None:
+    """Each variant's change in the primary metric against the baseline (left out: 0 by definition), one
+    horizontal bar per variant."""
     metric = primary_metric(results)
-    fig, axes = plt.subplots(1, 2 if metric else 1, figsize=(12 if metric else 7, 4.8), squeeze=False)
-    ax = axes[0][0]
-    vals = [sp[i] for i, _ in measured]
-    x = np.arange(len(measured))
-    ax.bar(x, [v[0] for v in vals], yerr=[[v[0] - v[1] for v in vals], [v[2] - v[0] for v in vals]], capsize=3,
-           color=["tab:green" if v[1] > 1 else "tab:red" if v[2] < 1 else "tab:gray" for v in vals])
-    ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_xticks(x)
-    ax.set_xticklabels([_cell_label(c) for _, c in measured], rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("speedup over baseline (x), 95% CI")
-    ax.set_title("Speedup against the baseline, same backend and batch")
-    ax.grid(axis="y", alpha=0.3)
-    if metric:
-        ax2 = axes[0][1]
-        vs = [v for v in results["variants"] if (v.get("accuracy_delta") or {}).get(metric) is not None]
-        ax2.bar([v["name"] for v in vs], [v["accuracy_delta"][metric] for v in vs], color="tab:blue")
-        ax2.axhline(0, color="black", lw=0.8)
-        ax2.set_ylabel(f"{metric} change vs baseline")
-        ax2.set_title(f"{metric} change against the baseline (higher is better)")
-        ax2.tick_params(axis="x", rotation=30)
-        ax2.grid(axis="y", alpha=0.3)
-    return _save(fig, out / "speedup_and_accuracy_delta.png")
+    base = results["recipe"]["parsed"]["report"]["baseline"]
+    vs = [v for v in results["variants"]
+          if metric and v["name"] != base and (v.get("accuracy_delta") or {}).get(metric) is not None]
+    if not vs:
+        return None
+    deltas = [round(v["accuracy_delta"][metric], 4) or 0.0 for v in vs]  # no "-0.0000" for a float's last bit
+    fig, ax = plt.subplots(figsize=(9, 1.4 + 0.3 * len(vs)))
+    y = np.arange(len(vs))
+    ax.barh(y, deltas, height=0.7, color=["tab:red" if d < 0 else "tab:blue" for d in deltas])
+    for yy, d in zip(y, deltas):
+        ax.annotate(f"{d:+.4f}", (d, yy), textcoords="offset points", xytext=(4 if d >= 0 else -4, 0),
+                    ha="left" if d >= 0 else "right", va="center", fontsize=8)
+    ax.axvline(0, color="black", lw=1)
+    # Room on both sides of 0 for the value labels (bars stick to 0, so margins alone would not give it).
+    lo, hi = min(deltas + [0.0]), max(deltas + [0.0])
+    pad = 0.25 * ((hi - lo) or 1e-3)
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_yticks(y)
+    ax.set_yticklabels([v["name"] for v in vs], fontsize=9)
+    ax.set_ylim(len(vs) - 0.5, -0.5)
+    ax.set_xlabel(f"{metric} change vs baseline")
+    ax.set_title(f"{metric} change against the baseline (right is better)")
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, out / "accuracy_delta_by_variant.png")
 
 
 def make_plots(results: dict, out: Path, rec: Recommendation, sp: dict) -> list[tuple[str, Path]]:
     out.mkdir(parents=True, exist_ok=True)
     plots = [("Latency by variant and backend", latency_bars(results, out)),
              ("Accuracy against latency (Pareto frontier)", accuracy_vs_latency(results, out, rec)),
-             ("Speedup and accuracy change against the baseline", speedup_vs_accuracy_delta(results, out, sp)),
+             ("Speedup against the baseline, by backend", speedup_bars(results, out, sp)),
+             ("Accuracy change against the baseline", accuracy_delta_bars(results, out)),
              ("Model size by variant", size_bars(results, out)),
              ("Memory by cell", memory_bars(results, out))]
-    return [(t, p) for t, p in plots if p is not None]
+    made = [(t, p) for t, p in plots if p is not None]
+    # A rebuilt report drops the plots it no longer draws (renamed ones, or a panel without data now).
+    for old in set(out.glob("*.png")) - {p for _, p in made}:
+        old.unlink()
+    return made

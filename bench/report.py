@@ -11,8 +11,11 @@ import pandas as pd
 
 from bench.analysis import (MB, TIE_RULE, Recommendation, cell_score, faster, primary_metric, quietness, recommend,
                             reference_speedups, speedups)
-from bench.plots import make_plots
+from bench.plots import make_plots, pareto_points
+from bench.ship import ship_plan, write_recommended
 from core import atomic
+
+CHANCE_TOLERANCE = 0.01  # a baseline this close above the majority-class rate has learnt nothing worth comparing
 
 
 # ----------------------------------------------------------------------------- data
@@ -116,8 +119,58 @@ def md_table(head, rows) -> str:
 
 def html_table(head, rows) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in r) + "</tr>" for r in rows)
+    # A cell without spaces (a name like torch-cpu, a number) stays on one line: browsers would break it at a
+    # hyphen; cells with spaces wrap there, so wide tables still fit the page.
+    cell = lambda x: f"<td{'' if ' ' in str(x) else ' class=tok'}>{html.escape(str(x))}</td>"  # noqa: E731
+    body = "".join("<tr>" + "".join(cell(x) for x in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def chance_warning(results: dict) -> str | None:
+    """A classifier whose baseline scores no better than always answering the most common class makes every
+    accuracy comparison between variants meaningless; say so before anything else. Needs the task's
+    `majority_rate` (or, from older runs, `n_classes`: 1 / n_classes); without either, nothing is said."""
+    task = results.get("task") or {}
+    if task.get("primary") != "accuracy":
+        return None
+    if task.get("majority_rate") is not None:
+        chance = task["majority_rate"]
+        what = f"a majority-class rate of {chance:.4f} (always answering the most common class)"
+    elif task.get("n_classes"):
+        chance = 1 / task["n_classes"]
+        what = f"a chance rate of {chance:.4f} (1 / {task['n_classes']} classes)"
+    else:
+        return None
+    name = results["recipe"]["parsed"]["report"]["baseline"]
+    base = next((v for v in results["variants"] if v["name"] == name), None)
+    acc = ((base or {}).get("accuracy") or {}).get("accuracy")
+    if acc is None or acc > chance + CHANCE_TOLERANCE:
+        return None
+    return (f"BASELINE AT CHANCE: `{name}` scores accuracy {acc:.4f} against {what}, so the "
+            "accuracy comparisons between variants below say nothing. Most likely the model is untrained, or the "
+            "labels or data do not match it.")
+
+
+def pareto_table(results: dict, rec: Recommendation) -> tuple[list[str], list[list[str]]]:
+    """The key to the numbers printed on the accuracy-against-latency plot."""
+    head = ["#", "variant", "backend", f"p50 ms (batch {rec.batch_size})", primary_metric(results) or "accuracy",
+            "Pareto frontier", "recommended"]
+    return head, [[str(p["n"]), p["variant"], p["backend"], f"{p['p50']:.3f}", f"{p['score']:.4f}",
+                   "yes" if p["frontier"] else "", "yes" if p["recommended"] else ""]
+                  for p in pareto_points(results, rec)]
+
+
+def ship_text(results: dict, rec: Recommendation) -> str | None:
+    """Where the recommended file is ready to pick up (bench.ship). Said from results.json alone, so the same
+    results give the same document whether or not the run's files are still here."""
+    plan = ship_plan(results, rec)
+    if plan is None:
+        return None
+    name = Path(plan["path"]).name
+    return (f"Ready to pick up: `recommended/` beside this report holds `{name}` (a copy of `{plan['path']}`), its "
+            f"input description `{name}.io.json` and `load_and_call.py`, which loads it as `{rec.winner.backend}` "
+            "did and calls it once; `recommended/README.md` says how to run it. (Copied from the run's own "
+            "files: a report rebuilt without `variants/` has no such folder.)")
 
 
 # ----------------------------------------------------------------------------- document
@@ -128,6 +181,9 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
             f"run {results['started']} → {results['finished']}. Model: {results['model']['description']}. "
             f"Task: {results['task']['description']}.")
     blocks.append(("p", meta))
+    chance = chance_warning(results)
+    if chance:
+        blocks.append(("warn", chance))
     if results.get("quick"):
         blocks.append(("warn", "QUICK RUN: timing and training budgets were shrunk (--quick). These numbers are a "
                                "smoke test, not a basis for a decision."))
@@ -170,6 +226,9 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
             blocks.append(("p", f"Runner-up: `{r.variant}` on `{r.backend}` "
                                 f"({r.p50:.3f} ms p50). {rec.rejected} measured cell(s) at this "
                                 f"batch size did not meet the constraints."))
+        ready = ship_text(results, rec)
+        if ready:
+            blocks.append(("p", ready))
     if rec.unjudged:
         blocks.append(("p", "Cells that failed a constraint because it could not be judged: "
                             + "; ".join(rec.unjudged) + "."))
@@ -177,6 +236,9 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
         blocks.append(("h2", "Plots"))
         for title, path in plots:
             blocks.append(("img", (title, path)))
+            if Path(path).name == "accuracy_vs_latency.png":
+                blocks.append(("p", "The numbers on the accuracy-against-latency plot:"))
+                blocks.append(("table", pareto_table(results, rec)))
     blocks.append(("h2", "Variants"))
     blocks.append(("table", variants_table(results)))
     if any((v.get("sparsity") or 0) > 0.05 and v.get("format") == "torch" for v in results["variants"]):
@@ -249,7 +311,8 @@ def render_md(blocks) -> str:
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px}
+table{border-collapse:collapse;font-size:13px;margin:1em 0;display:block;overflow-x:auto}
+td,th{border:1px solid #ccc;padding:3px 6px}.tok{white-space:nowrap}
 th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}.warn{background:#fff3cd;padding:.6em;
 border:1px solid #e0c060}code{background:#f5f5f5;padding:0 3px}"""
 
@@ -294,3 +357,4 @@ def write_report(run_dir: Path) -> None:
     blocks = sections(results, plots, rec, sp)
     atomic.write_text(run_dir / "report.md", render_md(blocks))
     atomic.write_text(run_dir / "report.html", render_html(blocks, run_dir))
+    write_recommended(run_dir, results, rec, sp)
