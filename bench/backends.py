@@ -46,11 +46,15 @@ class OrtRunner(Runner):
     device memory and outputs stay there (IOBinding), so a timed call is the graph's run, not the
     host-device copies around it; the copy back happens only when outputs are asked for."""
 
-    def __init__(self, path: str, backend: str, threads: int, io_binding: Optional[bool] = None):
+    def __init__(self, path: str, backend: str, threads: int, io_binding: Optional[bool] = None,
+                 profile_prefix: Optional[str] = None):
         import onnxruntime as ort
 
         self.ort = ort
         so = ort.SessionOptions()
+        if profile_prefix:  # bench.profile: ORT's op-level profiler, never in a timed cell
+            so.enable_profiling = True
+            so.profile_file_prefix = profile_prefix
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

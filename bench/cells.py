@@ -39,7 +39,8 @@ def run_cell(job: dict, timeout_s: float, work_dir: Path, memory_limit_mb: float
     atomic.write_json(Path(job_path), job)
     env = child_env(int(job["threads"]))
     try:
-        proc, over = _supervise([sys.executable, "-m", "bench.worker", job_path], env, timeout_s, memory_limit_mb)
+        entry = job.get("entry", "bench.worker")  # bench.profile for a cell's op-level profile
+        proc, over = _supervise([sys.executable, "-m", entry, job_path], env, timeout_s, memory_limit_mb)
     finally:
         os.unlink(job_path)
     if proc is None:

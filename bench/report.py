@@ -11,6 +11,7 @@ import pandas as pd
 
 from bench.analysis import (MB, TIE_RULE, Recommendation, cell_score, faster, primary_metric, quietness, recommend,
                             reference_speedups, speedups)
+from bench.diagnosis import diagnosis_lines
 from bench.plots import make_plots, pareto_points
 from bench.ship import ship_plan, write_recommended
 from core import atomic
@@ -173,6 +174,43 @@ def ship_text(results: dict, rec: Recommendation) -> str | None:
             "files: a report rebuilt without `variants/` has no such folder.)")
 
 
+def profile_table(results: dict, batch_size: int) -> tuple[list[str], list[list[str]]]:
+    """Each profiled cell's op time per call and its three costliest op types."""
+    head = ["variant", "backend", "op time ms / call", "top ops (share of op time)", "int8 kernels (ORT graph)"]
+    variants = {v["name"]: v for v in results["variants"]}
+    rows = []
+    for c in results["cells"]:
+        prof = c.get("profile") or {}
+        if c["batch_size"] != batch_size or not prof.get("by_op_ms"):
+            continue
+        total = sum(prof["by_op_ms"].values()) or 1.0
+        top = sorted(prof["by_op_ms"].items(), key=lambda kv: -kv[1])[:3]
+        kernels = next((n.get("kernels") for n in reversed(variants.get(c["variant"], {}).get("notes") or [])
+                        if n.get("kernels")), None) if c["format"] == "onnx" else None
+        int8 = ", ".join(f"{k} {v}" for k, v in (kernels or {}).get("int8_kernels", {}).items()) or "–"
+        rows.append([c["variant"], c["backend"], f"{prof['op_total_ms']:.3f}",
+                     ", ".join(f"{op} {ms / total:.0%}" for op, ms in top), int8])
+    return head, rows
+
+
+def diagnosis_blocks(results: dict, batch_size: int) -> list[tuple[str, object]]:
+    """"Why isn't it faster?": a diagnosis per variant that does not beat its parent, and the profiles."""
+    lines = diagnosis_lines(results, batch_size)
+    head, rows = profile_table(results, batch_size)
+    if not lines and not rows:
+        return []
+    blocks = [("h2", "Why isn't it faster?")]
+    if lines:
+        blocks.append(("p", f"Variants not significantly faster than their parent at batch {batch_size}, "
+                            "with what the run's figures say about why:"))
+        blocks.append(("list", lines))
+    if rows:
+        blocks.append(("p", "Op-level profiles (one extra process per cell, after the timed ones; a profiler's "
+                            "own overhead makes these times longer than the p50s above):"))
+        blocks.append(("table", (head, rows)))
+    return blocks
+
+
 # ----------------------------------------------------------------------------- document
 def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, sp: dict) -> list[tuple[str, object]]:
     """The report as (kind, content) blocks; md and html render the same blocks."""
@@ -239,6 +277,7 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
             if Path(path).name == "accuracy_vs_latency.png":
                 blocks.append(("p", "The numbers on the accuracy-against-latency plot:"))
                 blocks.append(("table", pareto_table(results, rec)))
+    blocks += diagnosis_blocks(results, rec.batch_size)
     blocks.append(("h2", "Variants"))
     blocks.append(("table", variants_table(results)))
     if any((v.get("sparsity") or 0) > 0.05 and v.get("format") == "torch" for v in results["variants"]):
@@ -302,6 +341,8 @@ def render_md(blocks) -> str:
             out.append(str(content))
         elif kind == "warn":
             out.append(f"> **{content}**")
+        elif kind == "list":
+            out.append("\n".join(f"- {item}" for item in content))
         elif kind == "table":
             out.append(md_table(*content))
         elif kind == "img":
@@ -336,6 +377,8 @@ def render_html(blocks, run_dir: Path) -> str:
             out.append(f"<p>{inline(str(content))}</p>")
         elif kind == "warn":
             out.append(f"<p class='warn'>{inline(str(content))}</p>")
+        elif kind == "list":
+            out.append("<ul>" + "".join(f"<li>{inline(str(item))}</li>" for item in content) + "</ul>")
         elif kind == "table":
             out.append(html_table(*content))
         elif kind == "img":

@@ -36,6 +36,13 @@ class Step:
         return []
 
     @classmethod
+    def expand(cls, params: "StepParams") -> "StepParams":
+        """The parameters as they will run, at recipe load, while it is still known which ones the
+        recipe set (a preset fills in only the others). What it returns is what the cache key and
+        the lineage record."""
+        return params
+
+    @classmethod
     def exporter_for(cls, params: dict) -> Optional[str]:
         """The ONNX exporter this step needs for the implicit export before it (None: the recipe's)."""
         return None

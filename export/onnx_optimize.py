@@ -9,6 +9,7 @@ from typing import Literal, Optional
 from pydantic import Field
 
 from core.encoders import attention_shape, transformer_config
+from export.graph_kernels import record_kernels
 from core.steps import Step, StepParams, register
 
 LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -85,4 +86,5 @@ class OnnxOptimize(Step):
         else:  # nothing was rewritten: copy, never move, a parent's cached graph
             shutil.copy2(src, final)
         model.onnx_path = final
+        record_kernels(final, ctx.notes)
         return model

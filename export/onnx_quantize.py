@@ -11,6 +11,8 @@ from pydantic import Field
 
 from core.errors import field_error
 from core.steps import Step, StepParams, register
+from export.graph_kernels import record_kernels
+from export.quant_presets import PRESET_NAMES
 
 
 class OnnxQuantizeParams(StepParams):
@@ -27,6 +29,15 @@ class OnnxQuantizeParams(StepParams):
     accuracy_level: Optional[Literal[0, 1, 2, 3, 4]] = Field(
         None, description="int4: MatMulNBits compute precision (4: int8 activations, the fast CPU path)")
     symmetric: bool = Field(True, description="int4: symmetric blocks (no zero point)")
+    preset: Optional[Literal[PRESET_NAMES]] = Field(
+        None, description="int8 settings for a processor: auto (this machine's CPU flags), avx2, avx512, avx512-vnni, "
+        "amx, arm-dot, tensorrt; sets mode, types, reduce_range, per_channel, op_types and format, except the ones "
+        "given explicitly; the choice and its reason go into the lineage")
+    quant_format: Literal["QDQ", "QOperator"] = Field(
+        "QDQ", description="static: QDQ (Quantize/DequantizeLinear pairs ORT fuses into integer kernels) or "
+        "QOperator (QLinearMatMul / QAttention nodes written directly)")
+    exclude_nodes: list[str] = Field(default_factory=list, description="int8: node names kept in float "
+                                     "(e.g. the most sensitive MatMuls)")
     preprocess: bool = Field(True, description="int8: run ORT's quant_pre_process (shape inference, cleanup) first")
     op_types: Optional[list[str]] = Field(None, description="op types to quantize, e.g. [MatMul, Gemm]; default: all")
 
@@ -66,8 +77,25 @@ class OnnxQuantize(Step):
         if params.mode == "int4" and params.block_size & (params.block_size - 1):
             raise field_error(where, f"{field}.block_size", "must be a power of 2", value=params.block_size)
 
+    @classmethod
+    def expand(cls, params):
+        """A preset's settings, in the fields the recipe left unset; `auto` resolved on this machine,
+        so the cache key and the lineage hold the concrete settings."""
+        if params.preset is None or (params.mode == "int4" and "mode" in params.model_fields_set):
+            return params
+        from export.quant_presets import preset_settings, resolve
+
+        wanted = preset_settings(resolve(params.preset)[0])
+        return params.model_copy(update={k: v for k, v in wanted.items() if k not in params.model_fields_set})
+
     def run(self, model, params, ctx):
         p = OnnxQuantizeParams.model_validate(params)
+        if p.preset and p.mode != "int4":
+            from export.quant_presets import resolve
+
+            preset, why = resolve(p.preset)
+            ctx.notes["preset"] = {"name": preset.name, "why": why, "symmetric": preset.symmetric,
+                                   "int8_pays_here": preset.int8_pays}
         out = ctx.work_dir / "quantized.onnx"
         if p.mode == "int4":
             self._int4(model.onnx_path, out, p, ctx)
@@ -77,6 +105,7 @@ class OnnxQuantize(Step):
         final = ctx.work_dir / "model.onnx"
         shutil.move(out, final)
         model.onnx_path = final
+        record_kernels(final, ctx.notes)
         return model
 
     @staticmethod
@@ -108,17 +137,22 @@ class OnnxQuantize(Step):
 
         if p.mode == "dynamic":
             quantize_dynamic(str(src), str(out), per_channel=p.per_channel, reduce_range=p.reduce_range,
-                             weight_type=getattr(QuantType, p.weight_type), op_types_to_quantize=p.op_types)
+                             weight_type=getattr(QuantType, p.weight_type), op_types_to_quantize=p.op_types,
+                             nodes_to_exclude=p.exclude_nodes or None)
             return
         from core.infer import onnx_session
 
         names = {i.name for i in onnx_session(src).get_inputs()}
         batches = ctx.task.train_batches[:p.calibration_batches]
-        quantize_static(str(src), str(out), _Calibration(batches, names), quant_format=QuantFormat.QDQ,
+        symmetric = bool(ctx.notes.get("preset", {}).get("symmetric"))
+        quantize_static(str(src), str(out), _Calibration(batches, names),
+                        quant_format=getattr(QuantFormat, p.quant_format),
                         per_channel=p.per_channel, reduce_range=p.reduce_range,
                         activation_type=getattr(QuantType, p.activation_type),
                         weight_type=getattr(QuantType, p.weight_type), op_types_to_quantize=p.op_types,
-                        calibrate_method=getattr(CalibrationMethod, p.calibrate_method))
+                        nodes_to_exclude=p.exclude_nodes or None,
+                        calibrate_method=getattr(CalibrationMethod, p.calibrate_method),
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True} if symmetric else None)
         ctx.notes["calibration"] = {"batches": len(batches), "method": p.calibrate_method}
 
     @staticmethod

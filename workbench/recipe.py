@@ -197,6 +197,9 @@ class BenchSpec(Strict):
     repeats: int = Field(3, ge=1, le=20, description="processes per cell, one per interleaved round; --quick: "
                          "at most 2")
     accuracy: bool = Field(True, description="run the evaluation split through every cell")
+    profile: bool = Field(True, description="an op-level profile (ORT's profiler, torch.profiler) of each measured "
+                          "cell at the report's batch size, in a process of its own after the timed ones; the report "
+                          "explains from it why a variant is not faster than its parent (--quick: off unless set)")
     cell_timeout_s: float = Field(900, gt=0)
     memory_limit_mb: Optional[float] = Field(None, gt=0, description="kill a cell whose process RSS exceeds this")
 
@@ -352,6 +355,7 @@ def check_recipe(recipe: Recipe, where: str) -> None:
                     f"step '{step_name}' needs {what[step.consumes]}, but at this point variant '{name}' is "
                     f"{what[current]} (steps that act on ONNX graphs must come after the torch steps, "
                     f"and a variant cannot return from ONNX to PyTorch)", value=step_name)
+            p = step.expand(p)
             step.check(p, recipe=recipe, variant=name, where=where, field=f"{field}.{step_name}")
             current = step.consumes if step.produces == "same" else step.produces
             calls.append(StepCall(name=step_name, params=p.model_dump(mode="json")))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from core.progress import progress
 
-from bench.cells import cell_job
+from bench.cells import cell_job, run_cell
 from bench.rounds import measure_in_rounds
 from core.backends import BACKENDS
 from core.infer import save_batches
@@ -91,4 +91,28 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> list[dict
                  cell.get("latency_ms", {}).get("p50", cell["reason"]))
     if eval_path and eval_path.exists():
         eval_path.unlink()
+    if spec.profile and not (run.quick and "profile" not in spec.model_fields_set):
+        profile_cells(run, cells, jobs, work)
     return cells
+
+
+def profile_cells(run, cells: list[dict], jobs: list, work: Path) -> None:
+    """One profiling process per measured cell at the report's batch size (not torch.compile, whose
+    profile would be of compilation): time by op type, for the report's diagnosis."""
+    spec = run.recipe.bench
+    batch = run.recipe.report.constraints.batch_size or spec.batch_sizes[0]
+    todo = [(i, job) for i, job in jobs if cells[i]["batch_size"] == batch and cells[i]["status"] in ("ok", "unstable")
+            and not BACKENDS[cells[i]["backend"]].compiles]
+    bar = progress(total=len(todo), desc="op-level profiles", unit="cell")
+    for i, job in todo:
+        c = cells[i]
+        bar.set_postfix_str(f"{c['variant']} {c['backend']}")
+        result = run_cell({**job, "entry": "bench.profile", "eval_inputs": None, "outputs_path": None},
+                          spec.cell_timeout_s, work, spec.memory_limit_mb)
+        if result["status"] == "ok":
+            c["profile"] = {k: v for k, v in result.items() if k not in ("status", "reason")}
+        else:
+            c["profile"] = {"error": result["reason"]}
+            log.warning("profile of %s %s failed: %s", c["variant"], c["backend"], result["reason"])
+        bar.update()
+    bar.close()

@@ -1,0 +1,124 @@
+""""Why isn't it faster?": for every variant whose cell is not significantly faster than its parent's
+on the same backend and batch size, a short diagnosis in plain words, built only from figures the
+run recorded: the op-level profile (bench.profile), the int8 kernels ORT fused the graph into
+(export.graph_kernels), the CPU's flags, the variant's sparsity and the roofline fraction."""
+from __future__ import annotations
+
+from typing import Optional
+
+from bench.analysis import faster, measured, significantly_faster
+
+FLOAT_COMPUTE = {"Conv", "MatMul", "Gemm", "FusedGemm", "FusedMatMul", "FusedConv", "Attention",
+                 "MultiHeadAttention"}
+QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+LAYOUT_OPS = {"Transpose", "Reshape", "Cast", "Concat", "Gather", "Slice", "Squeeze", "Unsqueeze", "Expand",
+              "Shape", "Where", "aten::copy_", "aten::contiguous", "aten::to", "aten::_to_copy", "aten::permute",
+              "aten::transpose", "aten::reshape", "aten::view", "aten::cat"}
+
+
+def _notes(variant: dict) -> dict:
+    """A variant's step notes merged (the last step's facts win)."""
+    out: dict = {}
+    for n in variant.get("notes") or []:
+        out.update(n)
+    return out
+
+
+def _is_int8(variants: dict, name: str) -> bool:
+    """Whether the variant or an ancestor quantized to int8."""
+    while name:
+        v = variants.get(name) or {}
+        for s in v.get("steps", []):
+            p = s.get("params", {})
+            if s.get("name") in ("quantize", "onnx-quantize") and (
+                    p.get("mode") in ("dynamic", "static") or p.get("method") in ("dynamic-int8", "bnb-int8")):
+                return True
+        name = v.get("parent")
+    return False
+
+
+def _kernels(variants: dict, name: str) -> Optional[dict]:
+    """The kernel census nearest the variant (its own step's, else an ancestor's)."""
+    while name:
+        v = variants.get(name) or {}
+        k = _notes(v).get("kernels")
+        if k and "error" not in k:
+            return k
+        name = v.get("parent")
+    return None
+
+
+def diagnose(cell: dict, parent_cell: dict, variants: dict, cpu_flags: list[str]) -> list[str]:
+    """Plain-words findings for one cell that is not faster than its parent's."""
+    name = cell["variant"]
+    found = []
+    prof = cell.get("profile") or {}
+    by_op = prof.get("by_op_ms") or {}
+    total = sum(by_op.values())
+    if total > 0:
+        top, top_ms = max(by_op.items(), key=lambda kv: kv[1])
+        quant = sum(ms for op, ms in by_op.items() if op in QUANT_OPS)
+        layout = sum(ms for op, ms in by_op.items() if op in LAYOUT_OPS)
+        found.append(f"most of its op time is in {top} ({top_ms / total:.0%})")
+        if _is_int8(variants, name) and top in FLOAT_COMPUTE:
+            found.append(f"that op, {top}, still runs in float: the quantization left it out (see op_types)")
+        if quant / total >= 0.05:
+            found.append(f"{quant / total:.0%} of op time is spent quantizing and dequantizing activations "
+                         f"({', '.join(sorted(op for op in by_op if op in QUANT_OPS))})")
+        if layout / total >= 0.10:
+            found.append(f"{layout / total:.0%} of op time goes to layout ops (transposes, reshapes, casts)")
+    k = _kernels(variants, name)
+    int8 = _is_int8(variants, name)
+    if k:
+        if int8 and not k.get("int8_kernels"):
+            found.append("ONNX Runtime fused no int8 kernel: the graph still runs in float")
+        if int8 and k.get("float_weight_matmuls"):
+            found.append(f"{k['float_weight_matmuls']} weight MatMul(s) stayed in float")
+        if k.get("softmax") and not k.get("attention_fused"):
+            found.append("attention is not fused (Softmax and MatMuls run one by one)")
+    flags = set(cpu_flags or [])
+    if int8 and flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}:
+        found.append("this CPU has no VNNI (or AMX / dot-product) instruction, so int8 MatMuls run at about "
+                     "fp32 speed; int8 pays here in memory, not latency")
+    v = variants.get(name) or {}
+    if (v.get("sparsity") or 0) > 0.05 and v.get("format") == "torch":
+        found.append(f"its {v['sparsity']:.0%} zeros sit in dense weights, which dense kernels multiply all the same")
+    if cell.get("roofline_fraction") is not None:
+        found.append(f"it runs at {cell['roofline_fraction']:.0%} of this CPU's {cell.get('roofline_precision', '')} "
+                     "GEMM peak".replace("  ", " "))
+    if not found:
+        found.append("no op-level profile or kernel census was recorded for it (bench.profile: true records one)")
+    return found
+
+
+def diagnoses(results: dict, batch_size: int) -> list[dict]:
+    """[{variant, parent, backend, batch_size, speedup (ratio, lo, hi) or None, findings}] for every
+    measured cell at `batch_size` that is not significantly faster than its parent's cell."""
+    variants = {v["name"]: v for v in results["variants"]}
+    cells = {(c["variant"], c["backend"], c["batch_size"]): c for c in results["cells"] if measured(c)}
+    flags = (results.get("environment") or {}).get("cpu_flags") or []
+    out = []
+    for (name, backend, batch), cell in cells.items():
+        parent = (variants.get(name) or {}).get("parent")
+        p_cell = cells.get((parent, backend, batch))
+        if batch != batch_size or p_cell is None or significantly_faster(cell, p_cell):
+            continue
+        flags_here = flags if cell.get("device") == "cpu" else []
+        out.append({"variant": name, "parent": parent, "backend": backend, "batch_size": batch,
+                    "speedup": faster(cell, p_cell), "findings": diagnose(cell, p_cell, variants, flags_here)})
+    return out
+
+
+def diagnosis_lines(results: dict, batch_size: int) -> list[str]:
+    """One sentence per diagnosed cell, for the report."""
+    lines = []
+    for d in diagnoses(results, batch_size):
+        s = d["speedup"]
+        vs = f"{s[0]:.2f}x [{s[1]:.2f}, {s[2]:.2f}]" if s else "not significantly faster"
+        lines.append(f"`{d['variant']}` on `{d['backend']}` (batch {d['batch_size']}) vs its parent "
+                     f"`{d['parent']}`: {vs}. " + _sentence("; ".join(d["findings"])))
+    return lines
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."

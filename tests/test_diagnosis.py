@@ -1,0 +1,140 @@
+"""Hardware-aware int8 presets, the kernel census of what ORT really runs, op-level profiles and the
+report's "why isn't it faster?" diagnosis, on the digits CNN (a real, tiny model) and real runs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.diagnosis import diagnose, diagnoses
+from conftest import the_run_dir, write_yaml
+from export.onnx_quantize import OnnxQuantize
+from export.quant_presets import PRESETS, detect, resolve
+from workbench.cli import main
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"avx2", "fma"}, "avx2"), ({"avx2", "avx512f"}, "avx512"), ({"avx2", "avx512f", "avx512_vnni"}, "avx512-vnni"),
+    ({"avx2", "avx_vnni"}, "avx512-vnni"), ({"avx512_vnni", "amx_int8"}, "amx"), ({"asimd", "asimddp"}, "arm-dot"),
+])
+def test_auto_preset_reads_the_cpu_flags(flags, expected):
+    name, flag = detect(flags)
+    assert name == expected and flag
+    preset, why = resolve("auto", flags)
+    assert preset.name == expected and why.startswith("auto on this CPU")
+    # Without VNNI the u8 x s8 product saturates: 7-bit weights, and no promise that int8 is faster.
+    assert preset.reduce_range == (not preset.int8_pays) == (expected in ("avx2", "avx512"))
+
+
+def test_a_preset_fills_only_what_the_recipe_left_unset_at_load_time():
+    """Expanded when the recipe loads: the cache key and the lineage hold the concrete settings this
+    machine gets (an AVX2 build and a VNNI build of `preset: auto` never share a cache entry)."""
+    from export.onnx_quantize import OnnxQuantizeParams
+
+    auto = OnnxQuantize.expand(OnnxQuantizeParams.model_validate({"preset": "auto"}))
+    assert auto.reduce_range == resolve("auto")[0].reduce_range and auto.per_channel is True
+    assert auto.op_types == ["MatMul", "Gemm", "Attention"]
+    mine = OnnxQuantize.expand(OnnxQuantizeParams.model_validate({"preset": "avx2", "per_channel": False}))
+    assert mine.reduce_range is True and mine.per_channel is False  # the recipe's own value wins
+    assert OnnxQuantize.expand(OnnxQuantizeParams.model_validate({})).reduce_range is False
+
+
+RECIPE = {
+    "name": "int8-why",
+    "model": {"source": "builtin", "name": "digits-cnn"},
+    "task": {"type": "classification", "data": {"source": "builtin", "name": "digits"}},
+    "variants": {
+        "baseline": {},
+        "int8-auto": {"from": "baseline", "steps": [{"onnx-quantize": {"preset": "auto"}}]},
+        "int8-avx2": {"from": "baseline", "steps": [{"onnx-quantize": {"preset": "avx2", "per_channel": False}}]},
+        "static-qop": {"from": "baseline", "steps": [{"onnx-quantize": {"mode": "static",
+                                                                        "quant_format": "QOperator"}}]},
+    },
+    "export": {"formats": ["onnx"]},
+    "bench": {"backends": ["ort-cpu", "torch-cpu"], "batch_sizes": [4], "repeats": 2, "profile": True,
+              "timing": {"warmup": 2, "min_iters": 5, "min_seconds": 0.05, "stability_threshold": 100.0}},
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("why")
+    recipe = write_yaml(folder / "why.yaml", RECIPE)
+    assert main(["run", str(recipe), "--out", str(folder / "out"), "--quick"]) == 0
+    run_dir = the_run_dir(folder / "out", "int8-why")
+    return run_dir, json.loads((run_dir / "results.json").read_text())
+
+
+def _notes(results, name):
+    out = {}
+    for n in next(v for v in results["variants"] if v["name"] == name)["notes"]:
+        out.update(n)
+    return out
+
+
+@pytest.mark.slow
+def test_presets_are_applied_and_recorded_with_their_reason(run):
+    _, r = run
+    auto = _notes(r, "int8-auto")["preset"]
+    assert auto["name"] == detect()[0] and "auto on this CPU" in auto["why"]
+    steps = {v["name"]: v["steps"][0]["params"] for v in r["variants"] if v["steps"]}
+    assert steps["int8-auto"]["per_channel"] is True and steps["int8-auto"]["op_types"] == ["MatMul", "Gemm",
+                                                                                            "Attention"]
+    # What the recipe set explicitly wins over the preset.
+    assert steps["int8-avx2"]["reduce_range"] is True and steps["int8-avx2"]["per_channel"] is False
+    assert _notes(r, "int8-avx2")["preset"]["int8_pays_here"] is False
+
+
+@pytest.mark.slow
+def test_the_kernel_census_says_which_int8_kernels_ort_fused(run):
+    _, r = run
+    dynamic = _notes(r, "int8-auto")["kernels"]
+    assert set(dynamic["int8_kernels"]) & {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+    assert dynamic["float_weight_matmuls"] == 0  # every Gemm quantized
+    static = _notes(r, "static-qop")["kernels"]
+    assert static["int8_kernels"].get("QLinearConv") and static["quant_ops"].get("QuantizeLinear")
+
+
+@pytest.mark.slow
+def test_profiles_are_taken_outside_the_timed_processes(run):
+    _, r = run
+    profiled = [c for c in r["cells"] if c.get("profile")]
+    assert {c["backend"] for c in profiled} == {"ort-cpu", "torch-cpu"}
+    for c in profiled:
+        assert "error" not in c["profile"], c["profile"]
+        assert c["profile"]["op_total_ms"] > 0 and c["profile"]["calls"] == 20
+        assert c["profile"]["tool"] == ("onnxruntime profiler" if c["backend"] == "ort-cpu" else "torch.profiler")
+    ort_int8 = next(c for c in profiled if c["variant"] == "int8-auto" and c["backend"] == "ort-cpu")
+    assert set(ort_int8["profile"]["by_op_ms"]) & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
+
+
+@pytest.mark.slow
+def test_a_variant_that_is_not_faster_gets_a_diagnosis_in_the_report(run):
+    run_dir, r = run
+    found = diagnoses(r, 4)
+    # Whatever this machine measured, every diagnosed cell is one that did not beat its parent, and
+    # its findings come from the profile.
+    for d in found:
+        assert d["parent"] == "baseline" and d["findings"]
+        assert any("op time" in f for f in d["findings"]), d
+    report = (run_dir / "report.md").read_text()
+    assert "## Why isn't it faster?" in report and "Op-level profiles" in report
+    for d in found:
+        assert f"`{d['variant']}` on `{d['backend']}`" in report
+
+
+@pytest.mark.slow
+def test_the_diagnosis_names_a_cpu_without_vnni_and_quantize_overhead(run):
+    _, r = run
+    variants = {v["name"]: v for v in r["variants"]}
+    cell = next(c for c in r["cells"] if c["variant"] == "static-qop" and c["backend"] == "ort-cpu")
+    parent = next(c for c in r["cells"] if c["variant"] == "baseline" and c["backend"] == "ort-cpu")
+    findings = diagnose(cell, parent, variants, ["avx", "avx2", "fma"])
+    assert any("no VNNI" in f for f in findings)
+    assert any("most of its op time" in f for f in findings)
+    # On a VNNI machine that sentence is not said.
+    assert not any("no VNNI" in f for f in diagnose(cell, parent, variants, ["avx2", "avx512_vnni"]))
+
+
+def test_every_preset_says_why():
+    assert all(p.why and p.per_channel for p in PRESETS.values())
