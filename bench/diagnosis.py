@@ -110,15 +110,69 @@ def diagnoses(results: dict, batch_size: int) -> list[dict]:
 
 
 def diagnosis_lines(results: dict, batch_size: int) -> list[str]:
-    """One sentence per diagnosed cell, for the report."""
+    """One sentence per diagnosed cell, for the report, then static int8 against dynamic int8."""
     lines = []
     for d in diagnoses(results, batch_size):
         s = d["speedup"]
         vs = f"{s[0]:.2f}x [{s[1]:.2f}, {s[2]:.2f}]" if s else "not significantly faster"
         lines.append(f"`{d['variant']}` on `{d['backend']}` (batch {d['batch_size']}) vs its parent "
                      f"`{d['parent']}`: {vs}. " + _sentence("; ".join(d["findings"])))
-    return lines
+    return lines + static_vs_dynamic(results, batch_size)
 
 
 def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + "."
+
+
+def _quant_step(variant: dict) -> Optional[dict]:
+    """The params of the variant's own onnx-quantize step, if it has one."""
+    return next((s.get("params", {}) for s in reversed(variant.get("steps", [])) if s.get("name") == "onnx-quantize"),
+                None)
+
+
+def static_vs_dynamic(results: dict, batch_size: int) -> list[str]:
+    """Static int8 is meant to beat dynamic int8 (no per-run activation scans). Where a static
+    variant is slower or less faithful than a dynamic sibling (same parent), say why from the figures."""
+    variants = {v["name"]: v for v in results["variants"]}
+    cells = {(c["variant"], c["backend"]): c for c in results["cells"]
+             if measured(c) and c["batch_size"] == batch_size}
+    metric = (results.get("task") or {}).get("primary")
+    lines = []
+    for name, v in variants.items():
+        sp = _quant_step(v)
+        if not sp or sp.get("mode") != "static":
+            continue
+        for dyn, d in variants.items():
+            dp = _quant_step(d)
+            if not dp or dp.get("mode") != "dynamic" or d.get("parent") != v.get("parent"):
+                continue
+            for (var, backend), cell in cells.items():
+                other = cells.get((dyn, backend))
+                if var != name or other is None:
+                    continue
+                slower = significantly_faster(other, cell)
+                s_score = ((cell.get("accuracy") or {}).get(metric))
+                d_score = ((other.get("accuracy") or {}).get(metric))
+                worse = s_score is not None and d_score is not None and s_score < d_score - 1e-3
+                if not (slower or worse):
+                    continue
+                found = []
+                ratio = faster(other, cell)
+                if slower:
+                    found.append(f"dynamic `{dyn}` is {ratio[0]:.2f}x faster" if ratio else f"dynamic `{dyn}` is faster")
+                by_op = (cell.get("profile") or {}).get("by_op_ms") or {}
+                total = sum(by_op.values())
+                if total and by_op.get("Attention"):
+                    found.append(f"fused Attention stays float in static mode ({by_op['Attention'] / total:.0%} of its "
+                                 "op time): ORT's static quantizer has no QAttention, which dynamic mode uses")
+                q = sum(ms for op, ms in by_op.items() if op in QUANT_OPS)
+                if total and q / total >= 0.05:
+                    found.append(f"{q / total:.0%} of op time goes to Quantize/DequantizeLinear around the "
+                                 "integer MatMuls")
+                if worse:
+                    found.append(f"each activation gets one scale calibrated ahead ({sp.get('calibrate_method')}), "
+                                 f"where dynamic mode scales every batch afresh: {metric} {s_score:.4f} against "
+                                 f"{d_score:.4f}")
+                lines.append(f"Static `{name}` vs dynamic `{dyn}` on `{backend}` (batch {batch_size}): "
+                             + _sentence("; ".join(found)))
+    return lines

@@ -201,8 +201,8 @@ def diagnosis_blocks(results: dict, batch_size: int) -> list[tuple[str, object]]
         return []
     blocks = [("h2", "Why isn't it faster?")]
     if lines:
-        blocks.append(("p", f"Variants not significantly faster than their parent at batch {batch_size}, "
-                            "with what the run's figures say about why:"))
+        blocks.append(("p", f"Variants not significantly faster than their parent at batch {batch_size}, and "
+                            "static int8 that does not beat dynamic int8, with what the run's figures say about why:"))
         blocks.append(("list", lines))
     if rows:
         blocks.append(("p", "Op-level profiles (one extra process per cell, after the timed ones; a profiler's "

@@ -10,16 +10,14 @@ also correcting the error its predecessors left), which keeps far more of the mo
 distillation."""
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import logging
 from typing import Literal, Optional
 
 from pydantic import Field
 
 from core.encoders import encoder_layers, unsupported_for_pruning
 from core.errors import field_error
+from core.progress import library_prints
 from core.steps import Step, StepParams, register
 
 
@@ -43,18 +41,6 @@ class PruneParams(StepParams):
         "channels and/or whole attention heads; the model's config is fixed up to match")
     head_ratio: Optional[float] = Field(None, ge=0, lt=1, description="fraction of heads removed per layer "
                                         "(default: ratio); at least one head is kept")
-
-
-@contextlib.contextmanager
-def _library_prints():
-    """torch-pruning print()s its notices ("Warning! No positional inputs found..."): they go to the
-    log (run.log during a run), not to the console."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        yield
-    for line in out.getvalue().splitlines():
-        if line.strip():
-            logging.getLogger("torch_pruning").warning(line.strip())
 
 
 STATS_BATCHES = 16  # training batches whose activations rank and refit (importance: activation)
@@ -295,7 +281,7 @@ def _structured(module, io_spec, p: PruneParams, ctx) -> None:
         imp = tp.importance.TaylorImportance()
     else:
         imp = tp.importance.MagnitudeImportance(p=2)
-    with _library_prints():
+    with library_prints("torch_pruning"):
         before_ops, before_params = tp.utils.count_ops_and_params(module, example)
         pruner = tp.pruner.BasePruner(module, example, importance=imp, pruning_ratio=p.ratio,
                                       global_pruning=p.global_pruning, ignored_layers=ignored, round_to=p.round_to)

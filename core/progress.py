@@ -3,6 +3,9 @@ stage ends, one a minute while it runs) instead of thousands of carriage-return 
 bars (leave=False: a distillation epoch, a layer) show only on a terminal."""
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import sys
 import time
 
@@ -69,3 +72,18 @@ class Lines:
         units = self.unit + ("es" if self.unit.endswith("s") else "s")
         print(f"{self.desc}: {self.n}{of} {units} in {time.monotonic() - self.t0:.0f} s{now}",
               file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def library_prints(logger: str):
+    """Libraries that print() their notices (torch-pruning's "Warning! No positional inputs found",
+    ORT's "Collecting tensor data and making histogram ..."): the lines go to the logger (run.log
+    during a run), not to the console."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            yield
+    finally:
+        for line in out.getvalue().splitlines():
+            if line.strip():
+                logging.getLogger(logger).info(line.strip())

@@ -10,6 +10,7 @@ from typing import Literal, Optional
 from pydantic import Field
 
 from core.errors import field_error
+from core.progress import library_prints
 from core.steps import Step, StepParams, register
 from export.graph_kernels import record_kernels
 from export.quant_presets import PRESET_NAMES
@@ -40,6 +41,19 @@ class OnnxQuantizeParams(StepParams):
                                      "(e.g. the most sensitive MatMuls)")
     preprocess: bool = Field(True, description="int8: run ORT's quant_pre_process (shape inference, cleanup) first")
     op_types: Optional[list[str]] = Field(None, description="op types to quantize, e.g. [MatMul, Gemm]; default: all")
+
+
+def _same_shape(batches: list[dict]) -> list[dict]:
+    """Calibration batches padded with zeros (padding tokens, a zero attention mask) to one length:
+    the histogram calibrators (Entropy, Percentile) stack every batch's activations, which fails
+    when text batches differ in sequence length."""
+    import numpy as np
+
+    size = max(len(next(iter(b.values()))) for b in batches)
+    batches = [b for b in batches if len(next(iter(b.values()))) == size]  # a short last batch would not stack
+    longest = {k: max(b[k].shape[1] for b in batches) for k in batches[0] if batches[0][k].ndim >= 2}
+    return [{k: (np.pad(v, [(0, 0), (0, longest[k] - v.shape[1])] + [(0, 0)] * (v.ndim - 2))
+                 if k in longest else v) for k, v in b.items()} for b in batches]
 
 
 @contextlib.contextmanager
@@ -143,16 +157,18 @@ class OnnxQuantize(Step):
         from core.infer import onnx_session
 
         names = {i.name for i in onnx_session(src).get_inputs()}
-        batches = ctx.task.train_batches[:p.calibration_batches]
+        batches = _same_shape(ctx.task.train_batches[:p.calibration_batches])
         symmetric = bool(ctx.notes.get("preset", {}).get("symmetric"))
-        quantize_static(str(src), str(out), _Calibration(batches, names),
-                        quant_format=getattr(QuantFormat, p.quant_format),
-                        per_channel=p.per_channel, reduce_range=p.reduce_range,
-                        activation_type=getattr(QuantType, p.activation_type),
-                        weight_type=getattr(QuantType, p.weight_type), op_types_to_quantize=p.op_types,
-                        nodes_to_exclude=p.exclude_nodes or None,
-                        calibrate_method=getattr(CalibrationMethod, p.calibrate_method),
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True} if symmetric else None)
+        with library_prints("onnxruntime.quantization"):
+            quantize_static(str(src), str(out), _Calibration(batches, names),
+                            quant_format=getattr(QuantFormat, p.quant_format),
+                            per_channel=p.per_channel, reduce_range=p.reduce_range,
+                            activation_type=getattr(QuantType, p.activation_type),
+                            weight_type=getattr(QuantType, p.weight_type), op_types_to_quantize=p.op_types,
+                            nodes_to_exclude=p.exclude_nodes or None,
+                            calibrate_method=getattr(CalibrationMethod, p.calibrate_method),
+                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True}
+                            if symmetric else None)
         ctx.notes["calibration"] = {"batches": len(batches), "method": p.calibrate_method}
 
     @staticmethod

@@ -138,3 +138,18 @@ def test_the_diagnosis_names_a_cpu_without_vnni_and_quantize_overhead(run):
 
 def test_every_preset_says_why():
     assert all(p.why and p.per_channel for p in PRESETS.values())
+
+
+def test_calibration_batches_of_different_lengths_are_padded_to_stack():
+    """Entropy / Percentile calibration stacks every batch's activations: text batches of different
+    lengths are padded (padding tokens, zero mask), a short last batch is left out."""
+    import numpy as np
+
+    from export.onnx_quantize import _same_shape
+
+    def batch(n, s):
+        return {"input_ids": np.ones((n, s), np.int64), "attention_mask": np.ones((n, s), np.int64)}
+
+    out = _same_shape([batch(4, 7), batch(4, 12), batch(2, 5)])
+    assert [b["input_ids"].shape for b in out] == [(4, 12), (4, 12)]
+    assert out[0]["attention_mask"][:, 7:].sum() == 0 and out[0]["input_ids"][:, :7].min() == 1
