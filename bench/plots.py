@@ -312,6 +312,36 @@ def accuracy_delta_bars(results, out: Path) -> Path | None:
     return _save(fig, out / "accuracy_delta_by_variant.png")
 
 
+def sensitivity_rankings(results: dict) -> list[tuple[str, dict]]:
+    """(variant, notes["sensitivity"]) for every variant that measured per-node sensitivity."""
+    out = []
+    for v in results["variants"]:
+        for n in v.get("notes") or []:
+            if n.get("sensitivity"):
+                out.append((v["name"], n["sensitivity"]))
+    return out
+
+
+def sensitivity_bars(results, out: Path) -> Path | None:
+    """Per variant, the fidelity lost (1 - cosine to the float graph) when each node alone is
+    quantized, most sensitive first; the nodes kept in float are drawn apart."""
+    rankings = sensitivity_rankings(results)
+    if not rankings:
+        return None
+    rows = max(min(len(s["ranking"]), 20) for _, s in rankings)
+    fig, axes = plt.subplots(1, len(rankings), figsize=(6.5 * len(rankings), 1.2 + 0.28 * rows), squeeze=False)
+    for ax, (name, sens) in zip(axes[0], rankings):
+        top = sens["ranking"][:20][::-1]
+        kept = set(sens.get("kept_fp32") or [])
+        ax.barh([f"{r['node']} ({r['op_type']})" for r in top], [max(1 - r["fidelity"], 0) for r in top],
+                color=["#d62728" if r["node"] in kept else "#1f77b4" for r in top])
+        ax.set_xscale("symlog", linthresh=1e-6)
+        ax.set_xlabel("1 - cosine to the float graph, this node alone quantized")
+        ax.set_title(f"{name}: per-node sensitivity (red: kept in float)", fontsize=10)
+        ax.tick_params(axis="y", labelsize=7)
+    return _save(fig, out / "sensitivity.png")
+
+
 def make_plots(results: dict, out: Path, rec: Recommendation, sp: dict) -> list[tuple[str, Path]]:
     out.mkdir(parents=True, exist_ok=True)
     plots = [("Latency by variant and backend", latency_bars(results, out)),
@@ -319,7 +349,8 @@ def make_plots(results: dict, out: Path, rec: Recommendation, sp: dict) -> list[
              ("Speedup against the baseline, by backend", speedup_bars(results, out, sp)),
              ("Accuracy change against the baseline", accuracy_delta_bars(results, out)),
              ("Model size by variant", size_bars(results, out)),
-             ("Memory by cell", memory_bars(results, out))]
+             ("Memory by cell", memory_bars(results, out)),
+             ("Per-node quantization sensitivity", sensitivity_bars(results, out))]
     made = [(t, p) for t, p in plots if p is not None]
     # A rebuilt report drops the plots it no longer draws (renamed ones, or a panel without data now).
     for old in set(out.glob("*.png")) - {p for _, p in made}:

@@ -12,7 +12,7 @@ import pandas as pd
 from bench.analysis import (MB, TIE_RULE, Recommendation, cell_score, faster, primary_metric, quietness, recommend,
                             reference_speedups, speedups)
 from bench.diagnosis import diagnosis_lines
-from bench.plots import make_plots, pareto_points
+from bench.plots import make_plots, pareto_points, sensitivity_rankings
 from bench.ship import ship_plan, write_recommended
 from core import atomic
 
@@ -193,6 +193,27 @@ def profile_table(results: dict, batch_size: int) -> tuple[list[str], list[list[
     return head, rows
 
 
+def sensitivity_blocks(results: dict) -> list[tuple[str, object]]:
+    """Per-node sensitivity measured by onnx-quantize keep_fp32: the most sensitive nodes, the
+    suggestion for a fidelity target, and what was kept in float."""
+    blocks = []
+    for name, sens in sensitivity_rankings(results):
+        if not blocks:
+            blocks.append(("h2", "Quantization sensitivity"))
+        sug = sens.get("suggestion") or {}
+        text = (f"`{name}`: {len(sens['ranking'])} nodes, each quantized alone ({sens['measured_on']}; the metric: "
+                f"{sens['metric']}). Kept in float: {', '.join(f'`{n}`' for n in sens['kept_fp32']) or 'none'}.")
+        if sug:
+            text += (f" The fewest to keep in float for fidelity {sug['target']}: {len(sug['nodes'])} node(s)"
+                     f"{'' if sug['met'] else ' (target not met even with all of them tried)'}; fidelity by how "
+                     f"many are kept: {', '.join(f'{k}: {v:.5f}' for k, v in sug['fidelity_by_kept'].items())}.")
+        blocks.append(("p", text))
+        blocks.append(("table", (["node", "op", "cosine when quantized alone", "kept in float"],
+                                 [[r["node"], r["op_type"], f"{r['fidelity']:.6f}",
+                                   "yes" if r["node"] in sens["kept_fp32"] else ""] for r in sens["ranking"][:10]])))
+    return blocks
+
+
 def diagnosis_blocks(results: dict, batch_size: int) -> list[tuple[str, object]]:
     """"Why isn't it faster?": a diagnosis per variant that does not beat its parent, and the profiles."""
     lines = diagnosis_lines(results, batch_size)
@@ -278,6 +299,7 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
                 blocks.append(("p", "The numbers on the accuracy-against-latency plot:"))
                 blocks.append(("table", pareto_table(results, rec)))
     blocks += diagnosis_blocks(results, rec.batch_size)
+    blocks += sensitivity_blocks(results)
     blocks.append(("h2", "Variants"))
     blocks.append(("table", variants_table(results)))
     if any((v.get("sparsity") or 0) > 0.05 and v.get("format") == "torch" for v in results["variants"]):

@@ -16,6 +16,14 @@ from export.graph_kernels import record_kernels
 from export.quant_presets import PRESET_NAMES
 
 
+class KeepFp32(StepParams):
+    top_k: Optional[int] = Field(None, ge=0, description="keep this many of the most sensitive nodes in float")
+    target: Optional[float] = Field(None, gt=0, le=1, description="keep the fewest most-sensitive nodes in float "
+                                    "that bring the fidelity (cosine of outputs to the float graph's, on training "
+                                    "batches) to this; with top_k, top_k wins and the suggestion is only recorded")
+    batches: int = Field(2, gt=0, description="training batches the sensitivity is measured on")
+
+
 class OnnxQuantizeParams(StepParams):
     mode: Literal["dynamic", "static", "int4"] = Field(
         "dynamic", description="dynamic: int8 weights, activation scales per run; static: int8 weights and "
@@ -39,8 +47,16 @@ class OnnxQuantizeParams(StepParams):
         "QOperator (QLinearMatMul / QAttention nodes written directly)")
     exclude_nodes: list[str] = Field(default_factory=list, description="int8: node names kept in float "
                                      "(e.g. the most sensitive MatMuls)")
+    keep_fp32: Optional[KeepFp32] = Field(None, description="int8: rank the quantizable nodes by how much quantizing "
+                                          "each alone costs, and keep the most sensitive in float")
     preprocess: bool = Field(True, description="int8: run ORT's quant_pre_process (shape inference, cleanup) first")
     op_types: Optional[list[str]] = Field(None, description="op types to quantize, e.g. [MatMul, Gemm]; default: all")
+
+
+def _aliases(names: Optional[list[str]]) -> Optional[list[str]]:
+    """Node names as the quantizer sees them: it first splits a Gemm into MatMul + Add, and the MatMul
+    is then called `<gemm>_MatMul`; a name the graph lacks matches nothing, so both are passed."""
+    return None if names is None else [x for n in names for x in (n, f"{n}_MatMul")]
 
 
 def _same_shape(batches: list[dict]) -> list[dict]:
@@ -115,6 +131,8 @@ class OnnxQuantize(Step):
             self._int4(model.onnx_path, out, p, ctx)
         else:
             src = self._preprocess(model.onnx_path, p, ctx) if p.preprocess else model.onnx_path
+            if p.keep_fp32:
+                p = p.model_copy(update={"exclude_nodes": p.exclude_nodes + self._sensitive(src, p, ctx)})
             self._int8(src, out, p, ctx)
         final = ctx.work_dir / "model.onnx"
         shutil.move(out, final)
@@ -145,14 +163,40 @@ class OnnxQuantize(Step):
         ctx.notes["preprocess"] = f"skipped: {'; then '.join(reasons)}"
         return src
 
+    @classmethod
+    def _sensitive(cls, src, p, ctx) -> list[str]:
+        """Per-node sensitivity (export.sensitivity) on training batches, never the evaluation rows; the
+        nodes to keep in float, by top_k or by the fidelity target."""
+        from export.sensitivity import fewest_to_keep, rank_nodes
+
+        if ctx.task is None or not ctx.task.train_batches:
+            raise ValueError("keep_fp32 measures sensitivity on the task's training batches, and there are none")
+        batches = ctx.task.train_batches[:p.keep_fp32.batches]
+
+        def quantize(excluded, only, dest):
+            cls._int8(src, dest, p.model_copy(update={"exclude_nodes": p.exclude_nodes + excluded}), ctx, only=only)
+
+        ranking = rank_nodes(src, batches, p.op_types, quantize, ctx.work_dir)
+        keep = ranking.top(p.keep_fp32.top_k) if p.keep_fp32.top_k is not None else []
+        suggestion = fewest_to_keep(src, batches, ranking, p.keep_fp32.target, quantize, ctx.work_dir) \
+            if p.keep_fp32.target else None
+        if p.keep_fp32.top_k is None and suggestion:
+            keep = suggestion["nodes"]
+        ctx.notes["sensitivity"] = {"measured_on": f"{len(batches)} training batches", "metric":
+                                    "cosine of outputs to the float graph when this node alone is quantized",
+                                    "ranking": ranking.rows, "suggestion": suggestion, "kept_fp32": keep}
+        return keep
+
     @staticmethod
-    def _int8(src, out, p, ctx):
+    def _int8(src, out, p, ctx, only=None):
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+        only, p = _aliases(only), p.model_copy(update={"exclude_nodes": _aliases(p.exclude_nodes)})
 
         if p.mode == "dynamic":
             quantize_dynamic(str(src), str(out), per_channel=p.per_channel, reduce_range=p.reduce_range,
                              weight_type=getattr(QuantType, p.weight_type), op_types_to_quantize=p.op_types,
-                             nodes_to_exclude=p.exclude_nodes or None)
+                             nodes_to_quantize=only, nodes_to_exclude=p.exclude_nodes or None)
             return
         from core.infer import onnx_session
 
@@ -165,7 +209,7 @@ class OnnxQuantize(Step):
                             per_channel=p.per_channel, reduce_range=p.reduce_range,
                             activation_type=getattr(QuantType, p.activation_type),
                             weight_type=getattr(QuantType, p.weight_type), op_types_to_quantize=p.op_types,
-                            nodes_to_exclude=p.exclude_nodes or None,
+                            nodes_to_quantize=only, nodes_to_exclude=p.exclude_nodes or None,
                             calibrate_method=getattr(CalibrationMethod, p.calibrate_method),
                             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True}
                             if symmetric else None)

@@ -47,6 +47,8 @@ RECIPE = {
         "baseline": {},
         "int8-auto": {"from": "baseline", "steps": [{"onnx-quantize": {"preset": "auto"}}]},
         "int8-avx2": {"from": "baseline", "steps": [{"onnx-quantize": {"preset": "avx2", "per_channel": False}}]},
+        "int8-keep": {"from": "baseline", "steps": [{"onnx-quantize": {"preset": "auto", "keep_fp32": {
+            "top_k": 1, "target": 0.9999999}}}]},
         "static-qop": {"from": "baseline", "steps": [{"onnx-quantize": {"mode": "static",
                                                                         "quant_format": "QOperator"}}]},
     },
@@ -153,3 +155,17 @@ def test_calibration_batches_of_different_lengths_are_padded_to_stack():
     out = _same_shape([batch(4, 7), batch(4, 12), batch(2, 5)])
     assert [b["input_ids"].shape for b in out] == [(4, 12), (4, 12)]
     assert out[0]["attention_mask"][:, 7:].sum() == 0 and out[0]["input_ids"][:, :7].min() == 1
+
+
+@pytest.mark.slow
+def test_per_node_sensitivity_ranks_keeps_and_suggests(run):
+    run_dir, r = run
+    sens = _notes(r, "int8-keep")["sensitivity"]
+    fids = [row["fidelity"] for row in sens["ranking"]]
+    assert len(fids) == 2 and fids == sorted(fids)  # the digits CNN's two Linear layers, most sensitive first
+    assert sens["kept_fp32"] == [sens["ranking"][0]["node"]]  # top_k: 1
+    assert set(sens["suggestion"]["fidelity_by_kept"]) >= {"0"} and "measured_on" in sens
+    # What was kept in float really stayed float in the graph ORT runs.
+    assert _notes(r, "int8-keep")["kernels"]["float_weight_matmuls"] == 1
+    report = (run_dir / "report.md").read_text()
+    assert "## Quantization sensitivity" in report and (run_dir / "plots" / "sensitivity.png").is_file()
