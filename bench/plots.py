@@ -342,6 +342,40 @@ def sensitivity_bars(results, out: Path) -> Path | None:
     return _save(fig, out / "sensitivity.png")
 
 
+def search_plot(results, out: Path) -> Path | None:
+    """The search's candidates: p50 on the objective against the metric; the rejected ones (never
+    timed) along the bottom; the best circled."""
+    search = results.get("search")
+    if not search or not search.get("candidates"):
+        return None
+    metric = search["constraints"].get("metric") or "accuracy"
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    measured = [c for c in search["candidates"] if c["status"] == "measured"]
+    rejected = [c for c in search["candidates"] if c["status"] == "rejected"]
+    best = (search.get("best") or {}).get("candidate")
+    for c in measured:
+        x = (c.get("accuracy") or {}).get(metric)
+        lo, hi = c["ci95"]
+        ax.errorbar([x], [c["p50_ms"]], yerr=[[c["p50_ms"] - lo], [hi - c["p50_ms"]]], fmt="o", color="#1f77b4")
+        ax.annotate(c["name"].rsplit("-", 1)[-1], (x, c["p50_ms"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+        if c["name"] == best:
+            ax.scatter([x], [c["p50_ms"]], s=260, facecolors="none", edgecolors="red", linewidths=2,
+                       label="best (becomes a variant)")
+    if rejected:
+        ax.scatter([(c.get("accuracy") or {}).get(metric) for c in rejected], [0] * len(rejected), marker="x",
+                   color="#999999", label="rejected on accuracy (not timed)")
+    ax.set_xlabel(f"{metric} on the evaluation split")
+    o = search["objective"]
+    ax.set_ylabel(f"p50 ms on {o['backend']} at batch {o['batch_size']}")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"Search candidates ({search['strategy']})", fontsize=11)
+    ax.grid(alpha=0.3)
+    if best or rejected:
+        ax.legend(fontsize=8, loc="best")
+    return _save(fig, out / "search.png")
+
+
 def make_plots(results: dict, out: Path, rec: Recommendation, sp: dict) -> list[tuple[str, Path]]:
     out.mkdir(parents=True, exist_ok=True)
     plots = [("Latency by variant and backend", latency_bars(results, out)),
@@ -350,7 +384,8 @@ def make_plots(results: dict, out: Path, rec: Recommendation, sp: dict) -> list[
              ("Accuracy change against the baseline", accuracy_delta_bars(results, out)),
              ("Model size by variant", size_bars(results, out)),
              ("Memory by cell", memory_bars(results, out)),
-             ("Per-node quantization sensitivity", sensitivity_bars(results, out))]
+             ("Per-node quantization sensitivity", sensitivity_bars(results, out)),
+             ("Search candidates", search_plot(results, out))]
     made = [(t, p) for t, p in plots if p is not None]
     # A rebuilt report drops the plots it no longer draws (renamed ones, or a panel without data now).
     for old in set(out.glob("*.png")) - {p for _, p in made}:

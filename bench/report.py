@@ -193,6 +193,39 @@ def profile_table(results: dict, batch_size: int) -> tuple[list[str], list[list[
     return head, rows
 
 
+def search_blocks(results: dict) -> list[tuple[str, object]]:
+    """The search: what it tried, what it rejected before timing, what it measured, what won."""
+    search = results.get("search")
+    if not search:
+        return []
+    c, o, best = search["constraints"], search["objective"], search.get("best")
+    metric = c.get("metric") or "accuracy"
+    text = (f"Strategy {search['strategy']}, {len(search['candidates'])} candidates; objective: p50 on "
+            f"`{o['backend']}` at batch {o['batch_size']}; constraint: {metric} drop <= {c.get('max_accuracy_drop')} "
+            f"against the baseline, checked before any timing. Candidates are scored on {search['selected_on']}, "
+            "the same rows as the report: picking among them is a selection on those rows. ")
+    if best:
+        lead = best.get("lead")
+        text += f"Best: `{best['candidate']}` ({best['p50_ms']:.3f} ms p50), which became the variant `{best['variant']}`"
+        if lead and lead.get("speedup"):
+            r = lead["speedup"]
+            text += (f"; {r[0]:.2f}x [{r[1]:.2f}, {r[2]:.2f}] the runner-up `{lead['runner_up']}`, "
+                     + ("a significant lead." if lead["significant"] else "not a significant lead: they tie."))
+        else:
+            text += "."
+    else:
+        text += "No candidate passed the constraint and ran: nothing was added."
+    rows = []
+    for cand in search["candidates"]:
+        score = (cand.get("accuracy") or {}).get(metric)
+        p50 = (f"{cand['p50_ms']:.3f} [{cand['ci95'][0]:.3f}, {cand['ci95'][1]:.3f}]" if cand.get("p50_ms")
+               else "–")
+        rows.append([cand["name"], ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in cand["params"].items()),
+                     _fmt(score, 4), p50, cand["status"] + (f": {cand['reason']}" if cand.get("reason") else "")])
+    return [("h2", "Search"), ("p", text),
+            ("table", (["candidate", "parameters", metric, "p50 ms [95% CI]", "status"], rows))]
+
+
 def sensitivity_blocks(results: dict) -> list[tuple[str, object]]:
     """Per-node sensitivity measured by onnx-quantize keep_fp32: the most sensitive nodes, the
     suggestion for a fidelity target, and what was kept in float."""
@@ -299,6 +332,7 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
                 blocks.append(("p", "The numbers on the accuracy-against-latency plot:"))
                 blocks.append(("table", pareto_table(results, rec)))
     blocks += diagnosis_blocks(results, rec.batch_size)
+    blocks += search_blocks(results)
     blocks += sensitivity_blocks(results)
     blocks.append(("h2", "Variants"))
     blocks.append(("table", variants_table(results)))

@@ -64,6 +64,11 @@ class Run:
                 from core.infer import torch_outputs
 
                 self.task.reference = torch_outputs(self.src.module, self.task.eval_batches)
+            search = None
+            if self.recipe.search:  # its best candidate joins the variants, so everything below sees it
+                from workbench.search import run_search
+
+                search = run_search(self)
             variants, models = compress(self)
             artifacts = export(self, models)
             from bench.roofline import annotate, probe
@@ -80,7 +85,7 @@ class Run:
                         "parsed": self.recipe.model_dump(mode="json", by_alias=True)},
                 model={"description": self.src.description, "io": self.src.io.to_json()},
                 task=self.task.summary(),
-                variants=variants, artifacts=artifacts, cells=cells, roofline_probe=peak)
+                variants=variants, artifacts=artifacts, cells=cells, roofline_probe=peak, search=search)
             log.info("report: %s", self.run_dir / "report.md")
             (self.run_dir / ".work" / "processes.jsonl").unlink(missing_ok=True)  # all of it is in results.json
             self._status("finished", started=started, finished=results.now())

@@ -218,6 +218,34 @@ class ReportSpec(Strict):
     constraints: Constraints = Field(default_factory=Constraints)
 
 
+# ----------------------------------------------------------------------------- search
+class SearchObjective(Strict):
+    backend: Optional[BackendName] = Field(None, description="default: the first of bench.backends")
+    batch_size: Optional[int] = Field(None, gt=0, description="default: report.constraints.batch_size, else the "
+                                      "first of bench.batch_sizes")
+
+
+class SearchConstraints(Strict):
+    max_accuracy_drop: Optional[float] = Field(None, ge=0, description="in the task's primary metric, against "
+                                               "report.baseline; default: report.constraints.max_accuracy_drop")
+
+
+class SearchSpec(Strict):
+    """An accuracy-aware search over step parameters: candidates that fail the accuracy constraint are
+    rejected before any timing; the fastest measured one becomes the variant `name`."""
+    name: str = Field("search-best", description="the variant the best candidate becomes")
+    from_: str = Field("baseline", alias="from", description="the variant every candidate starts from")
+    steps: list[Any] = Field(min_length=1, description="the candidates' steps, as in a variant")
+    space: dict[str, list[Any]] = Field(min_length=1, description="'steps[i].param' -> the values to try "
+                                        "(null: the step's default)")
+    objective: SearchObjective = Field(default_factory=SearchObjective)
+    constraints: SearchConstraints = Field(default_factory=SearchConstraints)
+    strategy: Literal["grid", "greedy"] = Field("grid", description="grid: every combination (at most budget); "
+                                                "greedy: one parameter at a time, in order, keeping the best value")
+    budget: int = Field(16, ge=1, le=256, description="candidates built at most")
+    repeats: int = Field(2, ge=1, le=10, description="processes per measured candidate")
+
+
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: Optional[str] = None
@@ -228,6 +256,7 @@ class Recipe(Strict):
     export: ExportSpec = Field(default_factory=ExportSpec)
     bench: BenchSpec = Field(default_factory=BenchSpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
+    search: Optional[SearchSpec] = None
 
     # Set by load_recipe: where the recipe came from, for relative paths and the lineage.
     _path: Optional[str] = PrivateAttr(None)
@@ -315,8 +344,6 @@ def parse_recipe(data: dict, where: str) -> Recipe:
 def check_recipe(recipe: Recipe, where: str) -> None:
     """Checks that span fields: the variant DAG, the steps and the formats they pass along,
     paths that must exist, and whether the task fits the model."""
-    from core.steps import get_step, step_names
-
     names = list(recipe.variants)
     for name, v in recipe.variants.items():
         if not _VARIANT_NAME.match(name):
@@ -334,34 +361,10 @@ def check_recipe(recipe: Recipe, where: str) -> None:
     fmt: dict[str, str] = {}
     for name in recipe.order():
         v = recipe.variants[name]
-        current = fmt[v.from_] if v.from_ else "torch"
-        calls = []
-        for i, raw in enumerate(v.steps):
-            field = f"variants.{name}.steps[{i}]"
-            step_name, params = _split_step(raw, where, field)
-            try:
-                step = get_step(step_name)
-            except KeyError:
-                raise field_error(where, field, "unknown step", value=step_name, accepted=step_names()) from None
-            try:
-                p = step.Params.model_validate(params or {})
-            except ValidationError as e:
-                raise pydantic_error(e, step.Params, where, prefix=f"{field}.{step_name}") from None
-            # torch -> ONNX happens implicitly (the runner exports first); ONNX -> torch cannot.
-            if step.consumes == "torch" and current == "onnx":
-                what = {"torch": "a PyTorch module", "onnx": "an ONNX graph"}
-                raise field_error(
-                    where, field,
-                    f"step '{step_name}' needs {what[step.consumes]}, but at this point variant '{name}' is "
-                    f"{what[current]} (steps that act on ONNX graphs must come after the torch steps, "
-                    f"and a variant cannot return from ONNX to PyTorch)", value=step_name)
-            p = step.expand(p)
-            step.check(p, recipe=recipe, variant=name, where=where, field=f"{field}.{step_name}")
-            current = step.consumes if step.produces == "same" else step.produces
-            calls.append(StepCall(name=step_name, params=p.model_dump(mode="json")))
-        v.steps = calls
-        fmt[name] = current
+        v.steps, fmt[name] = _check_steps(recipe, name, v.steps, fmt[v.from_] if v.from_ else "torch", where,
+                                          f"variants.{name}.steps")
 
+    _check_search(recipe, where, fmt)
     _check_model(recipe, where)
     _check_structured_pruning(recipe, where)
     _check_task(recipe, where)
@@ -369,6 +372,65 @@ def check_recipe(recipe: Recipe, where: str) -> None:
     if c.backend is not None and c.backend not in recipe.bench.backends:
         raise field_error(where, "report.constraints.backend", "is not among bench.backends", value=c.backend,
                           accepted=recipe.bench.backends)
+
+
+_SPACE_KEY = re.compile(r"^steps\[(\d+)\]\.([A-Za-z_][A-Za-z0-9_]*)$")
+
+
+def _check_search(recipe: Recipe, where: str, fmt: dict[str, str]) -> None:
+    """The search block: names that exist, space keys that address a step's parameter, and every
+    candidate a valid variant (checked as one, so a bad value fails now, not mid-search)."""
+    sp = recipe.search
+    if sp is None:
+        return
+    if sp.from_ not in recipe.variants:
+        raise field_error(where, "search.from", "names no variant", value=sp.from_, accepted=list(recipe.variants))
+    if sp.name in recipe.variants:
+        raise field_error(where, "search.name", "is already a variant's name", value=sp.name)
+    if sp.objective.backend and sp.objective.backend not in recipe.bench.backends:
+        raise field_error(where, "search.objective.backend", "is not among bench.backends",
+                          value=sp.objective.backend, accepted=recipe.bench.backends)
+    for key in sp.space:
+        m = _SPACE_KEY.match(key)
+        if not m or int(m.group(1)) >= len(sp.steps):
+            raise field_error(where, f"search.space.{key}", "addresses no step parameter", value=key,
+                              accepted=f"'steps[i].param' with i in 0..{len(sp.steps) - 1}")
+    from workbench.search import candidates_of
+
+    for i, steps in enumerate(candidates_of(sp, limit=64)):
+        _check_steps(recipe, sp.name, steps, fmt[sp.from_], where, f"search candidate {i + 1}: steps")
+
+
+def _check_steps(recipe: Recipe, name: str, raw_steps: list, current: str, where: str,
+                 prefix: str) -> tuple[list[StepCall], str]:
+    """A variant's steps validated (and expanded: presets) into StepCalls, and the format it ends in."""
+    from core.steps import get_step, step_names
+
+    calls = []
+    for i, raw in enumerate(raw_steps):
+        field = f"{prefix}[{i}]"
+        step_name, params = _split_step(raw, where, field)
+        try:
+            step = get_step(step_name)
+        except KeyError:
+            raise field_error(where, field, "unknown step", value=step_name, accepted=step_names()) from None
+        try:
+            p = step.Params.model_validate(params or {})
+        except ValidationError as e:
+            raise pydantic_error(e, step.Params, where, prefix=f"{field}.{step_name}") from None
+        # torch -> ONNX happens implicitly (the runner exports first); ONNX -> torch cannot.
+        if step.consumes == "torch" and current == "onnx":
+            what = {"torch": "a PyTorch module", "onnx": "an ONNX graph"}
+            raise field_error(
+                where, field,
+                f"step '{step_name}' needs {what[step.consumes]}, but at this point variant '{name}' is "
+                f"{what[current]} (steps that act on ONNX graphs must come after the torch steps, "
+                f"and a variant cannot return from ONNX to PyTorch)", value=step_name)
+        p = step.expand(p)
+        step.check(p, recipe=recipe, variant=name, where=where, field=f"{field}.{step_name}")
+        current = step.consumes if step.produces == "same" else step.produces
+        calls.append(StepCall(name=step_name, params=p.model_dump(mode="json")))
+    return calls, current
 
 
 def _split_raw(raw) -> tuple[Optional[str], Optional[dict]]:

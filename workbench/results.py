@@ -26,7 +26,7 @@ def quick_timing(timing) -> dict:
 
 def write_results(run_dir: Path, *, recipe: dict, threads: int, model: dict, task: dict, timing: dict,
                   started: str, quick: bool, variants: list, artifacts: list, cells: list,
-                  roofline_probe: Optional[dict] = None) -> dict:
+                  roofline_probe: Optional[dict] = None, search: Optional[dict] = None) -> dict:
     """Write run_dir/results.json atomically (a folder without it is an unfinished run) and the report."""
     results = {
         "schema_version": SCHEMA_VERSION,
@@ -41,6 +41,7 @@ def write_results(run_dir: Path, *, recipe: dict, threads: int, model: dict, tas
         "variants": variants,
         "artifacts": artifacts,
         "cells": cells,
+        **({"search": search} if search else {}),
     }
     atomic.write_json(run_dir / "results.json", results)
     from bench.report import write_report

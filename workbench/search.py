@@ -1,0 +1,249 @@
+"""The accuracy-aware search (a recipe's `search:` block). Candidates are step lists made from a
+template and a space of parameter values. Accuracy is cheap and timing is dear: every candidate is
+built (through the variant cache, like any variant) and scored first, one that fails the accuracy
+constraint is rejected before it is timed, and the rest are measured on the objective's backend and
+batch size in interleaved rounds. The fastest measured candidate becomes an ordinary variant, so
+the main bench measures it on every backend like the others; whether its lead over the runner-up
+is significant is said, not assumed (unlike a search that stops at the first candidate that passes).
+
+Candidates are scored on the task's evaluation split, the numbers the report shows; the choice among
+them is then a selection on that split, which the report's search section states."""
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+import types
+from typing import Any, Optional
+
+from workbench.run_dir import log, say
+
+_KEY = re.compile(r"^steps\[(\d+)\]\.(\w+)$")
+
+
+def _split(raw) -> tuple[str, dict]:
+    if isinstance(raw, str):
+        return raw, {}
+    (name, params), = raw.items()
+    return str(name), dict(params or {})
+
+
+def apply(template: list, assignment: dict[str, Any]) -> list:
+    """The template's steps with `assignment` ('steps[i].param' -> value; None: the default) set."""
+    steps = [dict([_split(s)]) for s in copy.deepcopy(template)]
+    for key, value in assignment.items():
+        i, param = _KEY.match(key).groups()
+        name, params = _split(steps[int(i)])
+        if value is None:
+            params.pop(param, None)
+        else:
+            params[param] = value
+        steps[int(i)] = {name: params}
+    return steps
+
+
+def grid(space: dict[str, list]) -> list[dict[str, Any]]:
+    keys = list(space)
+    return [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
+
+
+def candidates_of(sp, limit: Optional[int] = None) -> list[list]:
+    """The candidates' step lists, in grid order (what validate checks)."""
+    return [apply(sp.steps, a) for a in grid(sp.space)[:limit]]
+
+
+class Search:
+    def __init__(self, run):
+        self.run = run
+        r = run.recipe
+        self.spec = sp = r.search
+        self.backend = sp.objective.backend or r.bench.backends[0]
+        self.batch = sp.objective.batch_size or r.report.constraints.batch_size or r.bench.batch_sizes[0]
+        self.max_drop = (sp.constraints.max_accuracy_drop if sp.constraints.max_accuracy_drop is not None
+                         else r.report.constraints.max_accuracy_drop)
+        self.metric = run.task.primary
+        self.records: list[dict] = []
+        self.seen: dict[str, dict] = {}
+
+    # ------------------------------------------------------------------ one batch of candidates
+    def evaluate(self, assignments: list[dict]) -> list[dict]:
+        """Build, score and (when they pass) time these candidates; returns their records."""
+        from workbench.recipe import StepCall, VariantSpec, _check_steps
+        from workbench.stages.compress import compress
+
+        fresh = []
+        for a in assignments:
+            key = repr(sorted(a.items(), key=lambda kv: kv[0]))
+            if key in self.seen or len(self.records) >= self.spec.budget:
+                continue
+            name = f"{self.spec.name}-c{len(self.records) + 1:02d}"
+            rec = {"name": name, "params": a, "steps": apply(self.spec.steps, a), "status": "pending"}
+            self.seen[key] = rec
+            self.records.append(rec)
+            fresh.append(rec)
+        if not fresh:
+            return []
+        r = self.run.recipe
+        keep = set(_ancestry(r, self.spec.from_)) | set(_ancestry(r, r.report.baseline))
+        variants = {n: v for n, v in r.variants.items() if n in keep}
+        fmt = _end_format(r, self.spec.from_)
+        for rec in fresh:
+            calls, _ = _check_steps(r, rec["name"], rec["steps"], fmt, r.path or "recipe", "search")
+            variants[rec["name"]] = VariantSpec.model_validate({"from": self.spec.from_, "steps": []})
+            variants[rec["name"]].steps = [StepCall(name=c.name, params=c.params) for c in calls]
+        sub = r.model_copy(update={"variants": variants, "search": None})
+        proxy = types.SimpleNamespace(recipe=sub, run_dir=self.run.run_dir / "search", cache=self.run.cache,
+                                      quick=self.run.quick, task=self.run.task, src=self.run.src)
+        built, models = compress(proxy)
+        by_name = {b["name"]: b for b in built}
+        for rec in fresh:
+            b = by_name[rec["name"]]
+            rec["cached"] = b.get("cached")
+            if b["status"] != "ok":
+                rec.update(status="failed", reason=b["error"])
+                continue
+            rec["accuracy"] = b.get("accuracy")
+            drop = -((b.get("accuracy_delta") or {}).get(self.metric, 0.0)) if self.metric else 0.0
+            if self.max_drop is not None and self.metric and drop > self.max_drop:
+                rec.update(status="rejected", reason=f"{self.metric} drop {drop:.4f} > {self.max_drop} "
+                                                     "(rejected before timing)")
+        self._time([rec for rec in fresh if rec["status"] == "pending"], proxy, models)
+        for rec in fresh:
+            log.info("search %s %s: %s %s", rec["name"], rec["params"], rec["status"],
+                     rec.get("p50_ms", rec.get("reason")))
+        return fresh
+
+    def _time(self, recs: list[dict], proxy, models) -> None:
+        from bench.cells import cell_job
+        from bench.rounds import measure_in_rounds
+        from core.backends import BACKENDS
+        from core.formats import FORMATS
+        from workbench.stages.export import export_memoised
+
+        cls = BACKENDS[self.backend]
+        r, jobs = self.run.recipe, []
+        for rec in recs:
+            model = models[rec["name"]]
+            try:
+                if model.format == "onnx" and cls.format == "onnx":
+                    path = model.onnx_path
+                elif model.format == "onnx":
+                    raise ValueError(f"an ONNX graph has no {cls.format} form for {self.backend}")
+                else:
+                    path = proxy.run_dir / "variants" / rec["name"] / FORMATS[cls.format].file_name
+                    if cls.format == "torch":
+                        path = self.run.cache.folder(proxy.keys[rec["name"]]) / "module.pt"
+                    else:
+                        export_memoised(proxy, cls.format, model.module, proxy.keys[rec["name"]], path)
+            except Exception as e:  # noqa: BLE001 - a candidate that cannot run is recorded
+                rec.update(status="failed", reason=f"{type(e).__name__}: {e}")
+                continue
+            jobs.append((rec["name"], cell_job(self.backend, path, self.run.src.io.to_json(), self.batch,
+                                               r.bench.seq_len, self.run.threads, self.run.timing,
+                                               seed=r.seed)))
+        if not jobs:
+            return
+        work = proxy.run_dir / ".work"
+        measured = measure_in_rounds(jobs, repeats=self.spec.repeats, seed=r.seed, timeout_s=r.bench.cell_timeout_s,
+                                     work_dir=work, memory_limit_mb=r.bench.memory_limit_mb,
+                                     threshold=r.bench.timing.stability_threshold)
+        by = {rec["name"]: rec for rec in recs}
+        for name, m in measured.items():
+            rec = by[name]
+            if m["status"] == "failed":
+                rec.update(status="failed", reason=m["reason"])
+            else:
+                rec.update(status="measured", p50_ms=m["latency_ms"]["p50"], ci95=m["latency_ms"]["ci95"],
+                           cell=m)
+
+    # ------------------------------------------------------------------ strategies
+    def execute(self) -> dict:
+        sp = self.spec
+        say(f"search: {sp.strategy} over {', '.join(sp.space)}; objective p50 on {self.backend} at batch "
+            f"{self.batch}; budget {sp.budget}")
+        if sp.strategy == "grid":
+            self.evaluate(grid(sp.space))
+        else:
+            current = {k: v[0] for k, v in sp.space.items()}
+            for key, values in sp.space.items():  # one parameter at a time, the others at their best
+                self.evaluate([{**current, key: v} for v in values])
+                best = self._best(lambda rec: rec["params"] | {key: None} == current | {key: None})
+                if best:
+                    current = dict(best["params"])
+        return self.summary()
+
+    def _best(self, where=lambda rec: True) -> Optional[dict]:
+        done = [rec for rec in self.records if rec["status"] == "measured" and where(rec)]
+        return min(done, key=lambda rec: rec["p50_ms"]) if done else None
+
+    def summary(self) -> dict:
+        from bench.analysis import faster
+
+        best = self._best()
+        ranked = sorted((rec for rec in self.records if rec["status"] == "measured"), key=lambda rec: rec["p50_ms"])
+        lead = None
+        if len(ranked) > 1:
+            ratio = faster(ranked[0]["cell"], ranked[1]["cell"])
+            lead = {"runner_up": ranked[1]["name"], "speedup": ratio,
+                    "significant": bool(ratio and ratio[1] > 1.0)}
+        out = {"strategy": self.spec.strategy, "objective": {"backend": self.backend, "batch_size": self.batch,
+                                                               "statistic": "p50"},
+               "constraints": {"max_accuracy_drop": self.max_drop, "metric": self.metric},
+               "selected_on": "the task's evaluation split",
+               "candidates": [{k: v for k, v in rec.items() if k != "cell"} for rec in self.records],
+               "best": None if best is None else {"candidate": best["name"], "variant": self.spec.name,
+                                                  "params": best["params"], "steps": best["steps"],
+                                                  "p50_ms": best["p50_ms"], "lead": lead}}
+        return out
+
+
+def run_search(run) -> dict:
+    """Run the recipe's search; the best candidate is added to the recipe as variant `search.name`."""
+    from workbench.recipe import StepCall, VariantSpec, _check_steps
+
+    s = Search(run)
+    result = s.execute()
+    best = result["best"]
+    if best:
+        chosen = next(rec for rec in s.records if rec["name"] == best["candidate"])
+        v = VariantSpec.model_validate({"from": s.spec.from_, "steps": []})
+        # The same steps and parent as the candidate: the same cache key, so it is not built again.
+        v.steps = [StepCall(name=c.name, params=c.params) for c in _check_steps(
+            run.recipe, s.spec.name, chosen["steps"], _end_format(run.recipe, s.spec.from_), "search", "search")[0]]
+        run.recipe.variants[s.spec.name] = v
+        say(f"search: best {best['candidate']} {best['params']} at {best['p50_ms']:.3f} ms p50 -> variant "
+            f"'{s.spec.name}'")
+    else:
+        say("search: no candidate met the constraints and ran; nothing added")
+    return result
+
+
+def _ancestry(recipe, name: str) -> list[str]:
+    """The variant, its ancestors, and whatever variants their steps read (a distillation teacher)."""
+    from core.steps import get_step
+
+    out = _ancestry_chain(recipe, name)
+    for n in list(out):
+        for call in recipe.variants[n].steps:
+            for ref in get_step(call.name).references(call.params):
+                out += [x for x in _ancestry(recipe, ref) if x not in out]
+    return out
+
+
+def _end_format(recipe, name: str) -> str:
+    from core.steps import get_step
+
+    fmt = "torch"
+    for n in reversed(_ancestry_chain(recipe, name)):
+        for call in recipe.variants[n].steps:
+            step = get_step(call.name)
+            fmt = step.consumes if step.produces == "same" else step.produces
+    return fmt
+
+
+def _ancestry_chain(recipe, name: str) -> list[str]:
+    out = []
+    while name:
+        out.append(name)
+        name = recipe.variants[name].from_
+    return out
