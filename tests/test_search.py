@@ -9,7 +9,7 @@ import pytest
 
 from conftest import the_run_dir, write_yaml
 from workbench.cli import main
-from workbench.search import apply, grid
+from workbench.search_space import apply, grid
 
 RECIPE = {
     "name": "search-digits",

@@ -222,3 +222,16 @@ def test_a_classification_data_file_is_scored_only_on_rows_the_steps_never_see(t
     # The same split on every run.
     again = build_task(recipe, load_model(recipe))
     assert {int(r) for b in again.eval_batches for r in b["pixels"][:, 0, 0, 0]} == held
+
+
+def test_a_text_file_split_keeps_identical_texts_on_one_side_and_every_class_scored():
+    """Duplicated sentences are common in real data: a copy in training and one in evaluation would be
+    a leak. The split is over distinct texts, stratified by label, the same on every run."""
+    texts = [f"review {i % 40}" for i in range(120)]  # every text three times
+    labels = [int(t.split()[1]) % 3 for t in texts]
+    train, held = grouped_split(texts, labels, 0.25, seed=0)
+    assert set(train) | set(held) == set(range(120)) and not set(train) & set(held)
+    assert not {texts[i] for i in train} & {texts[i] for i in held}
+    assert {labels[i] for i in held} == {0, 1, 2}
+    assert abs(len({texts[i] for i in held}) - 10) <= 2  # a quarter of the 40 distinct texts
+    assert grouped_split(texts, labels, 0.25, seed=0) == (train, held)

@@ -374,9 +374,6 @@ def check_recipe(recipe: Recipe, where: str) -> None:
                           accepted=recipe.bench.backends)
 
 
-_SPACE_KEY = re.compile(r"^steps\[(\d+)\]\.([A-Za-z_][A-Za-z0-9_]*)$")
-
-
 def _check_search(recipe: Recipe, where: str, fmt: dict[str, str]) -> None:
     """The search block: names that exist, space keys that address a step's parameter, and every
     candidate a valid variant (checked as one, so a bad value fails now, not mid-search)."""
@@ -390,13 +387,13 @@ def _check_search(recipe: Recipe, where: str, fmt: dict[str, str]) -> None:
     if sp.objective.backend and sp.objective.backend not in recipe.bench.backends:
         raise field_error(where, "search.objective.backend", "is not among bench.backends",
                           value=sp.objective.backend, accepted=recipe.bench.backends)
+    from workbench.search_space import SPACE_KEY, candidates_of
+
     for key in sp.space:
-        m = _SPACE_KEY.match(key)
+        m = SPACE_KEY.match(key)
         if not m or int(m.group(1)) >= len(sp.steps):
             raise field_error(where, f"search.space.{key}", "addresses no step parameter", value=key,
                               accepted=f"'steps[i].param' with i in 0..{len(sp.steps) - 1}")
-    from workbench.search import candidates_of
-
     for i, steps in enumerate(candidates_of(sp, limit=64)):
         _check_steps(recipe, sp.name, steps, fmt[sp.from_], where, f"search candidate {i + 1}: steps")
 
