@@ -13,7 +13,8 @@ from core import atomic
 from core.processes import default_threads, pid_alive
 from workbench import results
 from workbench.recipe import Recipe
-from workbench.run_dir import close_log, log, new_run_dir, open_log, reason, say, watch_status
+from workbench.run_dir import (close_log, log, new_run_dir, open_log, reason, route_library_loggers, say,
+                               watch_status)
 from workbench.stages.bench import bench
 from workbench.stages.compress import compress
 from workbench.stages.export import export
@@ -55,6 +56,7 @@ class Run:
             from workbench.tasks import build_task
 
             self.src = load_model(self.recipe)
+            route_library_loggers()  # now that the model's libraries are loaded
             self.task = build_task(self.recipe, self.src)
             if self.quick:  # a smoke run: two evaluation batches are enough to see that accuracy is scored
                 self.task.eval_batches = self.task.eval_batches[:2]
@@ -70,6 +72,7 @@ class Run:
 
                 search = run_search(self)
             variants, models = compress(self)
+            route_library_loggers()  # steps may have loaded more (optimum, bitsandbytes -> transformers)
             artifacts = export(self, models)
             from bench.roofline import annotate, probe
 

@@ -40,6 +40,23 @@ def open_log(run_dir: Path) -> logging.Handler:
     return handler
 
 
+def route_library_loggers() -> None:
+    """Libraries with a console handler of their own (transformers prints its warnings through one,
+    e.g. "`loss_type=None` was set in the config but it is unrecognized") are sent to run.log with
+    everything else. Only for what is already imported: importing a library to silence it would cost
+    every run its import time."""
+    import sys
+
+    if "transformers" in sys.modules:
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_default_handler()
+            hf_logging.enable_propagation()
+        except Exception:  # noqa: BLE001 - an unusual transformers build keeps its own handler
+            pass
+
+
 def close_log(handler: logging.Handler) -> None:
     for name in ("workbench", "py.warnings", ""):
         logging.getLogger(name).removeHandler(handler)
