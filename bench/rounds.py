@@ -93,9 +93,13 @@ class Journal:
                     continue
                 self.done[(rec["job"], rec["round"])] = rec
 
-    @staticmethod
-    def fingerprint(job: dict) -> str:
-        return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    # What defines a measurement; not where a child finds plugin modules (sys_path) or writes outputs.
+    MEASUREMENT = ("backend", "device", "path", "io", "batch_size", "seq_len", "threads", "timing", "seed")
+
+    @classmethod
+    def fingerprint(cls, job: dict) -> str:
+        what = {k: job.get(k) for k in cls.MEASUREMENT}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def get(self, job: dict, round_: int) -> Optional[dict]:
         return self.done.get((self.fingerprint(job), round_))
