@@ -60,6 +60,58 @@ def compare(a: dict, b: dict, margin: float = 0.05) -> list[dict]:
     return rows
 
 
+def verdicts(a: dict, b: dict, rows: list[dict]) -> dict:
+    """What a design review asks of a second run: is the recommendation the same, and did the
+    speedups hold? Speedups are each run's own (a cell against its baseline, paired by round), so a
+    machine that is slower on the whole, which moves every p50 alike, does not move them."""
+    import numpy as np
+
+    from bench.analysis import recommend, speedups
+
+    def shipped(r):
+        rec = recommend(r)
+        return None if rec.winner is None else {"variant": rec.winner.variant, "backend": rec.winner.backend,
+                                                "batch_size": rec.batch_size, "p50": rec.winner.p50}
+
+    ship_a, ship_b = shipped(a), shipped(b)
+    same = bool(ship_a and ship_b and (ship_a["variant"], ship_a["backend"]) == (ship_b["variant"], ship_b["backend"]))
+    sp_a = {_key(a["cells"][i]): v for i, v in speedups(a).items()}
+    held = []
+    for i, s_b in speedups(b).items():
+        s_a = sp_a.get(_key(b["cells"][i]))
+        if s_a is None or b["cells"][i]["variant"] == (b["recipe"]["parsed"].get("report") or {}).get("baseline"):
+            continue
+        overlap = s_a[1] <= s_b[2] and s_b[1] <= s_a[2]
+        held.append({"variant": b["cells"][i]["variant"], "backend": b["cells"][i]["backend"],
+                     "batch_size": b["cells"][i]["batch_size"], "speedup_a": s_a, "speedup_b": s_b,
+                     "intervals_overlap": overlap})
+    drift = float(np.median([r["change"] for r in rows])) if rows else None
+    return {"recommendation_a": ship_a, "recommendation_b": ship_b, "same_recommendation": same,
+            "median_change": drift, "speedups": held,
+            "speedups_agreeing": sum(h["intervals_overlap"] for h in held)}
+
+
+def _verdict_text(v: dict) -> str:
+    def ship(x):
+        return "nothing" if x is None else f"`{x['variant']}` on `{x['backend']}` (batch {x['batch_size']})"
+
+    lines = [f"**Recommendation: A ships {ship(v['recommendation_a'])}, B ships {ship(v['recommendation_b'])}: "
+             + ("the same verdict.**" if v["same_recommendation"] else "a different verdict.**")]
+    if v["median_change"] is not None:
+        lines.append(f"Median p50 change over all shared cells: {v['median_change']:+.1%}"
+                     + (" (the whole machine moved: compare the speedups, which each run measures against its own "
+                        "baseline)." if abs(v["median_change"]) > 0.05 else "."))
+    if v["speedups"]:
+        lines.append(f"Speedups against each run's own baseline: {v['speedups_agreeing']} of {len(v['speedups'])} "
+                     "agree (95% intervals overlap).")
+        lines.append(md_table(["variant", "backend", "batch", "speedup A [95% CI]", "speedup B [95% CI]", "agree"],
+                              [[h["variant"], h["backend"], str(h["batch_size"]),
+                                "{:.2f}x [{:.2f}, {:.2f}]".format(*h["speedup_a"]),
+                                "{:.2f}x [{:.2f}, {:.2f}]".format(*h["speedup_b"]),
+                                "yes" if h["intervals_overlap"] else "no"] for h in v["speedups"]]))
+    return "\n\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path, margin: float) -> Path:
     labels = [f"{r['variant']}\n{r['backend']} b{r['batch_size']}" for r in rows]
     y = [100 * r["change"] for r in rows]
@@ -104,13 +156,16 @@ def run_compare(args) -> int:
               r["verdict"] + (" (unstable)" if r["unstable"] else ""),
               f"{r['accuracy_change']:+.4f}" if r["accuracy_change"] is not None else "–"] for r in rows]
     plot(rows, out / "compare.png", margin)
+    verdict = verdicts(a, b, rows)
     text = (f"# Compare\n\nA: `{args.run_a}` ({a['started']})\n\nB: `{args.run_b}` ({b['started']})\n\n"
+            f"{_verdict_text(verdict)}\n\n## Latency per cell\n\n"
             f"A change is significant only when its whole 95% interval lies beyond ±{margin:.0%}.\n\n"
             f"{md_table(head, table)}\n\n![latency change](compare.png)\n")
     atomic.write_text(out / "compare.md", text)
     atomic.write_json(out / "compare.json", {"run_a": str(args.run_a), "run_b": str(args.run_b), "margin": margin,
-                                             "cells": rows})
+                                             "verdict": verdict, "cells": rows})
     print(md_table(head, table))
+    print("\n" + _verdict_text(verdict))
     print(f"\ncompare: {out / 'compare.md'}")
     if args.fail_if_slower is not None:
         limit = parse_percent(args.fail_if_slower)

@@ -82,3 +82,31 @@ def test_a_model_20_percent_slower_is_flagged_and_fails_the_gate(runs, capsys, o
 def test_compare_of_a_folder_without_results_exits_2(tmp_path, capsys):
     assert main(["compare", str(tmp_path), str(tmp_path)]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_compare_states_whether_the_verdict_survived_and_sees_through_machine_drift(tmp_path, capsys):
+    """The flagship's reference run against itself with every sample 15 % slower (a slower machine):
+    every cell is 'slower', yet the recommendation and every speedup against its own baseline hold."""
+    src = Path(__file__).resolve().parent.parent / "reports" / "examples" / "minilm-l6-cpu" / "results.json"
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+    results = json.loads(src.read_text())
+    (a / "results.json").write_text(json.dumps(results))
+    for c in results["cells"]:
+        for p in c.get("repeats") or []:
+            p["samples_ms"] = [x * 1.15 for x in p["samples_ms"]]
+            p["p50"] *= 1.15
+        if c.get("latency_ms"):
+            c["latency_ms"] = {k: ([x * 1.15 for x in v] if isinstance(v, list) else
+                                   v * 1.15 if k.startswith("p") or k in ("mean", "min", "max") else v)
+                               for k, v in c["latency_ms"].items()}
+    (b / "results.json").write_text(json.dumps(results))
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
+    out = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    v = out["verdict"]
+    assert v["same_recommendation"] and v["recommendation_a"]["variant"] == "search-best"
+    assert v["median_change"] == pytest.approx(0.15, abs=0.01)
+    assert v["speedups"] and v["speedups_agreeing"] == len(v["speedups"])
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "the same verdict" in md and "the whole machine moved" in md
