@@ -169,3 +169,23 @@ def test_per_node_sensitivity_ranks_keeps_and_suggests(run):
     assert _notes(r, "int8-keep")["kernels"]["float_weight_matmuls"] == 1
     report = (run_dir / "report.md").read_text()
     assert "## Quantization sensitivity" in report and (run_dir / "plots" / "sensitivity.png").is_file()
+
+
+def test_the_sensitivity_command_ranks_nodes_and_suggests_what_to_keep(tmp_path, capsys):
+    recipe = write_yaml(tmp_path / "sens.yaml", {
+        "name": "sens-digits", "model": {"source": "builtin", "name": "digits-cnn"},
+        "task": {"type": "classification", "data": {"source": "builtin", "name": "digits"}},
+        "variants": {"baseline": {}, "int8": {"from": "baseline", "steps": [
+            {"onnx-quantize": {"op_types": ["Conv", "Gemm"]}}]}},
+        "bench": {"backends": ["ort-cpu"]}})
+    assert main(["sensitivity", str(recipe), "--variant", "int8", "--target", "0.99999999",
+                 "--out", str(tmp_path / "out")]) == 0
+    (run_dir,) = (tmp_path / "out" / "sens-digits-sensitivity").iterdir()
+    sens = json.loads((run_dir / "sensitivity.json").read_text())
+    assert [r["op_type"] for r in sens["ranking"]].count("Conv") == 3 and len(sens["ranking"]) == 5
+    assert [r["fidelity"] for r in sens["ranking"]] == sorted(r["fidelity"] for r in sens["ranking"])
+    assert sens["suggestion"]["target"] == 0.99999999 and "0" in sens["suggestion"]["fidelity_by_kept"]
+    assert (run_dir / "sensitivity.png").is_file() and "keep_fp32" in (run_dir / "sensitivity.md").read_text()
+    # A variant whose last step is not int8 onnx-quantize is refused with what is accepted.
+    assert main(["sensitivity", str(recipe), "--variant", "baseline", "--out", str(tmp_path / "out")]) == 2
+    assert "int8 onnx-quantize" in capsys.readouterr().err

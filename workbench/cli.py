@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 3 when a cell is slower by more than PCT (its whole interval), e.g. 5%%")
     c.add_argument("--out", default=None, help="folder for compare.md/json/png (default: RUN_B/compare-vs-A)")
 
+    sv = sub.add_parser("sensitivity", help="per-node int8 sensitivity of a variant whose last step is "
+                        "onnx-quantize, and the fewest nodes to keep in float for a fidelity target")
+    sv.add_argument("recipe")
+    sv.add_argument("--variant", required=True)
+    sv.add_argument("--target", type=float, default=None, help="fidelity (cosine to the float graph) to reach")
+    sv.add_argument("--out", default="reports", help="root folder (default: reports)")
+    sv.add_argument("--quick", action="store_true")
+
     sub.add_parser("list", help="steps, backends, built-in models and data, and which backends run here")
     return p
 
@@ -132,6 +140,14 @@ def _dispatch(args) -> int:
         from bench.compare import run_compare
 
         return run_compare(args)
+    if args.command == "sensitivity":
+        from workbench.sensitivity import run_sensitivity
+
+        if args.target is not None and not 0 < args.target <= 1:
+            raise RecipeError(f"--target {args.target}: a fidelity in (0, 1], e.g. 0.999")
+        run_dir = run_sensitivity(load_recipe(args.recipe), args.variant, args.target, Path(args.out), args.quick)
+        print(f"sensitivity: {run_dir / 'sensitivity.md'}")
+        return 0
     if args.command == "list":
         return _list()
     raise RecipeError(f"unknown command {args.command!r}")

@@ -90,7 +90,8 @@ class Run:
                 task=self.task.summary(),
                 variants=variants, artifacts=artifacts, cells=cells, roofline_probe=peak, search=search)
             log.info("report: %s", self.run_dir / "report.md")
-            (self.run_dir / ".work" / "processes.jsonl").unlink(missing_ok=True)  # all of it is in results.json
+            for journal in (self.run_dir / ".work", self.run_dir / "search" / ".work"):
+                (journal / "processes.jsonl").unlink(missing_ok=True)  # all of it is in results.json
             self._status("finished", started=started, finished=results.now())
             log.info("run finished")
             return self.run_dir

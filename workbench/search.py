@@ -108,9 +108,11 @@ class Search:
         if not jobs:
             return
         work = proxy.run_dir / ".work"
+        work.mkdir(parents=True, exist_ok=True)
         measured = measure_in_rounds(jobs, repeats=self.spec.repeats, seed=r.seed, timeout_s=r.bench.cell_timeout_s,
                                      work_dir=work, memory_limit_mb=r.bench.memory_limit_mb,
-                                     threshold=r.bench.timing.stability_threshold)
+                                     threshold=r.bench.timing.stability_threshold,
+                                     journal=work / "processes.jsonl")  # a resumed run keeps these too
         by = {rec["name"]: rec for rec in recs}
         for name, m in measured.items():
             rec = by[name]
