@@ -16,6 +16,7 @@ from typing import Optional
 from workbench.run_dir import log, say
 from workbench.search_space import apply, grid
 
+
 class Search:
     def __init__(self, run):
         self.run = run
@@ -32,7 +33,7 @@ class Search:
     # ------------------------------------------------------------------ one batch of candidates
     def evaluate(self, assignments: list[dict]) -> list[dict]:
         """Build, score and (when they pass) time these candidates; returns their records."""
-        from workbench.recipe import StepCall, VariantSpec, _check_steps
+        from workbench.recipe import VariantSpec, _check_steps
         from workbench.stages.compress import compress
 
         fresh = []
@@ -54,7 +55,7 @@ class Search:
         for rec in fresh:
             calls, _ = _check_steps(r, rec["name"], rec["steps"], fmt, r.path or "recipe", "search")
             variants[rec["name"]] = VariantSpec.model_validate({"from": self.spec.from_, "steps": []})
-            variants[rec["name"]].steps = [StepCall(name=c.name, params=c.params) for c in calls]
+            variants[rec["name"]].steps = calls  # validated StepCalls, as check_recipe leaves every variant
         sub = r.model_copy(update={"variants": variants, "search": None})
         proxy = types.SimpleNamespace(recipe=sub, run_dir=self.run.run_dir / "search", cache=self.run.cache,
                                       quick=self.run.quick, task=self.run.task, src=self.run.src)
@@ -165,7 +166,7 @@ class Search:
 
 def run_search(run) -> dict:
     """Run the recipe's search; the best candidate is added to the recipe as variant `search.name`."""
-    from workbench.recipe import StepCall, VariantSpec, _check_steps
+    from workbench.recipe import VariantSpec, _check_steps
 
     s = Search(run)
     result = s.execute()
@@ -174,8 +175,8 @@ def run_search(run) -> dict:
         chosen = next(rec for rec in s.records if rec["name"] == best["candidate"])
         v = VariantSpec.model_validate({"from": s.spec.from_, "steps": []})
         # The same steps and parent as the candidate: the same cache key, so it is not built again.
-        v.steps = [StepCall(name=c.name, params=c.params) for c in _check_steps(
-            run.recipe, s.spec.name, chosen["steps"], _end_format(run.recipe, s.spec.from_), "search", "search")[0]]
+        v.steps = _check_steps(run.recipe, s.spec.name, chosen["steps"], _end_format(run.recipe, s.spec.from_),
+                               "search", "search")[0]
         run.recipe.variants[s.spec.name] = v
         say(f"search: best {best['candidate']} {best['params']} at {best['p50_ms']:.3f} ms p50 -> variant "
             f"'{s.spec.name}'")
