@@ -37,7 +37,7 @@ def _is_int8(variants: dict, name: str) -> bool:
     return False
 
 
-def _kernels(variants: dict, name: str) -> Optional[dict]:
+def kernels_of(variants: dict, name: str) -> Optional[dict]:
     """The kernel census nearest the variant (its own step's, else an ancestor's)."""
     while name:
         v = variants.get(name) or {}
@@ -67,7 +67,7 @@ def diagnose(cell: dict, parent_cell: dict, variants: dict, cpu_flags: list[str]
                          f"({', '.join(sorted(op for op in by_op if op in QUANT_OPS))})")
         if layout / total >= 0.10:
             found.append(f"{layout / total:.0%} of op time goes to layout ops (transposes, reshapes, casts)")
-    k = _kernels(variants, name)
+    k = kernels_of(variants, name)
     int8 = _is_int8(variants, name)
     if k:
         if int8 and not k.get("int8_kernels"):

@@ -11,7 +11,7 @@ import pandas as pd
 
 from bench.analysis import (MB, TIE_RULE, Recommendation, cell_score, faster, primary_metric, quietness, recommend,
                             reference_speedups, speedups)
-from bench.diagnosis import diagnosis_lines
+from bench.diagnosis import diagnosis_lines, kernels_of
 from bench.plots import make_plots, pareto_points, sensitivity_rankings
 from bench.ship import ship_plan, write_recommended
 from core import atomic
@@ -185,8 +185,7 @@ def profile_table(results: dict, batch_size: int) -> tuple[list[str], list[list[
             continue
         total = sum(prof["by_op_ms"].values()) or 1.0
         top = sorted(prof["by_op_ms"].items(), key=lambda kv: -kv[1])[:3]
-        kernels = next((n.get("kernels") for n in reversed(variants.get(c["variant"], {}).get("notes") or [])
-                        if n.get("kernels")), None) if c["format"] == "onnx" else None
+        kernels = kernels_of(variants, c["variant"]) if c["format"] == "onnx" else None
         int8 = ", ".join(f"{k} {v}" for k, v in (kernels or {}).get("int8_kernels", {}).items()) or "–"
         rows.append([c["variant"], c["backend"], f"{prof['op_total_ms']:.3f}",
                      ", ".join(f"{op} {ms / total:.0%}" for op, ms in top), int8])

@@ -10,7 +10,6 @@ Candidates are scored on the task's evaluation split, the numbers the report sho
 them is then a selection on that split, which the report's search section states."""
 from __future__ import annotations
 
-import types
 from typing import Optional
 
 from workbench.run_dir import log, say
@@ -29,12 +28,12 @@ class Search:
         self.metric = run.task.primary
         self.records: list[dict] = []
         self.seen: dict[str, dict] = {}
+        self.calls: dict[str, list] = {}  # candidate -> its validated steps
 
     # ------------------------------------------------------------------ one batch of candidates
     def evaluate(self, assignments: list[dict]) -> list[dict]:
         """Build, score and (when they pass) time these candidates; returns their records."""
         from workbench.recipe import VariantSpec, _check_steps
-        from workbench.stages.compress import compress
 
         fresh = []
         for a in assignments:
@@ -49,17 +48,15 @@ class Search:
         if not fresh:
             return []
         r = self.run.recipe
-        keep = set(_ancestry(r, self.spec.from_)) | set(_ancestry(r, r.report.baseline))
-        variants = {n: v for n, v in r.variants.items() if n in keep}
         fmt = _end_format(r, self.spec.from_)
+        extra = {}
         for rec in fresh:
-            calls, _ = _check_steps(r, rec["name"], rec["steps"], fmt, r.path or "recipe", "search")
-            variants[rec["name"]] = VariantSpec.model_validate({"from": self.spec.from_, "steps": []})
-            variants[rec["name"]].steps = calls  # validated StepCalls, as check_recipe leaves every variant
-        sub = r.model_copy(update={"variants": variants, "search": None})
-        proxy = types.SimpleNamespace(recipe=sub, run_dir=self.run.run_dir / "search", cache=self.run.cache,
-                                      quick=self.run.quick, task=self.run.task, src=self.run.src)
-        built, models = compress(proxy)
+            extra[rec["name"]] = VariantSpec.model_validate({"from": self.spec.from_, "steps": []})
+            # validated StepCalls, as check_recipe leaves every variant; kept for the winner
+            self.calls[rec["name"]] = extra[rec["name"]].steps = _check_steps(
+                r, rec["name"], rec["steps"], fmt, r.path or "recipe", "search")[0]
+        built, models, proxy = compress_with(r, extra, run_dir=self.run.run_dir / "search", cache=self.run.cache,
+                                             task=self.run.task, src=self.run.src, quick=self.run.quick)
         by_name = {b["name"]: b for b in built}
         for rec in fresh:
             b = by_name[rec["name"]]
@@ -166,17 +163,15 @@ class Search:
 
 def run_search(run) -> dict:
     """Run the recipe's search; the best candidate is added to the recipe as variant `search.name`."""
-    from workbench.recipe import VariantSpec, _check_steps
+    from workbench.recipe import VariantSpec
 
     s = Search(run)
     result = s.execute()
     best = result["best"]
     if best:
-        chosen = next(rec for rec in s.records if rec["name"] == best["candidate"])
         v = VariantSpec.model_validate({"from": s.spec.from_, "steps": []})
         # The same steps and parent as the candidate: the same cache key, so it is not built again.
-        v.steps = _check_steps(run.recipe, s.spec.name, chosen["steps"], _end_format(run.recipe, s.spec.from_),
-                               "search", "search")[0]
+        v.steps = s.calls[best["candidate"]]
         run.recipe.variants[s.spec.name] = v
         say(f"search: best {best['candidate']} {best['params']} at {best['p50_ms']:.3f} ms p50 -> variant "
             f"'{s.spec.name}'")
@@ -185,15 +180,32 @@ def run_search(run) -> dict:
     return result
 
 
-def _ancestry(recipe, name: str) -> list[str]:
-    """The variant, its ancestors, and whatever variants their steps read (a distillation teacher)."""
-    from core.steps import get_step
+def compress_with(recipe, extra: dict, *, run_dir, cache, task, src, quick: bool):
+    """Build the variants `extra` (name -> VariantSpec) through the cache, with only the recipe's
+    variants they and the baseline need, into `run_dir`. Returns (records, models, the run-like
+    object the stages saw)."""
+    import types
 
-    out = _ancestry_chain(recipe, name)
-    for n in list(out):
-        for call in recipe.variants[n].steps:
-            for ref in get_step(call.name).references(call.params):
-                out += [x for x in _ancestry(recipe, ref) if x not in out]
+    from workbench.stages.compress import compress
+
+    needed = set(_ancestry(recipe, recipe.report.baseline))
+    for v in extra.values():
+        needed |= set(_ancestry(recipe, v.from_)) if v.from_ else set()
+    sub = recipe.model_copy(update={"variants": {**{n: v for n, v in recipe.variants.items() if n in needed},
+                                                 **extra}, "search": None})
+    proxy = types.SimpleNamespace(recipe=sub, run_dir=run_dir, cache=cache, quick=quick, task=task, src=src)
+    records, models = compress(proxy)
+    return records, models, proxy
+
+
+def _ancestry(recipe, name: str) -> list[str]:
+    """The variant and everything it needs, transitively (parents, distillation teachers)."""
+    out, todo = [], [name]
+    while todo:
+        n = todo.pop(0)
+        if n not in out:
+            out.append(n)
+            todo += recipe.dependencies(n)
     return out
 
 

@@ -6,7 +6,6 @@ sensitivity.json, sensitivity.md and sensitivity.png, ready to paste into the re
 `keep_fp32: {top_k: N}` or `exclude_nodes: [...]`."""
 from __future__ import annotations
 
-import types
 from pathlib import Path
 from typing import Optional
 
@@ -19,9 +18,8 @@ def run_sensitivity(recipe, variant: str, target: Optional[float], out_root: Pat
     from bench.plots import sensitivity_bars
     from bench.report import md_table
     from workbench.recipe import StepCall, VariantSpec
-    from workbench.search import _ancestry
+    from workbench.search import compress_with
     from workbench.sources.models import load_model
-    from workbench.stages.compress import compress
     from workbench.tasks import build_task
     from workbench.variants import VariantCache
 
@@ -37,20 +35,14 @@ def run_sensitivity(recipe, variant: str, target: Optional[float], out_root: Pat
     params = {**last.params, "keep_fp32": {"top_k": None if target else 0, "target": target, "batches": 2}}
     probe = VariantSpec.model_validate({"from": v.from_, "steps": []})
     probe.steps = list(v.steps[:-1]) + [StepCall(name="onnx-quantize", params=params)]
-    keep = set(_ancestry(recipe, v.from_)) if v.from_ else set()
-    keep |= set(_ancestry(recipe, recipe.report.baseline))
-    sub = recipe.model_copy(update={"variants": {**{n: recipe.variants[n] for n in recipe.variants if n in keep},
-                                                 name: probe}, "search": None})
     run_dir = new_run_dir(Path(out_root), f"{recipe.name}-sensitivity")
     handler = open_log(run_dir)
     try:
         say(f"sensitivity of {variant}: {run_dir}")
         src = load_model(recipe)
         task = build_task(recipe, src)
-        proxy = types.SimpleNamespace(recipe=sub, run_dir=run_dir, cache=VariantCache(Path(out_root) / recipe.name /
-                                                                                     "cache"),
-                                      quick=quick, task=task, src=src)
-        records, _ = compress(proxy)
+        records, _, _ = compress_with(recipe, {name: probe}, run_dir=run_dir, task=task, src=src, quick=quick,
+                                      cache=VariantCache(Path(out_root) / recipe.name / "cache"))
         rec = next(r for r in records if r["name"] == name)
         if rec["status"] != "ok":
             raise RuntimeError(f"building {variant} with per-node sensitivity failed: {rec['error']}")
