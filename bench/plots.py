@@ -40,7 +40,9 @@ def latency_bars(results, out: Path) -> Path | None:
     if not cells:
         return None
     variants = [v["name"] for v in results["variants"]]
-    backends = [b for b in results["recipe"]["parsed"]["bench"]["backends"] if any(c["backend"] == b for c in cells)]
+    # bench.backends first, then those only some variants are measured on (a variant's own `backends`).
+    backends = [b for b in dict.fromkeys(list(results["recipe"]["parsed"]["bench"]["backends"])
+                                         + [c["backend"] for c in cells]) if any(c["backend"] == b for c in cells)]
     batches = sorted({c["batch_size"] for c in cells})
     # One panel per batch size, stacked: side by side they made a figure so wide that a page shrinks its text
     # out of reach.

@@ -15,8 +15,11 @@ def test_half_precision_variants_halve_the_weights_and_keep_accuracy(write_recip
         "model": {"source": "builtin", "name": "digits-cnn"},
         "task": {"type": "classification", "data": {"source": "builtin", "name": "digits"}},
         "variants": {"baseline": {},
-                     "fp16": {"from": "baseline", "steps": [{"quantize": {"method": "fp16"}}]},
-                     "bf16": {"from": "baseline", "steps": [{"quantize": {"method": "bf16"}}]}},
+                     # A variant's own `backends` replaces bench.backends for it, adding one or leaving one out.
+                     "fp16": {"from": "baseline", "steps": [{"quantize": {"method": "fp16"}}],
+                              "backends": ["torch-cpu", "torchscript-cpu", "ort-cpu"]},
+                     "bf16": {"from": "baseline", "steps": [{"quantize": {"method": "bf16"}}],
+                              "backends": ["torch-cpu"]}},
         "export": {"formats": ["onnx", "torchscript"], "parity": {"max_abs_diff": 0.05}},
         "bench": {"backends": ["torch-cpu", "torchscript-cpu"], "batch_sizes": [4],
                   "timing": {"warmup": 1, "min_iters": 5, "min_seconds": 0.01}}}, "half.yaml")
@@ -39,8 +42,9 @@ def test_half_precision_variants_halve_the_weights_and_keep_accuracy(write_recip
     assert {i.type.tensor_type.elem_type for i in list(graph.input) + list(graph.output)} == {onnx.TensorProto.FLOAT}
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
     cells = {(c["variant"], c["backend"]): c for c in results["cells"]}
-    for name in ("fp16", "bf16"):
-        for backend in ("torch-cpu", "torchscript-cpu"):
-            c = cells[(name, backend)]
-            assert c["status"] in ("ok", "unstable"), c["reason"]
-            assert c["accuracy"]["accuracy"] > 0.9
+    assert set(cells) == {("baseline", "torch-cpu"), ("baseline", "torchscript-cpu"), ("fp16", "torch-cpu"),
+                          ("fp16", "torchscript-cpu"), ("fp16", "ort-cpu"), ("bf16", "torch-cpu")}
+    for name, backend in [("fp16", "torch-cpu"), ("fp16", "torchscript-cpu"), ("fp16", "ort-cpu"), ("bf16", "torch-cpu")]:
+        c = cells[(name, backend)]
+        assert c["status"] in ("ok", "unstable"), c["reason"]
+        assert c["accuracy"]["accuracy"] > 0.9

@@ -56,6 +56,9 @@ CASES = {
     "unknown-step-param-key": (
         with_variants(x={"from": "baseline", "steps": [{"quantize": {"bits": 4}}]}),
         ["variants.x.steps[0].quantize.bits", "unknown key", "Accepted", "'method'"]),
+    "variant-backend-unknown": (
+        with_variants(x={"from": "baseline", "backends": ["torch-gpu"]}),
+        ["variants.x.backends[0]", "'torch-gpu'", "accepted", "torch-compile-cpu"]),
     "from-names-no-variant": (
         with_variants(pruned={"from": "nothing", "steps": [{"prune": {"ratio": 0.3}}]}),
         ["variants.pruned.from", "'nothing'", "Accepted", "'baseline'"]),

@@ -109,7 +109,7 @@ def _dispatch(args) -> int:
 
     if args.command == "validate":
         recipe = load_recipe(args.recipe)
-        print(f"{args.recipe}: valid ({len(recipe.variants)} variants, backends {', '.join(recipe.bench.backends)})")
+        print(f"{args.recipe}: valid ({len(recipe.variants)} variants, backends {', '.join(recipe.all_backends())})")
         return 0
     if args.command == "run":
         from workbench.pipeline import resume_run, run_recipe

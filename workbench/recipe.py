@@ -156,6 +156,10 @@ class VariantSpec(Strict):
     from_: Optional[str] = Field(None, alias="from")
     # Raw here; load_recipe replaces each entry with a validated StepCall.
     steps: list[Any] = Field(default_factory=list)
+    backends: Optional[list[BackendName]] = Field(
+        None, min_length=1, description="the backends this variant is measured on, instead of bench.backends: "
+        "for a backend that pays only for some variants (torch-compile-cpu for a bf16 model) or costs too much "
+        "for all of them")
 
 
 # ----------------------------------------------------------------------------- export
@@ -282,6 +286,19 @@ class Recipe(Strict):
             return q
         return Path(self.path).resolve().parent / q
 
+    def backends_of(self, name: str) -> list[str]:
+        """The backends variant `name` is measured on: its own list, else bench.backends (a variant
+        the run adds, such as the search's best, gets bench.backends)."""
+        v = self.variants.get(name)
+        return list(v.backends) if v is not None and v.backends else list(self.bench.backends)
+
+    def all_backends(self) -> list[str]:
+        """Every backend some variant is measured on, bench.backends first."""
+        names = list(self.bench.backends)
+        for v in self.variants.values():
+            names += [b for b in (v.backends or []) if b not in names]
+        return names
+
     def dependencies(self, name: str) -> list[str]:
         """The variants `name` needs first: its parent and the variants its steps read (the step
         registry's `references`, e.g. a distillation teacher)."""
@@ -369,9 +386,9 @@ def check_recipe(recipe: Recipe, where: str) -> None:
     _check_structured_pruning(recipe, where)
     _check_task(recipe, where)
     c = recipe.report.constraints
-    if c.backend is not None and c.backend not in recipe.bench.backends:
-        raise field_error(where, "report.constraints.backend", "is not among bench.backends", value=c.backend,
-                          accepted=recipe.bench.backends)
+    if c.backend is not None and c.backend not in recipe.all_backends():
+        raise field_error(where, "report.constraints.backend", "is not among the recipe's backends", value=c.backend,
+                          accepted=recipe.all_backends())
 
 
 def _check_search(recipe: Recipe, where: str, fmt: dict[str, str]) -> None:

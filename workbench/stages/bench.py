@@ -29,7 +29,7 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> list[dict
     flops = {v["name"]: v.get("flops") for v in variants}
     seq = spec.seq_len if run.src.io.has_seq() else None
     cells, jobs = [], []
-    plan = [(v["name"], b, n) for v in variants for b in spec.backends for n in spec.batch_sizes]
+    plan = [(v["name"], b, n) for v in variants for b in run.recipe.backends_of(v["name"]) for n in spec.batch_sizes]
     # The recipe's folder (a `python` model source) and any plugin's (a step's module class).
     sys_path = [str(run.recipe.resolve("."))] + plugin_folders()
     for name, backend, batch in plan:
