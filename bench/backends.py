@@ -134,6 +134,13 @@ class TorchCompileBackend(TorchBackend):
         import torch
 
         runner = super().load(path, threads)
+        if cls.device == "cpu":
+            # Inductor's setting for CPU inference: weights become constants, pre-packed once for
+            # oneDNN (and its AMX kernels) instead of at every call. Every variant gets it alike.
+            import torch._inductor.config as inductor
+
+            inductor.freezing = True
+            runner.info["inductor_freezing"] = True
         runner.module = torch.compile(runner.module)
         return runner
 
