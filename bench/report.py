@@ -7,6 +7,7 @@ import html
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from bench.analysis import (MB, TIE_RULE, Recommendation, cell_score, faster, primary_metric, quietness, recommend,
@@ -265,6 +266,62 @@ def diagnosis_blocks(results: dict, batch_size: int) -> list[tuple[str, object]]
 
 
 # ----------------------------------------------------------------------------- document
+def executor_gaps(results: dict) -> list[float]:
+    """Seconds between the end of one process and the start of the next on the same node, within a
+    round (rounds wait for each other, so the gap across them is not the executor's): the time the
+    executor adds per process when its queue is full."""
+    by: dict[tuple, list] = {}
+    for c in results["cells"]:
+        for r in c.get("repeats") or []:
+            if r.get("ran") and r.get("node"):
+                by.setdefault((r["node"], r["round"]), []).append(r["ran"])
+    gaps = []
+    for spans in by.values():
+        spans.sort()
+        gaps += [b[0] - a[1] for a, b in zip(spans, spans[1:]) if b[0] >= a[1]]
+    return gaps
+
+
+def nodes_blocks(results: dict) -> list[tuple[str, object]]:
+    """Under Ray: which machine measured which cells, grouped by hardware, and a warning for every
+    speedup whose two cells were measured on different hardware."""
+    nodes = results.get("nodes")
+    if not nodes:
+        return []
+    ex = results.get("executor") or {}
+    blocks: list[tuple[str, object]] = [("h2", "Where the cells ran")]
+    blocks.append(("p", f"Executor `{ex.get('name', 'ray')}` ({ex.get('address', '?')}; Ray started or joined in "
+                        f"{ex.get('init_s', 0):.1f} s). Each cell ran all its processes on one node, which held the "
+                        "node's timing token meanwhile: no two timed processes shared a node."))
+    groups: dict[str, list[str]] = {}
+    for nid, n in nodes.items():
+        groups.setdefault(n.get("hardware_sha") or nid, []).append(nid)
+    rows = []
+    for sha, ids in groups.items():
+        env = nodes[ids[0]].get("environment") or {}
+        hardware = env.get("cpu", "?") + (f" + {env['gpu']}" if env.get("gpu") else "")
+        flags = ", ".join(f for f in env.get("cpu_flags", []) if "vnni" in f or f.startswith("amx") or f == "avx512f")
+        measured = [c for c in results["cells"] if (c.get("node") or {}).get("id") in ids]
+        rows.append([hardware, flags or "–", ", ".join(f"{nodes[i].get('hostname')} ({i[:8]})" for i in ids),
+                     str(len(measured)), ", ".join(sorted({c["backend"] for c in measured}))])
+    blocks.append(("table", (["hardware", "int8 / bf16 flags", "nodes", "cells", "backends"], rows)))
+    gaps = executor_gaps(results)
+    if gaps:
+        blocks.append(("p", f"Between one timed process and the next on the same node, the executor spent a median "
+                            f"{np.median(gaps) * 1000:.0f} ms (90th percentile {np.percentile(gaps, 90) * 1000:.0f} ms, "
+                            f"{len(gaps)} gaps): scheduling, shipping the artifact, starting the task."))
+    base = results["recipe"]["parsed"]["report"]["baseline"]
+    hw = {(c["variant"], c["backend"], c["batch_size"]): (c.get("node") or {}).get("hardware_sha")
+          for c in results["cells"]}
+    mixed = sorted({f"{c['variant']} on {c['backend']} b{c['batch_size']}" for c in results["cells"]
+                    if c["variant"] != base and (c.get("node") or {}).get("hardware_sha")
+                    and hw.get((base, c["backend"], c["batch_size"])) not in (None, c["node"]["hardware_sha"])})
+    if mixed:
+        blocks.append(("warn", "These cells were measured on different hardware than the baseline they are compared "
+                               "with, so their speedups mix the machine with the variant: " + "; ".join(mixed) + "."))
+    return blocks
+
+
 def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, sp: dict) -> list[tuple[str, object]]:
     """The report as (kind, content) blocks; md and html render the same blocks."""
     blocks: list[tuple[str, object]] = [("h1", f"model-workbench report: {results['recipe']['name']}")]
@@ -362,6 +419,7 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
                             + (" Warning: the probe ran while the machine was busy, so the peak is understated."
                                if probe.get("measured_under_load") else "")))
     blocks.append(("table", cells_table(results, sp)))
+    blocks += nodes_blocks(results)
     blocks.append(("h2", "Exported artifacts and parity"))
     blocks.append(("table", artifacts_table(results)))
     problems = [c for c in results["cells"] if c["status"] != "ok"]

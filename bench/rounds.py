@@ -14,7 +14,7 @@ import os
 import resource
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -114,46 +114,96 @@ class Journal:
             os.fsync(fh.fileno())
 
 
+def measure_process(spec: dict, timeout_s: float, work_dir: Path,
+                    memory_limit_mb: Optional[float]) -> tuple[bool, dict]:
+    """One process of a cell, with the noise meter around it, measured again (a bounded number of
+    times) when the rest of the machine was busy. Returns (failed, record). Runs where the cell
+    runs: in the run's own process locally, inside a Ray task on the cell's node (bench.ray_executor).
+    `ran` spans every attempt: the time this process held the machine."""
+    began = time.time()
+    for attempt in range(RETRIES + 1):
+        with NoiseMeter() as noise:
+            result = run_cell(spec, timeout_s, work_dir, memory_limit_mb)
+        if result["status"] == "failed":
+            return True, result
+        if noise.busy and attempt < RETRIES:
+            continue
+        return False, {**result, "attempts": attempt + 1, "noise": {**noise.reading, "busy": noise.busy},
+                       "ran": [round(began, 3), round(time.time(), 3)]}
+    raise AssertionError("unreachable")
+
+
+class LocalExecutor:
+    """Today's executor and the default: every process on this machine, one at a time, in order."""
+
+    name = "local"
+
+    def run_round(self, todo: list[tuple[Any, dict, dict]], round_: int, timeout_s: float, work_dir: Path,
+                  memory_limit_mb: Optional[float]) -> Iterator[tuple[Any, bool, dict]]:
+        """`todo`: (key, job, spec) in the round's order; yields (key, failed, record) as each ends."""
+        for key, job, spec in todo:
+            if stop_requested():  # a Ctrl-C that Python swallowed somewhere still stops the run here
+                raise KeyboardInterrupt
+            failed, record = measure_process(spec, timeout_s, work_dir, memory_limit_mb)
+            yield key, failed, record
+
+    def run_once(self, job: dict, timeout_s: float, work_dir: Path, memory_limit_mb: Optional[float],
+                 node: Optional[dict] = None) -> dict:
+        """One extra process of a cell (its op-level profile), where the cell ran."""
+        return run_cell(job, timeout_s, work_dir, memory_limit_mb)
+
+    def pin(self, job: dict, node_id: str) -> None:
+        """Where the rest of a cell must run (a resumed run under Ray); one machine here."""
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+    def close(self) -> None:
+        pass
+
+
 def measure_in_rounds(jobs: list[tuple[Any, dict]], *, repeats: int, seed: int, timeout_s: float, work_dir: Path,
                       memory_limit_mb: Optional[float], threshold: float,
                       progress: Callable[[Any, int, bool], None] = lambda key, round_, kept: None,
-                      journal: Optional[Path] = None) -> dict[Any, dict]:
+                      journal: Optional[Path] = None, executor=None) -> dict[Any, dict]:
     """`jobs`: (key, bench.cells job). Returns key -> the cell's measured fields (status, reason,
-    latency_ms, throughput, stability, repeats, memory, cold, threads, noise). Only round 0's
-    job keeps `eval_inputs`: accuracy comes from one process's outputs. With a `journal` file,
-    processes already recorded there are kept, not measured again (progress gets kept=True)."""
+    latency_ms, throughput, stability, repeats, memory, cold, threads, noise; node under Ray). Only
+    round 0's job keeps `eval_inputs`: accuracy comes from one process's outputs. With a `journal`
+    file, processes already recorded there are kept, not measured again (progress gets kept=True; None
+    for the later rounds of a cell that failed).
+    `executor` runs each round's processes (LocalExecutor by default; bench.ray_executor spreads
+    them over a cluster); every round ends before the next starts, wherever its processes ran."""
+    executor = executor or LocalExecutor()
     processes: dict[Any, list] = {key: [] for key, _ in jobs}
     failures: dict[Any, dict] = {}
     book = Journal(journal)
     rng = np.random.default_rng(seed)
+    by_key = dict(jobs)
     for round_ in range(repeats):
+        todo = []
         for i in rng.permutation(len(jobs)):
-            if stop_requested():  # a Ctrl-C that Python swallowed somewhere still stops the run here
+            if stop_requested():
                 raise KeyboardInterrupt
             key, job = jobs[int(i)]
-            if key in failures:
-                progress(key, round_, True)
+            if key in failures:  # not measured again once it failed: neither kept nor measured
+                progress(key, round_, None)
                 continue
             kept = book.get(job, round_)
             if kept:
                 (failures.__setitem__(key, kept["record"]) if kept["failed"]
                  else processes[key].append(kept["record"]))
+                if (kept["record"].get("node") or {}).get("id"):
+                    executor.pin(job, kept["record"]["node"]["id"])
                 progress(key, round_, True)
                 continue
-            spec = {**job, "eval_inputs": None, "outputs_path": None} if round_ else job
-            for attempt in range(RETRIES + 1):
-                with NoiseMeter() as noise:
-                    result = run_cell(spec, timeout_s, work_dir, memory_limit_mb)
-                if result["status"] == "failed":
-                    failures[key] = {**result, "round": round_}
-                    book.add(job, round_, True, failures[key])
-                    break
-                if noise.busy and attempt < RETRIES:
-                    continue
-                processes[key].append({**result, "round": round_, "attempts": attempt + 1,
-                                       "noise": {**noise.reading, "busy": noise.busy}})
-                book.add(job, round_, False, processes[key][-1])
-                break
+            todo.append((key, job, {**job, "eval_inputs": None, "outputs_path": None} if round_ else job))
+        for key, failed, record in executor.run_round(todo, round_, timeout_s, work_dir, memory_limit_mb):
+            if failed:
+                failures[key] = {**record, "round": round_}
+                book.add(by_key[key], round_, True, failures[key])
+            else:
+                processes[key].append({**record, "round": round_})
+                book.add(by_key[key], round_, False, processes[key][-1])
             progress(key, round_, False)
     return {key: (_failed(failures[key], processes[key]) if key in failures
                   else _cell(processes[key], int(job["batch_size"]), threshold))
@@ -172,7 +222,8 @@ def _failed(failure: dict, done: list) -> dict:
     reason = failure["reason"]
     if done:
         reason += f" (in round {failure['round'] + 1}; {len(done)} earlier process(es) of this cell had finished)"
-    return {"status": "failed", "reason": reason}
+    node = failure.get("node") or (done[0].get("node") if done else None)
+    return {"status": "failed", "reason": reason, **({"node": node} if node else {})}
 
 
 def _cell(processes: list[dict], batch: int, threshold: float) -> dict:
@@ -181,6 +232,8 @@ def _cell(processes: list[dict], batch: int, threshold: float) -> dict:
     repeats = [{"round": p["round"], "p50": round(float(np.median(p["samples_ms"])), 6), "n": len(p["samples_ms"]),
                 "started": p["started"], "attempts": p["attempts"], "noise": p["noise"],
                 "capped_by_max_seconds": p["capped_by_max_seconds"], **thin(p["samples_ms"]),
+                **({"ran": p["ran"]} if "ran" in p else {}), **({"node": p["node"]["id"]} if p.get("node") else {}),
+                **{k: p[k] for k in ("ray_attempts", "ray_task") if k in p},
                 "warmup_ms": p["warmup_ms"], **({"cold": p["cold"]} if i else {})}
                for i, p in enumerate(processes)]
     # Memory is read in a phase that does not depend on timing, so processes agree; the median
@@ -188,7 +241,9 @@ def _cell(processes: list[dict], batch: int, threshold: float) -> dict:
     memory = {k: int(np.median([p["memory"][k] for p in processes if k in p["memory"]]))
               for k in first["memory"]}
     reason = stats.pop("unstable_reason")
-    return {"status": "unstable" if reason else "ok", "reason": reason, **stats, "repeats": repeats,
+    node = first.get("node")  # under Ray: every process of a cell runs on its first process's node
+    return {"status": "unstable" if reason else "ok", "reason": reason, **({"node": node} if node else {}),
+            **stats, "repeats": repeats,
             "memory": memory, "cold": first["cold"], "threads": first["threads"],
             "noise": {"other_cpu_cores_max": max(p["noise"]["other_cpu_cores"] for p in processes),
                       "steal_cores_max": max(p["noise"]["steal_cores"] for p in processes),

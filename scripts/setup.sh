@@ -24,5 +24,5 @@ else
     fi
     EXTRA=cpu
 fi
-$PIP install -q -e ".[$EXTRA,dev]"
-"$VENV/bin/python" -c "import torch, onnxruntime; print('model-workbench ready: torch', torch.__version__, '| onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
+$PIP install -q -e ".[$EXTRA,dev,ray]"
+"$VENV/bin/python" -c "import torch, onnxruntime, ray; print('model-workbench ready: torch', torch.__version__, '| onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers(), '| ray', ray.__version__)"

@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="finish an interrupted or killed run in place: only the missing measurements are made")
     r.add_argument("--out", default="reports", help="root folder of run directories (default: reports)")
     r.add_argument("--quick", action="store_true", help="shrink timing and training budgets for a smoke run")
+    r.add_argument("--executor", choices=["local", "ray"], default=None,
+                   help="where cell processes run (default: the recipe's bench.executor, else local): ray runs each "
+                   "one as a Ray task")
+    r.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --executor ray: join the cluster there (what `ray start --head` prints); "
+                   "default: start a local Ray instance")
 
     v = sub.add_parser("validate", help="check a recipe; do no work")
     v.add_argument("recipe")
@@ -119,7 +125,14 @@ def _dispatch(args) -> int:
         if args.resume:
             run_dir = resume_run(Path(args.resume))
         else:
-            run_dir = run_recipe(load_recipe(args.recipe), Path(args.out), quick=args.quick)
+            recipe = load_recipe(args.recipe)
+            if args.ray_address and (args.executor or recipe.bench.executor) != "ray":
+                raise RecipeError("workbench run: --ray-address goes with --executor ray (or bench.executor: ray)")
+            if args.executor:
+                recipe.bench.executor = args.executor
+            if args.ray_address:
+                recipe.bench.ray_address = args.ray_address
+            run_dir = run_recipe(recipe, Path(args.out), quick=args.quick)
         print(f"report: {run_dir / 'report.md'}")
         print(f"        {run_dir / 'report.html'}")
         return 0

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from bench.executors import make_executor
 from core import atomic
 from core.processes import default_threads, pid_alive
 from workbench import results
@@ -41,13 +42,21 @@ class Run:
         """Run the recipe into a new run directory, or, with `resume`, finish an interrupted one in
         place: variants and exports come from the cache, measured processes from its journal."""
         started = results.now()
+        b = self.recipe.bench
+        # First, before any work: an executor that cannot start (no Ray, no cluster there) is the user's to fix.
+        self.executor = make_executor(b.executor, b.ray_address, {k: v.model_dump() for k, v in b.placement.items()},
+                                      self.threads, log)
         self.run_dir = Path(resume) if resume else new_run_dir(self.out_root, self.recipe.name)
         handler = open_log(self.run_dir)
         self._status("running", started=started, pid=os.getpid(), quick=self.quick,
                      recipe={"path": str(Path(self.recipe.path).resolve()) if self.recipe.path else None,
-                             "sha256": self.recipe.sha256})
+                             "sha256": self.recipe.sha256},
+                     executor={"name": b.executor, "ray_address": b.ray_address})
         watcher = watch_status(self.run_dir / "status.json")
         try:
+            if b.executor != "local":
+                say(f"executor: {b.executor} ({self.executor.address}; {len(self.executor.nodes())} node(s), "
+                    f"started in {self.executor.init_s:.1f} s)")
             say(f"{'resuming' if resume else 'run directory:'} {self.run_dir}")
             import torch
 
@@ -88,7 +97,8 @@ class Run:
                         "parsed": self.recipe.model_dump(mode="json", by_alias=True)},
                 model={"description": self.src.description, "io": self.src.io.to_json()},
                 task=self.task.summary(),
-                variants=variants, artifacts=artifacts, cells=cells, roofline_probe=peak, search=search)
+                variants=variants, artifacts=artifacts, cells=cells, roofline_probe=peak, search=search,
+                executor=self.executor.describe())
             log.info("report: %s", self.run_dir / "report.md")
             for journal in (self.run_dir / ".work", self.run_dir / "search" / ".work"):
                 (journal / "processes.jsonl").unlink(missing_ok=True)  # all of it is in results.json
@@ -106,6 +116,7 @@ class Run:
             log.error("run failed: %s", reason(e))
             raise
         finally:
+            self.executor.close()
             watcher.stop()
             close_log(handler)
 
@@ -114,7 +125,7 @@ class Run:
         outright (SIGKILL, out of memory) cannot write it: its watcher process does (run_dir.watch_status)."""
         path = self.run_dir / "status.json"
         keep = {k: v for k, v in (json.loads(path.read_text()).items() if path.exists() else ())
-                if k in ("pid", "quick", "recipe")}
+                if k in ("pid", "quick", "recipe", "executor")}
         atomic.write_json(path, {"state": state, **keep, **fields})
 
 
@@ -143,4 +154,7 @@ def resume_run(run_dir: Path) -> Path:
     if recipe.sha256 != spec.get("sha256"):
         raise RecipeError(f"{run_dir}: {spec['path']} changed since the run started; resuming would mix two "
                           "recipes' numbers: run it afresh")
+    how = status.get("executor") or {}
+    if how.get("name"):  # the executor it was started with, from the command line or the recipe
+        recipe.bench.executor, recipe.bench.ray_address = how["name"], how.get("ray_address")
     return Run(recipe, run_dir.parent.parent, bool(status.get("quick"))).execute(resume=run_dir)

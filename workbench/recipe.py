@@ -192,6 +192,12 @@ class Timing(Strict):
         0.25, gt=0, description="max relative spread of window medians before a cell is 'unstable'")
 
 
+class Placement(Strict):
+    resources: dict[str, float] = Field(default_factory=dict, description=(
+        "Ray custom resources a cell of this backend asks for, naming the hardware it must run on "
+        "(e.g. {H100: 1}); nodes offer them with `ray start --resources`"))
+
+
 class BenchSpec(Strict):
     backends: list[BackendName] = Field(default_factory=lambda: ["torch-cpu", "ort-cpu"], min_length=1)
     batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1, 8], min_length=1)
@@ -206,6 +212,13 @@ class BenchSpec(Strict):
                           "explains from it why a variant is not faster than its parent (--quick: off unless set)")
     cell_timeout_s: float = Field(900, gt=0)
     memory_limit_mb: Optional[float] = Field(None, gt=0, description="kill a cell whose process RSS exceeds this")
+    executor: Literal["local", "ray"] = Field("local", description=(
+        "local: every cell process on this machine, one at a time; ray: each one a Ray task, on a local Ray "
+        "instance or the cluster at ray_address (`workbench run --executor` overrides it)"))
+    ray_address: Optional[str] = Field(None, description="a Ray cluster to join (what `ray start --head` prints, "
+                                       "e.g. 10.0.0.5:6379); default: start a local Ray instance")
+    placement: dict[BackendName, Placement] = Field(default_factory=dict, description=(
+        "per backend, where its cells may run under Ray: {ort-cuda: {resources: {H100: 1}}}"))
 
 
 # ----------------------------------------------------------------------------- report
@@ -389,6 +402,10 @@ def check_recipe(recipe: Recipe, where: str) -> None:
     if c.backend is not None and c.backend not in recipe.all_backends():
         raise field_error(where, "report.constraints.backend", "is not among the recipe's backends", value=c.backend,
                           accepted=recipe.all_backends())
+    for backend in recipe.bench.placement:
+        if backend not in recipe.all_backends():
+            raise field_error(where, f"bench.placement.{backend}", "places a backend that no variant is measured on",
+                              value=backend, accepted=recipe.all_backends())
 
 
 def _check_search(recipe: Recipe, where: str, fmt: dict[str, str]) -> None:

@@ -24,10 +24,25 @@ def quick_timing(timing) -> dict:
     return t
 
 
+def split_nodes(cells: list) -> dict:
+    """Cells measured under Ray carry their node's full description; keep {id, hostname, address,
+    hardware_sha} in the cell and the rest (environment fingerprint, resources) once per node."""
+    nodes = {}
+    for c in cells:
+        node = c.get("node")
+        if not node or "environment" not in node:
+            continue
+        nodes.setdefault(node["id"], {k: v for k, v in node.items() if k != "id"})
+        c["node"] = {k: node.get(k) for k in ("id", "hostname", "ip", "hardware_sha")}
+    return nodes
+
+
 def write_results(run_dir: Path, *, recipe: dict, threads: int, model: dict, task: dict, timing: dict,
                   started: str, quick: bool, variants: list, artifacts: list, cells: list,
-                  roofline_probe: Optional[dict] = None, search: Optional[dict] = None) -> dict:
+                  roofline_probe: Optional[dict] = None, search: Optional[dict] = None,
+                  executor: Optional[dict] = None) -> dict:
     """Write run_dir/results.json atomically (a folder without it is an unfinished run) and the report."""
+    nodes = split_nodes(cells)
     results = {
         "schema_version": SCHEMA_VERSION,
         "recipe": recipe,
@@ -42,6 +57,8 @@ def write_results(run_dir: Path, *, recipe: dict, threads: int, model: dict, tas
         "artifacts": artifacts,
         "cells": cells,
         **({"search": search} if search else {}),
+        **({"executor": executor} if executor and executor.get("name") != "local" else {}),
+        **({"nodes": nodes} if nodes else {}),
     }
     atomic.write_json(run_dir / "results.json", results)
     from bench.report import write_report

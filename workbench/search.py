@@ -110,7 +110,8 @@ class Search:
         measured = measure_in_rounds(jobs, repeats=self.spec.repeats, seed=r.seed, timeout_s=r.bench.cell_timeout_s,
                                      work_dir=work, memory_limit_mb=r.bench.memory_limit_mb,
                                      threshold=r.bench.timing.stability_threshold,
-                                     journal=work / "processes.jsonl")  # a resumed run keeps these too
+                                     journal=work / "processes.jsonl",  # a resumed run keeps these too
+                                     executor=self.run.executor)
         by = {rec["name"]: rec for rec in recs}
         for name, m in measured.items():
             rec = by[name]

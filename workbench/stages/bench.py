@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from core.progress import progress
 
-from bench.cells import cell_job, run_cell
+from bench.cells import cell_job
 from bench.rounds import measure_in_rounds
 from core.backends import BACKENDS
 from core.infer import save_batches
@@ -74,11 +74,11 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> list[dict
     measured = measure_in_rounds(jobs, repeats=repeats, seed=run.recipe.seed, timeout_s=spec.cell_timeout_s,
                                  work_dir=work, memory_limit_mb=spec.memory_limit_mb,
                                  threshold=spec.timing.stability_threshold, progress=advance,
-                                 journal=work / "processes.jsonl")
+                                 journal=work / "processes.jsonl", executor=run.executor)
     bar.close()
-    if any(kept):
-        say(f"bench: kept {sum(kept)} process(es) measured before the run was interrupted, "
-            f"measured {len(kept) - sum(kept)}")
+    if any(k is True for k in kept):
+        say(f"bench: kept {sum(k is True for k in kept)} process(es) measured before the run was interrupted, "
+            f"measured {sum(k is False for k in kept)}")
     for i, job in jobs:
         cell = cells[i]
         cell.update(measured[i])
@@ -107,8 +107,9 @@ def profile_cells(run, cells: list[dict], jobs: list, work: Path) -> None:
     for i, job in todo:
         c = cells[i]
         bar.set_postfix_str(f"{c['variant']} {c['backend']}")
-        result = run_cell({**job, "entry": "bench.profile", "eval_inputs": None, "outputs_path": None},
-                          spec.cell_timeout_s, work, spec.memory_limit_mb)
+        # On the node that measured the cell, when that was not this machine (bench.executor: ray).
+        result = run.executor.run_once({**job, "entry": "bench.profile", "eval_inputs": None, "outputs_path": None},
+                                       spec.cell_timeout_s, work, spec.memory_limit_mb, node=c.get("node"))
         if result["status"] == "ok":
             c["profile"] = {k: v for k, v in result.items() if k not in ("status", "reason")}
         else:
