@@ -71,17 +71,41 @@ def node_identity(threads: Optional[int]) -> dict:
     return dict(_NODE)
 
 
+CACHE_DAYS = 7  # shipped files unused this long are removed from a node's cache
+
+
+def _prune_cache() -> None:
+    """Once per Ray worker: drop shipped files and bundles no run has used for CACHE_DAYS (each use
+    touches them), so a node's cache does not grow with every artifact it ever measured."""
+    if _NODE.get("pruned"):
+        return
+    _NODE["pruned"] = True
+    limit = time.time() - CACHE_DAYS * 86400
+    for kind in ("files", "bundles"):
+        for folder in (CACHE / kind).glob("*"):
+            try:
+                if folder.stat().st_mtime < limit:
+                    for f in folder.iterdir():
+                        f.unlink()
+                    folder.rmdir()
+            except OSError:
+                continue  # another worker's, or in use
+
+
 def _materialise(files: dict[str, list]) -> dict[str, str]:
     """Write the shipped files into the node's cache, each checked against its sha256; returns the
     job's keys with their node-local paths. Files already there (same sha256) are not rewritten."""
     import ray
 
+    _prune_cache()
     out = {}
     for key, entries in files.items():
         for name, sha, ref in entries:
             folder = CACHE / "files" / sha
             target = folder / name
-            if not target.exists():
+            if target.exists():
+                os.utime(folder)  # in use: kept by _prune_cache
+            else:
                 data = ray.get(ref)
                 if hashlib.sha256(data).hexdigest() != sha:
                     raise RuntimeError(f"{name} arrived with a different sha256 than it left with")
@@ -93,6 +117,7 @@ def _materialise(files: dict[str, list]) -> dict[str, str]:
         main_name = entries[0][0]
         bundle = CACHE / "bundles" / hashlib.sha256("".join(e[1] for e in entries).encode()).hexdigest()[:24]
         bundle.mkdir(parents=True, exist_ok=True)
+        os.utime(bundle)
         for name, sha, _ in entries:
             link = bundle / name
             if not link.exists():
