@@ -11,8 +11,7 @@ from core.errors import RecipeError
 EXECUTORS = ("local", "ray")
 
 
-def make_executor(name: str, address: Optional[str] = None, placement: Optional[dict] = None,
-                  threads: Optional[int] = None, log=None):
+def make_executor(name: str, address: Optional[str] = None, placement: Optional[dict] = None):
     """The executor a run uses; a RecipeError (before any work) when Ray is missing or the cluster
     cannot take the run."""
     if name == "local":
@@ -27,7 +26,7 @@ def make_executor(name: str, address: Optional[str] = None, placement: Optional[
     from bench.ray_executor import ClusterError, RayExecutor
 
     try:
-        return RayExecutor(address, placement, threads, log)
+        return RayExecutor(address, placement)
     except ClusterError as e:
         raise RecipeError(f"bench.executor 'ray': {e}") from None
     except ConnectionError as e:

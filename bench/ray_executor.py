@@ -37,14 +37,6 @@ class ClusterError(RuntimeError):
     """The cluster cannot run this recipe's cells (no timing resource, nothing that fits)."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _companions(path: Path) -> list[Path]:
     """The artifact and the files stored beside it under its stem (ONNX external data
     `model.onnx.data`, a module file's digest `module.sha256`, its io description `module.pt.io.json`):
@@ -175,8 +167,7 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, address: Optional[str] = None, placement: Optional[dict] = None, threads: Optional[int] = None,
-                 log: Optional[logging.Logger] = None):
+    def __init__(self, address: Optional[str] = None, placement: Optional[dict] = None):
         import ray
 
         # Ray's own console handler would print its notices ("Token authentication is enabled ...")
@@ -187,8 +178,7 @@ class RayExecutor:
             ray_log.removeHandler(h)
         ray_log.addHandler(logging.NullHandler())
         ray_log.propagate = True
-        self.ray, self.placement, self.log = ray, placement or {}, log or logging.getLogger(__name__)
-        self.threads = threads or default_threads()
+        self.ray, self.placement = ray, placement or {}
         self.started_here = address is None
         t0 = time.perf_counter()
         env = {"env_vars": {"PYTHONPATH": ROOT + (os.pathsep + os.environ["PYTHONPATH"]
@@ -281,8 +271,8 @@ class RayExecutor:
             opts = dict(need, max_retries=RAY_RETRIES, retry_exceptions=False)
             if pinned:
                 opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(pinned, soft=False)
-            ref = self._task.options(**opts).remote({**spec, "_attempt_key": f"{self._run}-{round_}"}, self._files(spec), timeout_s,
-                                                    memory_limit_mb)
+            keyed = {**spec, "_attempt_key": f"{self._run}-{round_}"}  # counts Ray's retries of this process
+            ref = self._task.options(**opts).remote(keyed, self._files(spec), timeout_s, memory_limit_mb)
             pending[ref] = (key, fp, job)
         try:
             while pending:

@@ -307,9 +307,10 @@ def nodes_blocks(results: dict) -> list[tuple[str, object]]:
     blocks.append(("table", (["hardware", "int8 / bf16 flags", "nodes", "cells", "backends"], rows)))
     gaps = executor_gaps(results)
     if gaps:
+        median, p90 = np.median(gaps) * 1000, np.percentile(gaps, 90) * 1000
         blocks.append(("p", f"Between one timed process and the next on the same node, the executor spent a median "
-                            f"{np.median(gaps) * 1000:.0f} ms (90th percentile {np.percentile(gaps, 90) * 1000:.0f} ms, "
-                            f"{len(gaps)} gaps): scheduling, shipping the artifact, starting the task."))
+                            f"{median:.0f} ms (90th percentile {p90:.0f} ms, {len(gaps)} gaps): scheduling, shipping "
+                            "the artifact, starting the task."))
     base = results["recipe"]["parsed"]["report"]["baseline"]
     hw = {(c["variant"], c["backend"], c["batch_size"]): (c.get("node") or {}).get("hardware_sha")
           for c in results["cells"]}

@@ -44,8 +44,7 @@ class Run:
         started = results.now()
         b = self.recipe.bench
         # First, before any work: an executor that cannot start (no Ray, no cluster there) is the user's to fix.
-        self.executor = make_executor(b.executor, b.ray_address, {k: v.model_dump() for k, v in b.placement.items()},
-                                      self.threads, log)
+        self.executor = make_executor(b.executor, b.ray_address, {k: v.model_dump() for k, v in b.placement.items()})
         self.run_dir = Path(resume) if resume else new_run_dir(self.out_root, self.recipe.name)
         handler = open_log(self.run_dir)
         self._status("running", started=started, pid=os.getpid(), quick=self.quick,
