@@ -239,9 +239,10 @@ class RayExecutor:
         return {"num_cpus": int(job["threads"]), "num_gpus": 1 if job.get("device") == "cuda" else 0,
                 "resources": {TIMING_RESOURCE: 1, **extra}}
 
-    def _unplaceable(self, need: dict, pinned: Optional[str]) -> Optional[str]:
-        """Why no live node can ever run a process with `need` (Ray would wait for one forever)."""
-        nodes = self.nodes()
+    @staticmethod
+    def _unplaceable(need: dict, pinned: Optional[str], nodes: dict) -> Optional[str]:
+        """Why no live node (`nodes`, from nodes()) can ever run a process with `need` (Ray would wait
+        for one forever)."""
         if pinned is not None:
             return None if pinned in nodes else (
                 f"node {pinned[:12]} that measured this cell's first round left the cluster; a cell is never "
@@ -260,11 +261,12 @@ class RayExecutor:
         from bench.rounds import Journal
 
         pending: dict = {}
+        live = self.nodes()  # one look at the cluster per round: who can take each process
         for key, job, spec in todo:
             fp = Journal.fingerprint(job)
             need = self.resources(job)
             pinned = self._pinned.get(fp)
-            why = self._unplaceable(need, pinned)
+            why = self._unplaceable(need, pinned, live)
             if why:
                 yield key, True, {"status": "failed", "reason": why}
                 continue
@@ -291,7 +293,7 @@ class RayExecutor:
                     node = record.get("node") or {}
                     if node.get("id"):
                         self._pinned.setdefault(fp, node["id"])
-                        node["resources"] = self.nodes().get(node["id"], {}).get("resources", {})
+                        node["resources"] = live.get(node["id"], {}).get("resources", {})
                     yield key, failed, record
         except BaseException:
             for ref in pending:
