@@ -265,7 +265,7 @@ class RayExecutor:
         for key, job, spec in todo:
             fp = Journal.fingerprint(job)
             need = self.resources(job)
-            pinned = self._pinned.get(fp)
+            pinned = self._current(self._pinned.get(fp), live)
             why = self._unplaceable(need, pinned, live)
             if why:
                 yield key, True, {"status": "failed", "reason": why}
@@ -300,13 +300,18 @@ class RayExecutor:
                 self.ray.cancel(ref, force=True)
             raise
 
+    def _current(self, node_id: Optional[str], live: dict) -> Optional[str]:
+        """The node a cell is pinned to, as it stands now: a local instance started afresh (a resumed
+        run) has new node ids for the same machine, so an id it no longer has pins nothing."""
+        if node_id and node_id not in live and self.started_here:
+            return None
+        return node_id
+
     def pin(self, job: dict, node_id: str) -> None:
-        """A resumed run: the processes the journal kept decide where the rest of the cell runs. A local
-        instance started afresh has new node ids for the same machine: nothing to pin there."""
+        """A resumed run: the processes the journal kept decide where the rest of the cell runs (see
+        _current for a local instance's stale ids)."""
         from bench.rounds import Journal
 
-        if self.started_here and node_id not in self.nodes():
-            return
         self._pinned.setdefault(Journal.fingerprint(job), node_id)
 
     def run_once(self, job: dict, timeout_s: float, work_dir: Path, memory_limit_mb: Optional[float],
@@ -314,10 +319,12 @@ class RayExecutor:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         opts = dict(self.resources(job), max_retries=RAY_RETRIES)
-        if node and node.get("id"):
-            if node["id"] not in self.nodes():
-                return {"status": "failed", "reason": f"node {node['id'][:12]} left the cluster"}
-            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node["id"], soft=False)
+        live = self.nodes()
+        pinned = self._current((node or {}).get("id"), live)
+        if pinned:
+            if pinned not in live:
+                return {"status": "failed", "reason": f"node {pinned[:12]} left the cluster"}
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(pinned, soft=False)
         try:
             return self.ray.get(self._profile.options(**opts).remote(job, self._files(job), timeout_s,
                                                                       memory_limit_mb))
