@@ -1,0 +1,84 @@
+"""Causal (decoder) language models as the workbench sees them: a wrapper that gives a Hugging Face
+causal LM the pipeline's interface ((input_ids, attention_mask) -> next-token logits), and the
+compact per-token summary that stands for those logits wherever outputs are stored, compared or
+scored. Full logits are batch x tokens x vocabulary (a 150k vocabulary makes that gigabytes), so
+each position keeps the log-probability of the token that really came next, the argmax and the
+top-K tokens with their log-probabilities: enough for perplexity, top-1 agreement and the KL of
+next-token distributions (over the reference's top K), in bounded memory."""
+from __future__ import annotations
+
+import numpy as np
+from torch import nn
+
+TOP_K = 32
+# Columns of a summary row: [log p(next token), argmax id, scored?, top-K ids..., top-K log-probs...]
+NEXT_LOGP, ARGMAX, SCORED, IDS = 0, 1, 2, 3
+
+
+class CausalLM(nn.Module):
+    """(input_ids, attention_mask) -> logits (batch, tokens, vocabulary), for AutoModelForCausalLM
+    models. Generation (bench) and KV-cache export reach the Hugging Face model as `.model`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def is_causal_lm(module) -> bool:
+    return isinstance(module, CausalLM)
+
+
+def summarize(logits, input_ids: np.ndarray, attention_mask: np.ndarray, k: int = TOP_K) -> np.ndarray:
+    """(batch, tokens, 3 + 2k) float32 rows: see the module docstring. Position t predicts token t+1;
+    it is scored when both are real tokens. Ids are exact in float32 up to 2**24."""
+    import torch
+
+    x = torch.as_tensor(logits).float()
+    logp = torch.log_softmax(x, -1)
+    b, s, v = logp.shape
+    k = min(k, v)
+    ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64))
+    mask = torch.as_tensor(np.asarray(attention_mask)).bool()
+    nxt = torch.zeros(b, s, dtype=torch.int64)
+    nxt[:, :-1] = ids[:, 1:]
+    scored = torch.zeros(b, s, dtype=torch.bool)
+    scored[:, :-1] = mask[:, :-1] & mask[:, 1:]
+    top = logp.topk(k, -1)
+    out = torch.cat([logp.gather(-1, nxt[..., None]), logp.argmax(-1, keepdim=True).float(),
+                     scored[..., None].float(), top.indices.float(), top.values], -1)
+    return out.numpy().astype(np.float32)
+
+
+def lm_metrics(summary: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float]:
+    """Perplexity on the scored tokens; against a reference summary (the source model's), top-1
+    agreement of next-token predictions and the mean KL(reference || variant) over the reference's
+    top-K tokens. Where the variant's own top K lacks one of those tokens, its log-probability is
+    taken as its K-th best, an upper bound: the KL is then an underestimate, never inflated."""
+    m = summary[..., SCORED] > 0.5
+    nll = -summary[..., NEXT_LOGP][m].astype(np.float64)
+    out = {"perplexity": float(np.exp(nll.mean())) if nll.size else float("nan"), "nll": float(nll.mean())}
+    if reference is None or reference.shape != summary.shape:
+        return out
+    k = (summary.shape[-1] - IDS) // 2
+    r, s = reference[m], summary[m]
+    out["top1_agreement"] = float((r[:, ARGMAX] == s[:, ARGMAX]).mean())
+    r_ids, r_lp = r[:, IDS:IDS + k], r[:, IDS + k:].astype(np.float64)
+    s_ids, s_lp = s[:, IDS:IDS + k], s[:, IDS + k:].astype(np.float64)
+    match = r_ids[:, :, None] == s_ids[:, None, :]  # (n, k ref, k variant)
+    var_lp = np.where(match.any(-1), (match * s_lp[:, None, :]).sum(-1), s_lp[:, -1:])
+    kl = (np.exp(r_lp) * (r_lp - var_lp)).sum(-1)
+    out["kl"] = float(np.clip(kl, 0, None).mean())
+    return out
+
+
+def kv_cache_bytes(config, batch: int, context: int, dtype_bytes: int = 4) -> int:
+    """Bytes of the key/value cache at `context` tokens: 2 x layers x kv-heads x head size x tokens."""
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return int(2 * layers * kv_heads * head_dim * context * batch * dtype_bytes)

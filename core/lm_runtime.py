@@ -1,0 +1,177 @@
+"""Greedy generation with a key/value cache, timed per token: OrtLM runs the one-graph ONNX export
+of export.causal_lm_onnx (prefill with an empty past, then one token per step), torch_generate runs
+the same greedy decoding through transformers' generate. For the same fp32 model both give the same
+token ids; timings are {"prefill_ms": time to first token, "decode_ms": [one per later token]}.
+
+Batches with padding must be left-padded (as for any decoder generation): position ids follow the
+attention mask (cumulative sum - 1, as transformers' generate makes them), and each new token goes
+at the right end of every row."""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import time
+import warnings
+
+import numpy as np
+
+from core.infer import onnx_session
+
+PAST, PRESENT = "past_key_values.", "present."
+
+
+def position_ids(attention_mask: np.ndarray, new: int) -> np.ndarray:
+    """Positions of the last `new` tokens: real tokens count from 0; pads get 1, as in generate."""
+    pos = np.cumsum(attention_mask, -1) - 1
+    pos[attention_mask == 0] = 1
+    return pos[:, -new:].astype(np.int64)
+
+
+class OrtLM:
+    """An exported causal LM with its cache as inputs (past_key_values.{i}.key/value) and outputs
+    (present.{i}.key/value). `config` (a transformers config's to_dict()) gives the cache's heads and
+    head size where the graph's input shapes leave them symbolic."""
+
+    def __init__(self, path_or_session, threads: int | None = None, providers=("CPUExecutionProvider",),
+                 config: dict | None = None):
+        self.session = (path_or_session if hasattr(path_or_session, "run_with_iobinding")
+                        else onnx_session(path_or_session, threads, providers))
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.input_names = set(inputs)
+        self.past_names = [n for n in inputs if n.startswith(PAST)]
+        if not self.past_names:
+            raise ValueError("the graph has no past_key_values.* inputs: export it with export.causal_lm_onnx")
+        self.present_names = [PRESENT + n[len(PAST):] for n in self.past_names]
+        self.needs_position_ids = "position_ids" in inputs
+        self.past_dims = {n: _kv_dims(inputs[n].shape, config) for n in self.past_names}
+        self.past_dtype = np.float16 if inputs[self.past_names[0]].type == "tensor(float16)" else np.float32
+        # On CUDA the cache stays on the device between steps; only ids, mask and logits cross.
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+    def _feeds(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64)}
+        if "attention_mask" in self.input_names:
+            feeds["attention_mask"] = np.ascontiguousarray(mask, dtype=np.int64)  # int64, past + new long
+        if self.needs_position_ids:
+            feeds["position_ids"] = position_ids(mask, ids.shape[1])
+        return feeds
+
+    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        """A cache 0 tokens long: the prefill runs through the same graph as the decode steps."""
+        return {n: np.zeros((batch, h, 0, d), self.past_dtype) for n, (h, d) in self.past_dims.items()}
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """(batch, tokens, vocabulary) logits of one prefill pass, for evaluation and parity."""
+        feeds = {**self._feeds(input_ids, attention_mask), **self._empty_past(len(input_ids))}
+        return self.session.run(["logits"], feeds)[0]
+
+    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int,
+                 step_logits: list | None = None) -> tuple[np.ndarray, dict]:
+        """Greedy decoding of exactly `new_tokens` tokens: (ids (batch, new_tokens), timings). The
+        present.* outputs are ORT-allocated OrtValues bound as the next step's past inputs, so the
+        cache never passes through numpy. If `step_logits` is a list, each step's last-position
+        logits (batch, vocabulary) are appended to it."""
+        io = self.session.io_binding()
+        mask = np.asarray(attention_mask, dtype=np.int64)
+        ids, past = np.asarray(input_ids), self._empty_past(len(input_ids))
+        out = np.empty((len(ids), new_tokens), np.int64)
+        times = []
+        for step in range(new_tokens):
+            t0 = time.perf_counter()
+            # Outputs are rebound every step: a bound output keeps the previous step's shape.
+            io.clear_binding_inputs()
+            io.clear_binding_outputs()
+            feeds = self._feeds(ids, mask)
+            for name, value in {**feeds, **past}.items():
+                if isinstance(value, np.ndarray):
+                    io.bind_cpu_input(name, value)
+                else:
+                    io.bind_ortvalue_input(name, value)
+            io.bind_output("logits", "cpu")  # only the logits come back to the host
+            for name in self.present_names:
+                io.bind_output(name, self.device)
+            self.session.run_with_iobinding(io)
+            io.synchronize_outputs()
+            values = io.get_outputs()  # in binding order: logits, then the presents
+            last = values[0].numpy()[:, -1]
+            out[:, step] = last.argmax(-1)
+            times.append((time.perf_counter() - t0) * 1000)
+            if step_logits is not None:
+                step_logits.append(last.copy())
+            past = dict(zip(self.past_names, values[1:]))
+            ids = out[:, step:step + 1]
+            mask = np.concatenate([mask, np.ones((len(mask), 1), np.int64)], 1)
+        return out, {"prefill_ms": times[0] if times else 0.0, "decode_ms": times[1:]}
+
+
+def _kv_dims(shape, config: dict | None) -> tuple[int, int]:
+    """(heads, head size) of a past input shaped (batch, heads, past tokens, head size)."""
+    heads, size = shape[1], shape[3]
+    if isinstance(heads, int) and isinstance(size, int):
+        return heads, size
+    if not config:
+        raise ValueError(f"the graph's past shape {shape} is symbolic and no config was given")
+    n = config.get("num_attention_heads") or config["n_head"]
+    hidden = config.get("hidden_size") or config["n_embd"]
+    return config.get("num_key_value_heads") or n, config.get("head_dim") or hidden // n
+
+
+class _Stamps:
+    """A logits processor that only records when it is called: transformers calls it right after
+    each forward pass (the k-th call follows the k-th forward), so the stamps time every token."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.times = cuda, []
+
+    def __call__(self, input_ids, scores):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()  # the forward's kernels are done, not just queued
+        self.times.append(time.perf_counter())
+        return scores
+
+
+@contextlib.contextmanager
+def _quiet_generate():
+    log = logging.getLogger("transformers.generation")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
+
+
+def torch_generate(hf_model, input_ids, attention_mask, new_tokens: int, device="cpu",
+                   step_logits: list | None = None) -> tuple[np.ndarray, dict]:
+    """The same greedy decoding with transformers' generate on `hf_model` (already on `device`):
+    (ids (batch, new_tokens), timings). If `step_logits` is a list, each step's logits (batch,
+    vocabulary) are appended to it."""
+    import torch
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    cfg = hf_model.config
+    eos = cfg.eos_token_id
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos) or 0
+    # A fresh config, not the model's (which may sample, or stop early). No eos: then nothing stops
+    # or masks a token (min_new_tokens would set the eos logit to -inf, which plain argmax does not do).
+    gen = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           use_cache=True, pad_token_id=pad)
+    stamps = _Stamps(str(device).startswith("cuda"))
+    ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64), device=device)
+    mask = torch.as_tensor(np.asarray(attention_mask, dtype=np.int64), device=device)
+    with _quiet_generate(), torch.inference_mode():
+        t0 = time.perf_counter()
+        res = hf_model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, use_model_defaults=False,
+                                eos_token_id=None, logits_processor=LogitsProcessorList([stamps]),
+                                output_logits=step_logits is not None, return_dict_in_generate=True)
+    if step_logits is not None:
+        step_logits.extend(t.float().cpu().numpy() for t in res.logits)
+    t = stamps.times
+    timings = {"prefill_ms": (t[0] - t0) * 1000 if t else 0.0,
+               "decode_ms": [(b - a) * 1000 for a, b in itertools.pairwise(t)]}
+    return res.sequences[:, ids.shape[1]:].cpu().numpy(), timings
