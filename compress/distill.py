@@ -1,7 +1,9 @@
 """Knowledge distillation: train the current variant (student) against an earlier variant
 (teacher). Classifiers: KL divergence on temperature-scaled logits plus cross-entropy on the labels;
-embedding models: cosine or MSE to the teacher's embeddings (no labels needed). The last tenth of
-the training split is held out for early stopping, so the evaluation split never steers training."""
+embedding models: cosine or MSE to the teacher's embeddings (no labels needed); causal LMs: KL
+divergence of next-token distributions, token by token, plus cross-entropy on the text. The last
+tenth of the training split is held out for early stopping, so the evaluation split never steers
+training."""
 from __future__ import annotations
 
 import copy
@@ -11,6 +13,7 @@ from pydantic import Field
 
 from core.encoders import encoder_layers
 from core.errors import field_error
+from core.lm import is_causal_lm
 from core.steps import Step, StepParams, register
 
 
@@ -21,9 +24,11 @@ class DistillParams(StepParams):
     batch_size: int = Field(64, gt=0, description="for inputs of fixed shape; text keeps the task's batches")
     max_steps: Optional[int] = Field(None, gt=0, description="stop after this many optimiser steps")
     loss: Literal["auto", "kl", "mse", "cosine"] = Field(
-        "auto", description="auto: kl (+ task loss) for classifiers, cosine for embedding models")
+        "auto", description="auto: kl (+ task loss) for classifiers and causal LMs (per token, on next-token "
+        "distributions), cosine for embedding models")
     temperature: float = Field(4.0, gt=0, description="softens both distributions for the KL term")
-    alpha: float = Field(0.7, ge=0, le=1, description="weight of the distillation term; 1 - alpha on the labels")
+    alpha: float = Field(0.7, ge=0, le=1, description="weight of the distillation term; 1 - alpha on the labels "
+                         "(causal LMs: on next-token cross-entropy of the training text; 1: KL alone)")
     patience: int = Field(2, ge=0, description="epochs without improvement on the held-out tenth before stopping")
     weight_decay: float = Field(0.0, ge=0)
     max_batches: Optional[int] = Field(None, gt=1, description="use at most this many batches of the training "
@@ -56,7 +61,8 @@ class DistillParams(StepParams):
 @register
 class Distill(Step):
     name = "distill"
-    summary = "knowledge distillation from another variant (KL + labels, or cosine/MSE on embeddings)"
+    summary = ("knowledge distillation from another variant (KL + labels, per-token KL for causal LMs, or "
+               "cosine/MSE on embeddings)")
     Params = DistillParams
     consumes = "torch"
 
@@ -226,13 +232,21 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int, device) -> dict
     from core.infer import torch_outputs, variant_outputs
 
     task = ctx.task
-    batches, labels = _rebatch(task.train_batches, task.train_labels, p.batch_size)
+    lm = is_causal_lm(student)
+    if lm:
+        _check_lm(teacher, p)
+    # A causal LM keeps the task's batches: logits are batch x tokens x vocabulary, and batch_size
+    # rows of them at once could exhaust the memory.
+    batches, labels = (task.train_batches, None) if lm else _rebatch(task.train_batches, task.train_labels,
+                                                                    p.batch_size)
     limit = min(p.max_batches or len(batches), 8 if ctx.quick else len(batches))
     batches = batches[:limit]  # labels stay aligned: they are indexed from the start
     tap = None
     if p.hidden_weight > 0 or p.layerwise_epochs:
         t_layers, s_layers = _encoder_layers(teacher, student, p.teacher)
         teacher_out, teacher_hidden = _teacher_hidden(teacher, t_layers, batches, device)
+    elif lm:  # the teacher runs batch by batch in tensors(): all of its logits at once would not fit
+        teacher_out = None
     elif teacher.format == "torch":
         teacher_out = torch_outputs(teacher.module, batches, device)
     else:
@@ -242,15 +256,20 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int, device) -> dict
     n_val = max(1, len(batches) // 10)
     train_idx, val_idx = list(range(len(batches) - n_val)), list(range(len(batches) - n_val, len(batches)))
     classifier = model_is_classifier = (task.type == "classification")
-    loss_kind = p.loss if p.loss != "auto" else ("kl" if classifier else "cosine")
+    loss_kind = p.loss if p.loss != "auto" else ("kl" if classifier or lm else "cosine")
 
     def tensors(i):
         x = {k: torch.from_numpy(v).to(device) for k, v in batches[i].items()}
+        if lm:  # the batch itself stands for the labels: the next tokens and the mask
+            with torch.no_grad():
+                return x, teacher.module(**x).float(), x
         t = torch.from_numpy(teacher_out[starts[i]:starts[i + 1]]).to(device)
         y = torch.from_numpy(np.asarray(labels[starts[i]:starts[i + 1]])).to(device) if labels is not None else None
         return x, t, y
 
     def loss_fn(out, t, y):
+        if lm:
+            return _lm_loss(out, t, y, p.temperature, p.alpha)
         if loss_kind == "kl":
             T = p.temperature
             kd = F.kl_div(F.log_softmax(out / T, -1), F.softmax(t / T, -1), reduction="batchmean") * T * T
@@ -268,7 +287,9 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int, device) -> dict
         return torch.stack([_masked_mse(s, t, mask) for s, t in zip(states, teacher_hidden[i])]).mean()
 
     def validate() -> float:
-        """Higher is better: accuracy on the held-out tenth, or cosine to the teacher."""
+        """Higher is better: accuracy on the held-out tenth, cosine to the teacher, or (causal LMs)
+        minus the mean KL to the teacher's next-token distributions, unscaled (temperature 1), as the
+        bench measures it."""
         student.eval()
         with torch.no_grad():
             scores = []
@@ -277,7 +298,8 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int, device) -> dict
                 out = student(**x)
                 if tap:
                     tap.take()
-                scores.append((out.argmax(-1) == y).float().mean().item() if (classifier and y is not None)
+                scores.append(-_token_kl(out, t, y["attention_mask"]).item() if lm
+                              else (out.argmax(-1) == y).float().mean().item() if (classifier and y is not None)
                               else F.cosine_similarity(out, t, dim=-1).mean().item())
         return float(np.mean(scores))
 
@@ -307,6 +329,43 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int, device) -> dict
             "val_before": round(untrained[0] if untrained else start_score, 5), "val_best": round(best, 5),
             "history": history,
             **({"layerwise": {**layerwise, "val_after": round(start_score, 5)}} if layerwise else {})}
+
+
+def _check_lm(teacher, p: DistillParams) -> None:
+    """What distilling a causal LM needs: a PyTorch teacher that runs alongside it, and the KL loss."""
+    if teacher.format != "torch" or not is_causal_lm(teacher.module):
+        raise ValueError(f"a causal LM distils from a causal LM in PyTorch, run batch by batch beside it; "
+                         f"'{p.teacher}' is not one")
+    if p.loss not in ("auto", "kl"):
+        raise ValueError(f"a causal LM distils with loss kl (or auto), not {p.loss}")
+    if p.hidden_weight > 0 or p.layerwise_epochs:
+        raise ValueError("hidden_weight and layerwise_epochs are for transformer encoders; set them to 0 for a "
+                         "causal LM")
+
+
+def _token_kl(out, t, mask, temperature: float = 1.0):
+    """Mean over real tokens (mask (batch, tokens)) of KL(teacher || student) between the
+    temperature-scaled next-token distributions at each position."""
+    import torch.nn.functional as F
+
+    kl = F.kl_div(F.log_softmax(out.float() / temperature, -1), F.log_softmax(t / temperature, -1),
+                  reduction="none", log_target=True).sum(-1)
+    mask = mask.to(kl.dtype)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _lm_loss(out, t, batch: dict, temperature: float, alpha: float):
+    """alpha x the per-token KL (x T^2, so gradients keep their scale across temperatures) plus
+    1 - alpha x the cross-entropy of the real next tokens (position i predicts token i + 1)."""
+    import torch.nn.functional as F
+
+    kd = _token_kl(out, t, batch["attention_mask"], temperature) * temperature ** 2
+    if alpha >= 1:
+        return kd
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    labels = ids[:, 1:].masked_fill(~(mask[:, 1:] & mask[:, :-1]), -100)
+    ce = F.cross_entropy(out[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+    return alpha * kd + (1 - alpha) * ce
 
 
 def _masked_mse(out, target, mask):

@@ -7,7 +7,10 @@ unit contributed is not simply lost: layer by layer, front to back, the output p
 kept units is refit by least squares so that the pruned model reproduces the unpruned one's
 LayerNorm inputs on training text (FLAP's bias compensation taken to the weights, with each layer
 also correcting the error its predecessors left), which keeps far more of the model before any
-distillation."""
+distillation.
+
+Decoder LMs (Llama layout, GPT-2) lose FFN channels and whole key/value heads with their query
+groups, the same way: ranked by magnitude or activation, refit front to back."""
 from __future__ import annotations
 
 import copy
@@ -15,10 +18,14 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
+from core.decoders import decoder_layer, decoder_layers, unsupported_decoder_pruning, weight
 from core.encoders import encoder_layers, unsupported_for_pruning
 from core.errors import field_error
+from core.lm import is_causal_lm
 from core.progress import library_prints
 from core.steps import Step, StepParams, register
+
+DECODER_ROUND_TO = 32  # decoders' FFN widths when round_to is unset: bitsandbytes' 4-bit CPU kernel needs it
 
 
 class PruneParams(StepParams):
@@ -31,16 +38,20 @@ class PruneParams(StepParams):
         "magnitude", description="structured: L2 magnitude; taylor: first-order Taylor (CNNs, needs task labels); "
         "activation: how much what a channel or head adds to its layer's output varies on the task's training "
         "batches; layer by layer, what stays is then refit by least squares to reproduce the unpruned model "
-        "(transformer encoders, no labels needed)")
+        "(transformer encoders and decoder LMs, no labels needed)")
     global_pruning: bool = Field(False, description="rank channels across layers instead of per layer")
     ignored_layers: list[str] = Field(default_factory=list, description="module names never pruned "
                                       "(the output layer is always kept)")
-    round_to: Optional[int] = Field(None, gt=0, description="keep channel counts multiples of this")
+    round_to: Optional[int] = Field(None, gt=0, description="keep channel counts multiples of this (decoder LMs: "
+                                    f"{DECODER_ROUND_TO} when unset, as bitsandbytes' 4-bit CPU kernel needs "
+                                    "out_features % 32 == 0)")
     targets: list[Literal["ffn", "heads"]] = Field(
-        default_factory=lambda: ["ffn", "heads"], description="transformer encoders (structured): FFN intermediate "
-        "channels and/or whole attention heads; the model's config is fixed up to match")
-    head_ratio: Optional[float] = Field(None, ge=0, lt=1, description="fraction of heads removed per layer "
-                                        "(default: ratio); at least one head is kept")
+        default_factory=lambda: ["ffn", "heads"], description="transformer encoders and decoder LMs (structured): "
+        "FFN intermediate channels and/or whole attention heads (decoders with grouped-query attention: whole "
+        "key/value heads with their query heads); the model's config is fixed up to match")
+    head_ratio: Optional[float] = Field(None, ge=0, lt=1, description="fraction of heads (decoders: of key/value "
+                                        "heads) removed per layer (default: ratio); at least one is kept, and "
+                                        "every layer keeps the same number")
 
 
 STATS_BATCHES = 16  # training batches whose activations rank and refit (importance: activation)
@@ -73,7 +84,12 @@ class Prune(Step):
 
     def run(self, model, params, ctx):
         p = PruneParams.model_validate(params)
-        if p.method == "structured":
+        decoder = p.method == "structured" and is_causal_lm(model.module)
+        if decoder:  # before the encoder checks, which would reject a decoder as an unknown encoder
+            why = unsupported_decoder_pruning(model.module)
+            if why:
+                raise ValueError(why)
+        elif p.method == "structured":
             why = unsupported_for_pruning(model.module)
             if why:
                 raise ValueError(why)
@@ -81,7 +97,9 @@ class Prune(Step):
                 raise ValueError("importance 'activation' ranks FFN channels and heads of transformer encoders, and "
                                  "this model has none; use magnitude (or taylor, for a classifier with labels)")
         module = copy.deepcopy(model.module).eval()
-        if p.method == "structured" and encoder_layers(module):
+        if decoder:
+            _decoder(module, model.module, p, ctx)
+        elif p.method == "structured" and encoder_layers(module):
             _transformer(module, model.module, p, ctx)
         elif p.method == "structured":
             _structured(module, model.io, p, ctx)
@@ -185,6 +203,143 @@ def _transformer(module, teacher, p: PruneParams, ctx) -> None:
     ctx.notes.update(params_before=int(before), params_after=int(after))
 
 
+def _decoder(module, teacher, p: PruneParams, ctx) -> None:
+    """Decoder LMs, layers found by structure (core.decoders). FFN channels leave the input
+    projections (Llama's gate and up, GPT-2's c_fc) and the down projection's inputs; heads leave as
+    whole key/value heads with their group of query heads, so grouped-query attention keeps its group
+    size, and every layer keeps the same count (the KV cache has one shape). The config follows
+    (intermediate_size / n_inner; num_attention_heads, num_key_value_heads and an explicit head_dim,
+    so the head size stays), so save_pretrained / from_pretrained round-trip; GPT-2's heads go through
+    Hugging Face's prune_heads, which records them in config.pruned_heads instead.
+
+    Ranking and the layer-by-layer refit are the encoders' (see _transformer). Llama's projections
+    have no bias: there the refit fits none, and activations rank by second moments."""
+    import torch
+
+    from compress.capture import layer_inputs, next_inputs, real_tokens
+
+    if p.importance == "taylor":
+        raise ValueError("decoder LMs are pruned by importance magnitude or activation, not taylor")
+    layers = decoder_layers(module)
+    hf, first = module.model, layers[0]
+    cfg = hf.config
+    before = sum(x.numel() for x in module.parameters())
+    n_stats = STATS_BATCHES // 4 if ctx.quick else STATS_BATCHES  # --quick: a smoke run
+    batches = (ctx.task.train_batches if ctx.task else [])[:n_stats] if p.importance == "activation" else None
+    if p.importance == "activation" and not batches:
+        raise ValueError("importance 'activation' needs the task's training batches, and there are none")
+    t_layers = decoder_layers(teacher.eval()) if batches else None
+    ctx.notes.update(importance=p.importance, layout=first.family)
+    n_kv, group, drop_kv = first.kv_heads, first.heads // first.kv_heads, 0
+    if "heads" in p.targets:
+        if getattr(cfg, "pruned_heads", None) or len({(x.heads, x.kv_heads) for x in layers}) > 1:
+            raise ValueError("this model's heads were pruned already (config.pruned_heads); prune heads in one step")
+        if first.family == "gpt2" and not hasattr(hf.base_model, "_prune_heads"):
+            raise ValueError("this transformers version has no prune_heads for GPT-2; use targets: [ffn]")
+        drop_kv = min(n_kv - 1, int((p.head_ratio if p.head_ratio is not None else p.ratio) * n_kv))
+    if "ffn" in p.targets:
+        width, round_to = weight(first.down).shape[1], p.round_to or DECODER_ROUND_TO
+        keep = min(width, max(round_to, round(width * (1 - p.ratio)) // round_to * round_to))
+    tokens = 0
+    if batches:  # what reaches layer 0 of each model; after each layer, what the next one gets
+        s_in, t_in = layer_inputs(module, first.block, batches), layer_inputs(teacher, t_layers[0].block, batches)
+        masks = [real_tokens(b).reshape(-1) for b in batches]
+    for i, layer in enumerate(layers):
+        if batches and i:
+            s_in, t_in = next_inputs(layers[i - 1].block, s_in), next_inputs(t_layers[i - 1].block, t_in)
+        t = t_layers[i] if batches else None
+        if drop_kv:
+            pair = _paired_stats((layer.block, layer.o, layer.attn_sum, s_in), (t.block, t.o, t.attn_sum, t_in),
+                                 masks) if batches else None
+            wo, size = weight(layer.o).detach().double(), group * layer.head_dim
+            with torch.no_grad():
+                if pair:  # the variance of what each key/value head's query group adds to the output
+                    cov = _covariance(pair[0], centered=layer.o.bias is not None)
+                    score = [float(((wo[:, sl] @ cov[sl, sl]) * wo[:, sl]).sum())
+                             for sl in (slice(j * size, (j + 1) * size) for j in range(n_kv))]
+                else:  # the weights that compute the heads and the weights that read them
+                    score = [float(wo[:, j * size:(j + 1) * size].norm()) + sum(
+                        float(weight(proj)[r].norm()) for proj, r in zip(layer.qkv, _head_rows(layer, [j])[0]))
+                        for j in range(n_kv)]
+            kept = sorted(sorted(range(n_kv), key=lambda j: score[j])[drop_kv:])
+            rows, cols = _head_rows(layer, kept)
+            if layer.family == "gpt2":  # replaces c_attn and c_proj, and records the heads in config.pruned_heads
+                hf.prune_heads({i: [j for j in range(n_kv) if j not in kept]})
+                layer = decoder_layer(layer.block)
+            else:
+                for proj, r in zip(layer.qkv, rows):
+                    _keep(proj, r, "out")
+                _keep(layer.o, cols, "in")
+            if pair:  # both keep the remaining heads in their order, as the refit does
+                _set(layer.o, *_refit(*pair, cols, bias=layer.o.bias is not None))
+                tokens = int(pair[0][-1, -1])
+        if "ffn" in p.targets:
+            pair = _paired_stats((layer.block, layer.down, layer.ffn_sum, s_in),
+                                 (t.block, t.down, t.ffn_sum, t_in), masks) if batches else None
+            w_out = weight(layer.down).detach()
+            with torch.no_grad():
+                if pair:  # how much what the channel adds to the output varies
+                    importance = (_covariance(pair[0], centered=layer.down.bias is not None).diagonal().float()
+                                  * (w_out ** 2).sum(0))
+                else:  # the weights that write the channel (gate and up) and the weights that read it
+                    importance = w_out.norm(dim=0)
+                    for proj in layer.up:
+                        importance = importance * weight(proj).detach().norm(dim=1)
+            kept = sorted(importance.argsort(descending=True)[:keep].tolist())
+            for proj in layer.up:
+                _keep(proj, kept, "out")
+            _keep(layer.down, kept, "in")
+            if pair:
+                _set(layer.down, *_refit(*pair, kept, bias=layer.down.bias is not None))
+                tokens = int(pair[0][-1, -1])
+    if "ffn" in p.targets:
+        setattr(cfg, first.ffn_config_attr, keep)
+        ctx.notes.update(intermediate_size=[width, keep], round_to=round_to)
+        if not p.round_to:
+            ctx.notes["round_to_why"] = "the default for decoders: bitsandbytes' 4-bit CPU kernel needs " \
+                                        "out_features % 32 == 0"
+    if "heads" in p.targets:
+        ctx.notes.update(heads=[first.heads, group * (n_kv - drop_kv)], kv_heads=[n_kv, n_kv - drop_kv])
+        if drop_kv and first.family == "gpt2":
+            ctx.notes["heads_config"] = "GPT-2 keeps n_head as it was; config.pruned_heads lists the removed heads"
+        elif drop_kv:
+            cfg.num_attention_heads, cfg.num_key_value_heads = group * (n_kv - drop_kv), n_kv - drop_kv
+            cfg.head_dim = first.head_dim  # else it would be derived again as hidden_size // heads
+    if tokens:
+        ctx.notes["refit"] = f"least squares, layer by layer, on {tokens} training tokens"
+    after = sum(x.numel() for x in module.parameters())
+    ctx.notes.update(params_before=int(before), params_after=int(after))
+
+
+def _head_rows(layer, groups: list[int]):
+    """For these key/value heads with their query heads: the output rows to keep of each of
+    layer.qkv (GPT-2's fused c_attn is laid out [q | k | v]) and the matching input columns of o."""
+    hd, g = layer.head_dim, layer.heads // layer.kv_heads
+    q = [d for j in groups for d in range(j * g * hd, (j + 1) * g * hd)]  # query head j*g + r reads kv head j
+    kv = [d for j in groups for d in range(j * hd, (j + 1) * hd)]
+    if len(layer.qkv) == 1:
+        n = layer.heads * hd
+        return [q + [n + d for d in kv] + [2 * n + d for d in kv]], q
+    return [q, kv, kv], q
+
+
+def _keep(proj, idx: list[int], side: str) -> None:
+    """Keep only these output ("out") or input ("in") channels of an nn.Linear or a Conv1D, in place:
+    the DecoderLayer that holds the projection stays valid (torch-pruning knows no Conv1D)."""
+    import torch
+
+    linear = isinstance(proj, torch.nn.Linear)
+    dim = (side == "out") != linear  # Linear weights are (out, in), Conv1D weights (in, out)
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    proj.weight = torch.nn.Parameter(proj.weight.detach().index_select(int(dim), idx).contiguous())
+    if side == "out" and proj.bias is not None:
+        proj.bias = torch.nn.Parameter(proj.bias.detach()[idx].contiguous())
+    if linear:
+        proj.out_features, proj.in_features = proj.weight.shape
+    else:
+        proj.nx, proj.nf = proj.weight.shape
+
+
 def _paired_stats(student, teacher, masks):
     """For an output projection and the residual sum it feeds (proj(x) + residual), over the real
     tokens of some training batches: the Gram matrix of the student's input x with a column of ones
@@ -237,28 +392,40 @@ def _paired_stats(student, teacher, masks):
     return sums["gram"], sums["cross"]
 
 
-def _covariance(gram):
-    """Covariance of the inputs from a Gram matrix whose last row and column are the ones column."""
+def _covariance(gram, centered: bool = True):
+    """Covariance of the inputs from a Gram matrix whose last row and column are the ones column;
+    not centered: second moments, what an input varies around zero (a projection with no bias cannot
+    absorb its mean)."""
     n = gram[-1, -1]
+    if not centered:
+        return gram[:-1, :-1] / n
     mean = gram[:-1, -1] / n
     return gram[:-1, :-1] / n - mean[:, None] * mean[None, :]
 
 
-def _refit(gram, cross, keep: list[int]):
-    """Weights and bias over the kept inputs that best reproduce the target (least squares, lightly
-    ridged). Removing a channel then costs only what the kept ones cannot express of it."""
+def _refit(gram, cross, keep: list[int], bias: bool = True):
+    """Weights (out, in) and bias over the kept inputs that best reproduce the target (least squares,
+    lightly ridged). Removing a channel then costs only what the kept ones cannot express of it.
+    bias=False: for a projection without one (Llama's), which cannot gain one and still load."""
     import torch
 
-    idx = torch.tensor(list(keep) + [gram.shape[0] - 1])
+    idx = torch.tensor(list(keep) + ([gram.shape[0] - 1] if bias else []))
     lhs, rhs = gram[idx][:, idx], cross[idx]
-    ridge = 1e-5 * lhs.diagonal()[:-1].mean() * torch.eye(len(idx), dtype=lhs.dtype)
-    ridge[-1, -1] = 0  # the bias is free
+    ridge = 1e-5 * lhs.diagonal()[:len(keep)].mean() * torch.eye(len(idx), dtype=lhs.dtype)
+    if bias:
+        ridge[-1, -1] = 0  # the bias is free
     sol = torch.linalg.solve(lhs + ridge, rhs)
-    return sol[:-1].T.float().contiguous(), sol[-1].float().contiguous()
+    w = sol[:len(keep)].T.float().contiguous()
+    return (w, sol[-1].float().contiguous()) if bias else (w, None)
 
 
-def _set(linear, weight, bias) -> None:
-    linear.weight.data, linear.bias.data = weight, bias
+def _set(proj, weight, bias) -> None:
+    """Weight (out, in) and bias into an nn.Linear or a Conv1D (whose weight is (in, out))."""
+    import torch
+
+    proj.weight.data = weight if isinstance(proj, torch.nn.Linear) else weight.T.contiguous()
+    if bias is not None:
+        proj.bias.data = bias
 
 
 def _structured(module, io_spec, p: PruneParams, ctx) -> None:
