@@ -16,6 +16,16 @@ def primary_metric(results: dict) -> Optional[str]:
     return results.get("task", {}).get("primary")
 
 
+def lower_is_better(results: dict) -> bool:
+    """True when the primary metric improves downwards (perplexity)."""
+    return bool(results.get("task", {}).get("lower_is_better"))
+
+
+def metric_drop(results: dict, base: float, score: float) -> float:
+    """How much worse `score` is than `base` in the primary metric (negative: better)."""
+    return score - base if lower_is_better(results) else base - score
+
+
 def cell_score(cell: dict, variants: dict, metric: Optional[str]) -> Optional[float]:
     """The cell's own accuracy (from the backend's outputs) when measured, else its variant's."""
     if not metric:
@@ -152,7 +162,10 @@ def recommend(results: dict) -> Recommendation:
     if cons.get("backend"):
         rules.append(f"backend {cons['backend']}")
     if cons.get("max_accuracy_drop") is not None:
-        rules.append(f"{metric} drop <= {cons['max_accuracy_drop']}")
+        rules.append(f"{metric} {'increase' if lower_is_better(results) else 'drop'} <= {cons['max_accuracy_drop']}")
+    base_ppl = (base.get("accuracy") or {}).get("perplexity")
+    if cons.get("max_perplexity_increase") is not None:
+        rules.append(f"perplexity <= baseline x {1 + cons['max_perplexity_increase']:.4g}")
     if cons.get("max_latency_ms") is not None:
         rules.append(f"p50 <= {cons['max_latency_ms']} ms")
     if cons.get("max_memory_mb") is not None:
@@ -172,7 +185,15 @@ def recommend(results: dict) -> Recommendation:
                 unjudged.append(f"{c['variant']} / {c['backend']}: no {metric or 'accuracy'} score "
                                 f"{'for the baseline' if base_score is None else 'for this cell'}")
             else:
-                ok &= base_score - score <= cons["max_accuracy_drop"] + 1e-12
+                ok &= metric_drop(results, base_score, score) <= cons["max_accuracy_drop"] + 1e-12
+        if cons.get("max_perplexity_increase") is not None:
+            ppl = cell_score(c, variants, "perplexity")
+            if base_ppl is None or ppl is None:
+                ok = False
+                unjudged.append(f"{c['variant']} / {c['backend']}: no perplexity "
+                                f"{'for the baseline' if base_ppl is None else 'for this cell'}")
+            else:
+                ok &= ppl <= base_ppl * (1 + cons["max_perplexity_increase"]) + 1e-12
         if cons.get("max_latency_ms") is not None:
             ok &= c["latency_ms"]["p50"] <= cons["max_latency_ms"]
         if cons.get("max_memory_mb") is not None:

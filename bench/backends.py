@@ -100,12 +100,58 @@ class OrtRunner(Runner):
         return prepared.copy_outputs_to_cpu()[0]
 
 
+class TorchGenerator:
+    """A causal LM (core.lm.CausalLM) generating through transformers' `generate`."""
+
+    def __init__(self, module, device: str):
+        import torch
+
+        self.torch, self.device = torch, torch.device(device)
+        self.module = module.to(self.device).eval()
+        self.info = {"torch_threads": torch.get_num_threads(), "generation": "transformers generate, greedy",
+                     "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"}
+
+    def generate(self, ids, mask, new_tokens: int):
+        from core.lm_runtime import torch_generate
+
+        return torch_generate(self.module.model, ids, mask, new_tokens, device=self.device.type)
+
+    def logits(self, ids, mask):
+        with self.torch.inference_mode():
+            out = self.module(input_ids=self.torch.from_numpy(ids).to(self.device),
+                              attention_mask=self.torch.from_numpy(mask).to(self.device))
+        return out.float().cpu()
+
+
+class OrtGenerator:
+    """An ONNX graph with a KV cache, decoded in a loop whose cache stays on the device (IOBinding)."""
+
+    def __init__(self, path: str, backend: str, threads: int):
+        from core.lm_runtime import OrtLM
+
+        want = BACKENDS[backend].provider
+        self.lm = OrtLM(path, threads=threads,
+                        providers=[want] + (["CPUExecutionProvider"] if want != "CPUExecutionProvider" else []))
+        got = self.lm.session.get_providers()
+        if got[0] != want:
+            raise RuntimeError(f"ONNX Runtime did not start {want}; the session runs on {got}")
+        self.info = {"providers": got, "intra_op_threads": threads, "io_binding": True,
+                     "generation": "ORT decode loop, greedy, KV cache bound on the device"}
+
+    def generate(self, ids, mask, new_tokens: int):
+        return self.lm.generate(ids, mask, new_tokens)
+
+    def logits(self, ids, mask):
+        return self.lm.logits(ids, mask)
+
+
 # ----------------------------------------------------------------------------- PyTorch
 class TorchBackend(Backend):
     """Our own variant file (a pickled module, core.modelfile), eager."""
 
     format = "torch"
     uses_torch_allocator = True
+    generates = True
 
     @classmethod
     def module(cls, path: str):
@@ -116,6 +162,10 @@ class TorchBackend(Backend):
     @classmethod
     def load(cls, path: str, threads: int) -> Runner:
         return TorchRunner(cls.module(path), cls.device, threads)
+
+    @classmethod
+    def load_generator(cls, path: str, threads: int):
+        return TorchGenerator(cls.module(path), cls.device)
 
 
 class TorchCPU(TorchBackend):
@@ -128,6 +178,7 @@ class TorchCUDA(TorchBackend):
 
 class TorchCompileBackend(TorchBackend):
     compiles = True
+    generates = False
 
     @classmethod
     def load(cls, path: str, threads: int) -> Runner:
@@ -155,6 +206,7 @@ class TorchCompileCUDA(TorchCompileBackend):
 
 class TorchScriptBackend(TorchBackend):
     format = "torchscript"
+    generates = False
 
     @classmethod
     def module(cls, path: str):
@@ -173,6 +225,7 @@ class TorchScriptCUDA(TorchScriptBackend):
 
 class TorchExportBackend(TorchBackend):
     format = "torch-export"
+    generates = False
 
     @classmethod
     def load(cls, path: str, threads: int) -> Runner:
@@ -201,6 +254,7 @@ class OrtBackend(Backend):
     # An ONNX Runtime deployment on CPU does not load torch, so neither does its cell. On CUDA it
     # does: torch's wheels are where the CUDA libraries ORT loads usually come from.
     imports = ("onnxruntime",)
+    generates = True
 
     @classmethod
     def unavailable(cls) -> Optional[str]:
@@ -218,6 +272,10 @@ class OrtBackend(Backend):
     def load(cls, path: str, threads: int) -> Runner:
         return OrtRunner(path, cls.name, threads)
 
+    @classmethod
+    def load_generator(cls, path: str, threads: int):
+        return OrtGenerator(path, cls.name, threads)
+
 
 class OrtCPU(OrtBackend):
     name, device, summary, provider = "ort-cpu", "cpu", "ONNX Runtime, CPUExecutionProvider", "CPUExecutionProvider"
@@ -231,6 +289,7 @@ class OrtCUDA(OrtBackend):
 
 class OrtTensorRT(OrtBackend):
     name, device, provider = "ort-tensorrt", "cuda", "TensorrtExecutionProvider"
+    generates = False  # a KV cache that grows every step would rebuild TensorRT engines: not measured
     summary = "ONNX Runtime, TensorrtExecutionProvider"
     imports = ("torch", "onnxruntime")
 

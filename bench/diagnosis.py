@@ -48,10 +48,42 @@ def kernels_of(variants: dict, name: str) -> Optional[dict]:
     return None
 
 
-def diagnose(cell: dict, parent_cell: dict, variants: dict, cpu_flags: list[str]) -> list[str]:
+def _weight_only(variants: dict, name: str) -> bool:
+    """Whether the variant's own steps quantize weights only (MatMulNBits, bitsandbytes 4-bit)."""
+    for s in (variants.get(name) or {}).get("steps", []):
+        p = s.get("params", {})
+        if (s.get("name") == "onnx-quantize" and p.get("mode") in ("int4", "weight-only")) or \
+                (s.get("name") == "quantize" and p.get("method") in ("bnb-nf4", "bnb-fp4")):
+            return True
+    return False
+
+
+def _memory_bound_finding(cell: dict, parent_cell: dict, variants: dict, caches: dict) -> Optional[str]:
+    """A decoder's weight-only variant that is not faster: do its parent's weights even leave the cache?
+    A decode step reads every weight once per token; from DRAM that is what bounds it, from cache it is not."""
+    parent = variants.get((variants.get(cell["variant"]) or {}).get("parent")) or {}
+    size, l2, l3 = parent.get("size_bytes"), caches.get("L2"), caches.get("L3")
+    if not (cell.get("generation") and _weight_only(variants, cell["variant"]) and size and l3):
+        return None
+    mb = 1024 * 1024
+    where = ("in this CPU's L2 cache" if l2 and size <= l2 else f"in this CPU's {l3 / mb:.0f} MB L3 cache"
+             if size <= l3 else None)
+    if where is None:
+        return None
+    return (f"its parent's weights ({size / mb:.1f} MB) fit {where}, so a decode step reads them from cache, not "
+            "DRAM: fewer weight bytes save little there, while unpacking and scaling the quantized blocks adds work "
+            "to every step (weight-only quantization pays where decoding streams weights from memory: models "
+            "larger than the cache, decoded at small batches)")
+
+
+def diagnose(cell: dict, parent_cell: dict, variants: dict, cpu_flags: list[str],
+             caches: Optional[dict] = None) -> list[str]:
     """Plain-words findings for one cell that is not faster than its parent's."""
     name = cell["variant"]
     found = []
+    bound = _memory_bound_finding(cell, parent_cell, variants, caches or {})
+    if bound:
+        found.append(bound)
     prof = cell.get("profile") or {}
     by_op = prof.get("by_op_ms") or {}
     total = sum(by_op.values())
@@ -97,6 +129,7 @@ def diagnoses(results: dict, batch_size: int) -> list[dict]:
     variants = {v["name"]: v for v in results["variants"]}
     cells = {(c["variant"], c["backend"], c["batch_size"]): c for c in results["cells"] if measured(c)}
     flags = (results.get("environment") or {}).get("cpu_flags") or []
+    caches = (results.get("environment") or {}).get("cpu_cache_bytes") or {}
     out = []
     for (name, backend, batch), cell in cells.items():
         parent = (variants.get(name) or {}).get("parent")
@@ -105,7 +138,8 @@ def diagnoses(results: dict, batch_size: int) -> list[dict]:
             continue
         flags_here = flags if cell.get("device") == "cpu" else []
         out.append({"variant": name, "parent": parent, "backend": backend, "batch_size": batch,
-                    "speedup": faster(cell, p_cell), "findings": diagnose(cell, p_cell, variants, flags_here)})
+                    "speedup": faster(cell, p_cell), "findings": diagnose(cell, p_cell, variants, flags_here,
+                                                                 caches if cell.get("device") == "cpu" else None)})
     return out
 
 

@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.transforms import ScaledTranslation  # noqa: E402
 
-from bench.analysis import Recommendation, cell_score, primary_metric  # noqa: E402
+from bench import lm_report  # noqa: E402
+from bench.analysis import Recommendation, cell_score, lower_is_better, primary_metric  # noqa: E402
 from core import atomic  # noqa: E402
 
 MB = 1024 * 1024
@@ -95,12 +96,13 @@ def pareto_points(results, rec: Recommendation) -> list[dict]:
         if s is not None:
             pts.append({"cell_index": i, "variant": c["variant"], "backend": c["backend"],
                         "p50": c["latency_ms"]["p50"], "score": s})
-    pts.sort(key=lambda p: (p["p50"], -p["score"], p["variant"], p["backend"]))
+    sign = -1 if lower_is_better(results) else 1  # perplexity: lower is better
+    pts.sort(key=lambda p: (p["p50"], -sign * p["score"], p["variant"], p["backend"]))
     best = None  # Pareto frontier: no other point is both faster and more accurate
     for n, p in enumerate(pts, 1):
         p["n"] = n
-        p["frontier"] = best is None or p["score"] > best
-        best = p["score"] if best is None else max(best, p["score"])
+        p["frontier"] = best is None or sign * p["score"] > best
+        best = sign * p["score"] if best is None else max(best, sign * p["score"])
         p["recommended"] = rec.winner is not None and rec.winner.cell_index == p["cell_index"]
     return pts
 
@@ -162,7 +164,8 @@ def accuracy_vs_latency(results, out: Path, rec: Recommendation) -> Path | None:
         ax.set_xscale("log")
     ax.set_xlabel(f"p50 latency at batch {rec.batch_size} (ms)")
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} against latency (up and left is better; numbers: table below)")
+    better = "down and left" if lower_is_better(results) else "up and left"
+    ax.set_title(f"{metric} against latency ({better} is better; numbers: table below)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _number_labels(ax, pts)
@@ -387,7 +390,10 @@ def make_plots(results: dict, out: Path, rec: Recommendation, sp: dict) -> list[
              ("Model size by variant", size_bars(results, out)),
              ("Memory by cell", memory_bars(results, out)),
              ("Per-node quantization sensitivity", sensitivity_bars(results, out)),
-             ("Search candidates", search_plot(results, out))]
+             ("Search candidates", search_plot(results, out)),
+             ("Perplexity against decode tokens/s (Pareto frontier)", lm_report.ppl_vs_tokens_per_s(results, out, rec)),
+             ("Time to first token and per-token decode latency", lm_report.latency_bars(results, out)),
+             ("Memory against context length", lm_report.memory_vs_context(results, out, rec))]
     made = [(t, p) for t, p in plots if p is not None]
     # A rebuilt report drops the plots it no longer draws (renamed ones, or a panel without data now).
     for old in set(out.glob("*.png")) - {p for _, p in made}:

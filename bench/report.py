@@ -12,6 +12,7 @@ import pandas as pd
 
 from bench.analysis import (MB, TIE_RULE, Recommendation, cell_score, faster, primary_metric, quietness, recommend,
                             reference_speedups, speedups)
+from bench import lm_report
 from bench.diagnosis import diagnosis_lines, kernels_of
 from bench.plots import make_plots, pareto_points, sensitivity_rankings
 from bench.ship import ship_plan, write_recommended
@@ -388,6 +389,10 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
             if Path(path).name == "accuracy_vs_latency.png":
                 blocks.append(("p", "The numbers on the accuracy-against-latency plot:"))
                 blocks.append(("table", pareto_table(results, rec)))
+    if lm_report.generation_cells(results):
+        blocks.append(("h2", "Generation: time to first token, decode latency, perplexity"))
+        blocks.append(("p", lm_report.generation_note(results)))
+        blocks.append(("table", lm_report.generation_table(results)))
     blocks += diagnosis_blocks(results, rec.batch_size)
     blocks += search_blocks(results)
     blocks += sensitivity_blocks(results)

@@ -94,7 +94,8 @@ class Journal:
                 self.done[(rec["job"], rec["round"])] = rec
 
     # What defines a measurement; not where a child finds plugin modules (sys_path) or writes outputs.
-    MEASUREMENT = ("backend", "device", "path", "io", "batch_size", "seq_len", "threads", "timing", "seed")
+    MEASUREMENT = ("backend", "device", "path", "io", "batch_size", "seq_len", "threads", "timing", "seed", "entry",
+                   "new_tokens")
 
     @classmethod
     def fingerprint(cls, job: dict) -> str:
@@ -242,6 +243,10 @@ def _cell(processes: list[dict], batch: int, threshold: float) -> dict:
               for k in first["memory"]}
     reason = stats.pop("unstable_reason")
     node = first.get("node")  # under Ray: every process of a cell runs on its first process's node
+    if "generation" in first:  # a causal LM's cell (bench.generate): latency is per decoded token
+        from bench.generate import merge
+
+        stats["generation"] = merge(processes)
     return {"status": "unstable" if reason else "ok", "reason": reason, **({"node": node} if node else {}),
             **stats, "repeats": repeats,
             "memory": memory, "cold": first["cold"], "threads": first["threads"],

@@ -105,9 +105,9 @@ def run(job: dict) -> dict:
 
     if job.get("eval_inputs"):
         # Accuracy from the very outputs this backend produces, on the real evaluation split.
-        from core.infer import load_batches
+        from core.infer import load_batches, reduce_outputs
 
-        outs = [runner.outputs(runner.prepare(b)) for b in load_batches(job["eval_inputs"])]
+        outs = [reduce_outputs(runner.outputs(runner.prepare(b)), b) for b in load_batches(job["eval_inputs"])]
         np.save(job["outputs_path"], np.concatenate(outs).astype(np.float32))
     return result
 

@@ -46,6 +46,7 @@ class Backend:
     imports: ClassVar[tuple[str, ...]] = ("torch",)
     uses_torch_allocator: ClassVar[bool] = False  # its device memory shows in torch.cuda's figures
     compiles: ClassVar[bool] = False  # its first call compiles: that time is kept apart as compile_s
+    generates: ClassVar[bool] = False  # measures causal LMs by generation (load_generator, bench.generate)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -64,6 +65,12 @@ class Backend:
 
     @classmethod
     def load(cls, path: str, threads: int) -> Runner:
+        raise NotImplementedError
+
+    @classmethod
+    def load_generator(cls, path: str, threads: int):
+        """For causal LMs: an object with `generate(ids, mask, new_tokens) -> (ids, {"prefill_ms",
+        "decode_ms"})`, `logits(ids, mask)` and `info` (see bench.generate)."""
         raise NotImplementedError
 
 

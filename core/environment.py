@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 from core.processes import default_threads
 
@@ -35,6 +36,22 @@ def cpu_flags() -> list[str]:
     except OSError:
         pass
     return []
+
+
+def cpu_caches() -> dict[str, int]:
+    """Bytes of each data / unified cache level one core sees (L1, L2, L3), from sysfs: whether a
+    model's weights stay in cache decides what weight-only quantization can save."""
+    out = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            size = (index / "size").read_text().strip()
+            scale = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}.get(size[-1:], 1)
+            out[f"L{(index / 'level').read_text().strip()}"] = int(size.rstrip("KMG")) * scale
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 def versions() -> dict[str, str]:
@@ -72,6 +89,7 @@ def fingerprint(threads: int | None = None) -> dict:
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),
+        "cpu_cache_bytes": cpu_caches(),
         "cores_logical": os.cpu_count(),
         "cores_available": default_threads(),
         "threads_requested": threads,

@@ -1,4 +1,5 @@
-"""Run a model over batches of named numpy inputs and return the stacked outputs (one array)."""
+"""Run a model over batches of named numpy inputs and return the stacked outputs (one array). Per-token
+logits of a causal LM are summarised per batch (core.lm.summarize) before they are stacked."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,20 @@ def torch_outputs(module, batches: list[dict[str, np.ndarray]], device=None) -> 
     with torch.inference_mode():
         for b in batches:
             out = module(**{k: torch.from_numpy(v).to(device or "cpu") for k, v in b.items()})
-            outs.append(out.float().cpu().numpy())
+            outs.append(reduce_outputs(out.float().cpu(), b))
     return np.concatenate(outs)
+
+
+def reduce_outputs(out, batch: dict[str, np.ndarray]) -> np.ndarray:
+    """What is kept of one batch's outputs (a numpy array or a CPU tensor): as they are, or, for
+    per-token outputs over a vocabulary (a causal LM's logits), their core.lm summary."""
+    from core.lm import summarize
+
+    ids = batch.get("input_ids")
+    if len(out.shape) == 3 and ids is not None and tuple(out.shape[:2]) == ids.shape:
+        mask = batch.get("attention_mask")
+        return summarize(out, ids, mask if mask is not None else np.ones(ids.shape, np.int64))
+    return out if isinstance(out, np.ndarray) else out.numpy()
 
 
 def onnx_session(path: Path, threads: int | None = None, providers=("CPUExecutionProvider",)):
@@ -31,7 +44,13 @@ def onnx_session(path: Path, threads: int | None = None, providers=("CPUExecutio
 def onnx_outputs(path_or_session, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
     sess = path_or_session if hasattr(path_or_session, "run") else onnx_session(path_or_session)
     names = {i.name for i in sess.get_inputs()}
-    return np.concatenate([sess.run(None, {k: v for k, v in b.items() if k in names})[0] for b in batches])
+    if any(n.startswith("past_key_values") for n in names):  # a causal LM with a KV cache: an empty past
+        from core.lm_runtime import OrtLM
+
+        lm = OrtLM(sess)
+        return np.concatenate([reduce_outputs(lm.logits(b["input_ids"], b["attention_mask"]), b) for b in batches])
+    return np.concatenate([reduce_outputs(sess.run(None, {k: v for k, v in b.items() if k in names})[0], b)
+                           for b in batches])
 
 
 def variant_outputs(model, batches: list[dict[str, np.ndarray]]) -> np.ndarray:

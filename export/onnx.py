@@ -87,6 +87,10 @@ class OnnxFormat(ExportFormat):
 
     @classmethod
     def export(cls, module, io, path: Path, spec) -> dict:
+        if io.kind == "causal-lm":  # one graph with a KV cache: prefill (empty past) and decode steps
+            from export.causal_lm_onnx import export_causal_lm
+
+            return export_causal_lm(module.model, Path(path), opset=spec.opset)
         return export_onnx(module, io, path, opset=spec.opset, exporter=spec.exporter)
 
     @classmethod
@@ -99,4 +103,9 @@ class OnnxFormat(ExportFormat):
 
         sess = onnx_session(path)
         names = {i.name for i in sess.get_inputs()}
+        if any(n.startswith("past_key_values") for n in names):  # a causal LM's graph: prefill, empty past
+            from core.lm_runtime import OrtLM
+
+            lm = OrtLM(sess)
+            return lambda b: lm.logits(b["input_ids"], b["attention_mask"])
         return lambda b: sess.run(None, {k: v for k, v in b.items() if k in names})[0]

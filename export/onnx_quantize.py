@@ -25,19 +25,21 @@ class KeepFp32(StepParams):
 
 
 class OnnxQuantizeParams(StepParams):
-    mode: Literal["dynamic", "static", "int4"] = Field(
+    mode: Literal["dynamic", "static", "int4", "weight-only"] = Field(
         "dynamic", description="dynamic: int8 weights, activation scales per run; static: int8 weights and "
-        "activations (QDQ), scales calibrated on task data; int4: weight-only 4-bit MatMulNBits")
+        "activations (QDQ), scales calibrated on task data; weight-only: `bits`-bit block-quantized weights "
+        "(MatMulNBits), activations stay float (what LLM deployments use); int4: weight-only with bits 4")
+    bits: Literal[4, 8] = Field(4, description="weight-only: bits per weight (int4 always 4)")
     per_channel: bool = Field(False, description="int8: one scale per output channel instead of per tensor")
     reduce_range: bool = Field(False, description="int8: 7-bit weights, avoids u8s8 saturation on CPUs without VNNI")
     weight_type: Literal["QInt8", "QUInt8"] = "QInt8"
     activation_type: Literal["QInt8", "QUInt8"] = Field("QUInt8", description="static: activation integer type")
     calibration_batches: int = Field(8, gt=0, description="static: batches of the training split to calibrate on")
     calibrate_method: Literal["MinMax", "Entropy", "Percentile"] = "MinMax"
-    block_size: int = Field(32, ge=16, description="int4: weights per quantization block (a power of 2)")
+    block_size: int = Field(32, ge=16, description="weight-only (int4): weights per quantization block (a power of 2)")
     accuracy_level: Optional[Literal[0, 1, 2, 3, 4]] = Field(
-        None, description="int4: MatMulNBits compute precision (4: int8 activations, the fast CPU path)")
-    symmetric: bool = Field(True, description="int4: symmetric blocks (no zero point)")
+        None, description="weight-only (int4): MatMulNBits compute precision (4: int8 activations, the fast CPU path)")
+    symmetric: bool = Field(True, description="weight-only (int4): symmetric blocks (no zero point)")
     preset: Optional[Literal[PRESET_NAMES]] = Field(
         None, description="int8 settings for a processor: auto (this machine's CPU flags), avx2, avx512, avx512-vnni, "
         "amx, arm-dot, tensorrt; sets mode, types, reduce_range, per_channel, op_types and format, except the ones "
@@ -51,6 +53,9 @@ class OnnxQuantizeParams(StepParams):
                                           "each alone costs, and keep the most sensitive in float")
     preprocess: bool = Field(True, description="int8: run ORT's quant_pre_process (shape inference, cleanup) first")
     op_types: Optional[list[str]] = Field(None, description="op types to quantize, e.g. [MatMul, Gemm]; default: all")
+
+
+WEIGHT_ONLY = ("int4", "weight-only")
 
 
 def _aliases(names: Optional[list[str]]) -> Optional[list[str]]:
@@ -104,14 +109,17 @@ class OnnxQuantize(Step):
         if params.mode == "static" and recipe.task.type == "none":
             raise field_error(where, f"{field}.mode", "static quantization calibrates on task data, and the "
                               "recipe has no task", value="static", accepted=["dynamic", "int4"])
-        if params.mode == "int4" and params.block_size & (params.block_size - 1):
+        if params.mode == "int4" and params.bits != 4:
+            raise field_error(where, f"{field}.bits", "mode int4 is 4-bit; for 8-bit weights use mode weight-only",
+                              value=params.bits, accepted=[4])
+        if params.mode in WEIGHT_ONLY and params.block_size & (params.block_size - 1):
             raise field_error(where, f"{field}.block_size", "must be a power of 2", value=params.block_size)
 
     @classmethod
     def expand(cls, params):
         """A preset's settings, in the fields the recipe left unset; `auto` resolved on this machine,
         so the cache key and the lineage hold the concrete settings."""
-        if params.preset is None or (params.mode == "int4" and "mode" in params.model_fields_set):
+        if params.preset is None or (params.mode in WEIGHT_ONLY and "mode" in params.model_fields_set):
             return params
         from export.quant_presets import preset_settings, resolve
 
@@ -120,15 +128,15 @@ class OnnxQuantize(Step):
 
     def run(self, model, params, ctx):
         p = OnnxQuantizeParams.model_validate(params)
-        if p.preset and p.mode != "int4":
+        if p.preset and p.mode not in WEIGHT_ONLY:
             from export.quant_presets import resolve
 
             preset, why = resolve(p.preset)
             ctx.notes["preset"] = {"name": preset.name, "why": why, "symmetric": preset.symmetric,
                                    "int8_pays_here": preset.int8_pays}
         out = ctx.work_dir / "quantized.onnx"
-        if p.mode == "int4":
-            self._int4(model.onnx_path, out, p, ctx)
+        if p.mode in WEIGHT_ONLY:
+            self._weight_only(model.onnx_path, out, p, ctx)
         else:
             src = self._preprocess(model.onnx_path, p, ctx) if p.preprocess else model.onnx_path
             if p.keep_fp32:
@@ -216,7 +224,7 @@ class OnnxQuantize(Step):
         ctx.notes["calibration"] = {"batches": len(batches), "method": p.calibrate_method}
 
     @staticmethod
-    def _int4(src, out, p, ctx):
+    def _weight_only(src, out, p, ctx):
         import logging
 
         import onnx
@@ -225,7 +233,7 @@ class OnnxQuantize(Step):
         # It logs every node it skips at INFO, and Gemm nodes at ERROR; the count below says enough.
         logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.CRITICAL)
 
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=p.block_size,
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=p.bits, block_size=p.block_size,
                                          is_symmetric=p.symmetric, accuracy_level=p.accuracy_level,
                                          op_types_to_quantize=tuple(p.op_types) if p.op_types else None)
         quantizer.process()
@@ -233,8 +241,9 @@ class OnnxQuantize(Step):
         count = sum(n.op_type == "MatMulNBits" for n in quantizer.model.model.graph.node)
         if count == 0:
             gemm = sum(n.op_type == "Gemm" for n in quantizer.model.model.graph.node)
-            raise ValueError("no MatMul was turned into MatMulNBits: int4 weight-only quantization acts on MatMul "
+            raise ValueError("no MatMul was turned into MatMulNBits: weight-only quantization acts on MatMul "
                              "nodes with constant weights" + (f", and this graph's {gemm} linear layers are Gemm "
                                                               "nodes (2-D inputs); use mode dynamic or static"
                                                               if gemm else ""))
         ctx.notes["matmul_nbits_nodes"] = count
+        ctx.notes["bits"] = p.bits

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.infer import load_batches, save_batches
+from core.infer import load_batches, reduce_outputs, save_batches
 
 
 def outputs_in_fresh_process(fmt: str, path: Path, batches: list[dict], timeout_s: float = 600) -> np.ndarray:
@@ -42,7 +42,7 @@ def main() -> int:
     fmt, path, inputs, out, where = sys.argv[1:6]
     import_located(json.loads(where))
     run = FORMATS[fmt].load(path)
-    np.save(out, np.concatenate([run(b) for b in load_batches(inputs)]).astype(np.float32))
+    np.save(out, np.concatenate([reduce_outputs(run(b), b) for b in load_batches(inputs)]).astype(np.float32))
     return 0
 
 

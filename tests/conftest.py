@@ -149,3 +149,34 @@ def make_reviews_csv(path: Path, n: int = 60) -> Path:
             noun = rng.choice(["movie", "film", "plot", "acting"])
             w.writerow([f"the {noun} was {'very ' * (i % 3)}{adj}", int(positive)])
     return Path(path)
+
+
+# ----------------------------------------------------------------------------- tiny causal LMs
+def make_tiny_causal_lm(folder: Path, family: str = "llama") -> Path:
+    """A randomly initialised 2-layer decoder LM of `family` (gpt2, llama: GQA with 2 key/value heads
+    for 4 query heads) and a byte-level BPE tokenizer of 384 tokens trained on a few standard-library
+    docstrings, saved as save_pretrained lays out any causal LM: a user's local model folder."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+
+    from workbench.sources.data import stdlib_docstrings
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(stdlib_docstrings()[0][:400], vocab_size=384, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    vocab = len(tokenizer)
+    config = {
+        "gpt2": lambda: GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=256,
+                                   bos_token_id=0, eos_token_id=0),
+        "llama": lambda: LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                     tie_word_embeddings=True, bos_token_id=0, eos_token_id=0),
+    }[family]()
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -63,14 +63,14 @@ class Run:
             from workbench.sources.models import load_model
             from workbench.tasks import build_task
 
-            self.src = load_model(self.recipe)
+            self.src = load_model(self.recipe, self.quick)
             route_library_loggers()  # now that the model's libraries are loaded
             self.task = build_task(self.recipe, self.src)
             if self.quick:  # a smoke run: two evaluation batches are enough to see that accuracy is scored
                 self.task.eval_batches = self.task.eval_batches[:2]
                 if self.task.labels is not None:
                     self.task.labels = self.task.labels[:self.task.eval_size]
-            if self.task.type == "embedding-fidelity":
+            if self.task.type in ("embedding-fidelity", "language-modeling"):
                 from core.infer import torch_outputs
 
                 self.task.reference = torch_outputs(self.src.module, self.task.eval_batches)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError,
+                      model_validator)
 
 from core.backends import BACKENDS
 from core.errors import RecipeError, field_error
@@ -59,13 +60,19 @@ class InputSpec(Strict):
 
 class BuiltinModel(Strict):
     source: Literal["builtin"]
-    name: Literal["digits-cnn", "minilm-l6"]
+    name: Literal["digits-cnn", "minilm-l6", "docstring-gpt"] = Field(description=(
+        "digits-cnn: a small CNN trained on scikit-learn's digits; minilm-l6: all-MiniLM-L6-v2 (sentence "
+        "embeddings); docstring-gpt: a small Llama-layout decoder LM trained on the standard library's docstrings "
+        "and code on first use (about 4 minutes on 2 cores), then cached"))
 
 
 class HFModel(Strict):
     source: Literal["hf"]
     path: str = Field(description="a local save_pretrained directory or a hub id")
-    head: Literal["embedding", "sequence-classification"] = "embedding"
+    head: Literal["embedding", "sequence-classification", "causal-lm"] = Field(
+        "embedding", description="embedding: the encoder with pooling; sequence-classification: logits of an "
+        "AutoModelForSequenceClassification; causal-lm: an AutoModelForCausalLM (GPT-2, Llama, Qwen2, Mistral, "
+        "Phi and others), measured by generation")
     pooling: Literal["mean", "cls"] = "mean"
     trust_remote_code: bool = False
     revision: Optional[str] = None
@@ -134,12 +141,22 @@ class EmbeddingFidelityTask(Strict):
     max_length: int = Field(128, gt=0)
 
 
+class LanguageModelingTask(Strict):
+    type: Literal["language-modeling"]
+    data: DataSpec = Field(description="builtin stdlib-docstrings, or a .txt (documents separated by blank lines), "
+                           ".csv or .jsonl file (text_field)")
+    block_size: int = Field(128, gt=1, description="tokens per evaluation and training block (texts are packed "
+                            "end to end, separated by the tokenizer's end-of-text token)")
+    eval_blocks: int = Field(64, gt=0, description="held-out blocks scored: perplexity, and top-1 agreement and KL "
+                             "of next-token distributions against the source model")
+
+
 class NoTask(Strict):
     type: Literal["none"]
 
 
 TaskSpec = Annotated[
-    Union[ClassificationTask, TextClassificationTask, EmbeddingFidelityTask, NoTask],
+    Union[ClassificationTask, TextClassificationTask, EmbeddingFidelityTask, LanguageModelingTask, NoTask],
     Field(discriminator="type"),
 ]
 
@@ -201,7 +218,9 @@ class Placement(Strict):
 class BenchSpec(Strict):
     backends: list[BackendName] = Field(default_factory=lambda: ["torch-cpu", "ort-cpu"], min_length=1)
     batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1, 8], min_length=1)
-    seq_len: int = Field(128, gt=0)
+    seq_len: int = Field(128, gt=0, description="sequence length of text inputs; causal LMs: the prompt length")
+    new_tokens: int = Field(32, ge=2, description="causal LMs: tokens generated greedily per measured generation "
+                            "(the first one is the time to first token, the rest the per-token decode latency)")
     threads: Optional[int] = Field(None, gt=0, description="intra-op threads; default: all cores")
     timing: Timing = Field(default_factory=Timing)
     repeats: int = Field(3, ge=1, le=20, description="processes per cell, one per interleaved round; --quick: "
@@ -222,8 +241,21 @@ class BenchSpec(Strict):
 
 
 # ----------------------------------------------------------------------------- report
+def _percent(value):
+    """`5%` is 0.05; a plain number is already a fraction."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            return float(value.strip()[:-1]) / 100
+        except ValueError:
+            return value
+    return value
+
+
 class Constraints(Strict):
     max_accuracy_drop: Optional[float] = Field(None, ge=0)
+    max_perplexity_increase: Annotated[Optional[float], BeforeValidator(_percent)] = Field(
+        None, ge=0, description="language modelling: largest relative perplexity increase over the baseline "
+        "(`5%` or 0.05)")
     max_latency_ms: Optional[float] = Field(None, gt=0)
     max_memory_mb: Optional[float] = Field(None, gt=0)
     backend: Optional[BackendName] = None
@@ -285,7 +317,7 @@ class Recipe(Strict):
 
     @property
     def model_kind(self) -> str:
-        """'classifier' or 'embedding': what the model's single output means."""
+        """'classifier', 'embedding' or 'causal-lm': what the model's single output means."""
         return model_kind(self.model)
 
     @property
@@ -500,11 +532,11 @@ def _check_acyclic(recipe: Recipe, where: str) -> None:
 
 
 def model_kind(spec) -> str:
-    """'classifier' or 'embedding': what the model's output means, so a task can check it fits."""
+    """'classifier', 'embedding' or 'causal-lm': what the model's output means, so a task can check it fits."""
     if isinstance(spec, BuiltinModel):
-        return {"digits-cnn": "classifier", "minilm-l6": "embedding"}[spec.name]
+        return {"digits-cnn": "classifier", "minilm-l6": "embedding", "docstring-gpt": "causal-lm"}[spec.name]
     if isinstance(spec, HFModel):
-        return "embedding" if spec.head == "embedding" else "classifier"
+        return {"embedding": "embedding", "causal-lm": "causal-lm"}.get(spec.head, "classifier")
     if isinstance(spec, TorchvisionModel):
         return "classifier"
     return spec.kind
@@ -570,6 +602,12 @@ def _hf_skeleton(recipe: Recipe):
         local = recipe.resolve(m.path)
         cfg = AutoConfig.from_pretrained(str(local) if local.exists() else m.path, revision=m.revision)
         with torch.device("meta"):
+            if m.head == "causal-lm":
+                from transformers import AutoModelForCausalLM
+
+                from core.lm import CausalLM
+
+                return CausalLM(AutoModelForCausalLM.from_config(cfg))
             return (AutoModel if m.head == "embedding" else AutoModelForSequenceClassification).from_config(cfg)
     except Exception:  # noqa: BLE001 - the run reports what loading really says
         return None
@@ -584,9 +622,11 @@ def _check_structured_pruning(recipe: Recipe, where: str) -> None:
     skeleton = _hf_skeleton(recipe)
     if skeleton is None:
         return
+    from core.decoders import unsupported_decoder_pruning
     from core.encoders import unsupported_for_pruning
+    from core.lm import CausalLM
 
-    why = unsupported_for_pruning(skeleton)
+    why = unsupported_decoder_pruning(skeleton) if isinstance(skeleton, CausalLM) else unsupported_for_pruning(skeleton)
     if why:
         name, i = prunes[0]
         raise field_error(where, f"variants.{name}.steps[{i}].prune.method", why, value="structured",
@@ -596,22 +636,22 @@ def _check_structured_pruning(recipe: Recipe, where: str) -> None:
 def _check_task(recipe: Recipe, where: str) -> None:
     t = recipe.task
     kind = model_kind(recipe.model)
-    needs = {"classification": "classifier", "text-classification": "classifier",
-             "embedding-fidelity": "embedding"}.get(t.type)
+    fits = {"classification": "classifier", "text-classification": "classifier", "embedding-fidelity": "embedding",
+            "language-modeling": "causal-lm"}
+    needs = fits.get(t.type)
     if needs and needs != kind:
         raise field_error(where, "task.type", f"needs a model whose output is a {needs}, but the model gives a {kind}",
-                          value=t.type, accepted=[k for k, v in {"classification": "classifier",
-                                                                 "text-classification": "classifier",
-                                                                 "embedding-fidelity": "embedding",
-                                                                 "none": kind}.items() if v == kind])
+                          value=t.type, accepted=[k for k, v in {**fits, "none": kind}.items() if v == kind])
     data = getattr(t, "data", None)
     for name in ("path", "eval_path"):
         value = getattr(data, name, None) if isinstance(data, FileData) else None
         if value and not recipe.resolve(value).is_file():
             raise field_error(where, f"task.data.{name}", "no such file", value=value,
-                              accepted="a .csv, .jsonl or .npz file, relative to the recipe file")
+                              accepted="a .csv, .jsonl or .npz file (language-modeling: also .txt), relative to "
+                              "the recipe file")
     if isinstance(data, BuiltinData):
-        fits = {"classification": ["digits"], "embedding-fidelity": ["stdlib-docstrings"]}[t.type]
+        fits = {"classification": ["digits"], "embedding-fidelity": ["stdlib-docstrings"],
+                "language-modeling": ["stdlib-docstrings"]}[t.type]
         if data.name not in fits:
             raise field_error(where, "task.data.name", f"is not a data set for task '{t.type}'", value=data.name,
                               accepted=fits)

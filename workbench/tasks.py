@@ -8,9 +8,10 @@ from typing import Optional
 
 import numpy as np
 
-from workbench.recipe import (BuiltinData, ClassificationTask, EmbeddingFidelityTask, Recipe,
+from workbench.recipe import (BuiltinData, ClassificationTask, EmbeddingFidelityTask, LanguageModelingTask, Recipe,
                               TextClassificationTask)
 from workbench.sources.data import digits_split, read_text_file, stdlib_docstrings
+from core.lm import lm_metrics
 from workbench.sources.models import SourceModel
 
 EVAL_BATCH = 32
@@ -18,7 +19,7 @@ EVAL_BATCH = 32
 
 @dataclass
 class Task:
-    type: str  # classification / embedding-fidelity / none
+    type: str  # classification / embedding-fidelity / language-modeling / none
     eval_batches: list[dict[str, np.ndarray]] = field(default_factory=list)
     labels: Optional[np.ndarray] = None
     train_batches: list[dict[str, np.ndarray]] = field(default_factory=list)
@@ -28,8 +29,9 @@ class Task:
 
     @property
     def primary(self) -> Optional[str]:
-        """The metric a recommendation trades against latency; higher is better."""
-        return {"classification": "accuracy", "embedding-fidelity": "cosine_mean"}.get(self.type)
+        """The metric a recommendation trades against latency (higher is better, but for perplexity)."""
+        return {"classification": "accuracy", "embedding-fidelity": "cosine_mean",
+                "language-modeling": "perplexity"}.get(self.type)
 
     @property
     def eval_size(self) -> int:
@@ -39,6 +41,7 @@ class Task:
         """The task as results.json records it: how many rows each role got and, for a classifier,
         the majority-class rate of the scored rows (what a model that learnt nothing reaches)."""
         out = {"type": self.type, "description": self.description, "primary": self.primary,
+               "lower_is_better": self.primary in LOWER_IS_BETTER,
                "eval_size": self.eval_size,
                "rows": {"evaluation": self.eval_size,
                         "steps": sum(len(next(iter(b.values()))) for b in self.train_batches)}}
@@ -53,7 +56,13 @@ class Task:
             return {"accuracy": float((outputs.argmax(-1) == self.labels).mean())}
         if self.type == "embedding-fidelity":
             return embedding_fidelity(outputs, self.reference)
+        if self.type == "language-modeling":  # outputs are core.lm summaries of the next-token logits
+            return lm_metrics(outputs, self.reference)
         return {}
+
+
+LOWER_IS_BETTER = {"perplexity"}
+LM_EVAL_BATCH = 8  # blocks per batch: its logits are batch x block x vocabulary floats
 
 
 def embedding_fidelity(emb: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -172,7 +181,44 @@ def build_task(recipe: Recipe, src: SourceModel) -> Task:
         return Task("embedding-fidelity", _tokenize(src.tokenizer, held, t.max_length), None,
                     _tokenize_bucketed(src.tokenizer, train, t.max_length)[0],
                     description=f"{desc}, {len(held)} texts, metrics: mean cosine and Spearman to the source model")
+    if isinstance(t, LanguageModelingTask):
+        return _language_modeling(recipe, t, src)
     return Task("none", description="no task: latency and memory only")
+
+
+def _language_modeling(recipe: Recipe, t: LanguageModelingTask, src: SourceModel) -> Task:
+    """Held-out text packed into blocks of `block_size` tokens (texts end to end, the end-of-text token
+    between them), so every block is full and every batch has one shape; the steps get the rest."""
+    if isinstance(t.data, BuiltinData):
+        train, held = stdlib_docstrings()
+        desc = "docstrings of the Python standard library (held-out 20%)"
+    else:
+        train, held, desc = _text_rows(recipe, t.data, labelled=False)
+    eval_blocks = pack_blocks(src.tokenizer, held, t.block_size)[:t.eval_blocks]
+    if not len(eval_blocks):
+        raise ValueError(f"task.data: the held-out text is shorter than one block of {t.block_size} tokens")
+    train_blocks = pack_blocks(src.tokenizer, train, t.block_size)
+    return Task("language-modeling", _block_batches(eval_blocks), None, _block_batches(train_blocks),
+                description=f"{desc}, {len(eval_blocks)} blocks of {t.block_size} tokens scored "
+                f"({len(eval_blocks) * (t.block_size - 1)} next-token predictions); metrics: perplexity, and top-1 "
+                "agreement and KL of next-token distributions against the source model")
+
+
+def pack_blocks(tokenizer, texts: list[str], block: int) -> np.ndarray:
+    """(n, block) token ids: the texts tokenized, joined by the end-of-text token, cut into blocks."""
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    ids: list[int] = []
+    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        if sep is not None:
+            ids.append(sep)
+    n = len(ids) // block
+    return np.asarray(ids[:n * block], dtype=np.int64).reshape(n, block)
+
+
+def _block_batches(blocks: np.ndarray) -> list[dict[str, np.ndarray]]:
+    return [{"input_ids": blocks[i:i + LM_EVAL_BATCH], "attention_mask": np.ones_like(blocks[i:i + LM_EVAL_BATCH])}
+            for i in range(0, len(blocks), LM_EVAL_BATCH)]
 
 
 def _text_rows(recipe: Recipe, data, *, labelled: bool, src: SourceModel = None) -> tuple[list, list, str]:

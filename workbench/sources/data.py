@@ -77,15 +77,20 @@ def stdlib_docstrings() -> tuple[list[str], list[str]]:
 
 
 def read_text_file(path: Path, text_field: str, label_field: str | None) -> tuple[list[str], list]:
-    """Rows of a .csv or .jsonl file: (texts, labels); labels empty when label_field is None."""
+    """Rows of a .csv or .jsonl file: (texts, labels); labels empty when label_field is None. A .txt file
+    (unlabelled text only) gives one row per document, documents separated by blank lines."""
     rows: list[dict]
-    if path.suffix == ".csv":
+    if path.suffix == ".txt" and label_field is None:
+        docs = [d.strip() for d in path.read_text(encoding="utf-8", errors="replace").split("\n\n")]
+        rows = [{text_field: d} for d in docs if d]
+    elif path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
     elif path.suffix in (".jsonl", ".ndjson"):
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
-        raise ValueError(f"{path}: text data must be .csv or .jsonl, not '{path.suffix}'")
+        accepted = ".csv or .jsonl" if label_field else ".txt, .csv or .jsonl"
+        raise ValueError(f"{path}: text data must be {accepted}, not '{path.suffix}'")
     if not rows:
         raise ValueError(f"{path}: no rows")
     missing = [f for f in (text_field, label_field) if f and f not in rows[0]]

