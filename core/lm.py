@@ -52,6 +52,12 @@ def summarize(logits, input_ids: np.ndarray, attention_mask: np.ndarray, k: int 
     return out.numpy().astype(np.float32)
 
 
+def is_summary(arr: np.ndarray) -> bool:
+    """Whether `arr` is a summarize() result (the layout, and a 0/1 scored column)."""
+    return (arr.ndim == 3 and arr.shape[-1] == IDS + 2 * TOP_K
+            and bool(np.isin(arr[..., SCORED], (0.0, 1.0)).all()))
+
+
 def lm_metrics(summary: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float]:
     """Perplexity on the scored tokens; against a reference summary (the source model's), top-1
     agreement of next-token predictions and the mean KL(reference || variant) over the reference's

@@ -19,8 +19,8 @@ from export.quant_presets import PRESET_NAMES
 class KeepFp32(StepParams):
     top_k: Optional[int] = Field(None, ge=0, description="keep this many of the most sensitive nodes in float")
     target: Optional[float] = Field(None, gt=0, le=1, description="keep the fewest most-sensitive nodes in float "
-                                    "that bring the fidelity (cosine of outputs to the float graph's, on training "
-                                    "batches) to this; with top_k, top_k wins and the suggestion is only recorded")
+                                    "that bring the fidelity (cosine of outputs to the float graph's; for causal "
+                                    "LMs exp(-KL) of next-token distributions; on training batches) to this; with top_k, top_k wins and the suggestion is only recorded")
     batches: int = Field(2, gt=0, description="training batches the sensitivity is measured on")
 
 
@@ -47,10 +47,10 @@ class OnnxQuantizeParams(StepParams):
     quant_format: Literal["QDQ", "QOperator"] = Field(
         "QDQ", description="static: QDQ (Quantize/DequantizeLinear pairs ORT fuses into integer kernels) or "
         "QOperator (QLinearMatMul / QAttention nodes written directly)")
-    exclude_nodes: list[str] = Field(default_factory=list, description="int8: node names kept in float "
-                                     "(e.g. the most sensitive MatMuls)")
-    keep_fp32: Optional[KeepFp32] = Field(None, description="int8: rank the quantizable nodes by how much quantizing "
-                                          "each alone costs, and keep the most sensitive in float")
+    exclude_nodes: list[str] = Field(default_factory=list, description="int8 and weight-only: node names kept in "
+                                     "float (e.g. the most sensitive MatMuls)")
+    keep_fp32: Optional[KeepFp32] = Field(None, description="int8 and weight-only: rank the quantizable nodes by how "
+                                          "much quantizing each alone costs, and keep the most sensitive in float")
     preprocess: bool = Field(True, description="int8: run ORT's quant_pre_process (shape inference, cleanup) first")
     op_types: Optional[list[str]] = Field(None, description="op types to quantize, e.g. [MatMul, Gemm]; default: all")
 
@@ -136,6 +136,8 @@ class OnnxQuantize(Step):
                                    "int8_pays_here": preset.int8_pays}
         out = ctx.work_dir / "quantized.onnx"
         if p.mode in WEIGHT_ONLY:
+            if p.keep_fp32:
+                p = p.model_copy(update={"exclude_nodes": p.exclude_nodes + self._sensitive(model.onnx_path, p, ctx)})
             self._weight_only(model.onnx_path, out, p, ctx)
         else:
             src = self._preprocess(model.onnx_path, p, ctx) if p.preprocess else model.onnx_path
@@ -182,16 +184,25 @@ class OnnxQuantize(Step):
         batches = ctx.task.train_batches[:p.keep_fp32.batches]
 
         def quantize(excluded, only, dest):
-            cls._int8(src, dest, p.model_copy(update={"exclude_nodes": p.exclude_nodes + excluded}), ctx, only=only)
+            q = p.model_copy(update={"exclude_nodes": p.exclude_nodes + excluded})
+            if p.mode in WEIGHT_ONLY:
+                cls._weight_only(src, dest, q, ctx, only=only)
+            else:
+                cls._int8(src, dest, q, ctx, only=only)
 
-        ranking = rank_nodes(src, batches, p.op_types, quantize, ctx.work_dir)
+        # Weight-only quantization acts on MatMuls with a constant weight, nothing else.
+        op_types = ["MatMul"] if p.mode in WEIGHT_ONLY else p.op_types
+        ranking = rank_nodes(src, batches, op_types, quantize, ctx.work_dir)
         keep = ranking.top(p.keep_fp32.top_k) if p.keep_fp32.top_k is not None else []
         suggestion = fewest_to_keep(src, batches, ranking, p.keep_fp32.target, quantize, ctx.work_dir) \
             if p.keep_fp32.target else None
         if p.keep_fp32.top_k is None and suggestion:
             keep = suggestion["nodes"]
+        from export.sensitivity import FIDELITY
+
         ctx.notes["sensitivity"] = {"measured_on": f"{len(batches)} training batches", "metric":
-                                    "cosine of outputs to the float graph when this node alone is quantized",
+                                    f"{FIDELITY[ctx.task.type == 'language-modeling']} when this node alone is "
+                                    "quantized",
                                     "ranking": ranking.rows, "suggestion": suggestion, "kept_fp32": keep}
         return keep
 
@@ -224,7 +235,7 @@ class OnnxQuantize(Step):
         ctx.notes["calibration"] = {"batches": len(batches), "method": p.calibrate_method}
 
     @staticmethod
-    def _weight_only(src, out, p, ctx):
+    def _weight_only(src, out, p, ctx, only=None):
         import logging
 
         import onnx
@@ -235,6 +246,7 @@ class OnnxQuantize(Step):
 
         quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=p.bits, block_size=p.block_size,
                                          is_symmetric=p.symmetric, accuracy_level=p.accuracy_level,
+                                         nodes_to_exclude=_aliases(p.exclude_nodes) or None, nodes_to_include=only,
                                          op_types_to_quantize=tuple(p.op_types) if p.op_types else None)
         quantizer.process()
         quantizer.model.save_model_to_file(str(out), use_external_data_format=False)

@@ -15,8 +15,17 @@ from export.graph_kernels import FLOAT_MATMULS
 MAX_SUGGESTION_TRIES = 12  # quantizations fewest_to_keep may spend
 
 
+FIDELITY = {False: "cosine of outputs to the float graph",
+            True: "exp(-KL) of next-token distributions against the float graph"}
+
+
 def fidelity(ref: np.ndarray, out: np.ndarray) -> float:
-    """Mean cosine between rows of the float graph's outputs and the quantized graph's."""
+    """Mean cosine between rows of the float graph's outputs and the quantized graph's; for a causal
+    LM (outputs are core.lm summaries), exp(-KL) of next-token distributions: 1 when identical."""
+    from core.lm import is_summary, lm_metrics
+
+    if is_summary(ref):
+        return float(np.exp(-lm_metrics(out, ref)["kl"]))
     a, b = ref.reshape(len(ref), -1).astype(np.float64), out.reshape(len(out), -1).astype(np.float64)
     num = (a * b).sum(1)
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)

@@ -42,6 +42,8 @@ def lm_run(request, tmp_path_factory):
         spec["variants"]["pruned"] = {"from": "baseline", "steps": [
             {"prune": {"method": "structured", "targets": ["ffn", "heads"], "ratio": 0.5, "importance": "activation"}},
             {"distill": {"teacher": "baseline", "loss": "kl", "alpha": 1.0, "temperature": 1.0, "max_batches": 4}}]}
+        spec["variants"]["ort-int4-keep"] = {"from": "baseline", "steps": [{"onnx-quantize": {
+            "mode": "weight-only", "bits": 4, "keep_fp32": {"top_k": 1, "batches": 1}}}]}
     recipe = write_yaml(folder / "tiny-lm.yaml", spec)
     assert main(["run", str(recipe), "--out", str(folder / "out"), "--quick"]) == 0
     run_dir = the_run_dir(folder / "out", "tiny-lm")
@@ -118,3 +120,18 @@ def test_a_pruned_decoder_exports_with_its_smaller_cache_and_generates(lm_run):
     assert c["status"] in ("ok", "unstable"), c.get("reason")
     # One of the two key/value heads went: the cache at the same context is half the baseline's.
     assert c["generation"]["kv_cache_bytes"] == base["generation"]["kv_cache_bytes"] // 2
+
+
+def test_weight_only_sensitivity_ranks_layers_by_kl_and_keeps_the_worst_in_float(lm_run):
+    family, _, results = lm_run
+    if family != "llama":
+        pytest.skip("the sensitivity variant is in the Llama run")
+    keep = next(v for v in results["variants"] if v["name"] == "ort-int4-keep")
+    int4 = next(v for v in results["variants"] if v["name"] == "ort-int4")
+    notes = {k: v for n in keep["notes"] for k, v in n.items()}
+    sens = notes["sensitivity"]
+    assert "KL" in sens["metric"] and len(sens["kept_fp32"]) == 1
+    assert all(0 < r["fidelity"] <= 1 for r in sens["ranking"])
+    assert sens["ranking"][0]["fidelity"] == min(r["fidelity"] for r in sens["ranking"])
+    count = {k: v for n in int4["notes"] for k, v in n.items()}["matmul_nbits_nodes"]
+    assert notes["matmul_nbits_nodes"] == count - 1

@@ -1,5 +1,5 @@
 """`workbench sensitivity RECIPE --variant V [--target T]`: how much each node costs the model when
-it alone is quantized, for a variant whose last step is int8 `onnx-quantize`; and, with a fidelity
+it alone is quantized, for a variant whose last step is `onnx-quantize` (int8 or weight-only); and, with a fidelity
 target, the fewest most-sensitive nodes to keep in float. It builds the variant's parent through
 the cache and runs that step with `keep_fp32` (export.sensitivity), in a folder of its own:
 sensitivity.json, sensitivity.md and sensitivity.png, ready to paste into the recipe as
@@ -27,9 +27,9 @@ def run_sensitivity(recipe, variant: str, target: Optional[float], out_root: Pat
     if v is None:
         raise RecipeError(f"--variant {variant!r} names no variant of {recipe.path}; accepted: {list(recipe.variants)}")
     last = v.steps[-1] if v.steps else None
-    if last is None or last.name != "onnx-quantize" or last.params.get("mode") not in ("dynamic", "static"):
-        raise RecipeError(f"--variant {variant!r}: its last step must be an int8 onnx-quantize (mode dynamic or "
-                          f"static), which is what sensitivity quantizes node by node; it is "
+    if last is None or last.name != "onnx-quantize":
+        raise RecipeError(f"--variant {variant!r}: its last step must be an onnx-quantize (int8 or weight-only), "
+                          f"which is what sensitivity quantizes node by node; it is "
                           f"{last.name if last else 'the source model'}")
     name = f"{variant}-sensitivity"
     params = {**last.params, "keep_fp32": {"top_k": None if target else 0, "target": target, "batches": 2}}
