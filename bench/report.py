@@ -178,7 +178,8 @@ def ship_text(results: dict, rec: Recommendation) -> str | None:
 
 def profile_table(results: dict, batch_size: int) -> tuple[list[str], list[list[str]]]:
     """Each profiled cell's op time per call and its three costliest op types."""
-    head = ["variant", "backend", "op time ms / call", "top ops (share of op time)", "int8 kernels (ORT graph)"]
+    per = "generated token" if any((c.get("profile") or {}).get("per") for c in results["cells"]) else "call"
+    head = ["variant", "backend", f"op time ms / {per}", "top ops (share of op time)", "quantized kernels (ORT graph)"]
     variants = {v["name"]: v for v in results["variants"]}
     rows = []
     for c in results["cells"]:

@@ -38,6 +38,8 @@ def lm_run(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"lm-{request.param}")
     model_dir = make_tiny_causal_lm(folder / "model", request.param)
     spec = lm_recipe(model_dir)
+    if request.param == "gpt2":  # the layout's own path (Conv1D as Gemm -> MatMul -> MatMulNBits) is enough here
+        del spec["variants"]["torch-int8"]
     if request.param == "llama":  # pruned key/value heads and FFN channels, distilled, exported with its cache
         spec["variants"]["pruned"] = {"from": "baseline", "steps": [
             {"prune": {"method": "structured", "targets": ["ffn", "heads"], "ratio": 0.5, "importance": "activation"}},
@@ -73,7 +75,9 @@ def test_the_onnx_graph_with_a_kv_cache_matches_the_module(lm_run):
 @pytest.mark.parametrize("variant,backend", [("baseline", "torch-cpu"), ("baseline", "ort-cpu"),
                                              ("torch-int8", "torch-cpu"), ("ort-int4", "ort-cpu")])
 def test_generation_cells_measure_ttft_and_per_token_decode(lm_run, variant, backend):
-    _, _, results = lm_run
+    family, _, results = lm_run
+    if variant not in {v["name"] for v in results["variants"]}:
+        pytest.skip(f"no {variant} in the {family} run")
     c = cell(results, variant, backend)
     assert c["status"] in ("ok", "unstable"), c.get("reason")
     g = c["generation"]
