@@ -146,6 +146,10 @@ def annotate(cells: list[dict], variants: list[dict], peak: dict) -> None:
         seconds = lat["p50"] / 1e3
         kind = precision(by_name, c["variant"])
         flops = c.get("flops") or (ancestor_flops(by_name, c["variant"]) or 0) * c["batch_size"]
+        if c.get("generation") and (c.get("shape") or {}).get("seq_len"):
+            # A decode step runs one token per sequence, where the counted forward ran the prompt: its
+            # FLOPs over the prompt length (the attention over the growing cache is left out).
+            flops /= c["shape"]["seq_len"]
         ceiling = max(peak["peak_flops_per_s"] if kind == "fp32" else 0.0, paper.get(kind, 0.0))
         if flops and ceiling:
             c["achieved_flops_per_s"] = flops / seconds
