@@ -122,21 +122,24 @@ def memory_vs_context(results: dict, out: Path, rec: Recommendation) -> Path | N
         return None
     sizes = {v["name"]: v.get("size_bytes") or 0 for v in results["variants"]}
     fig, ax = plt.subplots(figsize=(8, 5))
-    seen = set()
-    for c in cells:
-        g = c["generation"]
+    names = list(dict.fromkeys(c["variant"] for c in cells))
+    colors = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}  # one colour per variant: line and points
+    backends = list(dict.fromkeys(c["backend"] for c in cells))
+    markers = dict(zip(backends, "xo^sDv"))
+    for name in names:
+        g = next(c["generation"] for c in cells if c["variant"] == name)
         per_token = g["kv_cache_bytes"] / g["context"]
-        if c["variant"] not in seen:
-            seen.add(c["variant"])
-            ctx = [0, g["context"], 4 * g["context"], 16 * g["context"]]
-            ax.plot(ctx, [(sizes.get(c["variant"], 0) + per_token * n) / MB for n in ctx], lw=1,
-                    label=f"{c['variant']}: file + KV cache ({per_token / 1024:.1f} KiB/token)")
-        ax.scatter([g["context"]], [c["memory"]["peak_rss_delta"] / MB], s=30, zorder=3, marker="x")
-        ax.annotate(c["backend"], (g["context"], c["memory"]["peak_rss_delta"] / MB), textcoords="offset points",
-                    xytext=(4, 2), fontsize=7)
+        ctx = [0, g["context"], 4 * g["context"], 16 * g["context"]]
+        ax.plot(ctx, [(sizes.get(name, 0) + per_token * n) / MB for n in ctx], lw=1, color=colors[name],
+                label=f"{name}: file + KV cache ({per_token / 1024:.1f} KiB/token)")
+    for c in cells:
+        ax.scatter([c["generation"]["context"]], [c["memory"]["peak_rss_delta"] / MB], s=30, zorder=3,
+                   marker=markers[c["backend"]], color=colors[c["variant"]])
+    for b in backends:  # legend entries for the measured points' markers
+        ax.scatter([], [], marker=markers[b], color="gray", label=f"measured peak RSS increase, {b}")
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("MB")
-    ax.set_title(f"Memory against context at batch {rec.batch_size} (x: measured peak RSS increase)")
+    ax.set_title(f"Memory against context at batch {rec.batch_size}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, out / "memory_vs_context.png")
