@@ -188,4 +188,4 @@ def test_the_sensitivity_command_ranks_nodes_and_suggests_what_to_keep(tmp_path,
     assert (run_dir / "sensitivity.png").is_file() and "keep_fp32" in (run_dir / "sensitivity.md").read_text()
     # A variant whose last step is not int8 onnx-quantize is refused with what is accepted.
     assert main(["sensitivity", str(recipe), "--variant", "baseline", "--out", str(tmp_path / "out")]) == 2
-    assert "int8 onnx-quantize" in capsys.readouterr().err
+    assert "onnx-quantize (int8 or weight-only)" in capsys.readouterr().err
