@@ -1,5 +1,5 @@
-"""Decoder LMs end to end: a local save_pretrained causal LM (GPT-2 and Llama layouts, tiny and
-random) run through `workbench run --quick` with a language-modeling task, weight-only int4 and torch
+"""Decoder LMs end to end: a local save_pretrained causal LM (Llama layout with grouped-query
+attention, tiny and random) run through `workbench run --quick` with a language-modeling task, weight-only int4 and torch
 int8 variants, and the generation benchmark on torch-cpu and ort-cpu."""
 from __future__ import annotations
 
@@ -26,30 +26,29 @@ def lm_recipe(model_dir, **extra) -> dict:
         },
         "export": {"formats": ["onnx"], "parity": {"max_abs_diff": 1.0e-3, "min_top1_agreement": 0.99}},
         "bench": {"backends": ["torch-cpu", "ort-cpu", "torch-compile-cpu"], "batch_sizes": [2], "seq_len": 16,
-                  "new_tokens": 6, "profile": False,
+                  "new_tokens": 6, "profile": False, "repeats": 1,
                   "timing": {"warmup": 1, "min_iters": 5, "min_seconds": 0.05, "stability_threshold": 100.0}},
         "report": {"constraints": {"max_perplexity_increase": "5%"}},
         **extra,
     }
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def lm_run(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(f"lm-{request.param}")
-    model_dir = make_tiny_causal_lm(folder / "model", request.param)
-    spec = lm_recipe(model_dir)
-    if request.param == "gpt2":  # the layout's own path (Conv1D as Gemm -> MatMul -> MatMulNBits) is enough here
-        del spec["variants"]["torch-int8"]
-    if request.param == "llama":  # pruned key/value heads and FFN channels, distilled, exported with its cache
-        spec["variants"]["pruned"] = {"from": "baseline", "steps": [
-            {"prune": {"method": "structured", "targets": ["ffn", "heads"], "ratio": 0.5, "importance": "activation"}},
-            {"distill": {"teacher": "baseline", "loss": "kl", "alpha": 1.0, "temperature": 1.0, "max_batches": 4}}]}
-        spec["variants"]["ort-int4-keep"] = {"from": "baseline", "steps": [{"onnx-quantize": {
-            "mode": "weight-only", "bits": 4, "keep_fp32": {"top_k": 1, "batches": 1}}}]}
+# Llama only: GPT-2's own paths (Conv1D layers, its head pruning, its cache export and generation) are
+# covered in tests/test_lm_compress.py and tests/test_lm_onnx.py; a second end-to-end run would add a minute.
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lm-llama")
+    spec = lm_recipe(make_tiny_causal_lm(folder / "model", "llama"))
+    # Pruned key/value heads and FFN channels, distilled, exported with its cache; per-layer sensitivity.
+    spec["variants"]["pruned"] = {"from": "baseline", "steps": [
+        {"prune": {"method": "structured", "targets": ["ffn", "heads"], "ratio": 0.5, "importance": "activation"}},
+        {"distill": {"teacher": "baseline", "loss": "kl", "alpha": 1.0, "temperature": 1.0, "max_batches": 4}}]}
+    spec["variants"]["ort-int4-keep"] = {"from": "baseline", "steps": [{"onnx-quantize": {
+        "mode": "weight-only", "bits": 4, "keep_fp32": {"top_k": 1, "batches": 1}}}]}
     recipe = write_yaml(folder / "tiny-lm.yaml", spec)
     assert main(["run", str(recipe), "--out", str(folder / "out"), "--quick"]) == 0
     run_dir = the_run_dir(folder / "out", "tiny-lm")
-    return request.param, run_dir, json.loads((run_dir / "results.json").read_text())
+    return run_dir, json.loads((run_dir / "results.json").read_text())
 
 
 def cell(results, variant, backend):
@@ -57,7 +56,7 @@ def cell(results, variant, backend):
 
 
 def test_the_task_scores_perplexity_lower_is_better(lm_run):
-    _, _, results = lm_run
+    _, results = lm_run
     assert results["task"]["primary"] == "perplexity" and results["task"]["lower_is_better"]
     base = next(v for v in results["variants"] if v["name"] == "baseline")["accuracy"]
     # A random model over a 384-token vocabulary: perplexity near the vocabulary size, finite.
@@ -66,7 +65,7 @@ def test_the_task_scores_perplexity_lower_is_better(lm_run):
 
 
 def test_the_onnx_graph_with_a_kv_cache_matches_the_module(lm_run):
-    _, _, results = lm_run
+    _, results = lm_run
     art = next(a for a in results["artifacts"] if a["variant"] == "baseline" and a["format"] == "onnx")
     assert art["status"] == "ok", art.get("reason")
     assert art["parity"]["max_abs_diff"] < 1e-3 and art["parity"]["top1_agreement"] >= 0.99
@@ -75,9 +74,7 @@ def test_the_onnx_graph_with_a_kv_cache_matches_the_module(lm_run):
 @pytest.mark.parametrize("variant,backend", [("baseline", "torch-cpu"), ("baseline", "ort-cpu"),
                                              ("torch-int8", "torch-cpu"), ("ort-int4", "ort-cpu")])
 def test_generation_cells_measure_ttft_and_per_token_decode(lm_run, variant, backend):
-    family, _, results = lm_run
-    if variant not in {v["name"] for v in results["variants"]}:
-        pytest.skip(f"no {variant} in the {family} run")
+    _, results = lm_run
     c = cell(results, variant, backend)
     assert c["status"] in ("ok", "unstable"), c.get("reason")
     g = c["generation"]
@@ -91,7 +88,7 @@ def test_generation_cells_measure_ttft_and_per_token_decode(lm_run, variant, bac
 
 
 def test_ort_and_torch_score_the_same_perplexity_for_the_same_weights(lm_run):
-    _, _, results = lm_run
+    _, results = lm_run
     torch_ppl = cell(results, "baseline", "torch-cpu")["accuracy"]["perplexity"]
     ort_ppl = cell(results, "baseline", "ort-cpu")["accuracy"]["perplexity"]
     assert ort_ppl == pytest.approx(torch_ppl, rel=1e-4)
@@ -99,13 +96,13 @@ def test_ort_and_torch_score_the_same_perplexity_for_the_same_weights(lm_run):
 
 
 def test_backends_that_do_not_generate_are_skipped_with_the_reason(lm_run):
-    _, _, results = lm_run
+    _, results = lm_run
     c = cell(results, "baseline", "torch-compile-cpu")
     assert c["status"] == "skipped" and "generation benchmark" in c["reason"]
 
 
 def test_the_report_has_the_generation_table_and_plots(lm_run):
-    _, run_dir, results = lm_run
+    run_dir, results = lm_run
     md = (run_dir / "report.md").read_text()
     assert "## Generation" in md and "TTFT p50 ms" in md and "perplexity <= baseline x 1.05" in md
     for png in ("perplexity_vs_tokens_per_s.png", "ttft_and_decode_latency.png", "memory_vs_context.png"):
@@ -113,9 +110,7 @@ def test_the_report_has_the_generation_table_and_plots(lm_run):
 
 
 def test_a_pruned_decoder_exports_with_its_smaller_cache_and_generates(lm_run):
-    family, _, results = lm_run
-    if family != "llama":
-        pytest.skip("the pruned variant is in the Llama run")
+    _, results = lm_run
     pruned = next(v for v in results["variants"] if v["name"] == "pruned")
     assert pruned["status"] == "ok" and pruned["params_ratio"] < 1
     art = next(a for a in results["artifacts"] if a["variant"] == "pruned" and a["format"] == "onnx")
@@ -127,9 +122,7 @@ def test_a_pruned_decoder_exports_with_its_smaller_cache_and_generates(lm_run):
 
 
 def test_weight_only_sensitivity_ranks_layers_by_kl_and_keeps_the_worst_in_float(lm_run):
-    family, _, results = lm_run
-    if family != "llama":
-        pytest.skip("the sensitivity variant is in the Llama run")
+    _, results = lm_run
     keep = next(v for v in results["variants"] if v["name"] == "ort-int4-keep")
     int4 = next(v for v in results["variants"] if v["name"] == "ort-int4")
     notes = {k: v for n in keep["notes"] for k, v in n.items()}
