@@ -9,8 +9,6 @@ and its throughput is tokens/s over the batch; TTFT is kept beside them. Warm-up
 and seconds are the recipe's timing protocol, counted in decode steps."""
 from __future__ import annotations
 
-import importlib
-import json
 import sys
 import time
 
@@ -21,19 +19,10 @@ MAX_WARMUP = 3  # warm-up generations at most: one generation is many calls alre
 def run(job: dict) -> dict:
     import numpy as np
 
-    from core.backends import BACKENDS
-    from core.processes import import_located, memory_bytes
+    from bench.worker import setup
+    from core.processes import memory_bytes
 
-    import_located(job["backend_module"])
-    threads = int(job["threads"])
-    backend = BACKENDS[job["backend"]]
-    modules = {name: importlib.import_module(name) for name in backend.imports}
-    torch = modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(threads)
-        torch.set_num_interop_threads(1)
-    for p in job.get("sys_path", []):
-        sys.path.insert(0, p)
+    backend, torch, threads = setup(job)
     prompts = np.asarray(job["prompts"], dtype=np.int64)
     mask = np.ones_like(prompts)
     n_new, timing = int(job["new_tokens"]), job["timing"]
@@ -109,14 +98,9 @@ def merge(processes: list[dict]) -> dict:
 
 
 def main() -> int:
-    from core import atomic
-    from core.processes import die_with_parent
+    from bench.worker import serve
 
-    die_with_parent()
-    with open(sys.argv[1]) as fh:
-        job = json.load(fh)
-    atomic.write_json(job["result_path"], run(job))
-    return 0
+    return serve(run)
 
 
 if __name__ == "__main__":

@@ -148,14 +148,9 @@ def run(job: dict) -> dict:
 
 
 def main() -> int:
-    from core import atomic
-    from core.processes import die_with_parent
+    from bench.worker import serve
 
-    die_with_parent()
-    with open(sys.argv[1]) as fh:
-        job = json.load(fh)
-    atomic.write_json(job["result_path"], run(job))
-    return 0
+    return serve(run)
 
 
 if __name__ == "__main__":

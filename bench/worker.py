@@ -32,19 +32,16 @@ def _nvml_process_bytes():
 MEMORY_CALLS = 3  # untimed calls of the memory phase, after the first
 
 
-def run(job: dict) -> dict:
-    import numpy as np
-
-    from bench.protocol import measure
+def setup(job: dict):
+    """What every measuring process does first: (backend class, torch or None, threads). The libraries
+    the backend's deployment loads are imported before the idle baseline so the memory delta is the
+    model's; an ort-cpu cell never imports torch (no torch thread pool beside ORT's)."""
     from core.backends import BACKENDS
-    from core.model import ModelIO
-    from core.processes import import_located, memory_bytes
+    from core.processes import import_located
 
     import_located(job["backend_module"])
     threads = int(job["threads"])
     backend = BACKENDS[job["backend"]]
-    # The libraries the backend's deployment loads, imported before the idle baseline so the memory
-    # delta is the model's. An ort-cpu cell never imports torch (no torch thread pool beside ORT's).
     modules = {name: importlib.import_module(name) for name in backend.imports}
     torch = modules.get("torch")
     if torch is not None:
@@ -52,6 +49,17 @@ def run(job: dict) -> dict:
         torch.set_num_interop_threads(1)
     for p in job.get("sys_path", []):
         sys.path.insert(0, p)
+    return backend, torch, threads
+
+
+def run(job: dict) -> dict:
+    import numpy as np
+
+    from bench.protocol import measure
+    from core.model import ModelIO
+    from core.processes import memory_bytes
+
+    backend, torch, threads = setup(job)
     io = ModelIO.from_json(job["io"])
     batch, seq = int(job["batch_size"]), int(job["seq_len"])
     timing = job["timing"]
@@ -113,16 +121,19 @@ def run(job: dict) -> dict:
 
 
 def main() -> int:
+    return serve(run)
+
+
+def serve(run_job) -> int:
+    """A measuring process's main: the job from the file named on the command line, the result
+    written atomically to its `result_path` (a crash leaves none rather than half of one)."""
+    from core import atomic
     from core.processes import die_with_parent
 
     die_with_parent()
-    job_path = sys.argv[1]
-    with open(job_path) as fh:
+    with open(sys.argv[1]) as fh:
         job = json.load(fh)
-    result = run(job)
-    from core import atomic
-
-    atomic.write_json(job["result_path"], result)
+    atomic.write_json(job["result_path"], run_job(job))
     return 0
 
 
