@@ -9,6 +9,12 @@ from typing import Any, Callable, ClassVar, Optional
 import numpy as np
 
 FORMATS: dict[str, type["ExportFormat"]] = {}
+# Above this many weight bytes an ONNX graph cannot live in one protobuf (2 GiB limit).
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def needs_external_data(module) -> bool:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
 
 
 class ExportFormat:

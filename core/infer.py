@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.sessions import onnx_session
+
 
 def torch_outputs(module, batches: list[dict[str, np.ndarray]], device=None) -> np.ndarray:
     import torch
@@ -28,17 +30,6 @@ def reduce_outputs(out, batch: dict[str, np.ndarray]) -> np.ndarray:
         mask = batch.get("attention_mask")
         return summarize(out, ids, mask if mask is not None else np.ones(ids.shape, np.int64))
     return out if isinstance(out, np.ndarray) else out.numpy()
-
-
-def onnx_session(path: Path, threads: int | None = None, providers=("CPUExecutionProvider",)):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=list(providers))
 
 
 def onnx_outputs(path_or_session, batches: list[dict[str, np.ndarray]]) -> np.ndarray:

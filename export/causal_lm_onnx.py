@@ -16,7 +16,7 @@ import time
 import warnings
 from pathlib import Path
 
-from export.onnx import needs_external_data
+from core.formats import needs_external_data
 
 PAST, PRESENT = "past_key_values.", "present."
 

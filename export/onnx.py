@@ -11,16 +11,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from core.formats import ExportFormat, module_kinds
+from core.formats import ExportFormat, module_kinds, needs_external_data
 from core.model import ModelIO, dynamic_axes, example_inputs
-
-# Above this many weight bytes the graph cannot live in one protobuf (2 GiB limit).
-EXTERNAL_DATA_BYTES = 1_800_000_000
-
-
-def needs_external_data(module) -> bool:
-    return sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
-
 
 def export_onnx(module, io_spec: ModelIO, path: Path, *, opset: int = 18, exporter: str = "dynamo") -> dict:
     """Write `path` (and `path.data` for large models); return what happened, for the results."""
@@ -99,7 +91,7 @@ class OnnxFormat(ExportFormat):
 
     @classmethod
     def load(cls, path: str):
-        from core.infer import onnx_session
+        from core.sessions import onnx_session
 
         sess = onnx_session(path)
         names = {i.name for i in sess.get_inputs()}
