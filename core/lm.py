@@ -80,11 +80,17 @@ def lm_metrics(summary: np.ndarray, reference: np.ndarray | None = None) -> dict
     return out
 
 
+def cache_shape(config) -> tuple[int, int, int]:
+    """(layers, key/value heads, head size) of a transformers config, or of its to_dict(): the names
+    differ by family (GPT-2's n_layer / n_head / n_embd), and head_dim is explicit only when set."""
+    get = config.get if isinstance(config, dict) else (lambda key: getattr(config, key, None))
+    layers = get("num_hidden_layers") or get("n_layer")
+    heads = get("num_attention_heads") or get("n_head")
+    hidden = get("hidden_size") or get("n_embd")
+    return layers, get("num_key_value_heads") or heads, get("head_dim") or hidden // heads
+
+
 def kv_cache_bytes(config, batch: int, context: int, dtype_bytes: int = 4) -> int:
     """Bytes of the key/value cache at `context` tokens: 2 x layers x kv-heads x head size x tokens."""
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    layers, kv_heads, head_dim = cache_shape(config)
     return int(2 * layers * kv_heads * head_dim * context * batch * dtype_bytes)

@@ -112,9 +112,9 @@ def _kv_dims(shape, config: dict | None) -> tuple[int, int]:
         return heads, size
     if not config:
         raise ValueError(f"the graph's past shape {shape} is symbolic and no config was given")
-    n = config.get("num_attention_heads") or config["n_head"]
-    hidden = config.get("hidden_size") or config["n_embd"]
-    return config.get("num_key_value_heads") or n, config.get("head_dim") or hidden // n
+    from core.lm import cache_shape  # here only: core.lm imports torch, which an ort-cpu cell does not load
+
+    return cache_shape(config)[1:]
 
 
 class _Stamps:

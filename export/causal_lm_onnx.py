@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 from core.formats import needs_external_data
+from core.lm import cache_shape
 
 PAST, PRESENT = "past_key_values.", "present."
 
@@ -107,7 +108,7 @@ def _with_torch_onnx(hf_model, workdir: Path, opset: int):
     import torch
 
     cfg = hf_model.config
-    layers, kv_heads, head_dim = _cache_shape(cfg)
+    layers, kv_heads, head_dim = cache_shape(cfg)
     batch, seq, past_len = 2, 3, 4  # a non-empty past while tracing: the concat path that 0 also takes
     ids = torch.randint(0, cfg.vocab_size, (batch, seq))
     mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
@@ -125,16 +126,6 @@ def _with_torch_onnx(hf_model, workdir: Path, opset: int):
                           dynamic_shapes=({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in past)),
                           opset_version=opset, external_data=needs_external_data(hf_model))
         return onnx.load(f)
-
-
-def _cache_shape(cfg) -> tuple[int, int, int]:
-    """(layers, key/value heads, head size) from a transformers config."""
-    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
-    return layers, kv_heads, getattr(cfg, "head_dim", None) or hidden // heads
-
 
 
 def _fold_transposed_weights(model) -> int:
