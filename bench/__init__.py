@@ -1,1 +1,2 @@
-"""artifact x backend x shape -> measurements, and the report made from them."""
+"""artifact x backend x shape -> measurements: backends, rounds and repeats, workers, generation,
+profiles, roofline, executors."""

@@ -112,7 +112,7 @@ class TorchGenerator:
                      "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"}
 
     def generate(self, ids, mask, new_tokens: int):
-        from core.lm_runtime import torch_generate
+        from runtime.decode import torch_generate
 
         return torch_generate(self.module.model, ids, mask, new_tokens, device=self.device.type)
 
@@ -127,7 +127,7 @@ class OrtGenerator:
     """An ONNX graph with a KV cache, decoded in a loop whose cache stays on the device (IOBinding)."""
 
     def __init__(self, path: str, backend: str, threads: int):
-        from core.lm_runtime import OrtLM
+        from runtime.decode import OrtLM
 
         want = BACKENDS[backend].provider
         self.lm = OrtLM(path, threads=threads,

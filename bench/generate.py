@@ -74,7 +74,7 @@ def run(job: dict) -> dict:
                              "deterministic": same, "tokens": ids[:, :8].tolist()}}
     if job.get("eval_inputs"):
         # Perplexity and fidelity from the logits this backend computes, on the real evaluation split.
-        from core.infer import load_batches, reduce_outputs
+        from runtime.infer import load_batches, reduce_outputs
 
         outs = [reduce_outputs(gen.logits(b["input_ids"], b["attention_mask"]), b)
                 for b in load_batches(job["eval_inputs"])]

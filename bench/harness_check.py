@@ -43,7 +43,7 @@ print(json.dumps({"p50": float(np.median(samples)), "n": iters}))
 
 def main(argv=None) -> int:
     from bench.cells import cell_job, run_cell
-    from core.file_inputs import model_io
+    from runtime.file_inputs import model_io
     from core import atomic
     from core.environment import fingerprint
 

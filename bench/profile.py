@@ -2,7 +2,7 @@
 the timed ones (a profiler slows what it watches, so its figures never enter the latency numbers).
 
 ONNX Runtime cells run a session with ORT's profiler on; torch cells run under torch.profiler; a
-causal LM's cells generate under them. Both give milliseconds per call (per generated token) by op type, which bench.diagnosis turns into a plain-words answer to
+causal LM's cells generate under them. Both give milliseconds per call (per generated token) by op type, which reporting.diagnosis turns into a plain-words answer to
 "why isn't this variant faster?"."""
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def _generation_profile(job: dict) -> dict:
     if backend.format == "onnx":
         import onnxruntime as ort
 
-        from core.lm_runtime import OrtLM
+        from runtime.decode import OrtLM
 
         with tempfile.TemporaryDirectory() as tmp:
             so = ort.SessionOptions()

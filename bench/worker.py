@@ -113,7 +113,7 @@ def run(job: dict) -> dict:
 
     if job.get("eval_inputs"):
         # Accuracy from the very outputs this backend produces, on the real evaluation split.
-        from core.infer import load_batches, reduce_outputs
+        from runtime.infer import load_batches, reduce_outputs
 
         outs = [reduce_outputs(runner.outputs(runner.prepare(b)), b) for b in load_batches(job["eval_inputs"])]
         np.save(job["outputs_path"], np.concatenate(outs).astype(np.float32))

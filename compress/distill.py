@@ -229,7 +229,7 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int, device) -> dict
     import torch
     import torch.nn.functional as F
 
-    from core.infer import torch_outputs, variant_outputs
+    from runtime.infer import torch_outputs, variant_outputs
 
     task = ctx.task
     lm = is_causal_lm(student)

@@ -1,7 +1,7 @@
 """ONNX export of a Hugging Face causal LM with its key/value cache: one graph whose inputs are
 input_ids, attention_mask, position_ids (when the family takes them) and past_key_values.{i}.key/value,
 and whose outputs are logits then present.{i}.key/value. The past may be 0 tokens long, so the same
-graph serves the prefill and every decode step (core.lm_runtime.OrtLM runs it).
+graph serves the prefill and every decode step (runtime.decode.OrtLM runs it).
 
 optimum's exporter (task text-generation-with-past, no merged If-graph) knows each family's inputs
 and patches the model for tracing; if it fails, torch.onnx traces a wrapper that takes the past as

@@ -91,12 +91,12 @@ class OnnxFormat(ExportFormat):
 
     @classmethod
     def load(cls, path: str):
-        from core.sessions import onnx_session
+        from runtime.sessions import onnx_session
 
         sess = onnx_session(path)
         names = {i.name for i in sess.get_inputs()}
         if any(n.startswith("past_key_values") for n in names):  # a causal LM's graph: prefill, empty past
-            from core.lm_runtime import OrtLM
+            from runtime.decode import OrtLM
 
             lm = OrtLM(sess)
             return lambda b: lm.logits(b["input_ids"], b["attention_mask"])

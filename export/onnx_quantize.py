@@ -217,7 +217,7 @@ class OnnxQuantize(Step):
                              weight_type=getattr(QuantType, p.weight_type), op_types_to_quantize=p.op_types,
                              nodes_to_quantize=only, nodes_to_exclude=p.exclude_nodes or None)
             return
-        from core.sessions import onnx_session
+        from runtime.sessions import onnx_session
 
         names = {i.name for i in onnx_session(src).get_inputs()}
         batches = _same_shape(ctx.task.train_batches[:p.calibration_batches])

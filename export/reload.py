@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.infer import load_batches, reduce_outputs, save_batches
+from runtime.infer import load_batches, reduce_outputs, save_batches
 
 
 def outputs_in_fresh_process(fmt: str, path: Path, batches: list[dict], timeout_s: float = 600) -> np.ndarray:

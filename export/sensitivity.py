@@ -55,7 +55,7 @@ class Ranking:
 
 def rank_nodes(src: Path, batches: list[dict], op_types, quantize: Callable, work: Path) -> Ranking:
     """`quantize(excluded, only, dest)` writes the graph with only the `only` nodes quantized."""
-    from core.infer import onnx_outputs
+    from runtime.infer import onnx_outputs
     from core.progress import progress
 
     reference = onnx_outputs(src, batches)
@@ -76,7 +76,7 @@ def fewest_to_keep(src: Path, batches: list[dict], ranking: Ranking, target: flo
                    work: Path) -> dict:
     """The fewest most-sensitive nodes to keep in float for the whole quantized graph to reach
     `target` fidelity: k = 0, 1, 2, 4, ... then a bisection, each k checked by quantizing."""
-    from core.infer import onnx_outputs
+    from runtime.infer import onnx_outputs
 
     dest = Path(work) / "sensitivity-keep.onnx"
     tried: dict[int, float] = {}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench.diagnosis import diagnose, diagnoses
+from reporting.diagnosis import diagnose, diagnoses
 from conftest import the_run_dir, write_yaml
 from export.onnx_quantize import OnnxQuantize
 from export.quant_presets import PRESETS, detect, resolve

@@ -10,7 +10,7 @@ from export.parity import parity
 from export.reload import outputs_in_fresh_process
 from export.torch_export import export_pt2
 from export.torchscript import export_torchscript
-from core.infer import onnx_outputs, torch_outputs
+from runtime.infer import onnx_outputs, torch_outputs
 from core.model import VariantModel
 from workbench.sources.models import EmbeddingModel, text_io
 from core.steps import StepContext

@@ -1,5 +1,5 @@
 """Causal LMs exported with their key/value cache (export.causal_lm_onnx) and decoded greedily by
-ONNX Runtime (core.lm_runtime.OrtLM): prefill logits and every decode step match transformers, on
+ONNX Runtime (runtime.decode.OrtLM): prefill logits and every decode step match transformers, on
 tiny random GPT-2 and Llama models; a Llama with a pruned MLP width and a 4-bit MatMulNBits graph
 export and decode too. GPT-2's Conv1D layers (Gemm in the export) become MatMul + Add, so the 4-bit
 quantizer reaches every layer, not only the lm_head."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from core.lm import CausalLM
-from core.lm_runtime import OrtLM, torch_generate
+from runtime.decode import OrtLM, torch_generate
 from export.causal_lm_onnx import export_causal_lm
 
 VOCAB, STEPS = 512, 16

@@ -325,7 +325,7 @@ def test_rerun_reuses_every_variant_from_the_cache(quick_run):
 def test_every_cell_is_also_compared_with_one_reference_across_backends(quick_run):
     """Same-backend speedups cannot say how much faster ONNX Runtime is than PyTorch; a second column
     compares every cell with the baseline on the recipe's first backend, paired by round."""
-    from bench.analysis import reference_speedups
+    from reporting.analysis import reference_speedups
 
     backend, ref = reference_speedups(quick_run.results)
     assert backend == "torch-cpu"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.analysis import recommend
-from bench.plots import pareto_points
-from bench.report import write_report
+from reporting.analysis import recommend
+from reporting.plots import pareto_points
+from reporting.report import write_report
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "reports" / "examples"
 WARNING = "BASELINE AT CHANCE"

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import make_reviews_csv, make_tiny_text_model
 from workbench.cli import main
-from core.infer import torch_outputs
+from runtime.infer import torch_outputs
 from workbench.recipe import load_recipe
 from workbench.sources.data import digits_split, read_text_file, stdlib_docstrings
 from workbench.sources.models import load_model

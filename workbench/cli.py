@@ -140,7 +140,7 @@ def _dispatch(args) -> int:
         run_dir = Path(args.run_dir)
         if not (run_dir / "results.json").is_file():
             raise RecipeError(f"{run_dir}: no results.json here (is this a finished run directory?)")
-        from bench.report import write_report
+        from reporting.report import write_report
 
         write_report(run_dir)
         print(f"report: {run_dir / 'report.md'}")
@@ -150,7 +150,7 @@ def _dispatch(args) -> int:
 
         return bench_file(args)
     if args.command == "compare":
-        from bench.compare import run_compare
+        from reporting.compare import run_compare
 
         return run_compare(args)
     if args.command == "sensitivity":

@@ -71,7 +71,7 @@ class Run:
                 if self.task.labels is not None:
                     self.task.labels = self.task.labels[:self.task.eval_size]
             if self.task.type in ("embedding-fidelity", "language-modeling"):
-                from core.infer import torch_outputs
+                from runtime.infer import torch_outputs
 
                 self.task.reference = torch_outputs(self.src.module, self.task.eval_batches)
             search = None

@@ -61,7 +61,7 @@ def write_results(run_dir: Path, *, recipe: dict, threads: int, model: dict, tas
         **({"nodes": nodes} if nodes else {}),
     }
     atomic.write_json(run_dir / "results.json", results)
-    from bench.report import write_report
+    from reporting.report import write_report
 
     write_report(run_dir)
     return results

@@ -142,7 +142,7 @@ class Search:
         return min(done, key=lambda rec: rec["p50_ms"]) if done else None
 
     def summary(self) -> dict:
-        from bench.analysis import faster
+        from reporting.analysis import faster
 
         best = self._best()
         ranked = sorted((rec for rec in self.records if rec["status"] == "measured"), key=lambda rec: rec["p50_ms"])

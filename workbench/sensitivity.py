@@ -15,8 +15,8 @@ from workbench.run_dir import close_log, new_run_dir, open_log, say
 
 
 def run_sensitivity(recipe, variant: str, target: Optional[float], out_root: Path, quick: bool = False) -> Path:
-    from bench.plots import sensitivity_bars
-    from bench.report import md_table
+    from reporting.plots import sensitivity_bars
+    from reporting.report import md_table
     from workbench.recipe import StepCall, VariantSpec
     from workbench.search import compress_with
     from workbench.sources.models import load_model

@@ -7,7 +7,7 @@ import datetime as dt
 from pathlib import Path
 
 from core.errors import RecipeError
-from core.file_inputs import model_io
+from runtime.file_inputs import model_io
 from core.processes import default_threads
 from workbench import results
 

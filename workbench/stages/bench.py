@@ -12,7 +12,7 @@ from core.progress import progress
 from bench.cells import cell_job
 from bench.rounds import measure_in_rounds
 from core.backends import BACKENDS
-from core.infer import save_batches
+from runtime.infer import save_batches
 from core.processes import plugin_folders
 from workbench.run_dir import log, say
 

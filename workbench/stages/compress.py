@@ -9,7 +9,7 @@ from typing import Optional
 
 from core.progress import progress, write
 
-from core.infer import variant_outputs
+from runtime.infer import variant_outputs
 from core.model import VariantModel
 from core.steps import StepContext, get_step
 from workbench.model_stats import files_size, onnx_stats, torch_stats

@@ -13,7 +13,7 @@ from core.progress import progress
 
 from core import atomic
 from core.formats import FORMATS
-from core.infer import onnx_outputs, torch_outputs
+from runtime.infer import onnx_outputs, torch_outputs
 from core.model import VariantModel
 from export.parity import parity, violations
 from export.reload import outputs_in_fresh_process

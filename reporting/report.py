@@ -1,5 +1,5 @@
 """The report, made from results.json alone: results.csv, report.md, a self-contained report.html
-(plots embedded as data URIs) and plots/*.png. The numbers it shows come from bench.analysis."""
+(plots embedded as data URIs) and plots/*.png. The numbers it shows come from reporting.analysis."""
 from __future__ import annotations
 
 import base64
@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.analysis import (MB, TIE_RULE, Recommendation, cell_score, faster, primary_metric, quietness, recommend,
+from reporting.analysis import (MB, TIE_RULE, Recommendation, cell_score, faster, primary_metric, quietness, recommend,
                             reference_speedups, speedups)
-from bench import lm_report
-from bench.diagnosis import diagnosis_lines, kernels_of
-from bench.plots import make_plots, pareto_points, sensitivity_rankings
-from bench.ship import ship_plan, write_recommended
+from reporting import lm_report
+from reporting.diagnosis import diagnosis_lines, kernels_of
+from reporting.plots import make_plots, pareto_points, sensitivity_rankings
+from reporting.ship import ship_plan, write_recommended
 from core import atomic
 
 CHANCE_TOLERANCE = 0.01  # a baseline this close above the majority-class rate has learnt nothing worth comparing
@@ -164,7 +164,7 @@ def pareto_table(results: dict, rec: Recommendation) -> tuple[list[str], list[li
 
 
 def ship_text(results: dict, rec: Recommendation) -> str | None:
-    """Where the recommended file is ready to pick up (bench.ship). Said from results.json alone, so the same
+    """Where the recommended file is ready to pick up (reporting.ship). Said from results.json alone, so the same
     results give the same document whether or not the run's files are still here."""
     plan = ship_plan(results, rec)
     if plan is None:

@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 
-from core.sessions import onnx_session
+from runtime.sessions import onnx_session
 
 PAST, PRESENT = "past_key_values.", "present."
 

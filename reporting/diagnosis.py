@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from bench.analysis import faster, measured, significantly_faster
+from reporting.analysis import faster, measured, significantly_faster
 
 FLOAT_COMPUTE = {"Conv", "MatMul", "Gemm", "FusedGemm", "FusedMatMul", "FusedConv", "Attention",
                  "MultiHeadAttention"}

@@ -1,4 +1,4 @@
-"""Plots for the report, from results.json and bench.analysis. Every plot has a title, axis labels with units
+"""Plots for the report, from results.json and reporting.analysis. Every plot has a title, axis labels with units
 and a legend; latency axes turn logarithmic when values span more than an order of magnitude."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.transforms import ScaledTranslation  # noqa: E402
 
-from bench import lm_report  # noqa: E402
-from bench.analysis import Recommendation, cell_score, lower_is_better, primary_metric  # noqa: E402
+from reporting import lm_report  # noqa: E402
+from reporting.analysis import Recommendation, cell_score, lower_is_better, primary_metric  # noqa: E402
 from core import atomic  # noqa: E402
 
 MB = 1024 * 1024

@@ -10,7 +10,7 @@ from pathlib import Path
 from string import Template
 from typing import Optional
 
-from bench.analysis import MB, Recommendation
+from reporting.analysis import MB, Recommendation
 from core import atomic
 
 FOLDER = "recommended"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.sessions import onnx_session
+from runtime.sessions import onnx_session
 
 
 def torch_outputs(module, batches: list[dict[str, np.ndarray]], device=None) -> np.ndarray:
@@ -36,7 +36,7 @@ def onnx_outputs(path_or_session, batches: list[dict[str, np.ndarray]]) -> np.nd
     sess = path_or_session if hasattr(path_or_session, "run") else onnx_session(path_or_session)
     names = {i.name for i in sess.get_inputs()}
     if any(n.startswith("past_key_values") for n in names):  # a causal LM with a KV cache: an empty past
-        from core.lm_runtime import OrtLM
+        from runtime.decode import OrtLM
 
         lm = OrtLM(sess)
         return np.concatenate([reduce_outputs(lm.logits(b["input_ids"], b["attention_mask"]), b) for b in batches])

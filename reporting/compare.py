@@ -14,9 +14,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.analysis import measured  # noqa: E402
+from reporting.analysis import measured  # noqa: E402
 from bench.protocol import unpaired_ratio_ci  # noqa: E402
-from bench.report import md_table  # noqa: E402
+from reporting.report import md_table  # noqa: E402
 from core import atomic  # noqa: E402
 from core.errors import RecipeError  # noqa: E402
 
@@ -66,7 +66,7 @@ def verdicts(a: dict, b: dict, rows: list[dict]) -> dict:
     machine that is slower on the whole, which moves every p50 alike, does not move them."""
     import numpy as np
 
-    from bench.analysis import recommend, speedups
+    from reporting.analysis import recommend, speedups
 
     def shipped(r):
         rec = recommend(r)

@@ -1,5 +1,5 @@
 """The numbers behind the report, computed from results.json alone: the primary metric, cell scores,
-speedups against the baseline and the recommendation. bench.report renders them; bench.plots draws them."""
+speedups against the baseline and the recommendation. reporting.report renders them; reporting.plots draws them."""
 from __future__ import annotations
 
 from dataclasses import dataclass

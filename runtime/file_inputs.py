@@ -14,7 +14,7 @@ ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(i
 def io_from_onnx(path: Path) -> ModelIO:
     """Symbolic first dimension -> batch, other symbolic dimensions -> seq. Integer inputs named like
     masks get ones; other integer inputs (token ids) get values below 1000, valid in any vocabulary."""
-    from core.sessions import onnx_session
+    from runtime.sessions import onnx_session
 
     sess = onnx_session(path)
     inputs = {}

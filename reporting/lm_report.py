@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.analysis import MB, Recommendation, cell_score  # noqa: E402
+from reporting.analysis import MB, Recommendation, cell_score  # noqa: E402
 from core import atomic  # noqa: E402
 
 
