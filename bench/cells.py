@@ -17,8 +17,7 @@ from core.processes import MB, child_env, locate, memory_bytes
 def cell_job(backend: str, path, io_json: dict, batch: int, seq_len: int, threads: int, timing: dict, *,
              seed: int = 0, eval_inputs=None, outputs_path=None, sys_path=()) -> dict:
     """The job a worker runs: everything it needs, as JSON (see bench.worker)."""
-    import bench.backends  # noqa: F401 - registers the shipped backends
-    from core.backends import BACKENDS
+    from core.backends import BACKENDS  # filled by the caller (workbench.plugins.load)
 
     cls = BACKENDS[backend]
     return {"backend": backend, "backend_module": locate(cls), "device": cls.device, "path": str(path),

@@ -3,8 +3,8 @@ fp32 GEMM for FLOP/s, a memory copy for bytes/s; run before any cell, cached per
 count and torch version) and a paper peak from the CPU's flags, clock and cores, per precision
 (fp32, bf16, int8: VNNI and AMX where present). A cell's `roofline_fraction` is the operations it
 did per second over the larger of the two for its precision, so it cannot pass 100 %; int8 cells
-(PyTorch dynamic int8, ONNX Runtime int8, bitsandbytes int8) count against the int8 peak with
-their ancestor's FLOPs. `bandwidth_fraction` is the weight bytes it streamed per second (embedding
+(a step's precision, Step.precision, is int8 with quantized activations) count against the int8
+peak with their ancestor's FLOPs. `bandwidth_fraction` is the weight bytes it streamed per second (embedding
 tables left out: a lookup reads a few rows) over the copy bandwidth."""
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ import os
 import time
 
 from core import atomic
+from core import cpu
 from core.environment import cpu_model
 from core.cache import cache_dir
+from core.steps import precision_of
 
 
 def _best_seconds(fn, repeats: int) -> float:
@@ -64,34 +66,17 @@ FP32_LANES = (("avx512f", 16), ("avx2", 8), ("sse2", 4))
 AMX_OPS = {"int8": 2048, "bf16": 1024}
 
 
-def _clock_ghz() -> float | None:
-    for path in ("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq",):
-        try:
-            return int(open(path).read()) / 1e6
-        except (OSError, ValueError):
-            pass
-    mhz = []
-    try:
-        with open("/proc/cpuinfo") as fh:
-            mhz = [float(line.split(":")[1]) for line in fh if line.startswith("cpu MHz")]
-    except OSError:
-        pass
-    return max(mhz) / 1e3 if mhz else None
-
-
 def paper_peaks(threads: int, flags: set[str] | None = None, ghz: float | None = None) -> dict:
     """Peak operations per second per precision from the CPU's flags, clock and the threads used
     (logical CPUs counted as cores: with SMT this overstates, as an upper bound should)."""
-    from core.environment import cpu_flags
-
-    flags = set(cpu_flags()) if flags is None else flags
-    ghz = _clock_ghz() if ghz is None else ghz
+    flags = cpu.features() if flags is None else flags
+    ghz = cpu.max_clock_ghz() if ghz is None else ghz
     if not ghz:
         return {}
     lanes = next((n for flag, n in FP32_LANES if flag in flags), 4)
     fp32 = lanes * 2 * 2  # lanes x FMA (2 ops) x 2 pipes
-    int8 = fp32 * 4 * (2 if {"avx512_vnni", "avx_vnni"} & flags else 1)  # 4 int8 per fp32 lane; VNNI fuses the add
-    bf16 = fp32 * (2 if "avx512_bf16" in flags else 1)
+    int8 = fp32 * 4 * (2 if cpu.has_int8_dot(flags - {"amx_int8"}) else 1)  # 4 int8 per fp32 lane; VNNI fuses the add
+    bf16 = fp32 * (2 if cpu.has_native_bf16(flags - {"amx_bf16"}) else 1)
     if "amx_int8" in flags:
         int8 = max(int8, AMX_OPS["int8"])
     if "amx_bf16" in flags:
@@ -102,25 +87,12 @@ def paper_peaks(threads: int, flags: set[str] | None = None, ghz: float | None =
                       f"int8 {int8} per core)"}
 
 
-INT8_STEPS = {("quantize", "dynamic-int8"), ("quantize", "bnb-int8"), ("onnx-quantize", "dynamic"),
-              ("onnx-quantize", "static")}
-
-
 def precision(variants: dict, name: str) -> str:
-    """The precision a variant's matmuls run in: int8 when a step along its lineage quantized
-    activations and weights to int8; fp32 otherwise (weight-only int4 / nf4 dequantize to fp32)."""
-    seen = set()
-    while name in variants and name not in seen:
-        seen.add(name)
-        for step in variants[name].get("steps") or []:  # {"name", "params"}, defaults filled in
-            step_name, params = step.get("name"), step.get("params") or {}
-            method = params.get("method") or params.get("mode")
-            if (step_name, method) in INT8_STEPS:
-                return "int8"
-            if step_name == "quantize" and method == "bf16":
-                return "bf16"
-        name = variants[name].get("parent")
-    return "fp32"
+    """The precision a variant's matmuls run in (Step.precision along its lineage): int8 or bf16 where a
+    step quantized weights and activations to it; fp32 otherwise (weight-only int4 / nf4 and fp16 on
+    the CPU dequantize or convert to fp32 for the arithmetic)."""
+    kind, weight_only = precision_of(variants, name)
+    return kind if kind in ("int8", "bf16") and not weight_only else "fp32"
 
 
 def ancestor_flops(variants: dict, name: str):

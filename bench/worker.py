@@ -35,7 +35,7 @@ MEMORY_CALLS = 3  # untimed calls of the memory phase, after the first
 def setup(job: dict):
     """What every measuring process does first: (backend class, torch or None, threads). The libraries
     the backend's deployment loads are imported before the idle baseline so the memory delta is the
-    model's; an ort-cpu cell never imports torch (no torch thread pool beside ORT's)."""
+    model's; a backend that does not list torch never imports it (no torch thread pool beside its own)."""
     from core.backends import BACKENDS
     from core.processes import import_located
 

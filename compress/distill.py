@@ -65,6 +65,7 @@ class Distill(Step):
                "cosine/MSE on embeddings)")
     Params = DistillParams
     consumes = "torch"
+    libraries = ("torch", "transformers")
 
     @classmethod
     def references(cls, params: dict) -> list[str]:

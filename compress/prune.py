@@ -67,9 +67,19 @@ class Prune(Step):
     summary = "structured channel pruning (torch-pruning) or unstructured / 2:4 magnitude pruning"
     Params = PruneParams
     consumes = "torch"
+    libraries = ("torch", "torch-pruning")
 
     @classmethod
     def check(cls, params, *, recipe, variant, where, field):
+        if params.method == "structured":
+            # A transformer whose layers the pruner does not know fails here, not after minutes of work.
+            skeleton = recipe.skeleton()
+            if skeleton is not None:
+                why = unsupported_decoder_pruning(skeleton) if is_causal_lm(skeleton) \
+                    else unsupported_for_pruning(skeleton)
+                if why:
+                    raise field_error(where, f"{field}.method", why, value="structured",
+                                      accepted=["unstructured", "2:4"])
         if params.method == "structured" and _kind_is_transformer(recipe):
             if params.importance == "taylor":
                 raise field_error(where, f"{field}.importance", "transformer pruning ranks FFN channels and heads by "

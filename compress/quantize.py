@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from core.modelfile import AFTER_LOAD
 from core.steps import Step, StepParams, register
 
 
@@ -30,6 +31,26 @@ class Quantize(Step):
     summary = "PyTorch dynamic int8 (CPU), bitsandbytes int8 / nf4 / fp4, or fp16 / bf16 weights and activations"
     Params = QuantizeParams
     consumes = "torch"
+    libraries = ("torch", "bitsandbytes")
+    PRECISION = {"dynamic-int8": "int8", "bnb-int8": "int8", "bnb-nf4": "nf4", "bnb-fp4": "fp4", "fp16": "fp16",
+                 "bf16": "bf16"}
+
+    @classmethod
+    def precision(cls, params: dict) -> str:
+        return cls.PRECISION[params.get("method", "dynamic-int8")]
+
+    @classmethod
+    def weight_only(cls, params: dict) -> bool:
+        return params.get("method") in ("bnb-nf4", "bnb-fp4")  # dequantized to compute_dtype for each matmul
+
+    @classmethod
+    def activation_scales(cls, params: dict):
+        return "dynamic" if params.get("method", "dynamic-int8") in ("dynamic-int8", "bnb-int8") else None
+
+    @classmethod
+    def formats(cls, params: dict):
+        # bitsandbytes' matmuls are Python autograd functions: no graph format can hold them.
+        return ("torch",) if str(params.get("method", "")).startswith("bnb-") else None
 
     def run(self, model, params, ctx):
         import torch
@@ -42,6 +63,8 @@ class Quantize(Step):
             return model
         if p.method.startswith("bnb-"):
             model.module = _bitsandbytes(copy.deepcopy(model.module).eval(), p, ctx)
+            # Reloaded from its variant file, the module needs its bitsandbytes weights rewrapped.
+            setattr(model.module, AFTER_LOAD, f"{__name__}:restore_bitsandbytes")
             return model
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
@@ -133,3 +156,29 @@ def _bitsandbytes(module, p: QuantizeParams, ctx):
         ctx.notes["kept_in_full_precision"] = kept
     return module
 
+
+def restore_bitsandbytes(module):
+    """Give unpickled bitsandbytes layers their weight classes back.
+
+    torch.save pickles a Parameter subclass as a plain Parameter carrying the subclass's attributes,
+    so a reloaded Linear4bit's weight is no longer a Params4bit (nor a Linear8bitLt's an Int8Params).
+    On the CPU that goes unnoticed; moved to CUDA, the weight's bytes move but its quantization
+    state (absmax, SCB) stays in host memory, and the first kernel reads it from there: an illegal
+    memory access (seen on an H200). Rewrapped, `.to(device)` moves both again."""
+    import bitsandbytes as bnb
+
+    for m in module.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, bnb.nn.Linear4bit) and w is not None and not isinstance(w, bnb.nn.Params4bit):
+            state = w.__dict__
+            m.weight = bnb.nn.Params4bit(
+                w.data, requires_grad=False, quant_state=state.get("quant_state"),
+                blocksize=state.get("blocksize"), compress_statistics=state.get("compress_statistics", True),
+                quant_type=state.get("quant_type", "fp4"), quant_storage=state.get("quant_storage", w.dtype),
+                module=m, bnb_quantized=state.get("bnb_quantized", True))
+        elif isinstance(m, bnb.nn.Linear8bitLt) and w is not None and not isinstance(w, bnb.nn.Int8Params):
+            state = w.__dict__
+            m.weight = bnb.nn.Int8Params(w.data, requires_grad=False,
+                                         has_fp16_weights=state.get("has_fp16_weights", False),
+                                         CB=state.get("CB"), SCB=state.get("SCB"))
+    return module

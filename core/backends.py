@@ -1,7 +1,10 @@
-"""The backend registry. A backend runs one artifact format on one device; it is one class in
-bench/ that subclasses Backend (registration is automatic), declaring what it runs and where, which
-libraries its measuring process imports, why it cannot run here (`unavailable`) and how to load an
-artifact into a Runner. The recipe schema's backend names come from here."""
+"""The backend registry. A backend runs one artifact format on one device; it is one class in a
+bench/ module (one module per engine) that subclasses Backend (registration is automatic), and it
+owns everything specific to its engine: what it runs and where, which libraries its measuring
+process imports, why it cannot run here (`unavailable`), how to load an artifact into a Runner (and
+a causal LM into a generator), how to profile it op by op, the lines that load its artifact in the
+`recommended/` snippet, and the findings of the report's "why isn't it faster?" that only it can
+make. Nothing outside the backend's module names it. The recipe schema's backend names come from here."""
 from __future__ import annotations
 
 import time
@@ -47,6 +50,8 @@ class Backend:
     uses_torch_allocator: ClassVar[bool] = False  # its device memory shows in torch.cuda's figures
     compiles: ClassVar[bool] = False  # its first call compiles: that time is kept apart as compile_s
     generates: ClassVar[bool] = False  # measures causal LMs by generation (load_generator, bench.generate)
+    default: ClassVar[bool] = False  # in a recipe's default bench.backends
+    libraries: ClassVar[tuple[str, ...]] = ()  # pip distributions whose versions the environment records
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -72,6 +77,51 @@ class Backend:
         """For causal LMs: an object with `generate(ids, mask, new_tokens) -> (ids, {"prefill_ms",
         "decode_ms"})`, `logits(ids, mask)` and `info` (see bench.generate)."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ what the report and profiles ask
+    @classmethod
+    def profile(cls, path: str, inputs: dict, threads: int, calls: int, warmup: int) -> dict:
+        """Op-level time from the engine's own profiler, in a process of its own (bench.profile):
+        {"tool": ..., "by_op_ms": {op type: ms per call}}, optionally "nodes_by_op"."""
+        raise NotImplementedError(f"{cls.name} has no op-level profiler")
+
+    @classmethod
+    def profile_generation(cls, path: str, prompts, new_tokens: int, threads: int, generations: int) -> dict:
+        """As `profile`, over `generations` greedy generations after one of warm-up, per generated token."""
+        raise NotImplementedError(f"{cls.name} has no op-level profiler for generation")
+
+    @classmethod
+    def snippet(cls) -> Optional[str]:
+        """Python lines of recommended/load_and_call.py that load the file `MODEL` (a Path) as this
+        backend did and set `output` (an array-like with .shape and .dtype) from `inputs` (a dict of
+        numpy arrays); None when this backend has no snippet."""
+        return None
+
+    @classmethod
+    def kernel_census(cls, variants: dict, name: str) -> Optional[dict]:
+        """What this engine really runs for variant `name` (e.g. which int8 kernels a graph was fused
+        into), from the facts its steps recorded in results.json; None when it keeps no census."""
+        return None
+
+    @classmethod
+    def findings(cls, cell: dict, variants: dict, cpu_flags: list[str]) -> list[str]:
+        """Sentences of "why isn't it faster?" that only this engine can say about `cell`."""
+        return []
+
+
+def default_backends() -> list[str]:
+    """The backends a recipe measures when it names none: those that declare themselves default."""
+    return [n for n, b in BACKENDS.items() if b.default]
+
+
+def default_for_format(fmt: str) -> Optional[str]:
+    """The backend `workbench bench FILE` uses for a file of `fmt` when none is named: the first
+    registered CPU backend of that format that can run here (else the first of that format)."""
+    of_format = [n for n, b in BACKENDS.items() if b.format == fmt]
+    for n in of_format:
+        if BACKENDS[n].device == "cpu" and BACKENDS[n].unavailable() is None:
+            return n
+    return of_format[0] if of_format else None
 
 
 def get_backend(name: str) -> type[Backend]:

@@ -6,57 +6,35 @@ import os
 import platform
 import subprocess
 import sys
-from pathlib import Path
 
+from core import cpu
 from core.processes import default_threads
 
-LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "torch-pruning", "bitsandbytes",
-             "transformers", "optimum", "optimum-onnx", "numpy", "pandas", "scikit-learn", "model-workbench")
+# What every run uses; the steps and backends add their own (Step.libraries, Backend.libraries).
+LIBRARIES = ("torch", "onnx", "onnxscript", "transformers", "optimum", "optimum-onnx", "numpy", "pandas",
+             "scikit-learn", "model-workbench")
+
+
+def libraries() -> list[str]:
+    from core.backends import BACKENDS
+    from core.steps import STEPS
+
+    return sorted({*LIBRARIES, *(lib for c in [*STEPS.values(), *BACKENDS.values()] for lib in c.libraries)})
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu.model_name()
 
 
 def cpu_flags() -> list[str]:
-    """The SIMD features that decide int8 kernel choice (VNNI, AVX-512, AMX...)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4")) or "vnni" in f)
-    except OSError:
-        pass
-    return []
+    """The SIMD features that decide int8 kernel choice (VNNI, AVX-512, AMX, ARM dot product...)."""
+    return cpu.relevant_features()
 
 
-def cpu_caches() -> dict[str, int]:
-    """Bytes of each data / unified cache level one core sees (L1, L2, L3), from sysfs: whether a
-    model's weights stay in cache decides what weight-only quantization can save."""
+def versions(names=None) -> dict[str, str]:
+    """Installed versions of `names` (default: every library the registered steps and backends name)."""
     out = {}
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        try:
-            if (index / "type").read_text().strip() == "Instruction":
-                continue
-            size = (index / "size").read_text().strip()
-            scale = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}.get(size[-1:], 1)
-            out[f"L{(index / 'level').read_text().strip()}"] = int(size.rstrip("KMG")) * scale
-        except (OSError, ValueError):
-            continue
-    return out
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for lib in LIBRARIES:
+    for lib in (libraries() if names is None else names):
         try:
             out[lib] = md.version(lib)
         except md.PackageNotFoundError:
@@ -89,7 +67,7 @@ def fingerprint(threads: int | None = None) -> dict:
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),
-        "cpu_cache_bytes": cpu_caches(),
+        "cpu_cache_bytes": cpu.caches(),
         "cores_logical": os.cpu_count(),
         "cores_available": default_threads(),
         "threads_requested": threads,

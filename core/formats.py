@@ -21,6 +21,7 @@ class ExportFormat:
     name: ClassVar[str]
     file_name: ClassVar[str]
     summary: ClassVar[str]
+    suffixes: ClassVar[tuple[str, ...]] = ()  # file suffixes that mean this format (`workbench bench FILE`)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -47,6 +48,33 @@ class ExportFormat:
     def load(cls, path: str) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
         """A callable: dict of numpy inputs -> numpy output, on the CPU."""
         raise NotImplementedError
+
+    @classmethod
+    def files(cls, path: Path) -> list[Path]:
+        """Every file the artifact at `path` consists of (e.g. external weights beside a graph), to copy it whole."""
+        return [Path(path)]
+
+
+def format_for_file(path: Path) -> Optional[str]:
+    """The registered format whose suffixes match `path` (the longest suffix wins), or None."""
+    name = Path(path).name.lower()
+    best = max(((len(sfx), f) for f, cls in FORMATS.items() for sfx in cls.suffixes if name.endswith(sfx.lower())),
+               default=None)
+    return best[1] if best else None
+
+
+def artifact_files(fmt: str, path: Path) -> list[Path]:
+    """Every file of an artifact: a registered format says (`ExportFormat.files`); "torch" is a variant's
+    own module file, with the digest that load_module checks beside it."""
+    if fmt in FORMATS:
+        return FORMATS[fmt].files(Path(path))
+    from core.modelfile import module_files
+
+    return module_files(Path(path))
+
+
+def suffixes_accepted() -> list[str]:
+    return sorted({sfx for cls in FORMATS.values() for sfx in cls.suffixes})
 
 
 def module_kinds(module) -> set[str]:

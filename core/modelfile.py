@@ -27,6 +27,12 @@ def save_module(module, path: Path) -> str:
     return digest
 
 
+# A step whose layers need mending after unpickling (a library's Parameter subclass that pickles as a
+# plain Parameter) names the function that mends them in this attribute of the module it returns, as
+# "package.module:function"; load_module calls it. Core so knows no step's library by name.
+AFTER_LOAD = "_workbench_after_load"
+
+
 def load_module(path: str | Path):
     """Load a module file this tool wrote. Unpickling runs code, so only files whose digest matches
     the one written beside them at save time are accepted; user checkpoints never come here
@@ -38,9 +44,18 @@ def load_module(path: str | Path):
     if not digest_file.exists() or digest_file.read_text().strip() != _sha256(path):
         raise RuntimeError(f"{path}: not a module file written by model-workbench (digest missing or different)")
     module = torch.load(path, map_location="cpu", weights_only=False).eval()
-    if any(type(m).__module__.startswith("bitsandbytes") for m in module.modules()):
-        module = restore_bitsandbytes(module)
+    hook = getattr(module, AFTER_LOAD, None)
+    if hook:  # "package.module:function", named by the step that made the module (see AFTER_LOAD)
+        import importlib
+
+        mod, fn = hook.split(":")
+        module = getattr(importlib.import_module(mod), fn)(module)
     return module
+
+
+def module_files(path: Path) -> list[Path]:
+    """A module file and the digest beside it that load_module checks."""
+    return [Path(path), Path(path).with_suffix(".sha256")]
 
 
 def onnx_files(path: Path) -> list[Path]:
@@ -51,30 +66,3 @@ def onnx_files(path: Path) -> list[Path]:
     model = onnx.load(str(path), load_external_data=False)
     extra = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
     return [path] + [path.parent / x for x in sorted(extra)]
-
-
-def restore_bitsandbytes(module):
-    """Give unpickled bitsandbytes layers their weight classes back.
-
-    torch.save pickles a Parameter subclass as a plain Parameter carrying the subclass's attributes,
-    so a reloaded Linear4bit's weight is no longer a Params4bit (nor a Linear8bitLt's an Int8Params).
-    On the CPU that goes unnoticed; moved to CUDA, the weight's bytes move but its quantization
-    state (absmax, SCB) stays in host memory, and the first kernel reads it from there: an illegal
-    memory access (seen on an H200). Rewrapped, `.to(device)` moves both again."""
-    import bitsandbytes as bnb
-
-    for m in module.modules():
-        w = getattr(m, "weight", None)
-        if isinstance(m, bnb.nn.Linear4bit) and w is not None and not isinstance(w, bnb.nn.Params4bit):
-            state = w.__dict__
-            m.weight = bnb.nn.Params4bit(
-                w.data, requires_grad=False, quant_state=state.get("quant_state"),
-                blocksize=state.get("blocksize"), compress_statistics=state.get("compress_statistics", True),
-                quant_type=state.get("quant_type", "fp4"), quant_storage=state.get("quant_storage", w.dtype),
-                module=m, bnb_quantized=state.get("bnb_quantized", True))
-        elif isinstance(m, bnb.nn.Linear8bitLt) and w is not None and not isinstance(w, bnb.nn.Int8Params):
-            state = w.__dict__
-            m.weight = bnb.nn.Int8Params(w.data, requires_grad=False,
-                                         has_fp16_weights=state.get("has_fp16_weights", False),
-                                         CB=state.get("CB"), SCB=state.get("SCB"))
-    return module

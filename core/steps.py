@@ -24,6 +24,43 @@ class Step:
     Params: ClassVar[type[StepParams]] = StepParams
     consumes: ClassVar[str] = "torch"  # "torch" or "onnx"
     produces: ClassVar[str] = "same"  # "torch", "onnx" or "same"
+    # pip distributions whose versions enter the cache key of a variant this step builds: an upgrade
+    # of one of them rebuilds the variant instead of reusing what the old version made.
+    libraries: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def precision(cls, params: dict) -> Optional[str]:
+        """The numeric precision of the weights this step leaves (fp32 / bf16 / fp16 / int8 / int4 /
+        nf4 / fp4), or None when it leaves the precision as it found it (pruning, distillation)."""
+        return None
+
+    @classmethod
+    def weight_only(cls, params: dict) -> bool:
+        """Whether only the weights are quantized (activations and the matmuls stay in float)."""
+        return False
+
+    @classmethod
+    def activation_scales(cls, params: dict) -> Optional[str]:
+        """For int8 with quantized activations: "static" (scales calibrated ahead) or "dynamic"
+        (computed per batch); None otherwise. The report compares static and dynamic siblings."""
+        return None
+
+    @classmethod
+    def sensitivity_params(cls, params: dict, target: Optional[float]) -> Optional[dict]:
+        """The parameters that make this step measure per-node sensitivity (`workbench sensitivity`):
+        each node quantized alone, and with `target`, the fewest nodes to keep in float; None when it
+        has no such mode."""
+        return None
+
+    @classmethod
+    def offers_sensitivity(cls) -> bool:
+        return getattr(cls.sensitivity_params, "__func__", None) is not Step.sensitivity_params.__func__
+
+    @classmethod
+    def formats(cls, params: dict) -> Optional[tuple[str, ...]]:
+        """The artifact formats a variant made by this step can reach ("torch" is the module itself),
+        or None when the export formats decide for themselves (their `unsupported`)."""
+        return None
 
     @classmethod
     def check(cls, params, *, recipe, variant: str, where: str, field: str) -> None:
@@ -76,6 +113,49 @@ def get_step(name: str) -> type[Step]:
 
 def step_names() -> list[str]:
     return sorted(STEPS)
+
+
+def _lineage(variants: dict, name: str):
+    """(variant record, its steps newest first) from `name` up to the source, each variant once.
+    `variants` maps names to results.json records ({"steps": [{"name", "params"}], "parent"})."""
+    seen = set()
+    while name in variants and name not in seen:
+        seen.add(name)
+        v = variants[name]
+        yield v, list(reversed(v.get("steps") or []))
+        name = v.get("parent")
+
+
+def precision_of(variants: dict, name: str) -> tuple[str, bool]:
+    """(precision, weight-only) of variant `name`: set by the newest step along its lineage that sets
+    one (a step registered by no plugin here is passed over); fp32 when none does."""
+    for _, steps in _lineage(variants, name):
+        for s in steps:
+            cls = STEPS.get(s.get("name"))
+            p = s.get("params") or {}
+            if cls is not None and cls.precision(p):
+                return cls.precision(p), cls.weight_only(p)
+    return "fp32", False
+
+
+def own_weight_only(variant: dict) -> bool:
+    """Whether the variant's own steps (not its ancestors') quantize weights only."""
+    return any(STEPS[s["name"]].weight_only(s.get("params") or {}) for s in variant.get("steps") or []
+               if s.get("name") in STEPS)
+
+
+def own_activation_scales(variant: dict) -> tuple[Optional[str], dict]:
+    """("static" / "dynamic" / None, that step's params) of the variant's own last quantizing step."""
+    for s in reversed(variant.get("steps") or []):
+        cls = STEPS.get(s.get("name"))
+        if cls is not None and cls.precision(s.get("params") or {}):
+            return cls.activation_scales(s.get("params") or {}), s.get("params") or {}
+    return None, {}
+
+
+def libraries_of(step_names) -> list[str]:
+    """The distributions whose versions key a variant made by these steps."""
+    return sorted({lib for n in step_names if n in STEPS for lib in STEPS[n].libraries})
 
 
 def describe_steps() -> list[tuple[str, str, str, str]]:

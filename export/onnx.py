@@ -64,6 +64,7 @@ def export_onnx(module, io_spec: ModelIO, path: Path, *, opset: int = 18, export
 
 class OnnxFormat(ExportFormat):
     name, file_name = "onnx", "model.onnx"
+    suffixes = (".onnx",)
     summary = "ONNX graph (torch.onnx dynamo exporter; TorchScript-based or optimum exporters as configured)"
 
     @classmethod
@@ -71,10 +72,10 @@ class OnnxFormat(ExportFormat):
         kinds = module_kinds(module)
         if any(k.startswith("torch.ao.nn.quantized.dynamic") for k in kinds):
             return ("PyTorch dynamic-int8 layers (quantized::linear_dynamic) have no ONNX export; quantize the "
-                    "ONNX graph with the onnx-quantize step instead")
+                    "ONNX graph instead (an ONNX quantization step on the unquantized parent)")
         if "bitsandbytes" in kinds:
-            return ("bitsandbytes layers have no ONNX export; for an int8 / int4 ONNX graph use the onnx-quantize "
-                    "step on the unquantized parent")
+            return ("bitsandbytes layers have no ONNX export; for an int8 / int4 ONNX graph quantize the ONNX "
+                    "graph of the unquantized parent instead")
         return None
 
     @classmethod
@@ -101,3 +102,9 @@ class OnnxFormat(ExportFormat):
             lm = OrtLM(sess)
             return lambda b: lm.logits(b["input_ids"], b["attention_mask"])
         return lambda b: sess.run(None, {k: v for k, v in b.items() if k in names})[0]
+
+    @classmethod
+    def files(cls, path):
+        from core.modelfile import onnx_files
+
+        return onnx_files(path)  # with any external-data files, which keep their names

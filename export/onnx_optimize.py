@@ -35,6 +35,15 @@ class OnnxOptimize(Step):
     summary = "ONNX Runtime graph optimisation (basic/extended/all) and BERT transformer fusion"
     Params = OnnxOptimizeParams
     consumes = "onnx"
+    libraries = ("onnx", "onnxruntime", "onnxruntime-gpu")
+
+    @classmethod
+    def precision(cls, params: dict):
+        return "fp16" if params.get("float16") else None
+
+    @classmethod
+    def formats(cls, params: dict):
+        return ("onnx",)
 
     @classmethod
     def exporter_for(cls, params: dict) -> Optional[str]:

@@ -103,6 +103,31 @@ class OnnxQuantize(Step):
     summary = "ONNX Runtime quantization: dynamic int8, static int8 (QDQ, calibrated), int4 weight-only"
     Params = OnnxQuantizeParams
     consumes = "onnx"
+    libraries = ("onnx", "onnxruntime", "onnxruntime-gpu")
+
+    @classmethod
+    def precision(cls, params: dict) -> str:
+        mode = params.get("mode", "dynamic")
+        if mode in WEIGHT_ONLY:
+            return "int4" if mode == "int4" or params.get("bits", 4) == 4 else "int8"
+        return "int8"
+
+    @classmethod
+    def weight_only(cls, params: dict) -> bool:
+        return params.get("mode", "dynamic") in WEIGHT_ONLY  # MatMulNBits: float activations
+
+    @classmethod
+    def activation_scales(cls, params: dict):
+        mode = params.get("mode", "dynamic")
+        return mode if mode in ("static", "dynamic") else None
+
+    @classmethod
+    def formats(cls, params: dict):
+        return ("onnx",)
+
+    @classmethod
+    def sensitivity_params(cls, params: dict, target):
+        return {**params, "keep_fp32": {"top_k": None if target else 0, "target": target, "batches": 2}}
 
     @classmethod
     def check(cls, params, *, recipe, variant, where, field):

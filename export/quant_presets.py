@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from core import cpu
+
 PRESET_NAMES = ("auto", "avx2", "avx512", "avx512-vnni", "amx", "arm-dot", "tensorrt")
 MATMUL_OPS = ["MatMul", "Gemm", "Attention"]
 
@@ -58,22 +60,9 @@ PRESETS = {
 }
 
 
-def cpu_features() -> set[str]:
-    """x86 `flags` and ARM `Features` of /proc/cpuinfo."""
-    feats: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith(("flags", "Features")):
-                    feats |= set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return feats
-
-
 def detect(features: Optional[set[str]] = None) -> tuple[str, str]:
     """(preset name, the flags that decided it) for this machine's CPU."""
-    f = cpu_features() if features is None else features
+    f = cpu.features() if features is None else features
     if "amx_int8" in f:
         return "amx", "amx_int8"
     for flag in ("avx512_vnni", "avx_vnni", "avx512vnni"):

@@ -25,6 +25,7 @@ def export_pt2(module, io_spec: ModelIO, path: Path) -> dict:
 
 class TorchExportFormat(ExportFormat):
     name, file_name = "torch-export", "model.pt2"
+    suffixes = (".pt2",)
     summary = "torch.export program (.pt2), batch and sequence axes dynamic"
 
     @classmethod

@@ -33,12 +33,13 @@ def no_trace_form(module, fmt: str):
     """bitsandbytes layers call Python autograd functions that tracing cannot record."""
     if "bitsandbytes" in module_kinds(module):
         return (f"bitsandbytes layers have no {fmt} form (their matmuls are Python autograd functions); "
-                "benchmark the module itself on torch-cpu / torch-cuda")
+                "benchmark the module itself on a PyTorch backend")
     return None
 
 
 class TorchScriptFormat(ExportFormat):
     name, file_name = "torchscript", "model.torchscript.pt"
+    suffixes = (".pt", ".pth", ".torchscript")  # torch.jit.save writes a zip under any name; .pt is usual
     summary = "TorchScript (torch.jit.trace; torch.jit.script when tracing fails)"
 
     @classmethod

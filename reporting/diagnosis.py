@@ -1,11 +1,16 @@
 """"Why isn't it faster?": for every variant whose cell is not significantly faster than its parent's
 on the same backend and batch size, a short diagnosis in plain words, built only from figures the
-run recorded: the op-level profile (bench.profile), the int8 kernels ORT fused the graph into
-(export.graph_kernels), the CPU's flags, the variant's sparsity and the roofline fraction."""
+run recorded: the op-level profile (bench.profile), what the cell's backend says of its engine
+(`Backend.findings`, e.g. the int8 kernels a graph was fused into), the CPU's flags, the variant's
+sparsity and the roofline fraction. Which steps quantize, and how, comes from the step registry
+(`Step.precision`, `weight_only`, `activation_scales`), never from step names."""
 from __future__ import annotations
 
 from typing import Optional
 
+from core import cpu
+from core.backends import BACKENDS
+from core.steps import own_activation_scales, own_weight_only, precision_of
 from reporting.analysis import faster, measured, significantly_faster
 
 FLOAT_COMPUTE = {"Conv", "MatMul", "Gemm", "FusedGemm", "FusedMatMul", "FusedConv", "Attention",
@@ -16,46 +21,15 @@ LAYOUT_OPS = {"Transpose", "Reshape", "Cast", "Concat", "Gather", "Slice", "Sque
               "aten::transpose", "aten::reshape", "aten::view", "aten::cat"}
 
 
-def _notes(variant: dict) -> dict:
-    """A variant's step notes merged (the last step's facts win)."""
-    out: dict = {}
-    for n in variant.get("notes") or []:
-        out.update(n)
-    return out
-
-
 def _is_int8(variants: dict, name: str) -> bool:
-    """Whether the variant or an ancestor quantized to int8."""
-    while name:
-        v = variants.get(name) or {}
-        for s in v.get("steps", []):
-            p = s.get("params", {})
-            if s.get("name") in ("quantize", "onnx-quantize") and (
-                    p.get("mode") in ("dynamic", "static") or p.get("method") in ("dynamic-int8", "bnb-int8")):
-                return True
-        name = v.get("parent")
-    return False
-
-
-def kernels_of(variants: dict, name: str) -> Optional[dict]:
-    """The kernel census nearest the variant (its own step's, else an ancestor's)."""
-    while name:
-        v = variants.get(name) or {}
-        k = _notes(v).get("kernels")
-        if k and "error" not in k:
-            return k
-        name = v.get("parent")
-    return None
+    """Whether the variant or an ancestor quantized weights and activations to int8 (Step.precision)."""
+    precision, weight_only = precision_of(variants, name)
+    return precision == "int8" and not weight_only
 
 
 def _weight_only(variants: dict, name: str) -> bool:
-    """Whether the variant's own steps quantize weights only (MatMulNBits, bitsandbytes 4-bit)."""
-    for s in (variants.get(name) or {}).get("steps", []):
-        p = s.get("params", {})
-        if (s.get("name") == "onnx-quantize" and p.get("mode") in ("int4", "weight-only")) or \
-                (s.get("name") == "quantize" and p.get("method") in ("bnb-nf4", "bnb-fp4")):
-            return True
-    return False
+    """Whether the variant's own steps quantize weights only (Step.weight_only)."""
+    return own_weight_only(variants.get(name) or {})
 
 
 def _memory_bound_finding(cell: dict, parent_cell: dict, variants: dict, caches: dict) -> Optional[str]:
@@ -99,17 +73,12 @@ def diagnose(cell: dict, parent_cell: dict, variants: dict, cpu_flags: list[str]
                          f"({', '.join(sorted(op for op in by_op if op in QUANT_OPS))})")
         if layout / total >= 0.10:
             found.append(f"{layout / total:.0%} of op time goes to layout ops (transposes, reshapes, casts)")
-    k = kernels_of(variants, name)
     int8 = _is_int8(variants, name)
-    if k:
-        if int8 and not k.get("int8_kernels"):
-            found.append("ONNX Runtime fused no int8 kernel: the graph still runs in float")
-        if int8 and k.get("float_weight_matmuls"):
-            found.append(f"{k['float_weight_matmuls']} weight MatMul(s) stayed in float")
-        if k.get("softmax") and not k.get("attention_fused"):
-            found.append("attention is not fused (Softmax and MatMuls run one by one)")
+    backend = BACKENDS.get(cell.get("backend"))
+    if backend is not None:  # what only the cell's engine can say (e.g. which kernels its graph fused)
+        found += backend.findings(cell, variants, list(cpu_flags or []))
     flags = set(cpu_flags or [])
-    if int8 and flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}:
+    if int8 and flags and not cpu.has_int8_dot(flags):
         found.append("this CPU has no VNNI (or AMX / dot-product) instruction, so int8 MatMuls run at about "
                      "fp32 speed; int8 pays here in memory, not latency")
     v = variants.get(name) or {}
@@ -158,12 +127,6 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + "."
 
 
-def _quant_step(variant: dict) -> Optional[dict]:
-    """The params of the variant's own onnx-quantize step, if it has one."""
-    return next((s.get("params", {}) for s in reversed(variant.get("steps", [])) if s.get("name") == "onnx-quantize"),
-                None)
-
-
 def static_vs_dynamic(results: dict, batch_size: int) -> list[str]:
     """Static int8 is meant to beat dynamic int8 (no per-run activation scans). Where a static
     variant is slower or less faithful than a dynamic sibling (same parent), say why from the figures."""
@@ -173,12 +136,11 @@ def static_vs_dynamic(results: dict, batch_size: int) -> list[str]:
     metric = (results.get("task") or {}).get("primary")
     lines = []
     for name, v in variants.items():
-        sp = _quant_step(v)
-        if not sp or sp.get("mode") != "static":
+        scales, sp = own_activation_scales(v)
+        if scales != "static":
             continue
         for dyn, d in variants.items():
-            dp = _quant_step(d)
-            if not dp or dp.get("mode") != "dynamic" or d.get("parent") != v.get("parent"):
+            if own_activation_scales(d)[0] != "dynamic" or d.get("parent") != v.get("parent"):
                 continue
             for (var, backend), cell in cells.items():
                 other = cells.get((dyn, backend))
@@ -198,7 +160,7 @@ def static_vs_dynamic(results: dict, batch_size: int) -> list[str]:
                 total = sum(by_op.values())
                 if total and by_op.get("Attention"):
                     found.append(f"fused Attention stays float in static mode ({by_op['Attention'] / total:.0%} of its "
-                                 "op time): ORT's static quantizer has no QAttention, which dynamic mode uses")
+                                 "op time): the static quantizer has no QAttention, which dynamic mode uses")
                 q = sum(ms for op, ms in by_op.items() if op in QUANT_OPS)
                 if total and q / total >= 0.05:
                     found.append(f"{q / total:.0%} of op time goes to Quantize/DequantizeLinear around the "

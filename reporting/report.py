@@ -13,7 +13,8 @@ import pandas as pd
 from reporting.analysis import (MB, TIE_RULE, Recommendation, cell_score, faster, primary_metric, quietness, recommend,
                             reference_speedups, speedups)
 from reporting import lm_report
-from reporting.diagnosis import diagnosis_lines, kernels_of
+from core.backends import BACKENDS
+from reporting.diagnosis import diagnosis_lines
 from reporting.plots import make_plots, pareto_points, sensitivity_rankings
 from reporting.ship import ship_plan, write_recommended
 from core import atomic
@@ -122,7 +123,7 @@ def md_table(head, rows) -> str:
 
 def html_table(head, rows) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    # A cell without spaces (a name like torch-cpu, a number) stays on one line: browsers would break it at a
+    # A cell without spaces (a backend's name, a number) stays on one line: browsers would break it at a
     # hyphen; cells with spaces wrap there, so wide tables still fit the page.
     cell = lambda x: f"<td{'' if ' ' in str(x) else ' class=tok'}>{html.escape(str(x))}</td>"  # noqa: E731
     body = "".join("<tr>" + "".join(cell(x) for x in r) + "</tr>" for r in rows)
@@ -179,7 +180,7 @@ def ship_text(results: dict, rec: Recommendation) -> str | None:
 def profile_table(results: dict, batch_size: int) -> tuple[list[str], list[list[str]]]:
     """Each profiled cell's op time per call and its three costliest op types."""
     per = "generated token" if any((c.get("profile") or {}).get("per") for c in results["cells"]) else "call"
-    head = ["variant", "backend", f"op time ms / {per}", "top ops (share of op time)", "quantized kernels (ORT graph)"]
+    head = ["variant", "backend", f"op time ms / {per}", "top ops (share of op time)", "quantized kernels (engine census)"]
     variants = {v["name"]: v for v in results["variants"]}
     rows = []
     for c in results["cells"]:
@@ -188,7 +189,8 @@ def profile_table(results: dict, batch_size: int) -> tuple[list[str], list[list[
             continue
         total = sum(prof["by_op_ms"].values()) or 1.0
         top = sorted(prof["by_op_ms"].items(), key=lambda kv: -kv[1])[:3]
-        kernels = kernels_of(variants, c["variant"]) if c["format"] == "onnx" else None
+        engine = BACKENDS.get(c["backend"])
+        kernels = engine.kernel_census(variants, c["variant"]) if engine is not None else None
         int8 = ", ".join(f"{k} {v}" for k, v in (kernels or {}).get("int8_kernels", {}).items()) or "–"
         rows.append([c["variant"], c["backend"], f"{prof['op_total_ms']:.3f}",
                      ", ".join(f"{op} {ms / total:.0%}" for op, ms in top), int8])

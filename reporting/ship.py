@@ -46,46 +46,6 @@ for name, spec in io["inputs"].items():
 # Load as `$backend` did, and call once.
 '''
 
-_ONNX = '''import onnxruntime as ort
-
-providers = $providers
-session = ort.InferenceSession(str(MODEL), providers=providers)
-# ONNX Runtime falls back to the CPU silently when a provider cannot start: stop rather than run elsewhere.
-if session.get_providers()[0] != providers[0]:
-    sys.exit(f"ONNX Runtime did not start {providers[0]} here (available: {ort.get_available_providers()})")
-feed = {i.name: inputs[i.name] for i in session.get_inputs()}  # an optimised graph may have dropped an input
-output = session.run(None, feed)[0]
-'''
-
-_TORCH_MODULE = '''import torch
-# A whole pickled module: model-workbench must be importable (the pickle names its classes; a recipe's
-# `python` model also needs the recipe's folder on PYTHONPATH). load_module checks module.sha256 first,
-# since unpickling runs code.
-from core.modelfile import load_module
-
-module = load_module(MODEL).to("$device").eval()
-'''
-
-_TORCHSCRIPT = '''import torch
-
-module = torch.jit.load(str(MODEL), map_location="$device")
-'''
-
-_TORCH_EXPORT = '''import torch
-
-program = torch.export.load(str(MODEL))
-'''
-
-_TO_CUDA = '''# Moved to the GPU as a program, as the benchmark did (an unlifted module cannot be moved).
-from torch.export.passes import move_to_device_pass
-
-program = move_to_device_pass(program, "cuda")
-'''
-
-_TORCH_CALL = '''with torch.inference_mode():
-    output = module(**{k: torch.from_numpy(v).to("$device") for k, v in inputs.items()})
-'''
-
 _TAIL = '''print(f"output {io['output']!r}: shape {tuple(output.shape)}, dtype {output.dtype}")
 '''
 
@@ -101,27 +61,16 @@ def ship_plan(results: dict, rec: Recommendation) -> Optional[dict]:
 
 
 def snippet(backend: str, file: str, variant: str, batch: int, seq: int) -> Optional[str]:
-    """load_and_call.py for a file of `backend`'s format, or None for a backend this module does not know."""
-    import bench.backends  # noqa: F401  (registers the built-in backends)
+    """load_and_call.py for a file of `backend`'s format: the backend says how its file loads and is
+    called (`Backend.snippet`); None for a backend not registered here or without a snippet."""
     from core.backends import BACKENDS
 
     cls = BACKENDS.get(backend)
-    if cls is None:
+    body = cls.snippet() if cls is not None else None
+    if body is None:
         return None
-    if cls.format == "onnx":
-        providers = [cls.provider] + (["CPUExecutionProvider"] if cls.provider != "CPUExecutionProvider" else [])
-        body = Template(_ONNX).safe_substitute(providers=repr(providers))
-    elif cls.format in ("torch", "torchscript", "torch-export"):
-        body = {"torch": _TORCH_MODULE, "torchscript": _TORCHSCRIPT, "torch-export": _TORCH_EXPORT}[cls.format]
-        if cls.format == "torch-export":
-            body += (_TO_CUDA if cls.device == "cuda" else "") + "module = program.module()\n"
-        if cls.compiles:
-            body += "module = torch.compile(module)  # as the benchmark ran it; the first call compiles\n"
-        body += _TORCH_CALL
-    else:
-        return None
-    return Template(_HEAD + body + _TAIL).substitute(file=file, variant=variant, backend=backend, batch=batch,
-                                                     seq=seq, device=cls.device)
+    return Template(_HEAD).substitute(file=file, variant=variant, backend=backend, batch=batch, seq=seq) \
+        + body + _TAIL
 
 
 def _readme(results: dict, rec: Recommendation, sp: dict, file: Path, files: list[str], has_snippet: bool) -> str:
@@ -152,10 +101,17 @@ def _readme(results: dict, rec: Recommendation, sp: dict, file: Path, files: lis
                   f"loads `{file.name}` the way `{w.backend}` ran it, calls it once on random inputs built from "
                   f"`{file.name}.io.json` (input names, shapes with the symbolic dims `batch` and `seq`, dtypes, "
                   "integer ranges) and prints the output's shape. It needs numpy and "
-                  + ("onnxruntime." if c.get("format") == "onnx" else "torch.")]
+                  + ", ".join(_needs(w.backend)) + "."]
     else:
         lines += ["", f"No snippet: this module does not know how `{w.backend}` loads its file."]
     return "\n".join(lines) + "\n"
+
+
+def _needs(backend: str) -> list[str]:
+    from core.backends import BACKENDS
+
+    cls = BACKENDS.get(backend)
+    return list(cls.imports) if cls is not None else ["the backend's library"]
 
 
 def _title(rec: Recommendation) -> str:
@@ -184,15 +140,9 @@ def write_recommended(run_dir: Path, results: dict, rec: Recommendation, sp: dic
             return folder
         shutil.rmtree(folder, ignore_errors=True)
         return None
-    if plan["format"] == "onnx":
-        from core.modelfile import onnx_files
+    from core.formats import artifact_files
 
-        sources = onnx_files(src)  # with any external-data files, which keep their names
-    elif plan["format"] == "torch":
-        sources = [src, src.with_suffix(".sha256")]  # load_module reads the digest beside the module
-    else:
-        sources = [src]
-    sources = [p for p in sources if p.is_file()]
+    sources = [p for p in artifact_files(plan["format"], src) if p.is_file()]
     beside = src.with_name(src.name + ".io.json")
     # Exports have their .io.json beside them; a torch module or an ONNX variant made by steps does not, and
     # takes the source model's, which is the same description (every variant keeps the source's inputs).

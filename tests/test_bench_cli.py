@@ -87,7 +87,7 @@ def test_bench_a_torch_export_program(quick_run, tmp_path):
     import numpy as np
     import torch
 
-    from bench.backends import load_runner
+    from core.backends import BACKENDS
     from export.torch_export import export_pt2
     from core.model import ModelIO
     from core.modelfile import load_module
@@ -100,7 +100,7 @@ def test_bench_a_torch_export_program(quick_run, tmp_path):
     (tmp_path / "digits.pt2.io.json").write_text(json.dumps(io.to_json()))
 
     x = io.make(batch=3, seq=16, seed=1)  # a batch size the program was not traced at
-    runner = load_runner("torch-export-cpu", str(pt2), threads=1)
+    runner = BACKENDS["torch-export-cpu"].load(str(pt2), threads=1)
     with torch.no_grad():
         expected = module(**{k: torch.from_numpy(v) for k, v in x.items()}).numpy()
     np.testing.assert_allclose(runner.outputs(runner.prepare(x)), expected, atol=1e-5)

@@ -16,7 +16,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError,
                       model_validator)
 
-from core.backends import BACKENDS
+from core.backends import BACKENDS, default_backends
 from core.errors import RecipeError, field_error
 from core.formats import FORMATS
 from workbench import plugins
@@ -175,7 +175,7 @@ class VariantSpec(Strict):
     steps: list[Any] = Field(default_factory=list)
     backends: Optional[list[BackendName]] = Field(
         None, min_length=1, description="the backends this variant is measured on, instead of bench.backends: "
-        "for a backend that pays only for some variants (torch-compile-cpu for a bf16 model) or costs too much "
+        "for a backend that pays only for some variants (a compiler for a bf16 model) or costs too much "
         "for all of them")
 
 
@@ -216,7 +216,7 @@ class Placement(Strict):
 
 
 class BenchSpec(Strict):
-    backends: list[BackendName] = Field(default_factory=lambda: ["torch-cpu", "ort-cpu"], min_length=1)
+    backends: list[BackendName] = Field(default_factory=default_backends, min_length=1)
     batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1, 8], min_length=1)
     seq_len: int = Field(128, gt=0, description="sequence length of text inputs; causal LMs: the prompt length")
     new_tokens: int = Field(32, ge=2, description="causal LMs: tokens generated greedily per measured generation "
@@ -237,7 +237,7 @@ class BenchSpec(Strict):
     ray_address: Optional[str] = Field(None, description="a Ray cluster to join (what `ray start --head` prints, "
                                        "e.g. 10.0.0.5:6379); default: start a local Ray instance")
     placement: dict[BackendName, Placement] = Field(default_factory=dict, description=(
-        "per backend, where its cells may run under Ray: {ort-cuda: {resources: {H100: 1}}}"))
+        "per backend, where its cells may run under Ray: {BACKEND: {resources: {H100: 1}}}"))
 
 
 # ----------------------------------------------------------------------------- report
@@ -310,6 +310,7 @@ class Recipe(Strict):
     # Set by load_recipe: where the recipe came from, for relative paths and the lineage.
     _path: Optional[str] = PrivateAttr(None)
     _sha256: Optional[str] = PrivateAttr(None)
+    _skeleton: Any = PrivateAttr(False)
 
     @property
     def path(self) -> Optional[str]:
@@ -330,6 +331,13 @@ class Recipe(Strict):
         if q.is_absolute() or self.path is None:
             return q
         return Path(self.path).resolve().parent / q
+
+    def skeleton(self):
+        """The model's modules on the meta device (real structure, no weights), for steps' recipe-time
+        checks (Step.check): None when that cannot be had cheaply (not a Hugging Face model, remote code)."""
+        if self._skeleton is False:
+            self._skeleton = _hf_skeleton(self)
+        return self._skeleton
 
     def backends_of(self, name: str) -> list[str]:
         """The backends variant `name` is measured on: its own list, else bench.backends (a variant
@@ -428,7 +436,6 @@ def check_recipe(recipe: Recipe, where: str) -> None:
 
     _check_search(recipe, where, fmt)
     _check_model(recipe, where)
-    _check_structured_pruning(recipe, where)
     _check_task(recipe, where)
     c = recipe.report.constraints
     if c.backend is not None and c.backend not in recipe.all_backends():
@@ -611,26 +618,6 @@ def _hf_skeleton(recipe: Recipe):
             return (AutoModel if m.head == "embedding" else AutoModelForSequenceClassification).from_config(cfg)
     except Exception:  # noqa: BLE001 - the run reports what loading really says
         return None
-
-
-def _check_structured_pruning(recipe: Recipe, where: str) -> None:
-    """A transformer whose layers the pruner does not know fails here, not after minutes of work."""
-    prunes = [(name, i) for name, v in recipe.variants.items() for i, s in enumerate(v.steps)
-              if s.name == "prune" and s.params.get("method", "structured") == "structured"]
-    if not prunes:
-        return
-    skeleton = _hf_skeleton(recipe)
-    if skeleton is None:
-        return
-    from core.decoders import unsupported_decoder_pruning
-    from core.encoders import unsupported_for_pruning
-    from core.lm import CausalLM
-
-    why = unsupported_decoder_pruning(skeleton) if isinstance(skeleton, CausalLM) else unsupported_for_pruning(skeleton)
-    if why:
-        name, i = prunes[0]
-        raise field_error(where, f"variants.{name}.steps[{i}].prune.method", why, value="structured",
-                          accepted=["unstructured", "2:4"])
 
 
 def _check_task(recipe: Recipe, where: str) -> None:

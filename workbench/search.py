@@ -76,14 +76,15 @@ class Search:
         return fresh
 
     def _time(self, recs: list[dict], proxy, models) -> None:
-        from bench.cells import cell_job
+        from bench.plan import Generation, Target, plan
         from bench.rounds import measure_in_rounds
         from core.backends import BACKENDS
         from core.formats import FORMATS
+        from workbench.stages.bench import prompts
         from workbench.stages.export import export_memoised
 
         cls = BACKENDS[self.backend]
-        r, jobs = self.run.recipe, []
+        r, targets = self.run.recipe, []
         for rec in recs:
             model = models[rec["name"]]
             try:
@@ -92,21 +93,32 @@ class Search:
                 elif model.format == "onnx":
                     raise ValueError(f"an ONNX graph has no {cls.format} form for {self.backend}")
                 else:
-                    path = proxy.run_dir / "variants" / rec["name"] / FORMATS[cls.format].file_name
-                    if cls.format == "torch":
-                        path = self.run.cache.folder(proxy.keys[rec["name"]]) / "module.pt"
-                    else:
+                    path = proxy.run_dir / "variants" / rec["name"] / FORMATS[cls.format].file_name \
+                        if cls.format in FORMATS else self.run.cache.folder(proxy.keys[rec["name"]]) / "module.pt"
+                    if cls.format in FORMATS:
                         export_memoised(proxy, cls.format, model.module, proxy.keys[rec["name"]], path)
             except Exception as e:  # noqa: BLE001 - a candidate that cannot run is recorded
                 rec.update(status="failed", reason=f"{type(e).__name__}: {e}")
                 continue
-            jobs.append((rec["name"], cell_job(self.backend, path, self.run.src.io.to_json(), self.batch,
-                                               r.bench.seq_len, self.run.threads, self.run.timing,
-                                               seed=r.seed)))
-        if not jobs:
+            targets.append(Target(rec["name"], {cls.format: {"status": "ok", "reason": None, "path": str(path)}}))
+        if not targets:
             return
         work = proxy.run_dir / ".work"
         work.mkdir(parents=True, exist_ok=True)
+        # The one planner the report's cells come from: a causal LM's candidates are ranked by per-token
+        # decode latency (generation cells), as the report ranks its variants.
+        generation = Generation(r.bench.new_tokens, lambda batch: prompts(self.run, batch)) \
+            if self.run.src.io.kind == "causal-lm" else None
+        cells, jobs = plan(targets, lambda _: [self.backend], [self.batch], io=self.run.src.io,
+                           seq_len=r.bench.seq_len, threads=self.run.threads, timing=self.run.timing, seed=r.seed,
+                           generation=generation)
+        for cell in cells:
+            if cell["status"] is not None:  # the backend cannot run here, or cannot generate
+                next(rec for rec in recs if rec["name"] == cell["variant"]).update(status="failed",
+                                                                                  reason=cell["reason"])
+        jobs = [(cells[i]["variant"], job) for i, job in jobs]
+        if not jobs:
+            return
         measured = measure_in_rounds(jobs, repeats=self.spec.repeats, seed=r.seed, timeout_s=r.bench.cell_timeout_s,
                                      work_dir=work, memory_limit_mb=r.bench.memory_limit_mb,
                                      threshold=r.bench.timing.stability_threshold,

@@ -1,7 +1,8 @@
 """`workbench sensitivity RECIPE --variant V [--target T]`: how much each node costs the model when
-it alone is quantized, for a variant whose last step is `onnx-quantize` (int8 or weight-only); and, with a fidelity
+it alone is quantized, for a variant whose last step measures per-node sensitivity
+(`Step.sensitivity_params`: the ONNX quantization step, int8 or weight-only); and, with a fidelity
 target, the fewest most-sensitive nodes to keep in float. It builds the variant's parent through
-the cache and runs that step with `keep_fp32` (export.sensitivity), in a folder of its own:
+the cache and runs that step in its sensitivity mode (export.sensitivity), in a folder of its own:
 sensitivity.json, sensitivity.md and sensitivity.png, ready to paste into the recipe as
 `keep_fp32: {top_k: N}` or `exclude_nodes: [...]`."""
 from __future__ import annotations
@@ -17,6 +18,7 @@ from workbench.run_dir import close_log, new_run_dir, open_log, say
 def run_sensitivity(recipe, variant: str, target: Optional[float], out_root: Path, quick: bool = False) -> Path:
     from reporting.plots import sensitivity_bars
     from reporting.report import md_table
+    from core.steps import STEPS, get_step
     from workbench.recipe import StepCall, VariantSpec
     from workbench.search import compress_with
     from workbench.sources.models import load_model
@@ -27,14 +29,15 @@ def run_sensitivity(recipe, variant: str, target: Optional[float], out_root: Pat
     if v is None:
         raise RecipeError(f"--variant {variant!r} names no variant of {recipe.path}; accepted: {list(recipe.variants)}")
     last = v.steps[-1] if v.steps else None
-    if last is None or last.name != "onnx-quantize":
-        raise RecipeError(f"--variant {variant!r}: its last step must be an onnx-quantize (int8 or weight-only), "
-                          f"which is what sensitivity quantizes node by node; it is "
-                          f"{last.name if last else 'the source model'}")
+    params = get_step(last.name).sensitivity_params(last.params, target) if last else None
+    if params is None:
+        offer = [n for n, c in STEPS.items() if c.offers_sensitivity()]
+        raise RecipeError(f"--variant {variant!r}: its last step must be one that measures per-node sensitivity "
+                          f"({', '.join(offer) or 'none is installed'} (int8 or weight-only)), which is what "
+                          f"sensitivity quantizes node by node; it is {last.name if last else 'the source model'}")
     name = f"{variant}-sensitivity"
-    params = {**last.params, "keep_fp32": {"top_k": None if target else 0, "target": target, "batches": 2}}
     probe = VariantSpec.model_validate({"from": v.from_, "steps": []})
-    probe.steps = list(v.steps[:-1]) + [StepCall(name="onnx-quantize", params=params)]
+    probe.steps = list(v.steps[:-1]) + [StepCall(name=last.name, params=params)]
     run_dir = new_run_dir(Path(out_root), f"{recipe.name}-sensitivity")
     handler = open_log(run_dir)
     try:

@@ -11,18 +11,30 @@ from runtime.file_inputs import model_io
 from core.processes import default_threads
 from workbench import results
 
-def bench_file(args) -> int:
-    import bench.backends  # noqa: F401 - registers the shipped backends
-    from bench.cells import cell_job
+def bench_file(path, *, backends=None, batch_sizes=(1,), seq_len: int = 128, threads=None, inputs=None, out=None,
+               quick: bool = False, echo: bool = True) -> Path:
+    """Measure the file at `path` on `backends` (default: the first CPU backend that runs its format) at
+    each batch size; write results.json and the report into `out` (default reports/bench/<file>/<time>)
+    and return that folder. `inputs`: ["NAME=DIMS:DTYPE", ...] where the file does not declare them."""
+    from bench.plan import Target, plan
     from bench.rounds import measure_in_rounds
-    from core.backends import BACKENDS
+    from core.backends import BACKENDS, default_for_format
+    from core.formats import format_for_file, suffixes_accepted
+    from workbench import plugins
     from workbench.recipe import BenchSpec, Timing
 
-    path = Path(args.model_file)
+    plugins.load()
+    path = Path(path)
     if not path.is_file():
         raise RecipeError(f"MODEL_FILE {str(path)!r}: no such file")
-    fmt = {".onnx": "onnx", ".pt2": "torch-export"}.get(path.suffix, "torchscript")
-    backends = args.backend or [{"onnx": "ort-cpu", "torch-export": "torch-export-cpu"}.get(fmt, "torchscript-cpu")]
+    fmt = format_for_file(path)
+    if fmt is None:
+        raise RecipeError(f"MODEL_FILE {str(path)!r}: no export format here reads files named like this. Accepted "
+                          f"suffixes: {', '.join(suffixes_accepted())}")
+    default = default_for_format(fmt)
+    backends = list(backends or ([default] if default else []))
+    if not backends:
+        raise RecipeError(f"MODEL_FILE {str(path)!r}: no backend here runs {fmt} files")
     for b in backends:
         if b not in BACKENDS:
             raise RecipeError(f"--backend {b!r} is not a backend. Accepted: {', '.join(BACKENDS)}")
@@ -30,43 +42,34 @@ def bench_file(args) -> int:
             ok = [n for n, i in BACKENDS.items() if i.format == fmt]
             raise RecipeError(f"--backend {b!r} runs {BACKENDS[b].format} files, not {fmt}. Accepted for "
                               f"{path.name}: {', '.join(ok)}")
-    if any(n <= 0 for n in args.batch):
-        raise RecipeError(f"--batch {args.batch}: batch sizes must be positive")
-    io = model_io(path, getattr(args, "input", None))
-    threads = args.threads or default_threads()
-    timing = results.quick_timing(Timing()) if args.quick else Timing().model_dump()
-    out = Path(args.out) if args.out else Path("reports") / "bench" / path.stem / dt.datetime.now().strftime(
-        "%Y%m%d-%H%M%S")
+    batch_sizes = list(batch_sizes)
+    if not batch_sizes or any(n <= 0 for n in batch_sizes):
+        raise RecipeError(f"--batch {batch_sizes}: batch sizes must be positive")
+    io = model_io(path, inputs)
+    threads = threads or default_threads()
+    timing = results.quick_timing(Timing()) if quick else Timing().model_dump()
+    out = Path(out) if out else Path("reports") / "bench" / path.stem / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     started = results.now()
     name = path.stem
-    cells, jobs = [], []
-    for b in backends:
-        for n in args.batch:
-            cls = BACKENDS[b]
-            cell = {"variant": name, "format": fmt, "backend": b, "device": cls.device, "batch_size": n,
-                    "shape": {"seq_len": args.seq_len if io.has_seq() else None}, "status": None, "reason": None}
-            why = cls.unavailable()
-            if why:
-                cell.update(status="skipped", reason=why)
-            else:
-                jobs.append((len(cells), cell_job(b, path.resolve(), io.to_json(), n, args.seq_len, threads, timing)))
-            cells.append(cell)
-    repeats = 2 if args.quick else 3
+    target = Target(name, {fmt: {"status": "ok", "reason": None, "path": str(path.resolve())}})
+    cells, jobs = plan([target], lambda _: backends, batch_sizes, io=io, seq_len=seq_len, threads=threads,
+                       timing=timing)
+    repeats = 2 if quick else 3
     measured = measure_in_rounds(jobs, repeats=repeats, seed=0, timeout_s=900, work_dir=out / ".work",
                                  memory_limit_mb=None, threshold=Timing().stability_threshold)
     for i, _ in jobs:
         cells[i].update(measured[i])
-    for cell in cells:
+    for cell in cells if echo else ():
         lat = cell.get("latency_ms")
         print(f"{cell['backend']:18} batch {cell['batch_size']:4}  " + (
             f"p50 {lat['p50']:.3f} ms [{lat['ci95'][0]:.3f}, {lat['ci95'][1]:.3f}] over {lat['processes']} processes  "
             f"{cell['throughput']:.1f} items/s  {cell['status']}" if lat else f"{cell['status']}: {cell['reason']}"))
-    bench_spec = BenchSpec(backends=backends, batch_sizes=args.batch, seq_len=args.seq_len, threads=threads,
+    bench_spec = BenchSpec(backends=backends, batch_sizes=batch_sizes, seq_len=seq_len, threads=threads,
                            repeats=repeats)
     # The same document a recipe run writes: a one-variant "recipe" named after the file.
     results.write_results(
-        out, threads=threads, started=started, quick=bool(args.quick), timing=timing,
+        out, threads=threads, started=started, quick=bool(quick), timing=timing,
         recipe={"name": f"bench {path.name}", "path": None, "sha256": None,
                 "parsed": {"bench": bench_spec.model_dump(mode="json"),
                            "report": {"baseline": name, "constraints": {}}}},
@@ -75,5 +78,6 @@ def bench_file(args) -> int:
         variants=[{"name": name, "parent": None, "steps": [], "status": "ok", "error": None, "format": fmt,
                    "size_bytes": path.stat().st_size}],
         artifacts=[], cells=cells)
-    print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}")
-    return 0
+    if echo:
+        print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}")
+    return out

@@ -13,6 +13,7 @@ from typing import Optional
 
 from core import atomic
 from core.environment import versions
+from core.steps import libraries_of
 from core.model import ModelIO, VariantModel
 from core.modelfile import load_module, onnx_files, save_module
 
@@ -40,16 +41,21 @@ def root_key(recipe) -> str:
 TASK_DATA_VERSION = 2
 
 
+BASE_LIBRARIES = ("torch", "transformers", "model-workbench")
+
+
 def variant_key(parent_key: str, steps: list, recipe, quick: bool, other_keys: tuple = ()) -> str:
     """`other_keys`: keys of the other variants the steps read (a distillation teacher)."""
-    lib = versions()
+    needed = sorted({*BASE_LIBRARIES, *libraries_of(s.name for s in steps)})
+    lib = versions(needed)
     return _hash({
         "parent": parent_key, "others": list(other_keys), "steps": [s.model_dump(mode="json") for s in steps],
         "quick": quick, "data": TASK_DATA_VERSION,
         "seed": recipe.seed, "task": recipe.task.model_dump(mode="json"),
         "export": {"opset": recipe.export.opset, "exporter": recipe.export.exporter},
-        "versions": {k: lib.get(k) for k in ("torch", "onnxruntime", "onnxruntime-gpu", "torch-pruning",
-                                             "bitsandbytes", "transformers", "model-workbench")},
+        # The libraries every variant depends on, and those its own steps declare (Step.libraries): an
+        # upgrade of one rebuilds the variants it made. The parent's key holds its steps' libraries.
+        "versions": {k: lib.get(k) for k in needed},
     })
 
 

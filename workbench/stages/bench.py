@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from core.progress import progress
 
-from bench.cells import cell_job
+from bench.plan import Generation, Target, plan
 from bench.rounds import measure_in_rounds
 from core.backends import BACKENDS
 from runtime.infer import save_batches
@@ -25,50 +25,33 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> list[dict
     if spec.accuracy and run.task.type != "none":
         eval_path = work / "eval_inputs.npz"
         save_batches(eval_path, run.task.eval_batches)
-    by_key = {(a["variant"], a["format"]): a for a in artifacts}
     flops = {v["name"]: v.get("flops") for v in variants}
-    seq = spec.seq_len if run.src.io.has_seq() else None
     lm = run.src.io.kind == "causal-lm"  # measured by generation (bench.generate), not by forward passes
-    cells, jobs = [], []
-    plan = [(v["name"], b, n) for v in variants for b in run.recipe.backends_of(v["name"]) for n in spec.batch_sizes]
+    targets = []
+    for v in variants:
+        name = v["name"]
+        arts = {a["format"]: a for a in artifacts if a["variant"] == name}
+        onnx_only = models.get(name) is not None and models[name].format == "onnx"
+        targets.append(Target(
+            name, arts, root=run.run_dir,
+            failed=v.get("error") or "failed" if models.get(name) is None else None,
+            missing=(lambda fmt, n=name: f"variant '{n}' is an ONNX graph: no {fmt} artifact") if onnx_only
+            else (lambda fmt: f"format '{fmt}' is not in export.formats")))
+    generation = Generation(spec.new_tokens, lambda batch: prompts(run, batch),
+                            lambda name, batch: _kv_bytes(models[name], batch, spec.seq_len + spec.new_tokens)) \
+        if lm else None
     # The recipe's folder (a `python` model source) and any plugin's (a step's module class).
     sys_path = [str(run.recipe.resolve("."))] + plugin_folders()
-    for name, backend, batch in plan:
-        cls = BACKENDS[backend]
-        cell = {"variant": name, "format": cls.format, "backend": backend, "device": cls.device,
-                "batch_size": batch, "shape": {"seq_len": seq, **({"new_tokens": spec.new_tokens} if lm else {})},
-                "status": None, "reason": None}
-        cells.append(cell)
-        art = by_key.get((name, cls.format))
-        why_not = cls.unavailable()
-        if models.get(name) is None:
-            cell.update(status="failed", reason=f"variant '{name}' failed: "
-                        f"{next(v['error'] for v in variants if v['name'] == name)}")
-        elif art is None:
-            cell.update(status="skipped", reason=(
-                f"variant '{name}' is an ONNX graph: no {cls.format} artifact" if models[name].format == "onnx"
-                else f"format '{cls.format}' is not in export.formats"))
-        elif art["status"] != "ok":
-            cell.update(status=art["status"], reason=f"{cls.format} artifact {art['status']}: {art['reason']}")
-        elif why_not:
-            cell.update(status="skipped", reason=why_not)
-        elif lm and not cls.generates:
-            cell.update(status="skipped", reason=f"{backend} does not run the generation benchmark of causal LMs; "
-                        f"these do: {', '.join(n for n, b in BACKENDS.items() if b.generates)}")
-        else:
-            outputs = work / f"outputs-{len(cells)}.npy"
-            job = cell_job(backend, run.run_dir / art["path"], run.src.io.to_json(), batch, spec.seq_len, run.threads,
-                           run.timing, seed=run.recipe.seed, eval_inputs=eval_path, outputs_path=outputs,
-                           sys_path=sys_path)
-            if lm:
-                job.update(entry="bench.generate", prompts=prompts(run, batch).tolist(), new_tokens=spec.new_tokens)
-                cell["generation"] = {"kv_cache_bytes": _kv_bytes(models[name], batch, spec.seq_len + spec.new_tokens),
-                                      "context": spec.seq_len + spec.new_tokens}
-            jobs.append((len(cells) - 1, job))
+    cells, jobs = plan(targets, run.recipe.backends_of, spec.batch_sizes, io=run.src.io, seq_len=spec.seq_len,
+                       threads=run.threads, timing=run.timing, seed=run.recipe.seed, generation=generation,
+                       eval_inputs=eval_path, outputs_dir=work, sys_path=sys_path)
+    by_key = {(a["variant"], a["format"]): a for a in artifacts}
+    for cell in cells:
+        art = by_key.get((cell["variant"], cell["format"]))
         if art is not None and "parity" in art:
             cell["parity"] = art["parity"]
-        if flops.get(name):
-            cell["flops"] = flops[name] * batch
+        if flops.get(cell["variant"]):
+            cell["flops"] = flops[cell["variant"]] * cell["batch_size"]
 
     repeats = min(spec.repeats, 2) if run.quick else spec.repeats
     bar = progress(total=len(jobs) * repeats, desc=f"bench ({repeats} rounds)", unit="process")

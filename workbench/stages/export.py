@@ -79,10 +79,27 @@ def export(run, models: dict[str, Optional[VariantModel]]) -> list[dict]:
     return artifacts
 
 
+def unreachable(recipe, name: str, fmt: str) -> Optional[str]:
+    """Why a step along variant `name`'s lineage keeps it from format `fmt` (`Step.formats`), or None."""
+    from core.steps import get_step
+
+    seen = set()
+    while name and name not in seen:
+        seen.add(name)
+        v = recipe.variants[name]
+        for call in v.steps:
+            reach = get_step(call.name).formats(call.params)
+            if reach is not None and fmt not in reach:
+                return (f"variant '{name}' has a `{call.name}` step {call.params}, whose result reaches only "
+                        f"{', '.join(reach)}, not {fmt}")
+        name = v.from_
+    return None
+
+
 def _export_one(run, name: str, model: VariantModel, fmt: str, batches, reference) -> dict:
     art = {"variant": name, "format": fmt, "status": "ok", "reason": None}
     cls = FORMATS[fmt]
-    why_not = cls.unsupported(model.module)
+    why_not = unreachable(run.recipe, name, fmt) or cls.unsupported(model.module)
     if why_not:
         return {**art, "status": "skipped", "reason": why_not}
     try:

@@ -1,4 +1,4 @@
-"""Checks the harness against the simplest honest measurement: `python -m bench.harness_check
+"""Checks the harness against the simplest honest measurement: `python -m bench.ort_harness_check
 MODEL.onnx` alternates a harness cell (bench.cells.run_cell, its own process) with a plain loop of
 `InferenceSession.run` (also its own process, same threads, same inputs), several rounds, and
 reports both p50s, their ratio, and how far the harness p50s spread across rounds.
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+import bench.ort_backends  # noqa: F401 - registers the ONNX Runtime backends this check compares against
 from core.processes import child_env, default_threads
 
 PLAIN_LOOP = r"""
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     from core import atomic
     from core.environment import fingerprint
 
-    ap = argparse.ArgumentParser(prog="python -m bench.harness_check")
+    ap = argparse.ArgumentParser(prog="python -m bench.ort_harness_check")
     ap.add_argument("model")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)

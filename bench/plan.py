@@ -1,0 +1,84 @@
+"""The one cell planner, for a recipe run, `workbench bench FILE` and the search alike: every
+(variant, backend, batch size) becomes a cell, measurable (with the job its processes run) or not
+(failed / skipped, with the reason a person needs: the variant failed, its artifact is missing or
+failed, the backend cannot run here, the backend cannot generate). A causal LM is measured by
+generation (bench.generate: per-token decode latency, TTFT) wherever it is planned, so a search over
+a decoder ranks what the report ranks."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from bench.cells import cell_job
+from core.backends import BACKENDS
+
+
+@dataclass
+class Target:
+    """One variant to measure: its artifacts by format ({"status", "reason", "path"}: an absolute path,
+    or relative to `root`), or why it cannot be measured at all."""
+
+    variant: str
+    artifacts: dict[str, dict] = field(default_factory=dict)
+    failed: Optional[str] = None  # the variant itself failed: why
+    missing: Optional[Callable[[str], str]] = None  # fmt -> why there is no artifact of that format
+    root: Optional[Path] = None
+
+
+@dataclass
+class Generation:
+    """A causal LM's cells generate: prompts per batch size, new tokens, and the KV cache's bytes."""
+
+    new_tokens: int
+    prompts: Callable[[int], "object"]  # batch -> int64 array (batch, prompt length)
+    kv_bytes: Callable[[str, int], Optional[int]] = lambda variant, batch: None
+
+
+def plan(targets: list[Target], backends_of: Callable[[str], list[str]], batch_sizes: list[int], *, io, seq_len: int,
+         threads: int, timing: dict, seed: int = 0, generation: Optional[Generation] = None,
+         eval_inputs=None, outputs_dir: Optional[Path] = None, sys_path=()) -> tuple[list[dict], list[tuple[int, dict]]]:
+    """(cells, [(index of the cell, its job)]) in the order variant, backend, batch size."""
+    seq = seq_len if io.has_seq() else None
+    cells, jobs = [], []
+    for t in targets:
+        for backend in backends_of(t.variant):
+            cls = BACKENDS[backend]
+            for batch in batch_sizes:
+                shape = {"seq_len": seq, **({"new_tokens": generation.new_tokens} if generation else {})}
+                cell = {"variant": t.variant, "format": cls.format, "backend": backend, "device": cls.device,
+                        "batch_size": batch, "shape": shape, "status": None, "reason": None}
+                cells.append(cell)
+                why = _why_not(t, cls, generation)
+                if why:
+                    cell.update(status=why[0], reason=why[1])
+                    continue
+                art = t.artifacts[cls.format]
+                path = Path(art["path"]) if t.root is None else t.root / art["path"]
+                outputs = outputs_dir / f"outputs-{len(cells)}.npy" if outputs_dir is not None else None
+                job = cell_job(backend, path, io.to_json(), batch, seq_len, threads, timing, seed=seed,
+                               eval_inputs=eval_inputs, outputs_path=outputs, sys_path=sys_path)
+                if generation:
+                    job.update(entry="bench.generate", prompts=generation.prompts(batch).tolist(),
+                               new_tokens=generation.new_tokens)
+                    cell["generation"] = {"kv_cache_bytes": generation.kv_bytes(t.variant, batch),
+                                          "context": seq_len + generation.new_tokens}
+                jobs.append((len(cells) - 1, job))
+    return cells, jobs
+
+
+def _why_not(t: Target, cls, generation) -> Optional[tuple[str, str]]:
+    if t.failed is not None:
+        return "failed", f"variant '{t.variant}' failed: {t.failed}"
+    art = t.artifacts.get(cls.format)
+    if art is None:
+        return "skipped", (t.missing(cls.format) if t.missing else f"no {cls.format} artifact")
+    if art["status"] != "ok":
+        return art["status"], f"{cls.format} artifact {art['status']}: {art['reason']}"
+    why = cls.unavailable()
+    if why:
+        return "skipped", why
+    if generation and not cls.generates:
+        return "skipped", (f"{cls.name} does not run the generation benchmark of causal LMs; these do: "
+                           f"{', '.join(n for n, b in BACKENDS.items() if b.generates)}")
+    return None
