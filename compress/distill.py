@@ -19,8 +19,9 @@ from core.steps import Step, StepParams, register
 
 class DistillParams(StepParams):
     teacher: str = Field("baseline", description="the variant whose outputs the student learns")
-    epochs: int = Field(3, gt=0)
-    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(3, gt=0, description="passes over the training batches (`--quick`: 1)")
+    lr: float = Field(1e-3, gt=0, description="learning rate of the AdamW optimiser (the peak, with "
+                      "`schedule: onecycle`)")
     batch_size: int = Field(64, gt=0, description="for inputs of fixed shape; text keeps the task's batches")
     max_steps: Optional[int] = Field(None, gt=0, description="stop after this many optimiser steps")
     loss: Literal["auto", "kl", "mse", "cosine"] = Field(
@@ -30,7 +31,7 @@ class DistillParams(StepParams):
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the distillation term; 1 - alpha on the labels "
                          "(causal LMs: on next-token cross-entropy of the training text; 1: KL alone)")
     patience: int = Field(2, ge=0, description="epochs without improvement on the held-out tenth before stopping")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_batches: Optional[int] = Field(None, gt=1, description="use at most this many batches of the training "
                                        "split (the teacher runs over each once); --quick uses at most 8")
     hidden_weight: float = Field(0.0, ge=0, description="transformer encoders: weight of a layer-by-layer MSE "
@@ -61,6 +62,12 @@ class DistillParams(StepParams):
 @register
 class Distill(Step):
     name = "distill"
+    details = (
+        'The last tenth of the training split is held out for early stopping (the best epoch is kept), so '
+        'evaluation rows never steer training. `--quick`: one epoch, at most 8 batches. Causal LMs: the '
+        "teacher's logits are computed batch by batch; `hidden_weight` and `layerwise_epochs` are refused. "
+        'The notes keep, per epoch, the held-out score and the seconds spent.'
+    )
     summary = ("knowledge distillation from another variant (KL + labels, per-token KL for causal LMs, or "
                "cosine/MSE on embeddings)")
     Params = DistillParams

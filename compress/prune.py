@@ -64,6 +64,20 @@ def _kind_is_transformer(recipe) -> bool:
 @register
 class Prune(Step):
     name = "prune"
+    details = (
+        '`structured` really shrinks the model. CNNs and MLPs: torch-pruning removes conv channels and '
+        'neurons. Transformer encoders (found by structure: the BERT layout (BERT, RoBERTa, XLM-R, CamemBERT, '
+        'ELECTRA, MiniLM), DistilBERT, ViT / DeiT) lose FFN intermediate channels and whole attention heads, '
+        'with the config fixed so `save_pretrained` / `from_pretrained` round-trip. Decoder LMs (the Llama '
+        'layout: Llama, Qwen2, Mistral; GPT-2) lose FFN channels and whole key/value heads with their query '
+        "group. A layout the pruner cannot serve (ALBERT's shared layers, fused `gate_up_proj` / `qkv_proj` "
+        "as in Phi-3, Gemma 2's norms, mixture-of-experts FFNs) is refused by `validate` for `hf` models, by "
+        'the step otherwise, with the advice to use `unstructured` or `2:4`. With `importance: activation`, '
+        'layers are pruned front to back on 16 training batches and the output projections refit by least '
+        'squares (on MiniLM at 60 % of the FFN channels and half the heads: cosine 0.84 to the original '
+        'before any training, against 0.48 for magnitude). The notes say which layout was found. Zeros in '
+        'dense weights (`unstructured`, `2:4`) do not make dense kernels faster, and the report says so.'
+    )
     summary = "structured channel pruning (torch-pruning) or unstructured / 2:4 magnitude pruning"
     Params = PruneParams
     consumes = "torch"

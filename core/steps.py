@@ -21,6 +21,7 @@ class Step:
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    details: ClassVar[str] = ""  # what the recipe reference says of it beyond its parameters (docs/)
     Params: ClassVar[type[StepParams]] = StepParams
     consumes: ClassVar[str] = "torch"  # "torch" or "onnx"
     produces: ClassVar[str] = "same"  # "torch", "onnx" or "same"

@@ -32,6 +32,10 @@ class OnnxOptimizeParams(StepParams):
 @register
 class OnnxOptimize(Step):
     name = "onnx-optimize"
+    details = (
+        'With `fusion: bert` the implicit export before it uses the TorchScript-based exporter, whose '
+        "attention pattern ORT's fusion recognises; the fusions found are recorded."
+    )
     summary = "ONNX Runtime graph optimisation (basic/extended/all) and BERT transformer fusion"
     Params = OnnxOptimizeParams
     consumes = "onnx"

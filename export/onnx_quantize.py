@@ -32,10 +32,11 @@ class OnnxQuantizeParams(StepParams):
     bits: Literal[4, 8] = Field(4, description="weight-only: bits per weight (int4 always 4)")
     per_channel: bool = Field(False, description="int8: one scale per output channel instead of per tensor")
     reduce_range: bool = Field(False, description="int8: 7-bit weights, avoids u8s8 saturation on CPUs without VNNI")
-    weight_type: Literal["QInt8", "QUInt8"] = "QInt8"
+    weight_type: Literal["QInt8", "QUInt8"] = Field("QInt8", description="int8: the weights' integer type")
     activation_type: Literal["QInt8", "QUInt8"] = Field("QUInt8", description="static: activation integer type")
     calibration_batches: int = Field(8, gt=0, description="static: batches of the training split to calibrate on")
-    calibrate_method: Literal["MinMax", "Entropy", "Percentile"] = "MinMax"
+    calibrate_method: Literal["MinMax", "Entropy", "Percentile"] = Field(
+        "MinMax", description="static: how activation ranges are calibrated")
     block_size: int = Field(32, ge=16, description="weight-only (int4): weights per quantization block (a power of 2)")
     accuracy_level: Optional[Literal[0, 1, 2, 3, 4]] = Field(
         None, description="weight-only (int4): MatMulNBits compute precision (4: int8 activations, the fast CPU path)")
@@ -100,6 +101,18 @@ class _Calibration:
 @register
 class OnnxQuantize(Step):
     name = "onnx-quantize"
+    details = (
+        'Presets are expanded when the recipe loads, so the cache key and the lineage hold concrete settings: '
+        '`avx512-vnni` / `amx` (full 8-bit weights), `avx2` / `avx512` (no VNNI: `reduce_range`, because the '
+        'u8 x s8 product saturates there; int8 then saves memory rather than time), `arm-dot` (s8 x s8 dot '
+        'product), `tensorrt` (static QDQ, symmetric); all use per-channel scales and `op_types: [MatMul, '
+        'Gemm, Attention]`, so Softmax, LayerNorm, GELU and residual Adds stay fp32; `auto` reads this '
+        "machine's CPU flags and says which it found. When `preprocess`'s symbolic shape inference fails, it "
+        'runs without it and the notes say so. Every `onnx-quantize` / `onnx-optimize` variant records '
+        "`kernels`: the node types of its graph after ORT's own optimisation, so a fusion is verified, not "
+        "assumed. `workbench sensitivity` ranks the nodes of a variant's last `onnx-quantize` step without "
+        'running the recipe.'
+    )
     summary = "ONNX Runtime quantization: dynamic int8, static int8 (QDQ, calibrated), int4 weight-only"
     Params = OnnxQuantizeParams
     consumes = "onnx"

@@ -130,8 +130,9 @@ class Search:
             if m["status"] == "failed":
                 rec.update(status="failed", reason=m["reason"])
             else:
+                # A causal LM's candidate is a generation cell: its p50 is per decoded token, as in the report.
                 rec.update(status="measured", p50_ms=m["latency_ms"]["p50"], ci95=m["latency_ms"]["ci95"],
-                           cell=m)
+                           per="decoded token" if "generation" in m else "call", cell=m)
 
     # ------------------------------------------------------------------ strategies
     def execute(self) -> dict:
@@ -153,6 +154,9 @@ class Search:
         done = [rec for rec in self.records if rec["status"] == "measured" and where(rec)]
         return min(done, key=lambda rec: rec["p50_ms"]) if done else None
 
+    def _statistic(self) -> str:
+        return "p50 per decoded token" if self.run.src.io.kind == "causal-lm" else "p50"
+
     def summary(self) -> dict:
         from reporting.analysis import faster
 
@@ -164,7 +168,7 @@ class Search:
             lead = {"runner_up": ranked[1]["name"], "speedup": ratio,
                     "significant": bool(ratio and ratio[1] > 1.0)}
         out = {"strategy": self.spec.strategy, "objective": {"backend": self.backend, "batch_size": self.batch,
-                                                               "statistic": "p50"},
+                                                               "statistic": self._statistic()},
                "constraints": {"max_accuracy_drop": self.max_drop, "metric": self.metric},
                "selected_on": "the task's evaluation split",
                "candidates": [{k: v for k, v in rec.items() if k != "cell"} for rec in self.records],
