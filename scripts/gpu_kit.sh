@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Builds .gpukit/ (git-ignored through .git/info/exclude): what a bare GPU machine of this workplace's
-# device tool lacks, cut into parts that each fit one call's 64 MiB, plus the device-side script.
-# The image (python 3.12, torch cu130) has no onnxruntime-gpu, bitsandbytes, pydantic, model weights
-# or our transformers pin. Then, one call per part, back to back (the machine is given back after
-# 30 s idle):  run "bash .gpukit/dev.sh N" with carry [".gpukit/pN", ".gpukit/dev.sh"], N = 1..6;
-# part 4 runs tests/test_gpu.py, part 6 the GPU recipes (scripts/gpu_reference.sh).
+# Builds .gpukit/ (git-ignored through .git/info/exclude): a way to install model-workbench onto an
+# offline CUDA machine that has Python 3.12 and a CUDA torch but no network: the wheels it lacks
+# (onnxruntime-gpu, bitsandbytes, pydantic, the MiniLM weights, the pinned transformers), cut into
+# parts of bounded size (at most 64 MiB each, for transports with a size limit), plus the
+# machine-side script. On the CUDA machine, part by part: "bash .gpukit/dev.sh N" with .gpukit/pN
+# and .gpukit/dev.sh copied there, N = 1..6; part 4 runs tests/test_gpu.py, part 6 the GPU recipes
+# (scripts/gpu_reference.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 K=.gpukit; W=$(mktemp -d)

@@ -17,8 +17,8 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     "$VENV/bin/python" -c "import torch" 2>/dev/null || $PIP install -q "torch==$TORCH_VERSION"
     EXTRA=gpu
 else
-    # TORCH_INDEX_URL lets machines outside this workplace point at the CPU wheel index,
-    # e.g. https://download.pytorch.org/whl/cpu; here the CPU wheel lies on disk.
+    # TORCH_INDEX_URL points pip at the CPU wheel index (https://download.pytorch.org/whl/cpu) where
+    # pip's own configuration does not already offer the CPU build of this torch version.
     if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') else 1)" 2>/dev/null; then
         $PIP install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION"
     fi
