@@ -9,16 +9,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from reporting.analysis import measured
+from bench.protocol import unpaired_ratio_ci
+from reporting.report import md_table
+from core import atomic
+from core.errors import RecipeError
 
-from reporting.analysis import measured  # noqa: E402
-from bench.protocol import unpaired_ratio_ci  # noqa: E402
-from reporting.report import md_table  # noqa: E402
-from core import atomic  # noqa: E402
-from core.errors import RecipeError  # noqa: E402
+
+def _subplots(*args, figsize, **kwargs):
+    """`plt.subplots` without pyplot: a Figure on its own Agg canvas, so drawing never switches the
+    caller's matplotlib backend nor fills pyplot's figure registry (nothing to close)."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def _key(c: dict) -> tuple:
@@ -118,7 +124,7 @@ def plot(rows: list[dict], path: Path, margin: float) -> Path:
     err = [[100 * (r["change"] - r["change_ci95"][0]) for r in rows],
            [100 * (r["change_ci95"][1] - r["change"]) for r in rows]]
     colors = {"slower": "tab:red", "faster": "tab:green", "no significant difference": "tab:gray"}
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4.5))
+    fig, ax = _subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4.5))
     ax.bar(range(len(rows)), y, yerr=err, capsize=3, color=[colors[r["verdict"]] for r in rows])
     ax.axhspan(-100 * margin, 100 * margin, color="gray", alpha=0.15, label=f"noise margin ±{margin:.0%}")
     ax.axhline(0, color="black", lw=0.8)
@@ -130,7 +136,6 @@ def plot(rows: list[dict], path: Path, margin: float) -> Path:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     atomic.write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
     return path
 
 
@@ -142,12 +147,28 @@ def parse_percent(text: str) -> float:
         raise RecipeError(f"{text!r} is not a percentage; accepted: e.g. 5% or 0.05") from None
 
 
-def run_compare(args) -> int:
-    a, b = _load(Path(args.run_a)), _load(Path(args.run_b))
-    margin = parse_percent(args.margin)
+def _compared(run_a, run_b, margin) -> tuple[dict, dict, dict]:
+    a, b = _load(Path(run_a)), _load(Path(run_b))
+    margin = parse_percent(margin)
     rows = compare(a, b, margin)
     if not rows:
-        raise RecipeError(f"{args.run_a} and {args.run_b} share no measured cell (variant, backend, batch, shape)")
+        raise RecipeError(f"{run_a} and {run_b} share no measured cell (variant, backend, batch, shape)")
+    return a, b, {"run_a": str(run_a), "run_b": str(run_b), "margin": margin, "verdict": verdicts(a, b, rows),
+                  "cells": rows}
+
+
+def compare_runs(run_a, run_b, margin=0.05) -> dict:
+    """What `workbench compare RUN_A RUN_B` prints, as data (the document it writes as compare.json):
+    `run_a`, `run_b`, `margin` (a fraction; "5%" is read too), `verdict` (see `verdicts`: each run's
+    recommendation, `same_recommendation`, `median_change` over shared cells, the speedups and how many
+    agree) and `cells` (see `compare`: per shared cell the p50 change with its 95% CI and a verdict).
+    Writes nothing; RecipeError when a folder holds no results.json or the runs share no measured cell."""
+    return _compared(run_a, run_b, margin)[2]
+
+
+def run_compare(args) -> int:
+    a, b, data = _compared(args.run_a, args.run_b, args.margin)
+    margin, rows, verdict = data["margin"], data["cells"], data["verdict"]
     out = Path(args.out) if args.out else Path(args.run_b) / f"compare-vs-{Path(args.run_a).name}"
     out.mkdir(parents=True, exist_ok=True)
     head = ["variant", "backend", "batch", "p50 A ms", "p50 B ms", "change [95% CI]", "verdict", "accuracy change"]
@@ -156,14 +177,12 @@ def run_compare(args) -> int:
               r["verdict"] + (" (unstable)" if r["unstable"] else ""),
               f"{r['accuracy_change']:+.4f}" if r["accuracy_change"] is not None else "–"] for r in rows]
     plot(rows, out / "compare.png", margin)
-    verdict = verdicts(a, b, rows)
     text = (f"# Compare\n\nA: `{args.run_a}` ({a['started']})\n\nB: `{args.run_b}` ({b['started']})\n\n"
             f"{_verdict_text(verdict)}\n\n## Latency per cell\n\n"
             f"A change is significant only when its whole 95% interval lies beyond ±{margin:.0%}.\n\n"
             f"{md_table(head, table)}\n\n![latency change](compare.png)\n")
     atomic.write_text(out / "compare.md", text)
-    atomic.write_json(out / "compare.json", {"run_a": str(args.run_a), "run_b": str(args.run_b), "margin": margin,
-                                             "verdict": verdict, "cells": rows})
+    atomic.write_json(out / "compare.json", data)
     print(md_table(head, table))
     print("\n" + _verdict_text(verdict))
     print(f"\ncompare: {out / 'compare.md'}")

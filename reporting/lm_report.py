@@ -6,12 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from reporting.analysis import MB, Recommendation, cell_score
+from core import atomic
 
-from reporting.analysis import MB, Recommendation, cell_score  # noqa: E402
-from core import atomic  # noqa: E402
+
+def _subplots(*args, figsize, **kwargs):
+    """`plt.subplots` without pyplot: a Figure on its own Agg canvas, so drawing never switches the
+    caller's matplotlib backend nor fills pyplot's figure registry (nothing to close)."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def generation_cells(results: dict, batch: int | None = None) -> list[dict]:
@@ -67,7 +74,7 @@ def ppl_vs_tokens_per_s(results: dict, out: Path, rec: Recommendation) -> Path |
     pts = [(c, s) for c, s in pts if s is not None]
     if not pts:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = _subplots(figsize=(8, 5))
     backends = sorted({c["backend"] for c, _ in pts})
     for b, marker in zip(backends, "osD^vP*X"):
         sel = [(c, s) for c, s in pts if c["backend"] == b]
@@ -98,7 +105,7 @@ def latency_bars(results: dict, out: Path) -> Path | None:
     if not cells:
         return None
     labels = [f"{_label(c)} b{c['batch_size']}" for c in cells]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(cells) + 1.8), sharey=True)
+    fig, axes = _subplots(1, 2, figsize=(12, 0.35 * len(cells) + 1.8), sharey=True)
     for ax, key, title in ((axes[0], "ttft", "time to first token (ms)"),
                            (axes[1], "decode", "decode latency per token (ms)")):
         p50 = [c["generation"]["ttft_ms"]["p50"] if key == "ttft" else c["latency_ms"]["p50"] for c in cells]
@@ -121,9 +128,10 @@ def memory_vs_context(results: dict, out: Path, rec: Recommendation) -> Path | N
     if not cells:
         return None
     sizes = {v["name"]: v.get("size_bytes") or 0 for v in results["variants"]}
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = _subplots(figsize=(8, 5))
     names = list(dict.fromkeys(c["variant"] for c in cells))
-    colors = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}  # one colour per variant: line and points
+    tab10 = matplotlib.colormaps["tab10"]
+    colors = {n: tab10(i % 10) for i, n in enumerate(names)}  # one colour per variant: line and points
     backends = list(dict.fromkeys(c["backend"] for c in cells))
     markers = dict(zip(backends, "xo^sDv"))
     for name in names:
@@ -148,5 +156,4 @@ def memory_vs_context(results: dict, out: Path, rec: Recommendation) -> Path | N
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     atomic.write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
     return path

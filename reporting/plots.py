@@ -4,24 +4,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.transforms import ScaledTranslation
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.transforms import ScaledTranslation  # noqa: E402
-
-from reporting import lm_report  # noqa: E402
-from reporting.analysis import Recommendation, cell_score, lower_is_better, primary_metric  # noqa: E402
-from core import atomic  # noqa: E402
+from reporting import lm_report
+from reporting.analysis import Recommendation, cell_score, lower_is_better, primary_metric
+from core import atomic
 
 MB = 1024 * 1024
+
+
+def _subplots(*args, figsize, **kwargs):
+    """`plt.subplots` without pyplot: a Figure on its own Agg canvas, so drawing never switches the
+    caller's matplotlib backend nor fills pyplot's figure registry (nothing to close)."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     atomic.write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
     return path
 
 
@@ -47,7 +53,7 @@ def latency_bars(results, out: Path) -> Path | None:
     batches = sorted({c["batch_size"] for c in cells})
     # One panel per batch size, stacked: side by side they made a figure so wide that a page shrinks its text
     # out of reach.
-    fig, axes = plt.subplots(len(batches), 1, figsize=(min(14, max(7, 0.5 * len(variants) * len(backends) + 2)),
+    fig, axes = _subplots(len(batches), 1, figsize=(min(14, max(7, 0.5 * len(variants) * len(backends) + 2)),
                                                        0.6 + 3.9 * len(batches)), squeeze=False)
     width = 0.8 / max(len(backends), 1)
     for ax, batch in zip(axes[:, 0], batches):
@@ -145,7 +151,7 @@ def accuracy_vs_latency(results, out: Path, rec: Recommendation) -> Path | None:
     pts = pareto_points(results, rec)
     if not pts:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = _subplots(figsize=(8, 5))
     backends = sorted({p["backend"] for p in pts})
     markers = dict(zip(backends, "osD^vP*X"))
     for b in backends:
@@ -176,7 +182,7 @@ def size_bars(results, out: Path) -> Path | None:
     vs = [v for v in results["variants"] if v.get("size_bytes")]
     if not vs:
         return None
-    fig, ax = plt.subplots(figsize=(max(6, 1.0 * len(vs) + 2), 4))
+    fig, ax = _subplots(figsize=(max(6, 1.0 * len(vs) + 2), 4))
     ax.bar([v["name"] for v in vs], [v["size_bytes"] / MB for v in vs], color="tab:green")
     ax.set_ylabel("model file size (MiB)")
     ax.set_title("Model size on disk by variant")
@@ -202,7 +208,7 @@ def memory_bars(results, out: Path) -> Path | None:
         return None
     gpu = [c for c in cells if any(c["memory"].get(k) is not None for k, _, _ in DEVICE_MEMORY)]
     heights = [0.6 + 0.26 * len(cells)] + ([0.9 + 0.5 * len(gpu)] if gpu else [])
-    fig, axes = plt.subplots(len(heights), 1, figsize=(9, 0.9 + sum(heights)), squeeze=False,
+    fig, axes = _subplots(len(heights), 1, figsize=(9, 0.9 + sum(heights)), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
     ax = axes[0][0]
     y = np.arange(len(cells))
@@ -254,7 +260,7 @@ def speedup_bars(results, out: Path, sp: dict) -> Path | None:
         if group:
             rows.append((b, None))
             rows += [(f"{cells[i]['variant']}  b{cells[i]['batch_size']}", i) for i in group]
-    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.3 * len(rows)))
+    fig, ax = _subplots(figsize=(9, 1.6 + 0.3 * len(rows)))
     for y, (_, i) in enumerate(rows):
         if i is None:
             ax.axhspan(y - 0.5, y + 0.5, color="#f0f0f0", zorder=0)
@@ -281,8 +287,8 @@ def speedup_bars(results, out: Path, sp: dict) -> Path | None:
     ax.set_xlabel("speedup over the baseline on the same backend and batch (x), 95% CI")
     ax.set_title("Speedup against the baseline (right of 1.0x is faster; grouped by backend)")
     ax.grid(axis="x", alpha=0.3)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c, _ in SPEED_COLORS]
-    handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch="//"))
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c, _ in SPEED_COLORS]
+    handles.append(Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch="//"))
     _legend_below(ax, handles, [t for _, t in SPEED_COLORS] + ["unstable latency"], ncol=2)
     return _save(fig, out / "speedup_vs_baseline.png")
 
@@ -297,7 +303,7 @@ def accuracy_delta_bars(results, out: Path) -> Path | None:
     if not vs:
         return None
     deltas = [round(v["accuracy_delta"][metric], 4) or 0.0 for v in vs]  # no "-0.0000" for a float's last bit
-    fig, ax = plt.subplots(figsize=(9, 1.4 + 0.3 * len(vs)))
+    fig, ax = _subplots(figsize=(9, 1.4 + 0.3 * len(vs)))
     y = np.arange(len(vs))
     ax.barh(y, deltas, height=0.7, color=["tab:red" if d < 0 else "tab:blue" for d in deltas])
     for yy, d in zip(y, deltas):
@@ -334,7 +340,7 @@ def sensitivity_bars(results, out: Path) -> Path | None:
     if not rankings:
         return None
     rows = max(min(len(s["ranking"]), 20) for _, s in rankings)
-    fig, axes = plt.subplots(1, len(rankings), figsize=(6.5 * len(rankings), 1.2 + 0.28 * rows), squeeze=False)
+    fig, axes = _subplots(1, len(rankings), figsize=(6.5 * len(rankings), 1.2 + 0.28 * rows), squeeze=False)
     for ax, (name, sens) in zip(axes[0], rankings):
         top = sens["ranking"][:20][::-1]
         kept = set(sens.get("kept_fp32") or [])
@@ -354,7 +360,7 @@ def search_plot(results, out: Path) -> Path | None:
     if not search or not search.get("candidates"):
         return None
     metric = search["constraints"].get("metric") or "accuracy"
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = _subplots(figsize=(7.5, 4.8))
     measured = [c for c in search["candidates"] if c["status"] == "measured"]
     rejected = [c for c in search["candidates"] if c["status"] == "rejected"]
     best = (search.get("best") or {}).get("candidate")

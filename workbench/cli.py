@@ -9,6 +9,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional
 
 from core.errors import RecipeError
 
@@ -44,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark one model file (.onnx, TorchScript .pt, torch.export .pt2) "
                        "without a recipe")
     b.add_argument("model_file")
-    b.add_argument("--backend", nargs="+", default=None, help="backends (default: ort-cpu for .onnx, "
-                   "torch-export-cpu for .pt2, torchscript-cpu for .pt)")
+    b.add_argument("--backend", nargs="+", default=None,
+                   help="backends (default: the first CPU backend that runs the file's format; `workbench list` "
+                   "names them)")
     b.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes")
     b.add_argument("--seq-len", type=int, default=128)
     b.add_argument("--threads", type=int, default=None)
@@ -110,6 +112,35 @@ def main(argv=None) -> int:
             signal.signal(sig, handler)
 
 
+def run_command(recipe=None, out="reports", *, quick: bool = False, executor: Optional[str] = None,
+                ray_address: Optional[str] = None, resume=None) -> Path:
+    """`workbench run` with plain arguments, shared by the command line and `workbench.api.run`: run
+    `recipe` (a recipe file's path, or a `workbench.recipe.Recipe` already loaded) into a new run
+    directory under `out`, or with `resume` (a run directory) finish an interrupted run in place.
+    `executor` / `ray_address` override the recipe's bench.executor / bench.ray_address. Returns the
+    run directory. Raises RecipeError for an invalid recipe or arguments; prints nothing itself and
+    leaves signal handling to its caller (`main` turns SIGINT / SIGTERM into a resumable stop)."""
+    from bench.executors import EXECUTORS
+    from workbench.pipeline import resume_run, run_recipe
+    from workbench.recipe import Recipe, load_recipe
+
+    if bool(recipe) == bool(resume):
+        raise RecipeError("workbench run: give a recipe file, or --resume RUN_DIR (not both)")
+    if resume:
+        return resume_run(Path(resume))
+    if executor is not None and executor not in EXECUTORS:
+        raise RecipeError(f"workbench run: unknown executor {executor!r}. Accepted: {', '.join(EXECUTORS)}")
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    if ray_address and (executor or recipe.bench.executor) != "ray":
+        raise RecipeError("workbench run: --ray-address goes with --executor ray (or bench.executor: ray)")
+    if executor:
+        recipe.bench.executor = executor
+    if ray_address:
+        recipe.bench.ray_address = ray_address
+    return run_recipe(recipe, Path(out), quick=quick)
+
+
 def _dispatch(args) -> int:
     from workbench.recipe import load_recipe
 
@@ -118,21 +149,8 @@ def _dispatch(args) -> int:
         print(f"{args.recipe}: valid ({len(recipe.variants)} variants, backends {', '.join(recipe.all_backends())})")
         return 0
     if args.command == "run":
-        from workbench.pipeline import resume_run, run_recipe
-
-        if bool(args.recipe) == bool(args.resume):
-            raise RecipeError("workbench run: give a recipe file, or --resume RUN_DIR (not both)")
-        if args.resume:
-            run_dir = resume_run(Path(args.resume))
-        else:
-            recipe = load_recipe(args.recipe)
-            if args.ray_address and (args.executor or recipe.bench.executor) != "ray":
-                raise RecipeError("workbench run: --ray-address goes with --executor ray (or bench.executor: ray)")
-            if args.executor:
-                recipe.bench.executor = args.executor
-            if args.ray_address:
-                recipe.bench.ray_address = args.ray_address
-            run_dir = run_recipe(recipe, Path(args.out), quick=args.quick)
+        run_dir = run_command(args.recipe, args.out, quick=args.quick, executor=args.executor,
+                              ray_address=args.ray_address, resume=args.resume)
         print(f"report: {run_dir / 'report.md'}")
         print(f"        {run_dir / 'report.html'}")
         return 0
@@ -148,7 +166,9 @@ def _dispatch(args) -> int:
     if args.command == "bench":
         from workbench.standalone import bench_file
 
-        return bench_file(args)
+        bench_file(args.model_file, backends=args.backend, batch_sizes=args.batch, seq_len=args.seq_len,
+                   threads=args.threads, inputs=args.input, out=args.out, quick=args.quick)
+        return 0
     if args.command == "compare":
         from reporting.compare import run_compare
 
