@@ -18,7 +18,10 @@ from typing import Callable, Union
 import pytest
 import yaml
 
+from workbench import plugins
 from workbench.cli import main
+
+plugins.load()  # the registries the tests read (steps, backends, formats) are complete from here on
 
 QUICK_RECIPE = {
     "name": "tiny-digits",

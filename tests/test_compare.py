@@ -61,6 +61,7 @@ def _verdicts(out: Path) -> list[str]:
     return [c["verdict"] for c in json.loads((out / "compare.json").read_text())["cells"]]
 
 
+@pytest.mark.slow
 def test_two_runs_of_an_unchanged_recipe_show_no_significant_difference(runs):
     a, b, _, tmp = runs
     assert main(["compare", str(a), str(b), "--out", str(tmp / "same"), "--fail-if-slower", "5%"]) == 0
@@ -68,6 +69,7 @@ def test_two_runs_of_an_unchanged_recipe_show_no_significant_difference(runs):
     assert (tmp / "same" / "compare.png").read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("original", [0, 1])
 def test_a_model_20_percent_slower_is_flagged_and_fails_the_gate(runs, capsys, original):
     slow, tmp = runs[2], runs[3]

@@ -12,6 +12,8 @@ import torch
 from workbench.sources import docstring_gpt as dg
 from workbench.sources.data import stdlib_docstrings
 
+pytestmark = pytest.mark.slow  # `built` trains docstring-gpt (about 90 s on 2 cores)
+
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):

@@ -136,6 +136,7 @@ def test_a_local_encoder_prunes_exports_with_parity_and_runs_in_a_recipe(family,
         (v, b) for v in ("baseline", "pruned") for b in ("torch-cpu", "ort-cpu")}
 
 
+@pytest.mark.slow
 def test_albert_is_refused_at_validate_and_the_advice_works(tmp_path, capsys):
     make_tiny_text_model(tmp_path / "albert", "albert")
     make_reviews_csv(tmp_path / "reviews.csv")

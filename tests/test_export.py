@@ -34,6 +34,7 @@ def _padded_batches(io):
     return [short, long]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt, export, name", [
     ("onnx", lambda m, io, p: export_onnx(m, io, p), "model.onnx"),
     ("torchscript", export_torchscript, "model.torchscript.pt"),
@@ -148,6 +149,7 @@ def test_static_qdq_quantization_calibrates_on_task_batches(tiny_encoder, tmp_pa
     assert par["cosine_min"] > 0.8
 
 
+@pytest.mark.slow
 def test_transformer_pruning_shrinks_ffn_and_heads_and_round_trips_through_save_pretrained(tiny_encoder, tmp_path):
     import copy
 
@@ -242,6 +244,7 @@ def _pruned_student(tiny_encoder, tmp_path):
                                lookup=lambda name: teacher if name == "baseline" else None)
 
 
+@pytest.mark.slow
 def test_hidden_state_distillation_brings_a_pruned_encoder_back_toward_its_teacher(tiny_encoder, tmp_path):
     from compress.distill import Distill
 
@@ -317,6 +320,7 @@ def test_activation_pruning_refits_layer_by_layer_and_stays_closer_than_magnitud
     assert cosine["activation"] > cosine["magnitude"] + 0.01, cosine
 
 
+@pytest.mark.slow
 def test_layerwise_distillation_trains_each_layer_toward_the_teacher_then_end_to_end(tiny_encoder, tmp_path):
     from compress.distill import Distill
 

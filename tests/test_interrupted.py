@@ -132,6 +132,7 @@ def test_sigkill_during_bench_is_recorded_leaves_no_orphan_and_resume_completes(
     _check_resumed(run_dir, journal)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_finished_run_and_a_changed_recipe(tmp_path, capsys):
     recipe = write_yaml(tmp_path / "killed.yaml", {**RECIPE, "variants": {"baseline": {}},
                                                    "bench": {**RECIPE["bench"], "batch_sizes": [1]}})

@@ -106,6 +106,7 @@ def test_head_pruning_removes_whole_key_value_heads_with_their_queries(tmp_path,
     _generates_and_round_trips(pruned, tmp_path)
 
 
+@pytest.mark.slow
 def test_kl_distillation_brings_a_pruned_llm_back_towards_its_teacher(tmp_path):
     teacher = _lm("llama", kv_heads=2)
     student, _ = _prune(teacher, tmp_path, ratio=0.5, targets=["ffn", "heads"])

@@ -179,10 +179,15 @@ def test_a_4bit_matmulnbits_graph_loads_and_decodes(exported, tmp_path):
         LINEAR_PER_LAYER[cfg.model_type] * cfg.num_hidden_layers + 1)
     ids, mask = _batch(left_pad=3)
     got, timings = OrtLM(q_path).generate(ids, mask, STEPS)
-    assert got.shape == (2, STEPS) and got.min() >= 0 and got.max() < VOCAB
+    # Its greedy tokens against the fp32 module's: all 32 agree on these models (measured; the 4-bit
+    # logits move by < 0.1), a broken quantization or decode agrees on about 1 in VOCAB.
+    want = torch_generate(model, ids, mask, STEPS)[0]
+    assert got.shape == want.shape == (2, STEPS)
+    assert (got == want).mean() >= 0.5, (got, want)
     assert len(timings["decode_ms"]) == STEPS - 1
 
 
+@pytest.mark.slow
 def test_the_torch_onnx_fallback_decodes_and_keeps_the_lm_head_constant(tmp_path):
     """torch.export keeps a tied lm_head as Transpose(embedding); the export stores it transposed."""
     model = _tiny("llama")

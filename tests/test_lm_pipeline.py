@@ -11,6 +11,8 @@ import pytest
 from conftest import make_tiny_causal_lm, the_run_dir, write_yaml
 from workbench.cli import main
 
+pytestmark = pytest.mark.slow  # every test reads `lm_run`, an end-to-end run of a decoder LM
+
 
 def lm_recipe(model_dir, **extra) -> dict:
     return {

@@ -35,7 +35,11 @@ def variant(results, name):
 
 # ----------------------------------------------------------------------------- results.json
 def test_run_exits_0(quick_run):
-    assert quick_run.exit_code == 0
+    # The fixture asserted the 0; what backs it is a status.json that says finished, for this recipe.
+    status = json.loads((quick_run.run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and status["quick"] is True
+    assert status["recipe"]["sha256"] == quick_run.results["recipe"]["sha256"]
+    assert status["recipe"]["path"] == str(quick_run.recipe_path.resolve())
 
 
 def test_results_json_has_the_contract_top_level_keys(quick_run):
@@ -125,7 +129,11 @@ def test_measured_cells_have_latency_throughput_memory_and_accuracy(quick_run):
         assert 0 < lat["p50"] and 0 < lat["p90"] <= lat["p95"] <= lat["p99"]
         assert lat["ci95"][0] <= lat["p50"] <= lat["ci95"][1]
         assert c["throughput"] == pytest.approx(c["batch_size"] * 1e3 / lat["p50"], rel=1e-3)
-        assert isinstance(c["memory"]["peak_rss_delta"], int) and c["memory"]["peak_rss_delta"] >= 0
+        # peak_rss_delta is clamped at 0, so `>= 0` could not fail: a load and a few calls raise the peak
+        # (tens of MB even for this 10 KB CNN), under a bound; the idle figure is the backend's libraries'.
+        mem = c["memory"]
+        assert isinstance(mem["peak_rss_delta"], int) and 0 < mem["peak_rss_delta"] < 150 * 2**20, mem
+        assert mem["rss_idle_baseline"] > 20 * 2**20, mem
         assert 0.0 <= c["accuracy"]["accuracy"] <= 1.0
         # Measured in two processes (--quick), one per interleaved round; their raw samples are kept.
         assert [r["round"] for r in sorted(c["repeats"], key=lambda r: r["round"])] == [0, 1]

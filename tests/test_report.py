@@ -69,6 +69,7 @@ def test_within_the_tolerance_above_chance_still_warns_and_n_classes_is_the_fall
     assert "`baseline` scores accuracy 0.1050 against a chance rate of 0.1000 (1 / 10 classes)" in md
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, edit", [
     ("digits-prune-distill-cpu", lambda r: r["task"].update(majority_rate=0.1022, n_classes=10)),  # trained: 0.99
     ("digits-prune-distill-cpu", lambda r: set_baseline_accuracy(r, 0.1)),  # no majority_rate / n_classes: no claim
