@@ -11,6 +11,7 @@ from collections import defaultdict
 from typing import ClassVar, Optional
 
 from core.backends import Backend, Runner
+from core.findings import Finding
 from core.steps import precision_of
 
 
@@ -143,11 +144,12 @@ output = session.run(None, feed)[0]
         int8 = precision == "int8" and not weight_only
         found = []
         if int8 and not k.get("int8_kernels"):
-            found.append("ONNX Runtime fused no int8 kernel: the graph still runs in float")
+            found.append(Finding("ONNX Runtime fused no int8 kernel: the graph still runs in float",
+                                 "float-op-left-out"))
         if int8 and k.get("float_weight_matmuls"):
-            found.append(f"{k['float_weight_matmuls']} weight MatMul(s) stayed in float")
+            found.append(Finding(f"{k['float_weight_matmuls']} weight MatMul(s) stayed in float", "float-op-left-out"))
         if k.get("softmax") and not k.get("attention_fused"):
-            found.append("attention is not fused (Softmax and MatMuls run one by one)")
+            found.append(Finding("attention is not fused (Softmax and MatMuls run one by one)", "attention-float"))
         return found
 
 

@@ -55,6 +55,17 @@ class Quantize(Step):
         return "dynamic" if params.get("method", "dynamic-int8") in ("dynamic-int8", "bnb-int8") else None
 
     @classmethod
+    def remedy(cls, finding: str, params, cpu_flags: list[str]):
+        if params is None:
+            return None
+        method = params.get("method", "dynamic-int8")
+        if finding == "bf16-emulated" and method in HALF:
+            return [{"quantize": {"method": "dynamic-int8"}}]  # int8 Linear layers run on any x86 / ARM CPU
+        if finding in ("weights-in-cache", "weight-only-compute-bound") and method in ("bnb-nf4", "bnb-fp4"):
+            return [{"quantize": {"method": "dynamic-int8"}}]
+        return None
+
+    @classmethod
     def formats(cls, params: dict):
         # bitsandbytes' matmuls are Python autograd functions: no graph format can hold them.
         return ("torch",) if str(params.get("method", "")).startswith("bnb-") else None

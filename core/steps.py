@@ -58,6 +58,14 @@ class Step:
         return getattr(cls.sensitivity_params, "__func__", None) is not Step.sensitivity_params.__func__
 
     @classmethod
+    def remedy(cls, finding: str, params: Optional[dict], cpu_flags: list[str]) -> Optional[list[dict]]:
+        """The steps to try instead of this one (made with `params`), as a recipe writes them
+        ([{name: {param: value}}]), when the report finds a cause of kind `finding` (core.findings.KINDS)
+        in a variant this step made; with `params` None, the variant has no such step and the answer is
+        the steps to add before its own. None when this step has no answer to it."""
+        return None
+
+    @classmethod
     def formats(cls, params: dict) -> Optional[tuple[str, ...]]:
         """The artifact formats a variant made by this step can reach ("torch" is the module itself),
         or None when the export formats decide for themselves (their `unsupported`)."""

@@ -50,6 +50,14 @@ class OnnxOptimize(Step):
         return ("onnx",)
 
     @classmethod
+    def remedy(cls, finding: str, params, cpu_flags: list[str]):
+        # ORT's BERT fusion: one Attention node (QAttention once quantized) and fused LayerNorms. It matches
+        # encoders (BERT, RoBERTa, MiniLM...); a decoder's attention needs another fusion.
+        if finding == "attention-float" and (params is None or params.get("fusion", "none") == "none"):
+            return [{"onnx-optimize": {"fusion": "bert"}}]
+        return None
+
+    @classmethod
     def exporter_for(cls, params: dict) -> Optional[str]:
         # ORT's fusion patterns match the attention subgraph of the TorchScript-based exporter; on
         # the dynamo exporter's graph they fuse no Attention (seen with torch 2.13 / ORT 1.32).

@@ -25,10 +25,13 @@ class KeepFp32(StepParams):
 
 
 class OnnxQuantizeParams(StepParams):
-    mode: Literal["dynamic", "static", "int4", "weight-only"] = Field(
+    mode: Literal["dynamic", "static", "auto", "int4", "weight-only"] = Field(
         "dynamic", description="dynamic: int8 weights, activation scales per run; static: int8 weights and "
-        "activations (QDQ), scales calibrated on task data; weight-only: `bits`-bit block-quantized weights "
-        "(MatMulNBits), activations stay float (what LLM deployments use); int4: weight-only with bits 4")
+        "activations (QDQ), scales calibrated on task data; auto (what `preset: auto` sets): static QDQ with "
+        "Conv where convolutions do most of the graph's multiply-adds (dynamic mode would run them as "
+        "ConvInteger, an unoptimised reference kernel), dynamic for MatMul-dominated graphs (transformers), the "
+        "choice and its reason in the notes; weight-only: `bits`-bit block-quantized weights (MatMulNBits), "
+        "activations stay float (what LLM deployments use); int4: weight-only with bits 4")
     bits: Literal[4, 8] = Field(4, description="weight-only: bits per weight (int4 always 4)")
     per_channel: bool = Field(False, description="int8: one scale per output channel instead of per tensor")
     reduce_range: bool = Field(False, description="int8: 7-bit weights, avoids u8s8 saturation on CPUs without VNNI")
@@ -132,11 +135,34 @@ class OnnxQuantize(Step):
     @classmethod
     def activation_scales(cls, params: dict):
         mode = params.get("mode", "dynamic")
-        return mode if mode in ("static", "dynamic") else None
+        return mode if mode in ("static", "dynamic") else None  # auto: decided by the graph at run time
 
     @classmethod
     def formats(cls, params: dict):
         return ("onnx",)
+
+    @classmethod
+    def remedy(cls, finding: str, params, cpu_flags: list[str]):
+        if params is None:
+            return None
+        mode = params.get("mode", "dynamic")
+        auto = {"onnx-quantize": {"preset": "auto"}}  # hardware settings from the CPU, mode from the graph
+        if finding == "int8-reference-kernel" and mode != "static":
+            # ORT's guidance for convolutional networks: static QDQ, fused into QLinearConv.
+            return [{"onnx-quantize": {"preset": "auto", "mode": "static", "quant_format": "QDQ",
+                                       "op_types": ["Conv", "MatMul", "Gemm"]}}]
+        if finding == "qdq-unfolded" and mode in ("static", "auto") and params.get("quant_format") == "QDQ":
+            # QLinearConv / QLinearMatMul written directly: nothing left for the engine to fold.
+            keep = {k: params[k] for k in ("preset",) if params.get(k)}
+            return [{"onnx-quantize": {**keep, "mode": "static", "quant_format": "QOperator",
+                                       **({"op_types": ["Conv", "MatMul", "Gemm"]} if mode == "auto" else {})}}]
+        if finding == "float-op-left-out" and params.get("preset") is None:
+            return [auto]
+        if finding == "int8-no-dot-product" and not params.get("reduce_range"):
+            return [auto]  # 7-bit weights where u8 x s8 products saturate
+        if finding in ("weights-in-cache", "weight-only-compute-bound") and mode in WEIGHT_ONLY:
+            return [auto]  # int8 weights and activations: the matmuls get faster, not only the loads
+        return None
 
     @classmethod
     def sensitivity_params(cls, params: dict, target):
@@ -144,7 +170,7 @@ class OnnxQuantize(Step):
 
     @classmethod
     def check(cls, params, *, recipe, variant, where, field):
-        if params.mode == "static" and recipe.task.type == "none":
+        if params.mode == "static" and recipe.task.type == "none":  # auto then stays dynamic, and says so
             raise field_error(where, f"{field}.mode", "static quantization calibrates on task data, and the "
                               "recipe has no task", value="static", accepted=["dynamic", "int4"])
         if params.mode == "int4" and params.bits != 4:
@@ -162,6 +188,10 @@ class OnnxQuantize(Step):
         from export.quant_presets import preset_settings, resolve
 
         wanted = preset_settings(resolve(params.preset)[0])
+        if params.preset == "auto" and "mode" not in params.model_fields_set:
+            # The processor decides the int8 settings; the graph decides static or dynamic (at run time,
+            # from its operators: a deterministic function of the parent, whose key is in the cache key).
+            wanted.update(mode="auto", op_types=None, quant_format="QDQ")
         return params.model_copy(update={k: v for k, v in wanted.items() if k not in params.model_fields_set})
 
     def run(self, model, params, ctx):
@@ -179,6 +209,8 @@ class OnnxQuantize(Step):
             self._weight_only(model.onnx_path, out, p, ctx)
         else:
             src = self._preprocess(model.onnx_path, p, ctx) if p.preprocess else model.onnx_path
+            if p.mode == "auto":
+                p = self._by_graph(src, p, ctx)
             if p.keep_fp32:
                 p = p.model_copy(update={"exclude_nodes": p.exclude_nodes + self._sensitive(src, p, ctx)})
             self._int8(src, out, p, ctx)
@@ -187,6 +219,29 @@ class OnnxQuantize(Step):
         model.onnx_path = final
         record_kernels(final, ctx.notes)
         return model
+
+    @staticmethod
+    def _by_graph(src, p, ctx):
+        """Mode auto: static QDQ (Conv, MatMul, Gemm) when convolutions do most of the multiply-adds,
+        calibrated on the training split; dynamic (MatMul, Gemm, Attention) otherwise. ONNX Runtime's own
+        guidance: dynamic mode turns a Conv into ConvInteger, a reference kernel far slower than fp32,
+        while static QDQ runs fused QLinearConv; transformers' MatMuls do best with per-batch scales."""
+        from export.quant_presets import MATMUL_OPS, conv_share
+
+        share = conv_share(src)
+        conv = share >= 0.5
+        calibrate = ctx.task is not None and bool(getattr(ctx.task, "train_batches", None))
+        if conv and calibrate:
+            chosen = {"mode": "static", "op_types": p.op_types or ["Conv", "MatMul", "Gemm"]}
+            why = (f"convolutions do {share:.0%} of the multiply-adds: static QDQ int8 (fused QLinearConv), "
+                   "calibrated on the training split; dynamic mode would run them as ConvInteger")
+        else:
+            chosen = {"mode": "dynamic", "op_types": p.op_types or list(MATMUL_OPS)}
+            why = (f"convolutions do {share:.0%} of the multiply-adds: dynamic int8 on MatMul / Gemm / Attention"
+                   if not conv else f"convolutions do {share:.0%} of the multiply-adds, but the task has no "
+                   "training batches to calibrate static int8 on: dynamic int8 on MatMul / Gemm / Attention")
+        ctx.notes["auto_mode"] = {**chosen, "conv_share": round(share, 4), "why": why}
+        return p.model_copy(update=chosen)
 
     @staticmethod
     def _preprocess(src, p, ctx):

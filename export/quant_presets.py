@@ -90,3 +90,37 @@ def preset_settings(preset: Preset) -> dict:
     return {"mode": preset.mode, "weight_type": preset.weight_type, "activation_type": preset.activation_type,
             "reduce_range": preset.reduce_range, "per_channel": preset.per_channel,
             "quant_format": preset.quant_format, "op_types": list(preset.op_types)}
+
+
+def conv_share(path) -> float:
+    """The share of a graph's multiply-adds done by Conv nodes, against Conv + MatMul + Gemm, per item
+    (symbolic dimensions count as 1): from the weights' shapes and the inferred output shapes. A small
+    CNN's convolutions run at every pixel, so its weights undercount them; this counts the work."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - without shapes, spatial sizes count as 1 (conv undercounted)
+        pass
+    weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    shapes = {}
+    for v in [*model.graph.value_info, *model.graph.output, *model.graph.input]:
+        dims = v.type.tensor_type.shape.dim
+        shapes[v.name] = [d.dim_value if d.HasField("dim_value") else 1 for d in dims]
+    conv = dense = 0.0
+    for n in model.graph.node:
+        if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in weights:
+            w = weights[n.input[1]]  # (out, in / group, kh, kw)
+            out = shapes.get(n.output[0], [])
+            spatial = float(np.prod(out[2:])) if len(out) > 2 else 1.0
+            conv += spatial * float(np.prod(w))
+        elif n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input[:2]):
+            w = weights[next(i for i in n.input[:2] if i in weights)]
+            x = shapes.get(next((i for i in n.input[:2] if i not in weights), ""), [])
+            rows = float(np.prod(x[1:-1])) if len(x) > 2 else 1.0  # tokens per item; batch left out
+            dense += rows * float(np.prod(w))
+    total = conv + dense
+    return conv / total if total else 0.0

@@ -134,6 +134,7 @@ class Recommendation:
     # winner); with several, the winner is picked among them by `TIE_RULE`.
     tied: tuple = ()
     unjudged: tuple = ()  # why some cells could not be judged against a constraint (they fail it)
+    stable_beaten: bool = False  # an unstable cell leads because it beats every stable one significantly
 
 
 TIE_RULE = "fewest compression steps, then smallest model file, then lowest p50"
@@ -207,8 +208,15 @@ def recommend(results: dict) -> Recommendation:
             candidates.append(Candidate(i, c, score))
         else:
             rejected += 1
-    # Stable cells first: an unstable cell only wins when nothing stable meets the constraints.
+    # Stable cells first: an unstable cell wins only when nothing stable meets the constraints, or when it
+    # beats the fastest stable cell significantly, paired round by round (a lead wider than its noise: a
+    # tiny model's calls jitter within a process, and a user would still see it run faster).
     candidates.sort(key=lambda cand: (cand.unstable, cand.p50))
+    stable = next((c for c in candidates if not c.unstable), None)
+    if stable is not None:
+        ahead = [c for c in candidates if c.unstable and significantly_faster(c.cell, stable.cell)]
+        candidates = sorted(ahead, key=lambda cand: cand.p50) + [c for c in candidates if c not in ahead]
+    stable_beaten = stable is not None and bool(candidates) and candidates[0].unstable
     if not candidates:
         return Recommendation(metric=metric, base_score=base_score, batch_size=batch,
                               backend=cons.get("backend") or None, rules=rules, rejected=rejected, winner=None,
@@ -222,7 +230,7 @@ def recommend(results: dict) -> Recommendation:
     runner_up = next((c for c in candidates if c is not winner), None)
     return Recommendation(metric=metric, base_score=base_score, batch_size=batch, backend=cons.get("backend") or None,
                           rules=rules, rejected=rejected, winner=winner, runner_up=runner_up, tied=tuple(tied),
-                          unjudged=tuple(unjudged))
+                          unjudged=tuple(unjudged), stable_beaten=stable_beaten)
 
 
 def quietness(results: dict) -> Optional[dict]:

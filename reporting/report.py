@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reporting.analysis import (MB, TIE_RULE, Recommendation, cell_score, faster, primary_metric, quietness, recommend,
-                            reference_speedups, speedups)
+from reporting.analysis import (MB, TIE_RULE, Recommendation, cell_score, faster, measured, primary_metric, quietness,
+                                recommend, reference_speedups, speedups)
 from reporting import lm_report
 from core.backends import BACKENDS
 from reporting.diagnosis import diagnosis_lines
@@ -251,6 +251,38 @@ def sensitivity_blocks(results: dict) -> list[tuple[str, object]]:
     return blocks
 
 
+def suggestion_blocks(results: dict, batch_size: int) -> list[tuple[str, object]]:
+    """What the suggestions of an earlier report (`workbench suggest`) gave: each suggested variant against
+    the variant it was suggested for, on the same backend and batch size, paired by round."""
+    variants = {v["name"]: v for v in results["variants"]}
+    cells = {(c["variant"], c["backend"], c["batch_size"]): c for c in results["cells"] if measured(c)}
+    metric = primary_metric(results)
+    rows = []
+    for name, v in variants.items():
+        sug = v.get("suggested")
+        if not sug:
+            continue
+        tried = sorted(((b, bs, c) for (n, b, bs), c in cells.items() if n == name), key=lambda t: (t[0], t[1]))
+        if not tried:
+            rows.append([f"`{name}`", f"`{sug['for']}`", sug["kind"], "–", "–", "not measured: "
+                         + (v.get("error") or "no measured cell"), "–"])
+        for backend, bs, c in tried:
+            old = cells.get((sug["for"], backend, bs))
+            r = faster(c, old) if old else None
+            verdict = ("–" if r is None else f"{r[0]:.2f}x [{r[1]:.2f}, {r[2]:.2f}]"
+                       + (" faster" if r[1] > 1 else " slower" if r[2] < 1 else " (no significant change)"))
+            score = lambda cell: (cell.get("accuracy") or {}).get(metric) if cell else None  # noqa: E731
+            rows.append([f"`{name}`", f"`{sug['for']}`", sug["kind"], f"`{backend}`", str(bs), verdict,
+                         f"{_fmt(score(c), 4)} (was {_fmt(score(old), 4)})" if metric else "–"])
+    if not rows:
+        return []
+    return [("h2", "Suggestions tested"),
+            ("p", "Variants an earlier report suggested (`workbench suggest`), each against the variant it was "
+                  "suggested for, on the same backend and batch size, paired by round: the advice measured."),
+            ("table", (["suggested", "for", "finding", "backend", "batch", "speedup vs that variant [95% CI]",
+                        metric or "metric"], rows))]
+
+
 def diagnosis_blocks(results: dict, batch_size: int) -> list[tuple[str, object]]:
     """"Why isn't it faster?": a diagnosis per variant that does not beat its parent, and the profiles."""
     lines = diagnosis_lines(results, batch_size)
@@ -364,7 +396,10 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
             if rec.base_score is not None:
                 why += f" (baseline {rec.base_score:.4f})"
         if c["status"] == "unstable":
-            why += ". Warning: this cell's latency was unstable"
+            why += (". Warning: this cell's latency was unstable (its within-process timings spread past the "
+                    "threshold); it is recommended because it "
+                    + ("beats the fastest stable cell significantly, paired round by round" if rec.stable_beaten
+                       else "is all that meets the constraints"))
         if len(rec.tied) > 1:
             names = ", ".join(f"`{t.variant}` on `{t.backend}` ({t.p50:.3f} ms)" for t in rec.tied)
             why += (f". It is not significantly faster than the others that tie with the fastest within the "
@@ -397,6 +432,7 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
         blocks.append(("p", lm_report.generation_note(results)))
         blocks.append(("table", lm_report.generation_table(results)))
     blocks += diagnosis_blocks(results, rec.batch_size)
+    blocks += suggestion_blocks(results, rec.batch_size)
     blocks += search_blocks(results)
     blocks += sensitivity_blocks(results)
     blocks.append(("h2", "Variants"))

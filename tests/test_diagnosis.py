@@ -33,7 +33,10 @@ def test_a_preset_fills_only_what_the_recipe_left_unset_at_load_time():
 
     auto = OnnxQuantize.expand(OnnxQuantizeParams.model_validate({"preset": "auto"}))
     assert auto.reduce_range == resolve("auto")[0].reduce_range and auto.per_channel is True
-    assert auto.op_types == ["MatMul", "Gemm", "Attention"]
+    # The processor decides the int8 settings; the graph decides static or dynamic, when the step runs.
+    assert auto.mode == "auto" and auto.op_types is None and auto.quant_format == "QDQ"
+    dyn = OnnxQuantize.expand(OnnxQuantizeParams.model_validate({"preset": "auto", "mode": "dynamic"}))
+    assert dyn.mode == "dynamic" and dyn.op_types == ["MatMul", "Gemm", "Attention"]
     mine = OnnxQuantize.expand(OnnxQuantizeParams.model_validate({"preset": "avx2", "per_channel": False}))
     assert mine.reduce_range is True and mine.per_channel is False  # the recipe's own value wins
     assert OnnxQuantize.expand(OnnxQuantizeParams.model_validate({})).reduce_range is False
@@ -46,8 +49,9 @@ RECIPE = {
     "variants": {
         "baseline": {},
         "int8-auto": {"from": "baseline", "steps": [{"onnx-quantize": {"preset": "auto"}}]},
+        "int8-dyn": {"from": "baseline", "steps": [{"onnx-quantize": {"preset": "auto", "mode": "dynamic"}}]},
         "int8-avx2": {"from": "baseline", "steps": [{"onnx-quantize": {"preset": "avx2", "per_channel": False}}]},
-        "int8-keep": {"from": "baseline", "steps": [{"onnx-quantize": {"preset": "auto", "keep_fp32": {
+        "int8-keep": {"from": "baseline", "steps": [{"onnx-quantize": {"preset": "auto", "mode": "dynamic", "keep_fp32": {
             "top_k": 1, "target": 0.9999999}}}]},
         "static-qop": {"from": "baseline", "steps": [{"onnx-quantize": {"mode": "static",
                                                                         "quant_format": "QOperator"}}]},
@@ -80,8 +84,11 @@ def test_presets_are_applied_and_recorded_with_their_reason(run):
     auto = _notes(r, "int8-auto")["preset"]
     assert auto["name"] == detect()[0] and "auto on this CPU" in auto["why"]
     steps = {v["name"]: v["steps"][0]["params"] for v in r["variants"] if v["steps"]}
-    assert steps["int8-auto"]["per_channel"] is True and steps["int8-auto"]["op_types"] == ["MatMul", "Gemm",
-                                                                                            "Attention"]
+    assert steps["int8-auto"]["per_channel"] is True and steps["int8-auto"]["mode"] == "auto"
+    assert steps["int8-dyn"]["op_types"] == ["MatMul", "Gemm", "Attention"]
+    # The digits CNN's convolutions do most of its work: auto chose static QDQ with Conv, and says why.
+    chosen = _notes(r, "int8-auto")["auto_mode"]
+    assert chosen["mode"] == "static" and "Conv" in chosen["op_types"] and chosen["conv_share"] > 0.5
     # What the recipe set explicitly wins over the preset.
     assert steps["int8-avx2"]["reduce_range"] is True and steps["int8-avx2"]["per_channel"] is False
     assert _notes(r, "int8-avx2")["preset"]["int8_pays_here"] is False
@@ -90,11 +97,12 @@ def test_presets_are_applied_and_recorded_with_their_reason(run):
 @pytest.mark.slow
 def test_the_kernel_census_says_which_int8_kernels_ort_fused(run):
     _, r = run
-    dynamic = _notes(r, "int8-auto")["kernels"]
+    dynamic = _notes(r, "int8-dyn")["kernels"]
     assert set(dynamic["int8_kernels"]) & {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
     assert dynamic["float_weight_matmuls"] == 0  # every Gemm quantized
     static = _notes(r, "static-qop")["kernels"]
     assert static["int8_kernels"].get("QLinearConv") and static["quant_ops"].get("QuantizeLinear")
+    assert _notes(r, "int8-auto")["kernels"]["int8_kernels"].get("QLinearConv")  # no ConvInteger
 
 
 @pytest.mark.slow
@@ -106,7 +114,7 @@ def test_profiles_are_taken_outside_the_timed_processes(run):
         assert "error" not in c["profile"], c["profile"]
         assert c["profile"]["op_total_ms"] > 0 and c["profile"]["calls"] == 20
         assert c["profile"]["tool"] == ("onnxruntime profiler" if c["backend"] == "ort-cpu" else "torch.profiler")
-    ort_int8 = next(c for c in profiled if c["variant"] == "int8-auto" and c["backend"] == "ort-cpu")
+    ort_int8 = next(c for c in profiled if c["variant"] == "int8-dyn" and c["backend"] == "ort-cpu")
     assert set(ort_int8["profile"]["by_op_ms"]) & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
 
 
@@ -171,6 +179,7 @@ def test_per_node_sensitivity_ranks_keeps_and_suggests(run):
     assert "## Quantization sensitivity" in report and (run_dir / "plots" / "sensitivity.png").is_file()
 
 
+@pytest.mark.slow
 def test_the_sensitivity_command_ranks_nodes_and_suggests_what_to_keep(tmp_path, capsys):
     recipe = write_yaml(tmp_path / "sens.yaml", {
         "name": "sens-digits", "model": {"source": "builtin", "name": "digits-cnn"},

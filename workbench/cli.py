@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="rebuild a run's report from its results.json")
     rep.add_argument("run_dir")
 
+    sg = sub.add_parser("suggest", help="write RUN_DIR/suggested.yaml: the run's recipe plus a variant for every "
+                        "fix its report's diagnosis names, so the next run measures the advice")
+    sg.add_argument("run_dir")
+
     b = sub.add_parser("bench", help="benchmark one model file (.onnx, TorchScript .pt, torch.export .pt2) "
                        "without a recipe")
     b.add_argument("model_file")
@@ -154,12 +158,24 @@ def _dispatch(args) -> int:
         print(f"report: {run_dir / 'report.md'}")
         print(f"        {run_dir / 'report.html'}")
         return 0
+    if args.command == "suggest":
+        from workbench import plugins
+        from workbench.suggest import write_suggested
+
+        plugins.load()
+        path, found = write_suggested(Path(args.run_dir))
+        for s in found:
+            print(f"  {s['name']:32} for {s['for']}: {s['kind']}")
+        print(f"{len(found)} suggested variant(s) in {path}" + (f"\nrun them: workbench run {path}" if found else ""))
+        return 0
     if args.command == "report":
         run_dir = Path(args.run_dir)
         if not (run_dir / "results.json").is_file():
             raise RecipeError(f"{run_dir}: no results.json here (is this a finished run directory?)")
         from reporting.report import write_report
+        from workbench import plugins
 
+        plugins.load()  # the report asks the step and backend registries what their names mean
         write_report(run_dir)
         print(f"report: {run_dir / 'report.md'}")
         return 0
@@ -203,8 +219,14 @@ def _list() -> int:
     print("\nexport formats (recipe `export.formats`):")
     for name, cls in FORMATS.items():
         print(f"  {name:14} {cls.file_name:22} {cls.summary}")
-    print("\nbuilt-in models: digits-cnn (classifier, 1x8x8), minilm-l6 (sentence embeddings)")
-    print("built-in data:   digits (classification), stdlib-docstrings (embedding-fidelity)")
+    print("\nbuilt-in models: digits-cnn (classifier, 1x8x8), minilm-l6 (sentence embeddings), docstring-gpt "
+          "(causal LM)")
+    print("built-in data:   digits (classification), stdlib-docstrings (embedding-fidelity, language-modeling)")
+    external = plugins.external()
+    print(f"\nplugins (entry points `{plugins.GROUP}`): "
+          + (", ".join(f"{n} = {v}" for n, v in external) if external else "none installed"))
+    for name, value, why in plugins.FAILED:
+        print(f"  {name} ({value}) failed to load: {why}")
     return 0
 
 

@@ -169,6 +169,14 @@ class StepCall(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class Suggested(Strict):
+    """Where a variant came from when `workbench suggest` wrote it: the report's finding it answers."""
+
+    for_: str = Field(alias="for", description="the variant whose diagnosis suggested this one")
+    finding: str = Field(description="the cause the report found, in its words")
+    kind: str = Field("engine", description="the kind of cause (see docs/report.md)")
+
+
 class VariantSpec(Strict):
     from_: Optional[str] = Field(None, alias="from")
     # Raw here; load_recipe replaces each entry with a validated StepCall.
@@ -177,6 +185,8 @@ class VariantSpec(Strict):
         None, min_length=1, description="the backends this variant is measured on, instead of bench.backends: "
         "for a backend that pays only for some variants (a compiler for a bf16 model) or costs too much "
         "for all of them")
+    suggested: Optional[Suggested] = Field(None, description="set by `workbench suggest`: the finding this variant "
+                                           "tries the fix of; the report says what the fix gave")
 
 
 # ----------------------------------------------------------------------------- export
@@ -306,6 +316,9 @@ class Recipe(Strict):
     bench: BenchSpec = Field(default_factory=BenchSpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
     search: Optional[SearchSpec] = None
+    base_dir: Optional[str] = Field(None, description="the folder relative paths in the recipe resolve against "
+                                    "(default: the recipe file's own folder); `workbench suggest` sets it, since its "
+                                    "recipe lies beside a run, not beside the recipe it extends")
 
     # Set by load_recipe: where the recipe came from, for relative paths and the lineage.
     _path: Optional[str] = PrivateAttr(None)
@@ -326,11 +339,15 @@ class Recipe(Strict):
         return self._sha256
 
     def resolve(self, p: str) -> Path:
-        """Relative paths in a recipe are relative to the recipe file's folder."""
+        """Relative paths in a recipe are relative to `base_dir`, else to the recipe file's folder."""
         q = Path(p).expanduser()
-        if q.is_absolute() or self.path is None:
+        if q.is_absolute():
             return q
-        return Path(self.path).resolve().parent / q
+        folder = Path(self.path).resolve().parent if self.path is not None else None
+        if self.base_dir:
+            base = Path(self.base_dir).expanduser()
+            folder = base if base.is_absolute() or folder is None else folder / base
+        return q if folder is None else folder / q
 
     def skeleton(self):
         """The model's modules on the meta device (real structure, no weights), for steps' recipe-time

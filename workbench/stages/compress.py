@@ -30,6 +30,8 @@ def compress(run) -> tuple[list[dict], dict[str, Optional[VariantModel]]]:
         v = recipe.variants[name]
         rec = {"name": name, "parent": v.from_, "steps": [s.model_dump(mode="json") for s in v.steps],
                "status": "ok", "error": None}
+        if v.suggested is not None:  # written by `workbench suggest`: the report says what the fix gave
+            rec["suggested"] = v.suggested.model_dump(by_alias=True)
         records.append(rec)
         models[name] = None
         if v.from_ and models.get(v.from_) is None:
