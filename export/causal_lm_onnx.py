@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 from core.formats import needs_external_data
-from core.lm import cache_shape
+from core.lm_summary import cache_shape
 
 PAST, PRESENT = "past_key_values.", "present."
 

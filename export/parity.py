@@ -37,7 +37,7 @@ def violations(par: dict, tol) -> Optional[str]:
 def lm_parity(reference: np.ndarray, outputs: np.ndarray) -> dict:
     """Causal LMs, on core.lm summaries of the logits: the largest difference in the log-probability of
     the token that came next, agreement of the argmax and the KL of next-token distributions."""
-    from core.lm import NEXT_LOGP, SCORED, lm_metrics
+    from core.lm_summary import NEXT_LOGP, SCORED, lm_metrics
 
     m = reference[..., SCORED] > 0.5
     diff = np.abs(reference[..., NEXT_LOGP][m].astype(np.float64) - outputs[..., NEXT_LOGP][m])

@@ -22,7 +22,7 @@ FIDELITY = {False: "cosine of outputs to the float graph",
 def fidelity(ref: np.ndarray, out: np.ndarray) -> float:
     """Mean cosine between rows of the float graph's outputs and the quantized graph's; for a causal
     LM (outputs are core.lm summaries), exp(-KL) of next-token distributions: 1 when identical."""
-    from core.lm import is_summary, lm_metrics
+    from core.lm_summary import is_summary, lm_metrics
 
     if is_summary(ref):
         return float(np.exp(-lm_metrics(out, ref)["kl"]))

@@ -112,7 +112,7 @@ def _kv_dims(shape, config: dict | None) -> tuple[int, int]:
         return heads, size
     if not config:
         raise ValueError(f"the graph's past shape {shape} is symbolic and no config was given")
-    from core.lm import cache_shape  # here only: core.lm imports torch, which an ONNX Runtime CPU cell does not load
+    from core.lm_summary import cache_shape
 
     return cache_shape(config)[1:]
 

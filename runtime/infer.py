@@ -23,7 +23,7 @@ def torch_outputs(module, batches: list[dict[str, np.ndarray]], device=None) -> 
 def reduce_outputs(out, batch: dict[str, np.ndarray]) -> np.ndarray:
     """What is kept of one batch's outputs (a numpy array or a CPU tensor): as they are, or, for
     per-token outputs over a vocabulary (a causal LM's logits), their core.lm summary."""
-    from core.lm import summarize
+    from core.lm_summary import summarize
 
     ids = batch.get("input_ids")
     if len(out.shape) == 3 and ids is not None and tuple(out.shape[:2]) == ids.shape:

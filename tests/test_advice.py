@@ -144,3 +144,40 @@ def test_a_finding_becomes_a_suggested_variant_that_the_next_run_measures(tmp_pa
     assert cell["status"] in ("ok", "unstable") and cell["latency_ms"]["p50"] < old["latency_ms"]["p50"]
     report = (second / "report.md").read_text()
     assert "## Suggestions tested" in report and f"`{name}`" in report
+
+
+def test_an_onnx_runtime_cell_scores_a_causal_lms_outputs_without_loading_torch():
+    """The per-token summaries are NumPy: an ORT generation cell's process never imports torch (whose
+    thread pool and memory would sit beside ORT's in its figures)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from runtime.infer import reduce_outputs\n"
+            "import bench.generate, bench.worker\n"
+            "ids = np.arange(12).reshape(2, 6) % 50\n"
+            "out = reduce_outputs(np.random.default_rng(0).standard_normal((2, 6, 50)).astype('float32'),"
+            " {'input_ids': ids, 'attention_mask': np.ones_like(ids)})\n"
+            "assert out.shape == (2, 6, 3 + 2 * 32), out.shape\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_the_numpy_summary_matches_torch_log_softmax_and_topk():
+    import numpy as np
+    import torch
+
+    from core.lm_summary import ARGMAX, IDS, NEXT_LOGP, TOP_K, summarize
+
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((2, 7, 300)).astype(np.float32)
+    ids = rng.integers(0, 300, (2, 7))
+    s = summarize(logits, ids, np.ones_like(ids))
+    logp = torch.log_softmax(torch.from_numpy(logits), -1)
+    top = logp.topk(TOP_K, -1)
+    np.testing.assert_allclose(s[..., IDS + TOP_K:], top.values.numpy(), atol=1e-5)
+    assert (s[..., IDS:IDS + TOP_K] == top.indices.numpy()).all()
+    assert (s[..., ARGMAX] == logp.argmax(-1).numpy()).all()
+    np.testing.assert_allclose(s[:, :-1, NEXT_LOGP], logp[:, :-1].gather(-1, torch.from_numpy(ids[:, 1:, None]))
+                               .squeeze(-1).numpy(), atol=1e-5)

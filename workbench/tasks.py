@@ -11,7 +11,7 @@ import numpy as np
 from workbench.recipe import (BuiltinData, ClassificationTask, EmbeddingFidelityTask, LanguageModelingTask, Recipe,
                               TextClassificationTask)
 from workbench.sources.data import digits_split, read_text_file, stdlib_docstrings
-from core.lm import lm_metrics
+from core.lm_summary import lm_metrics
 from workbench.sources.models import SourceModel
 
 EVAL_BATCH = 32

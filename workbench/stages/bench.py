@@ -106,7 +106,7 @@ def prompts(run, batch: int) -> np.ndarray:
 
 def _kv_bytes(model, batch: int, context: int):
     """The KV cache at `context` tokens, from the variant's own config (a pruned model has fewer heads)."""
-    from core.lm import kv_cache_bytes
+    from core.lm_summary import kv_cache_bytes
 
     module = model.module if model.format == "torch" else model.source_module
     config = getattr(getattr(module, "model", None), "config", None)
