@@ -231,7 +231,7 @@ def search_blocks(results: dict) -> list[tuple[str, object]]:
 
 
 def sensitivity_blocks(results: dict) -> list[tuple[str, object]]:
-    """Per-node sensitivity measured by onnx-quantize keep_fp32: the most sensitive nodes, the
+    """Per-node sensitivity a quantizing step measured (its notes' `sensitivity`): the most sensitive nodes, the
     suggestion for a fidelity target, and what was kept in float."""
     blocks = []
     for name, sens in sensitivity_rankings(results):

@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 3 when a cell is slower by more than PCT (its whole interval), e.g. 5%%")
     c.add_argument("--out", default=None, help="folder for compare.md/json/png (default: RUN_B/compare-vs-A)")
 
-    sv = sub.add_parser("sensitivity", help="per-node quantization sensitivity (int8 or weight-only) of a variant whose last step is "
-                        "onnx-quantize, and the fewest nodes to keep in float for a fidelity target")
+    sv = sub.add_parser("sensitivity", help="per-node quantization sensitivity (int8 or weight-only) of a variant whose last step "
+                        "measures it (`workbench list` names the steps), and the fewest nodes to keep in float for a "
+                        "fidelity target")
     sv.add_argument("recipe")
     sv.add_argument("--variant", required=True)
     sv.add_argument("--target", type=float, default=None, help="fidelity (cosine to the float graph) to reach")
