@@ -81,8 +81,6 @@ class Quantize(Step):
             return model
         if p.method.startswith("bnb-"):
             model.module = _bitsandbytes(copy.deepcopy(model.module).eval(), p, ctx)
-            # Reloaded from its variant file, the module needs its bitsandbytes weights rewrapped.
-            setattr(model.module, AFTER_LOAD, f"{__name__}:restore_bitsandbytes")
             return model
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
@@ -172,6 +170,9 @@ def _bitsandbytes(module, p: QuantizeParams, ctx):
     ctx.notes.update(quantized_layers=swapped, bitsandbytes=bnb.__version__)
     if kept:
         ctx.notes["kept_in_full_precision"] = kept
+    # Reloaded from its variant file (core.modelfile.load_module), the module needs its bitsandbytes
+    # weights rewrapped: name the function that does it.
+    setattr(module, AFTER_LOAD, f"{__name__}:restore_bitsandbytes")
     return module
 
 

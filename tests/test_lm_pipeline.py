@@ -47,6 +47,9 @@ def lm_run(tmp_path_factory):
         {"distill": {"teacher": "baseline", "loss": "kl", "alpha": 1.0, "temperature": 1.0, "max_batches": 4}}]}
     spec["variants"]["ort-int4-keep"] = {"from": "baseline", "steps": [{"onnx-quantize": {
         "mode": "weight-only", "bits": 4, "keep_fp32": {"top_k": 1, "batches": 1}}}]}
+    # A search over weight-only bits: its candidates are generation cells, like the report's.
+    spec["search"] = {"steps": [{"onnx-quantize": {"mode": "weight-only"}}], "space": {"steps[0].bits": [4, 8]},
+                      "repeats": 1, "objective": {"backend": "ort-cpu"}, "constraints": {"max_accuracy_drop": 1000.0}}
     recipe = write_yaml(folder / "tiny-lm.yaml", spec)
     assert main(["run", str(recipe), "--out", str(folder / "out"), "--quick"]) == 0
     run_dir = the_run_dir(folder / "out", "tiny-lm")
@@ -134,3 +137,18 @@ def test_weight_only_sensitivity_ranks_layers_by_kl_and_keeps_the_worst_in_float
     assert sens["ranking"][0]["fidelity"] == min(r["fidelity"] for r in sens["ranking"])
     count = {k: v for n in int4["notes"] for k, v in n.items()}["matmul_nbits_nodes"]
     assert notes["matmul_nbits_nodes"] == count - 1
+
+
+def test_a_search_over_a_decoder_ranks_candidates_by_per_token_decode_latency(lm_run):
+    """The search plans its cells with the report's planner: a decoder's candidates are generation
+    cells, so the objective is the per-token decode latency the report ranks by."""
+    _, results = lm_run
+    search = results["search"]
+    assert search["objective"]["statistic"] == "p50 per decoded token"
+    measured = [c for c in search["candidates"] if c["status"] == "measured"]
+    assert len(measured) == 2 and all(c["per"] == "decoded token" for c in measured)
+    assert search["best"]["candidate"] == min(measured, key=lambda c: c["p50_ms"])["name"]
+    # The winner, measured again in the main bench, is a generation cell too: the same statistic.
+    c = cell(results, "search-best", "ort-cpu")
+    assert "generation" in c and c["generation"]["ttft_ms"]["p50"] > 0
+

@@ -76,36 +76,3 @@ def test_a_bad_search_block_fails_validate_naming_the_field(change, field, tmp_p
     assert main(["validate", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert field in err and "Traceback" not in err
-
-
-@pytest.mark.slow
-def test_a_search_over_a_causal_lm_ranks_candidates_by_per_token_decode_latency(tmp_path):
-    """The search plans its cells with the same planner as the report: a decoder's candidates are
-    generation cells, so the objective is the per-token decode latency the report ranks by."""
-    from conftest import make_tiny_causal_lm
-
-    spec = {
-        "name": "search-lm",
-        "model": {"source": "hf", "path": str(make_tiny_causal_lm(tmp_path / "model", "llama")), "head": "causal-lm"},
-        "task": {"type": "language-modeling", "data": {"source": "builtin", "name": "stdlib-docstrings"},
-                 "block_size": 32, "eval_blocks": 8},
-        "variants": {"baseline": {}},
-        "export": {"formats": ["onnx"]},
-        "bench": {"backends": ["ort-cpu"], "batch_sizes": [1], "seq_len": 16, "new_tokens": 6, "repeats": 1,
-                  "profile": False,
-                  "timing": {"warmup": 1, "min_iters": 5, "min_seconds": 0.05, "stability_threshold": 100.0}},
-        "search": {"steps": [{"onnx-quantize": {"mode": "weight-only"}}], "space": {"steps[0].bits": [4, 8]},
-                   "repeats": 1, "constraints": {"max_accuracy_drop": 1000.0}},
-    }
-    recipe = write_yaml(tmp_path / "search-lm.yaml", spec)
-    assert main(["run", str(recipe), "--out", str(tmp_path / "out"), "--quick"]) == 0
-    results = json.loads((the_run_dir(tmp_path / "out", "search-lm") / "results.json").read_text())
-    search = results["search"]
-    assert search["objective"]["statistic"] == "p50 per decoded token"
-    measured = [c for c in search["candidates"] if c["status"] == "measured"]
-    assert len(measured) == 2 and all(c["per"] == "decoded token" for c in measured)
-    best = min(measured, key=lambda c: c["p50_ms"])
-    assert search["best"]["candidate"] == best["name"]
-    # The winner, measured again in the main bench, is a generation cell too: the same statistic.
-    cell = next(c for c in results["cells"] if c["variant"] == "search-best")
-    assert "generation" in cell and cell["generation"]["ttft_ms"]["p50"] > 0

@@ -99,7 +99,7 @@ def unreachable(recipe, name: str, fmt: str) -> Optional[str]:
 def _export_one(run, name: str, model: VariantModel, fmt: str, batches, reference) -> dict:
     art = {"variant": name, "format": fmt, "status": "ok", "reason": None}
     cls = FORMATS[fmt]
-    why_not = unreachable(run.recipe, name, fmt) or cls.unsupported(model.module)
+    why_not = cls.unsupported(model.module) or unreachable(run.recipe, name, fmt)
     if why_not:
         return {**art, "status": "skipped", "reason": why_not}
     try:
