@@ -1,12 +1,9 @@
 """Causal (decoder) language models as the workbench sees them: a wrapper that gives a Hugging Face
 causal LM the pipeline's interface ((input_ids, attention_mask) -> next-token logits). The per-token
-summaries that stand for its logits live in core.lm_summary (NumPy only) and are named here too."""
+summaries that stand for its logits live in core.lm_summary (NumPy only, so a cell need not load torch)."""
 from __future__ import annotations
 
 from torch import nn
-
-from core.lm_summary import (ARGMAX, IDS, NEXT_LOGP, SCORED, TOP_K, cache_shape, is_summary,  # noqa: F401
-                             kv_cache_bytes, lm_metrics, summarize)
 
 
 class CausalLM(nn.Module):

@@ -98,7 +98,6 @@ def conv_share(path) -> float:
     CNN's convolutions run at every pixel, so its weights undercount them; this counts the work."""
     import numpy as np
     import onnx
-    from onnx import numpy_helper
 
     model = onnx.load(str(path), load_external_data=False)
     try:

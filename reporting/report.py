@@ -251,7 +251,7 @@ def sensitivity_blocks(results: dict) -> list[tuple[str, object]]:
     return blocks
 
 
-def suggestion_blocks(results: dict, batch_size: int) -> list[tuple[str, object]]:
+def suggestion_blocks(results: dict) -> list[tuple[str, object]]:
     """What the suggestions of an earlier report (`workbench suggest`) gave: each suggested variant against
     the variant it was suggested for, on the same backend and batch size, paired by round."""
     variants = {v["name"]: v for v in results["variants"]}
@@ -432,7 +432,7 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
         blocks.append(("p", lm_report.generation_note(results)))
         blocks.append(("table", lm_report.generation_table(results)))
     blocks += diagnosis_blocks(results, rec.batch_size)
-    blocks += suggestion_blocks(results, rec.batch_size)
+    blocks += suggestion_blocks(results)
     blocks += search_blocks(results)
     blocks += sensitivity_blocks(results)
     blocks.append(("h2", "Variants"))

@@ -1,5 +1,5 @@
 """Run a model over batches of named numpy inputs and return the stacked outputs (one array). Per-token
-logits of a causal LM are summarised per batch (core.lm.summarize) before they are stacked."""
+logits of a causal LM are summarised per batch (core.lm_summary.summarize) before they are stacked."""
 from __future__ import annotations
 
 from pathlib import Path
