@@ -179,7 +179,7 @@ def _with_remedy(f: Finding, variant: dict, variants: dict, flags: list[str], ce
     found = _lineage_remedy(f, variant, variants, flags)
     if found.fix:
         return found
-    own = [_as_written(x) for x in variant.get("steps") or []]
+    own = [as_written(x) for x in variant.get("steps") or []]
     if f.kind == "layout-ops" and cell_backend is not None and not cell_backend.compiles:
         # A compiler fuses layout ops into their neighbours: the same variant on a compiling backend.
         compiled = [n for n, b in BACKENDS.items() if b.compiles and b.device == cell_backend.device
@@ -213,29 +213,24 @@ def _lineage_remedy(f: Finding, variant: dict, variants: dict, flags: list[str])
                 if name != variant.get("name"):  # an ancestor's step: redo that ancestor, then the rest
                     return f.with_fix(f"from: {v.get('parent') or 'the source model'}, steps: {recipe_line(fix)} "
                                       f"(in place of `{name}`'s {s.get('name')})", None)
-                new = [_as_written(x) for x in steps[:i]] + fix + [_as_written(x) for x in steps[i + 1:]]
+                new = [as_written(x) for x in steps[:i]] + fix + [as_written(x) for x in steps[i + 1:]]
                 return f.with_fix(f"from: {variant.get('parent') or 'the source model'}, steps: {recipe_line(new)}",
                                   new)
         name = v.get("parent")
     return f
 
 
-def _as_written(step: dict) -> dict:
+def as_written(step: dict) -> dict:
     """A results.json step ({"name", "params"}) as a recipe writes it, without the defaults its Params fill in."""
     cls = STEPS.get(step["name"])
     params = step.get("params") or {}
     if cls is not None:
-        defaults = cls.Params().model_dump(mode="json") if _defaults_ok(cls) else {}
+        try:
+            defaults = cls.Params().model_dump(mode="json")
+        except Exception:  # noqa: BLE001 - a Params with required fields has no all-default form
+            defaults = {}
         params = {k: v for k, v in params.items() if k not in defaults or defaults[k] != v}
     return {step["name"]: params} if params else step["name"]
-
-
-def _defaults_ok(cls) -> bool:
-    try:
-        cls.Params()
-        return True
-    except Exception:  # noqa: BLE001 - a Params with required fields has no all-default form
-        return False
 
 
 def diagnoses(results: dict, batch_size: int) -> list[dict]:

@@ -92,11 +92,11 @@ class Search:
                     path = model.onnx_path
                 elif model.format == "onnx":
                     raise ValueError(f"an ONNX graph has no {cls.format} form for {self.backend}")
-                else:
-                    path = proxy.run_dir / "variants" / rec["name"] / FORMATS[cls.format].file_name \
-                        if cls.format in FORMATS else self.run.cache.folder(proxy.keys[rec["name"]]) / "module.pt"
-                    if cls.format in FORMATS:
-                        export_memoised(proxy, cls.format, model.module, proxy.keys[rec["name"]], path)
+                elif cls.format in FORMATS:
+                    path = proxy.run_dir / "variants" / rec["name"] / FORMATS[cls.format].file_name
+                    export_memoised(proxy, cls.format, model.module, proxy.keys[rec["name"]], path)
+                else:  # the variant's own module file ("torch")
+                    path = self.run.cache.folder(proxy.keys[rec["name"]]) / "module.pt"
             except Exception as e:  # noqa: BLE001 - a candidate that cannot run is recorded
                 rec.update(status="failed", reason=f"{type(e).__name__}: {e}")
                 continue

@@ -22,7 +22,7 @@ def suggestions(results: dict) -> list[dict]:
     """[{name, for, finding, kind, spec}] for every finding with steps or backends to try, at the
     report's batch size; one per (variant, fix), in the report's order."""
     from reporting.analysis import recommend
-    from reporting.diagnosis import diagnoses
+    from reporting.diagnosis import as_written, diagnoses
 
     batch = recommend(results).batch_size
     variants = {v["name"]: v for v in results["variants"]}
@@ -33,7 +33,7 @@ def suggestions(results: dict) -> list[dict]:
             if f.kind == "fact" or not (f.steps or (f.bench or {}).get("backends")):
                 continue
             spec = {"from": v.get("parent"), "steps": f.steps} if f.steps else \
-                {"from": v.get("parent"), "steps": [_written(s) for s in v.get("steps") or []]}
+                {"from": v.get("parent"), "steps": [as_written(s) for s in v.get("steps") or []]}
             if spec["from"] is None:
                 spec.pop("from")
             if (f.bench or {}).get("backends"):
@@ -45,12 +45,6 @@ def suggestions(results: dict) -> list[dict]:
             out.append({"name": _name(d["variant"], f.kind, variants, out), "for": d["variant"],
                         "finding": str(f), "kind": f.kind, "spec": spec})
     return out
-
-
-def _written(step: dict):
-    from reporting.diagnosis import _as_written
-
-    return _as_written(step)
 
 
 def _name(variant: str, kind: str, variants: dict, taken: list[dict]) -> str:
