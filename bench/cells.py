@@ -15,7 +15,7 @@ from core.processes import MB, child_env, locate, memory_bytes
 
 
 def cell_job(backend: str, path, io_json: dict, batch: int, seq_len: int, threads: int, timing: dict, *,
-             seed: int = 0, eval_inputs=None, outputs_path=None, sys_path=()) -> dict:
+             seed: int = 0, eval_inputs=None, outputs_path=None, sys_path=(), options=None) -> dict:
     """The job a worker runs: everything it needs, as JSON (see bench.worker)."""
     from core.backends import BACKENDS  # filled by the caller (workbench.plugins.load)
 
@@ -24,7 +24,8 @@ def cell_job(backend: str, path, io_json: dict, batch: int, seq_len: int, thread
             "io": io_json,
             "batch_size": batch, "seq_len": seq_len, "threads": threads, "timing": timing, "seed": seed,
             "eval_inputs": str(eval_inputs) if eval_inputs else None,
-            "outputs_path": str(outputs_path) if outputs_path else None, "sys_path": list(sys_path)}
+            "outputs_path": str(outputs_path) if outputs_path else None, "sys_path": list(sys_path),
+            "options": dict(options or {})}
 
 
 def run_cell(job: dict, timeout_s: float, work_dir: Path, memory_limit_mb: float | None = None) -> dict:

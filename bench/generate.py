@@ -20,6 +20,7 @@ def run(job: dict) -> dict:
     import numpy as np
 
     from bench.worker import setup
+    from core.backends import engine_kwargs
     from core.processes import memory_bytes
 
     backend, torch, threads = setup(job)
@@ -30,7 +31,7 @@ def run(job: dict) -> dict:
     rss_before = memory_bytes("VmRSS")
     started = time.time()
     t0 = time.perf_counter()
-    gen = backend.load_generator(job["path"], threads)
+    gen = backend.load_generator(job["path"], threads, **engine_kwargs(backend, job))
     load_s = time.perf_counter() - t0
     on_cuda = torch is not None and job["device"] == "cuda" and torch.cuda.is_available()
     if on_cuda and backend.uses_torch_allocator:

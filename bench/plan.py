@@ -37,8 +37,10 @@ class Generation:
 
 def plan(targets: list[Target], backends_of: Callable[[str], list[str]], batch_sizes: list[int], *, io, seq_len: int,
          threads: int, timing: dict, seed: int = 0, generation: Optional[Generation] = None,
-         eval_inputs=None, outputs_dir: Optional[Path] = None, sys_path=()) -> tuple[list[dict], list[tuple[int, dict]]]:
-    """(cells, [(index of the cell, its job)]) in the order variant, backend, batch size."""
+         eval_inputs=None, outputs_dir: Optional[Path] = None, sys_path=(),
+         options_of: Optional[Callable[[str, str], dict]] = None) -> tuple[list[dict], list[tuple[int, dict]]]:
+    """(cells, [(index of the cell, its job)]) in the order variant, backend, batch size. `options_of(variant,
+    backend)`: the engine options its cells run with (none: the engine's defaults)."""
     seq = seq_len if io.has_seq() else None
     cells, jobs = [], []
     for t in targets:
@@ -57,7 +59,10 @@ def plan(targets: list[Target], backends_of: Callable[[str], list[str]], batch_s
                 path = Path(art["path"]) if t.root is None else t.root / art["path"]
                 outputs = outputs_dir / f"outputs-{len(cells)}.npy" if outputs_dir is not None else None
                 job = cell_job(backend, path, io.to_json(), batch, seq_len, threads, timing, seed=seed,
-                               eval_inputs=eval_inputs, outputs_path=outputs, sys_path=sys_path)
+                               eval_inputs=eval_inputs, outputs_path=outputs, sys_path=sys_path,
+                               options=options_of(t.variant, backend) if options_of else None)
+                if job["options"]:
+                    cell["options"] = job["options"]
                 if generation:
                     job.update(entry="bench.generate", prompts=generation.prompts(batch).tolist(),
                                new_tokens=generation.new_tokens)

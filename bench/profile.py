@@ -17,7 +17,7 @@ PROFILE_GENERATIONS = 3
 def run(job: dict) -> dict:
     import numpy as np
 
-    from core.backends import BACKENDS
+    from core.backends import BACKENDS, engine_kwargs
     from core.model import ModelIO
     from core.processes import import_located
 
@@ -27,12 +27,13 @@ def run(job: dict) -> dict:
     backend, threads = BACKENDS[job["backend"]], int(job["threads"])
     if job.get("new_tokens"):  # a causal LM's generation cell
         out = backend.profile_generation(job["path"], np.asarray(job["prompts"], dtype=np.int64),
-                                         int(job["new_tokens"]), threads, PROFILE_GENERATIONS)
+                                         int(job["new_tokens"]), threads, PROFILE_GENERATIONS,
+                                         **engine_kwargs(backend, job))
         out["per"] = "generated token (prefill included)"
     else:
         inputs = ModelIO.from_json(job["io"]).make(int(job["batch_size"]), int(job["seq_len"]),
                                                    seed=job.get("seed", 0))
-        out = backend.profile(job["path"], inputs, threads, PROFILE_CALLS, WARMUP_CALLS)
+        out = backend.profile(job["path"], inputs, threads, PROFILE_CALLS, WARMUP_CALLS, **engine_kwargs(backend, job))
     total = sum(out["by_op_ms"].values())
     top = sorted(out["by_op_ms"].items(), key=lambda kv: -kv[1])
     return {**out, "by_op_ms": {k: round(v, 4) for k, v in top}, "op_total_ms": round(total, 4),

@@ -56,6 +56,7 @@ def run(job: dict) -> dict:
     import numpy as np
 
     from bench.protocol import measure
+    from core.backends import engine_kwargs
     from core.model import ModelIO
     from core.processes import memory_bytes
 
@@ -68,7 +69,7 @@ def run(job: dict) -> dict:
     rss_before = memory_bytes("VmRSS")
     started = time.time()
     t0 = time.perf_counter()
-    runner = backend.load(job["path"], threads)
+    runner = backend.load(job["path"], threads, **engine_kwargs(backend, job))
     load_s = time.perf_counter() - t0
     prepared = runner.prepare(io.make(batch, seq, seed=job.get("seed", 0)))
     on_cuda = torch is not None and job["device"] == "cuda" and torch.cuda.is_available()

@@ -52,6 +52,9 @@ class Backend:
     generates: ClassVar[bool] = False  # measures causal LMs by generation (load_generator, bench.generate)
     default: ClassVar[bool] = False  # in a recipe's default bench.backends
     libraries: ClassVar[tuple[str, ...]] = ()  # pip distributions whose versions the environment records
+    # The engine options a recipe may set for it (`bench.options.<name>`), a pydantic model; None: none.
+    # When set, `load`, `load_generator` and `profile*` take them as `options` (a dict of its fields).
+    Options: ClassVar[Optional[type]] = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -107,6 +110,12 @@ class Backend:
     def findings(cls, cell: dict, variants: dict, cpu_flags: list[str]) -> list[str]:
         """Sentences of "why isn't it faster?" that only this engine can say about `cell`."""
         return []
+
+
+def engine_kwargs(backend: type[Backend], job: dict) -> dict:
+    """The keyword arguments a measuring process adds to `load` / `load_generator` / `profile*`: the
+    cell's engine options, for a backend that takes any (a backend without `Options` keeps the short form)."""
+    return {"options": job.get("options") or {}} if backend.Options is not None else {}
 
 
 def default_backends() -> list[str]:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import numpy as np
 
-from bench.protocol import paired_ratio_ci
+from bench.protocol import paired_ratio_ci, round_samples
 
 MB = 1024 * 1024
 
@@ -36,6 +36,17 @@ def cell_score(cell: dict, variants: dict, metric: Optional[str]) -> Optional[fl
 
 def measured(cell: dict) -> bool:
     return bool(cell.get("repeats") or cell.get("samples_ms"))
+
+
+def is_reference(variants: dict, name: str) -> bool:
+    """A variant marked `reference: true` (an engine's own defaults): measured and shown, never recommended.
+    `variants` maps name -> results.json variant record."""
+    return bool(variants.get(name, {}).get("reference"))
+
+
+def labelled(variants: dict, name: str) -> str:
+    """A variant's name as the report's tables show it: a reference says it is one."""
+    return f"{name} (reference)" if is_reference(variants, name) else name
 
 
 def speedups(results: dict) -> dict[int, tuple[float, float, float]]:
@@ -135,6 +146,8 @@ class Recommendation:
     tied: tuple = ()
     unjudged: tuple = ()  # why some cells could not be judged against a constraint (they fail it)
     stable_beaten: bool = False  # an unstable cell leads because it beats every stable one significantly
+    # The winner against the fastest reference cell at each batch size (`vs_reference`); empty without references.
+    vs_reference: tuple = ()
 
 
 TIE_RULE = "fewest compression steps, then smallest model file, then lowest p50"
@@ -171,11 +184,15 @@ def recommend(results: dict) -> Recommendation:
         rules.append(f"p50 <= {cons['max_latency_ms']} ms")
     if cons.get("max_memory_mb") is not None:
         rules.append(f"peak RSS increase <= {cons['max_memory_mb']} MB")
+    if any(is_reference(variants, n) for n in variants):
+        rules.append("not a reference variant")
     candidates, rejected, unjudged = [], 0, []
     for i, c in enumerate(results["cells"]):
         if c["status"] not in ("ok", "unstable") or c["batch_size"] != batch:
             continue
         if cons.get("backend") and c["backend"] != cons["backend"]:
+            continue
+        if is_reference(variants, c["variant"]):  # what the engine gives without us: compared with, never shipped
             continue
         score = cell_score(c, variants, metric)
         ok = True
@@ -230,7 +247,48 @@ def recommend(results: dict) -> Recommendation:
     runner_up = next((c for c in candidates if c is not winner), None)
     return Recommendation(metric=metric, base_score=base_score, batch_size=batch, backend=cons.get("backend") or None,
                           rules=rules, rejected=rejected, winner=winner, runner_up=runner_up, tied=tuple(tied),
-                          unjudged=tuple(unjudged), stable_beaten=stable_beaten)
+                          unjudged=tuple(unjudged), stable_beaten=stable_beaten,
+                          vs_reference=tuple(vs_reference(results, winner)))
+
+
+def vs_reference(results: dict, winner: Candidate) -> list[dict]:
+    """The winner's variant and backend against the best reference at each batch size a reference was measured
+    at: the reference cell (any backend) with the lowest p50 there. The speedup (> 1: the winner is faster) is
+    paired by round, as every speedup of the report; None, with a `note`, when it cannot be had."""
+    variants = {v["name"]: v for v in results["variants"]}
+    cells = [c for c in results["cells"] if c["status"] in ("ok", "unstable") and c.get("latency_ms")]
+    refs = [c for c in cells if is_reference(variants, c["variant"])]
+    out = []
+    for batch in sorted({c["batch_size"] for c in refs}):
+        best = min((c for c in refs if c["batch_size"] == batch), key=lambda c: c["latency_ms"]["p50"])
+        entry = {"batch_size": batch, "reference": {"variant": best["variant"], "backend": best["backend"]},
+                 "speedup": None, "ci": None, "paired_rounds": 0}
+        mine = next((c for c in cells if c["batch_size"] == batch
+                     and (c["variant"], c["backend"]) == (winner.variant, winner.backend)), None)
+        if mine is None:
+            entry["note"] = f"{winner.variant} on {winner.backend} has no measured cell at batch {batch}"
+        else:
+            r = faster(mine, best)
+            entry["paired_rounds"] = len(set(round_samples(mine)) & set(round_samples(best)))
+            if r is None:
+                entry["note"] = "fewer than two rounds measured both cells"
+            else:
+                entry.update(speedup=r[0], ci=[r[1], r[2]])
+        out.append(entry)
+    return out
+
+
+def recommendation_record(results: dict) -> Optional[dict]:
+    """The recommendation as results.json keeps it (None: no cell met the constraints); `speedup` is against the
+    baseline on the same backend and batch, [ratio, 95% CI low, high], paired by round."""
+    rec = recommend(results)
+    w = rec.winner
+    if w is None:
+        return None
+    sp = speedups(results).get(w.cell_index)
+    return {"variant": w.variant, "backend": w.backend, "batch_size": rec.batch_size, "p50_ms": w.p50,
+            "speedup": list(sp) if sp else None, "rules": rec.rules,
+            **({"vs_reference": list(rec.vs_reference)} if rec.vs_reference else {})}
 
 
 def quietness(results: dict) -> Optional[dict]:

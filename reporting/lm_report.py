@@ -9,7 +9,7 @@ import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from reporting.analysis import MB, Recommendation, cell_score
+from reporting.analysis import MB, Recommendation, cell_score, labelled
 from core import atomic
 
 
@@ -41,7 +41,8 @@ def generation_table(results: dict) -> tuple[list[str], list[list[str]]]:
         ppl = cell_score(c, variants, "perplexity")
         acc = c.get("accuracy") or variants.get(c["variant"], {}).get("accuracy") or {}
         kv = g.get("kv_cache_bytes")
-        rows.append([c["variant"], c["backend"], str(c["batch_size"]), f"{g['prompt_len']} + {g['new_tokens']}",
+        rows.append([labelled(variants, c["variant"]), c["backend"], str(c["batch_size"]),
+                     f"{g['prompt_len']} + {g['new_tokens']}",
                      f"{g['ttft_ms']['p50']:.2f}", f"{lat['p50']:.3f} ({lat['p90']:.3f}, {lat['p99']:.3f})",
                      f"{c['throughput']:.1f}", f"{ppl:.3f}" if ppl is not None else "–",
                      f"{(ppl / base - 1):+.1%}" if ppl is not None and base else "–",

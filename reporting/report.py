@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reporting.analysis import (MB, TIE_RULE, Recommendation, cell_score, faster, measured, primary_metric, quietness,
-                                recommend, reference_speedups, speedups)
+from reporting.analysis import (MB, TIE_RULE, Recommendation, cell_score, faster, labelled, measured, primary_metric,
+                                quietness, recommend, reference_speedups, speedups)
 from reporting import lm_report
 from core.backends import BACKENDS
 from reporting.diagnosis import diagnosis_lines
@@ -52,12 +52,13 @@ def variants_table(results: dict) -> tuple[list[str], list[list[str]]]:
     metric = primary_metric(results)
     head = ["variant", "from", "steps", "format", "params", "size MB", "sparsity", "GFLOPs (b=1)",
             metric or "accuracy", "Δ vs baseline", "status"]
+    variants = {v["name"]: v for v in results["variants"]}
     rows = []
     for v in results["variants"]:
         acc = (v.get("accuracy") or {}).get(metric) if metric else None
         delta = (v.get("accuracy_delta") or {}).get(metric) if metric else None
         steps = ", ".join(s["name"] for s in v["steps"]) or "(source model)"
-        rows.append([v["name"], v.get("parent") or "–", steps, v.get("format", "–"),
+        rows.append([labelled(variants, v["name"]), v.get("parent") or "–", steps, v.get("format", "–"),
                      f"{v['params']:,}" if v.get("params") else "–",
                      _fmt(v["size_bytes"] / MB, 2) if v.get("size_bytes") else "–",
                      _fmt(v.get("sparsity"), 3), _fmt(v["flops"] / 1e9, 4) if v.get("flops") else "–",
@@ -88,15 +89,16 @@ def cells_table(results: dict, sp: dict) -> tuple[list[str], list[list[str]]]:
             speed = ratio(sp.get(i))
             memory = c.get("memory", {})
             mb = lambda key: _fmt(memory[key] / MB, 1) if memory.get(key) is not None else "–"  # noqa: E731
-            rows.append([c["variant"], c["backend"], str(c["batch_size"]), p50, _fmt(lat["p95"]), _fmt(lat["p99"]),
-                         str(lat["n"]), _fmt(c.get("throughput"), 1), speed]
+            rows.append([labelled(variants, c["variant"]), c["backend"], str(c["batch_size"]), p50,
+                         _fmt(lat["p95"]), _fmt(lat["p99"]), str(lat["n"]), _fmt(c.get("throughput"), 1), speed]
                         + ([ratio(ref.get(i))] if ref else [])
                         + [_fmt(cell_score(c, variants, metric), 4), mb("peak_rss_delta")]
                         + ([mb("cuda_max_allocated"), mb("nvml_process_device_bytes")] if gpu else [])
                         + [f"{100 * c['roofline_fraction']:.1f}" if c.get("roofline_fraction") is not None else "–",
                            c["status"]])
         else:
-            rows.append([c["variant"], c["backend"], str(c["batch_size"])] + ["–"] * (len(head) - 4) + [c["status"]])
+            rows.append([labelled(variants, c["variant"]), c["backend"], str(c["batch_size"])]
+                        + ["–"] * (len(head) - 4) + [c["status"]])
     return head, rows
 
 
@@ -159,9 +161,24 @@ def pareto_table(results: dict, rec: Recommendation) -> tuple[list[str], list[li
     """The key to the numbers printed on the accuracy-against-latency plot."""
     head = ["#", "variant", "backend", f"p50 ms (batch {rec.batch_size})", primary_metric(results) or "accuracy",
             "Pareto frontier", "recommended"]
-    return head, [[str(p["n"]), p["variant"], p["backend"], f"{p['p50']:.3f}", f"{p['score']:.4f}",
+    variants = {v["name"]: v for v in results["variants"]}
+    return head, [[str(p["n"]), labelled(variants, p["variant"]), p["backend"], f"{p['p50']:.3f}", f"{p['score']:.4f}",
                    "yes" if p["frontier"] else "", "yes" if p["recommended"] else ""]
                   for p in pareto_points(results, rec)]
+
+
+def reference_lines(rec: Recommendation) -> list[str]:
+    """The recommendation against the fastest reference at each batch size (`Recommendation.vs_reference`)."""
+    w, lines = rec.winner, []
+    for e in rec.vs_reference:
+        ref = f"`{e['reference']['variant']}` on `{e['reference']['backend']}`"
+        if e["speedup"] is None:
+            lines.append(f"batch {e['batch_size']}: no figure against the best engine default ({ref}): {e['note']}")
+            continue
+        paired = f"{e['paired_rounds']} paired rounds" if e["paired_rounds"] else "pooled samples, no rounds"
+        lines.append(f"`{w.variant}` on `{w.backend}` is {e['speedup']:.2f}x the best engine default ({ref}) at "
+                     f"batch {e['batch_size']} (95% CI {e['ci'][0]:.2f}–{e['ci'][1]:.2f}, {paired})")
+    return lines
 
 
 def ship_text(results: dict, rec: Recommendation) -> str | None:
@@ -192,7 +209,7 @@ def profile_table(results: dict, batch_size: int) -> tuple[list[str], list[list[
         engine = BACKENDS.get(c["backend"])
         kernels = engine.kernel_census(variants, c["variant"]) if engine is not None else None
         int8 = ", ".join(f"{k} {v}" for k, v in (kernels or {}).get("int8_kernels", {}).items()) or "–"
-        rows.append([c["variant"], c["backend"], f"{prof['op_total_ms']:.3f}",
+        rows.append([labelled(variants, c["variant"]), c["backend"], f"{prof['op_total_ms']:.3f}",
                      ", ".join(f"{op} {ms / total:.0%}" for op, ms in top), int8])
     return head, rows
 
@@ -409,6 +426,11 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
             if r is not None:
                 why += f"; {r[0]:.2f}x the runner-up, paired by round (95% CI {r[1]:.2f}–{r[2]:.2f})"
         blocks.append(("p", f"**Ship `{w.variant}` on `{w.backend}`** — {why}."))
+        if rec.vs_reference:
+            blocks.append(("p", "Against the engines' own defaults (the variants marked `reference: true`, shown as "
+                                "\"(reference)\" below: measured like the others, never recommended), the best "
+                                "reference at each batch size, paired by round:"))
+            blocks.append(("list", reference_lines(rec)))
         r = rec.runner_up
         if r:
             blocks.append(("p", f"Runner-up: `{r.variant}` on `{r.backend}` "
@@ -470,9 +492,10 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
     problems = [c for c in results["cells"] if c["status"] != "ok"]
     blocks.append(("h2", "Failed, skipped and unstable cells"))
     if problems:
+        variants = {v["name"]: v for v in results["variants"]}
         blocks.append(("table", (["variant", "backend", "batch", "status", "reason"],
-                                 [[c["variant"], c["backend"], str(c["batch_size"]), c["status"], c.get("reason") or ""]
-                                  for c in problems])))
+                                 [[labelled(variants, c["variant"]), c["backend"], str(c["batch_size"]), c["status"],
+                                   c.get("reason") or ""] for c in problems])))
     else:
         blocks.append(("p", "None: every cell ran and was stable."))
     blocks.append(("h2", "Lineage"))

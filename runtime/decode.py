@@ -61,10 +61,13 @@ class OrtLM:
         """A cache 0 tokens long: the prefill runs through the same graph as the decode steps."""
         return {n: np.zeros((batch, h, 0, d), self.past_dtype) for n, (h, d) in self.past_dims.items()}
 
+    def prefill_feeds(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        """Every input of one prefill pass (ids, mask, positions, an empty cache): what calibration feeds."""
+        return {**self._feeds(input_ids, attention_mask), **self._empty_past(len(input_ids))}
+
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """(batch, tokens, vocabulary) logits of one prefill pass, for evaluation and parity."""
-        feeds = {**self._feeds(input_ids, attention_mask), **self._empty_past(len(input_ids))}
-        return self.session.run(["logits"], feeds)[0]
+        return self.session.run(["logits"], self.prefill_feeds(input_ids, attention_mask))[0]
 
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int,
                  step_logits: list | None = None) -> tuple[np.ndarray, dict]:

@@ -25,4 +25,4 @@ else
     EXTRA=cpu
 fi
 $PIP install -q -e ".[$EXTRA,dev,ray]"
-"$VENV/bin/python" -c "import torch, onnxruntime, ray; print('model-workbench ready: torch', torch.__version__, '| onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers(), '| ray', ray.__version__)"
+"$VENV/bin/python" -c "import torch, onnxruntime, openvino, nncf, ray; print('model-workbench ready: torch', torch.__version__, '| onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers(), '| openvino', openvino.__version__, openvino.Core().available_devices, '| nncf', nncf.__version__, '| ray', ray.__version__)"

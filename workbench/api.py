@@ -65,6 +65,8 @@ class Recommended:
     score: Optional[float]
     unstable: bool
     rules: tuple  # the constraints as applied, in words
+    # Against the fastest reference variant at each batch size (results.json's `recommendation.vs_reference`).
+    vs_reference: tuple = ()
 
 
 @dataclass
@@ -99,7 +101,7 @@ class RunResult:
                 variant=w.variant, backend=w.backend, batch_size=rec.batch_size, p50_ms=w.p50,
                 p50_ci95=tuple(w.cell["latency_ms"].get("ci95") or ()), speedup=sp[0] if sp else None,
                 speedup_ci95=(sp[1], sp[2]) if sp else None, metric=rec.metric, score=w.score, unstable=w.unstable,
-                rules=tuple(rec.rules))
+                rules=tuple(rec.rules), vs_reference=rec.vs_reference)
         return cls(run_dir=run_dir, results=results, cells=cells_frame(results), recommendation=recommended,
                    report=run_dir / "report.html", report_md=run_dir / "report.md")
 

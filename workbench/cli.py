@@ -210,13 +210,19 @@ def _list() -> int:
     from workbench import plugins
 
     plugins.load()
+    from core.environment import versions
+
     print("steps (recipe `variants.<name>.steps`):")
-    for name, consumes, produces, summary in describe_steps():
-        print(f"  {name:16} {consumes:>5} -> {consumes if produces == 'same' else produces:5}  {summary}")
-    print("\nbackends (recipe `bench.backends`):")
+    steps = describe_steps()
+    width = max(len(s[0]) for s in steps)
+    for name, consumes, produces, summary in steps:
+        print(f"  {name:{width}} {consumes:>5} -> {consumes if produces == 'same' else produces:5}  {summary}")
+    print("\nbackends (recipe `bench.backends`; engine versions installed here):")
     for name, cls in BACKENDS.items():
         why = cls.unavailable()
-        print(f"  {name:20} {'usable here' if why is None else 'not here: ' + why}")
+        installed = ", ".join(f"{k} {v}" for k, v in versions(list(cls.libraries)).items() if v)
+        print(f"  {name:20} {'usable here' if why is None else 'not here: ' + why}"
+              + (f"  [{installed}]" if installed else ""))
     print("\nexport formats (recipe `export.formats`):")
     for name, cls in FORMATS.items():
         print(f"  {name:14} {cls.file_name:22} {cls.summary}")

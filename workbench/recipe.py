@@ -187,6 +187,11 @@ class VariantSpec(Strict):
         "for all of them")
     suggested: Optional[Suggested] = Field(None, description="set by `workbench suggest`: the finding this variant "
                                            "tries the fix of; the report says what the fix gave")
+    reference: bool = Field(False, description=(
+        "a reference: what a user gets from an engine's own defaults without the workbench (the source model as it "
+        "is on one backend, `{reference: true, backends: [ort-cpu]}`, or an engine's stock int8). Measured and shown "
+        "like any other variant, labelled as a reference, never recommended; the report gives the recommendation's "
+        "speedup against the fastest reference at each batch size, paired by round"))
 
 
 # ----------------------------------------------------------------------------- export
@@ -201,6 +206,8 @@ class ExportSpec(Strict):
     opset: int = Field(18, ge=14, le=23)
     exporter: Literal["dynamo", "torchscript", "optimum"] = "dynamo"
     parity: ParityTolerance = Field(default_factory=ParityTolerance)
+    openvino_fp16: bool = Field(False, description="openvino format: store the IR's weights as fp16 (OpenVINO's "
+                                "`compress_to_fp16`); default: as they are, so the IR's parity is the conversion's")
 
     @model_validator(mode="before")
     @classmethod
@@ -246,6 +253,9 @@ class BenchSpec(Strict):
         "instance or the cluster at ray_address (`workbench run --executor` overrides it)"))
     ray_address: Optional[str] = Field(None, description="a Ray cluster to join (what `ray start --head` prints, "
                                        "e.g. 10.0.0.5:6379); default: start a local Ray instance")
+    options: dict[BackendName, dict[str, Any]] = Field(default_factory=dict, description=(
+        "per backend, its engine's options, checked against the options the backend accepts (e.g. {openvino-cpu: "
+        "{inference_precision: f32}}); a reference variant's cells run with none: the engine's defaults"))
     placement: dict[BackendName, Placement] = Field(default_factory=dict, description=(
         "per backend, where its cells may run under Ray: {BACKEND: {resources: {H100: 1}}}"))
 
@@ -362,6 +372,12 @@ class Recipe(Strict):
         v = self.variants.get(name)
         return list(v.backends) if v is not None and v.backends else list(self.bench.backends)
 
+    def options_of(self, name: str, backend: str) -> dict:
+        """The engine options variant `name`'s cells on `backend` run with: bench.options, except for a
+        reference variant, whose cells show what the engine's own defaults give."""
+        v = self.variants.get(name)
+        return {} if v is not None and getattr(v, "reference", False) else dict(self.bench.options.get(backend, {}))
+
     def all_backends(self) -> list[str]:
         """Every backend some variant is measured on, bench.backends first."""
         names = list(self.bench.backends)
@@ -443,6 +459,11 @@ def check_recipe(recipe: Recipe, where: str) -> None:
     if recipe.report.baseline not in recipe.variants:
         raise field_error(where, "report.baseline", "names no variant (the reference for accuracy deltas)",
                           value=recipe.report.baseline, accepted=names)
+    if recipe.variants[recipe.report.baseline].reference and "baseline" not in recipe.report.model_fields_set:
+        # Speedups and accuracy deltas are measured against the baseline: a reference becomes it only when asked.
+        raise field_error(where, "report.baseline", f"is not set, and the default, variant "
+                          f"'{recipe.report.baseline}', is a reference (`reference: true`): say which variant speedups "
+                          "and accuracy deltas are measured against", accepted=names)
 
     # Steps: known names, valid params, and a torch module or ONNX graph where each one needs it.
     fmt: dict[str, str] = {}
@@ -452,6 +473,7 @@ def check_recipe(recipe: Recipe, where: str) -> None:
                                           f"variants.{name}.steps")
 
     _check_search(recipe, where, fmt)
+    _check_backend_options(recipe, where)
     _check_model(recipe, where)
     _check_task(recipe, where)
     c = recipe.report.constraints
@@ -486,6 +508,19 @@ def _check_search(recipe: Recipe, where: str, fmt: dict[str, str]) -> None:
                               accepted=f"'steps[i].param' with i in 0..{len(sp.steps) - 1}")
     for i, steps in enumerate(candidates_of(sp, limit=64)):
         _check_steps(recipe, sp.name, steps, fmt[sp.from_], where, f"search candidate {i + 1}: steps")
+
+
+def _check_backend_options(recipe: Recipe, where: str) -> None:
+    """bench.options: each backend's options validated by its own `Options` model (and normalised)."""
+    for backend, raw in recipe.bench.options.items():
+        cls = BACKENDS[backend]
+        if cls.Options is None:
+            raise field_error(where, f"bench.options.{backend}", "this backend takes no options", value=raw,
+                              accepted=[n for n, b in BACKENDS.items() if b.Options is not None])
+        try:
+            recipe.bench.options[backend] = cls.Options.model_validate(raw).model_dump(mode="json", exclude_none=True)
+        except ValidationError as e:
+            raise pydantic_error(e, cls.Options, where, prefix=f"bench.options.{backend}") from None
 
 
 def _check_steps(recipe: Recipe, name: str, raw_steps: list, current: str, where: str,

@@ -44,7 +44,7 @@ NOTES = {
     "Recipe.seed": "seeds the held-out splits, training and the order of the measuring rounds",
     "Recipe.model": "the source model",
     "Recipe.task": "data and metric; without one a run measures latency and memory only",
-    "Recipe.variants": "`name: {from, steps, backends}`; `report.baseline` must name one of them",
+    "Recipe.variants": "`name: {from, steps, backends, reference}`; `report.baseline` must name one of them",
     "Recipe.export": "formats the variants are exported to, and the parity check",
     "Recipe.bench": "backends, shapes and the timing protocol",
     "Recipe.report": "the baseline and the constraints the recommendation must meet",
@@ -139,8 +139,10 @@ SECTION_NOTES = {
                  "`eval_path` names a separate file to score on. results.json's `task.rows` says how many rows each "
                  "role got, and for a classifier `task.majority_rate` what predicting the commonest class would "
                  "score. Text training splits are cut into batches of similar length, in a seeded shuffled order.",
-    "variants.<name>": "A mapping `name: {from, steps, backends}`; variant names hold letters, digits, `.`, `_` "
-                       "and `-`. "
+    "variants.<name>": "A mapping `name: {from, steps, backends, reference}`; variant names hold letters, digits, "
+                       "`.`, `_` and `-`. More than one variant may start from the source model (no `from`), and a "
+                       "variant may have no steps: `{reference: true, backends: [ort-cpu]}` measures the model as "
+                       "it is, with an engine's defaults. "
                 "A torch variant reaching an ONNX step is exported first (recorded in its lineage); a torch step "
                 "after an ONNX step is rejected when the recipe loads. Finished variants are cached by the hash of "
                 "everything that made them, so a re-run redoes no compression.",

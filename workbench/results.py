@@ -61,7 +61,12 @@ def write_results(run_dir: Path, *, recipe: dict, threads: int, model: dict, tas
         **({"nodes": nodes} if nodes else {}),
     }
     atomic.write_json(run_dir / "results.json", results)
+    from reporting.analysis import recommendation_record
     from reporting.report import write_report
 
+    # What the report recommends, kept beside the numbers it came from; added once those are on disk, so that
+    # a failure in the analysis cannot lose them. The report recomputes it from them.
+    results["recommendation"] = recommendation_record(results)
+    atomic.write_json(run_dir / "results.json", results)
     write_report(run_dir)
     return results

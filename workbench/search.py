@@ -111,7 +111,7 @@ class Search:
             if self.run.src.io.kind == "causal-lm" else None
         cells, jobs = plan(targets, lambda _: [self.backend], [self.batch], io=self.run.src.io,
                            seq_len=r.bench.seq_len, threads=self.run.threads, timing=self.run.timing, seed=r.seed,
-                           generation=generation)
+                           generation=generation, options_of=r.options_of)
         for cell in cells:
             if cell["status"] is not None:  # the backend cannot run here, or cannot generate
                 next(rec for rec in recs if rec["name"] == cell["variant"]).update(status="failed",

@@ -35,8 +35,10 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> list[dict
         targets.append(Target(
             name, arts, root=run.run_dir,
             failed=v.get("error") or "failed" if models.get(name) is None else None,
-            missing=(lambda fmt, n=name: f"variant '{n}' is an ONNX graph: no {fmt} artifact") if onnx_only
-            else (lambda fmt: f"format '{fmt}' is not in export.formats")))
+            # An ONNX-only variant has an artifact (or a skipped one saying why) of every listed format,
+            # but no torch module.
+            missing=lambda fmt, n=name, graph=onnx_only: f"variant '{n}' is an ONNX graph: no {fmt} artifact"
+            if graph and fmt == "torch" else f"format '{fmt}' is not in export.formats"))
     generation = Generation(spec.new_tokens, lambda batch: prompts(run, batch),
                             lambda name, batch: _kv_bytes(models[name], batch, spec.seq_len + spec.new_tokens)) \
         if lm else None
@@ -44,7 +46,7 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> list[dict
     sys_path = [str(run.recipe.resolve("."))] + plugin_folders()
     cells, jobs = plan(targets, run.recipe.backends_of, spec.batch_sizes, io=run.src.io, seq_len=spec.seq_len,
                        threads=run.threads, timing=run.timing, seed=run.recipe.seed, generation=generation,
-                       eval_inputs=eval_path, outputs_dir=work, sys_path=sys_path)
+                       eval_inputs=eval_path, outputs_dir=work, sys_path=sys_path, options_of=run.recipe.options_of)
     by_key = {(a["variant"], a["format"]): a for a in artifacts}
     for cell in cells:
         art = by_key.get((cell["variant"], cell["format"]))

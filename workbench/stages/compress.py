@@ -32,6 +32,8 @@ def compress(run) -> tuple[list[dict], dict[str, Optional[VariantModel]]]:
                "status": "ok", "error": None}
         if v.suggested is not None:  # written by `workbench suggest`: the report says what the fix gave
             rec["suggested"] = v.suggested.model_dump(by_alias=True)
+        if v.reference:  # an engine's own defaults: measured and shown, never recommended
+            rec["reference"] = True
         records.append(rec)
         models[name] = None
         if v.from_ and models.get(v.from_) is None:

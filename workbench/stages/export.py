@@ -42,7 +42,9 @@ def export_memoised(run, fmt: str, module, key: Optional[str], dest: Path, expor
             run.cache.discard(work)
             raise
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(memo / cls.file_name, dest)
+    stem = Path(cls.file_name).stem
+    for f in cls.files(memo / cls.file_name):  # the graph and its side files (IR weights, external data)
+        shutil.copy2(f, dest if f.name == cls.file_name else dest.with_name(dest.stem + f.name[len(stem):]))
     return {**json.loads((memo / "record.json").read_text()), "reused": "exported once for this module, copied"}
 
 
@@ -59,8 +61,12 @@ def export(run, models: dict[str, Optional[VariantModel]]) -> list[dict]:
             artifacts.append({"variant": name, "format": "torch", "path": f"variants/{name}/module.pt",
                               "status": "ok", "reason": None, "exporter": "torch.save"})
             reference = torch_outputs(model.module, batches)
+            graph = None  # this variant's ONNX file, once exported: formats made from it convert it
             for fmt in spec.formats:
-                artifacts.append(_export_one(run, name, model, fmt, batches, reference))
+                art = _export_one(run, name, model, fmt, batches, reference, graph)
+                if fmt == "onnx" and art["status"] == "ok":
+                    graph = run.run_dir / art["path"]
+                artifacts.append(art)
                 bar.update()
         else:
             # An ONNX-only variant: its graph is the artifact; parity against its torch ancestor
@@ -69,14 +75,36 @@ def export(run, models: dict[str, Optional[VariantModel]]) -> list[dict]:
             artifacts.append({"variant": name, "format": "onnx", "path": f"variants/{name}/model.onnx",
                               "status": "ok", "reason": None, "exporter": "produced by the variant's steps",
                               "parity": parity(ref, onnx_outputs(model.onnx_path, batches), io.kind),
-                              "parity_note": "against the torch ancestor; not gated (the steps changed it)"})
+                              "parity_note": NOT_GATED})
             for fmt in spec.formats:
                 if fmt != "onnx":
-                    artifacts.append({"variant": name, "format": fmt, "status": "skipped",
-                                      "reason": f"variant '{name}' is an ONNX graph; {fmt} needs a torch module"})
+                    artifacts.append(_from_graph(run, name, model, fmt, batches, ref))
                 bar.update()
     bar.close()
     return artifacts
+
+
+NOT_GATED = "against the torch ancestor; not gated (the steps changed it)"
+
+
+def _from_graph(run, name: str, model: VariantModel, fmt: str, batches, reference) -> dict:
+    """A format made from an ONNX-only variant's graph (one whose class has `from_onnx`, e.g. OpenVINO IR),
+    with parity against the torch ancestor, not gated; formats that need the torch module are skipped."""
+    cls = FORMATS[fmt]
+    art = {"variant": name, "format": fmt, "status": "ok", "reason": None}
+    if not hasattr(cls, "from_onnx"):
+        return {**art, "status": "skipped", "reason": f"variant '{name}' is an ONNX graph; {fmt} needs a torch module"}
+    try:
+        path = run.run_dir / "variants" / name / cls.file_name
+        art.update(cls.from_onnx(model.onnx_path, path, run.recipe.export))
+        art["path"] = str(path.relative_to(run.run_dir))
+        atomic.write_json(path.with_name(path.name + ".io.json"), run.src.io.to_json())
+        art["parity"] = parity(reference, outputs_in_fresh_process(fmt, path, batches), run.src.io.kind)
+        art["parity_note"] = NOT_GATED
+    except Exception as e:  # noqa: BLE001 - a conversion that fails is a recorded cell
+        log.error("export %s/%s failed:\n%s", name, fmt, traceback.format_exc())
+        art.update(status="failed", reason=reason(e))
+    return art
 
 
 def unreachable(recipe, name: str, fmt: str) -> Optional[str]:
@@ -96,7 +124,8 @@ def unreachable(recipe, name: str, fmt: str) -> Optional[str]:
     return None
 
 
-def _export_one(run, name: str, model: VariantModel, fmt: str, batches, reference) -> dict:
+def _export_one(run, name: str, model: VariantModel, fmt: str, batches, reference,
+                graph: Optional[Path] = None) -> dict:
     art = {"variant": name, "format": fmt, "status": "ok", "reason": None}
     cls = FORMATS[fmt]
     why_not = cls.unsupported(model.module) or unreachable(run.recipe, name, fmt)
@@ -104,7 +133,10 @@ def _export_one(run, name: str, model: VariantModel, fmt: str, batches, referenc
         return {**art, "status": "skipped", "reason": why_not}
     try:
         path = run.run_dir / "variants" / name / cls.file_name
-        art.update(export_memoised(run, fmt, model.module, run.keys.get(name), path))
+        if graph is not None and hasattr(cls, "from_onnx"):
+            art.update(cls.from_onnx(graph, path, run.recipe.export), made_from="the variant's ONNX artifact")
+        else:
+            art.update(export_memoised(run, fmt, model.module, run.keys.get(name), path))
         out = outputs_in_fresh_process(fmt, path, batches)
         art["parity_checked_in"] = "a fresh process, after reloading the file"
         art["path"] = str(path.relative_to(run.run_dir))
