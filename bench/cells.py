@@ -16,7 +16,8 @@ from core.processes import MB, child_env, locate, memory_bytes
 
 def cell_job(backend: str, path, io_json: dict, batch: int, seq_len: int, threads: int, timing: dict, *,
              seed: int = 0, eval_inputs=None, outputs_path=None, sys_path=(), options=None) -> dict:
-    """The job a worker runs: everything it needs, as JSON (see bench.worker)."""
+    """The job a worker runs: everything it needs, as JSON (see bench.worker). `options`: the backend's engine
+    options over its measuring protocol ({}: the protocol alone); None: the engine's own defaults."""
     from core.backends import BACKENDS  # filled by the caller (workbench.plugins.load)
 
     cls = BACKENDS[backend]
@@ -25,7 +26,7 @@ def cell_job(backend: str, path, io_json: dict, batch: int, seq_len: int, thread
             "batch_size": batch, "seq_len": seq_len, "threads": threads, "timing": timing, "seed": seed,
             "eval_inputs": str(eval_inputs) if eval_inputs else None,
             "outputs_path": str(outputs_path) if outputs_path else None, "sys_path": list(sys_path),
-            "options": dict(options or {})}
+            "options": options}
 
 
 def run_cell(job: dict, timeout_s: float, work_dir: Path, memory_limit_mb: float | None = None) -> dict:

@@ -2,7 +2,8 @@
 OpenVINO finds none). They run the `openvino` IR (converted from the variant's ONNX graph, so an int8
 Q/DQ graph runs OpenVINO's int8 kernels), reshaped to the cell's static shape, with the cell's threads,
 one stream and the LATENCY hint; the recipe's `bench.options.<backend>` set precision, hint, streams or
-any raw OpenVINO property. What OpenVINO really chose (inference precision, devices, streams) is read
+any raw OpenVINO property. A reference variant's cells compile the IR as read, with the threads alone:
+what OpenVINO's defaults give. What OpenVINO really chose (inference precision, devices, streams) is read
 back into the cell. Causal LMs generate on a stateful model (the KV cache is OpenVINO state). Op-level
 profiles come from OpenVINO's performance counters, with the kernel (exec type) each layer ran."""
 from __future__ import annotations
@@ -33,12 +34,17 @@ class OpenvinoOptions(BaseModel):
                                        "own names (e.g. {KV_CACHE_PRECISION: u8}); one OpenVINO rejects fails the cell")
 
 
-def ov_properties(options: Optional[dict]) -> dict:
-    """The recipe's options as OpenVINO property names."""
-    o = OpenvinoOptions.model_validate(options or {})
+def compile_args(options: Optional[dict]) -> dict:
+    """How a cell compiles: the recipe's options as OpenVINO properties over the workbench's latency protocol
+    (one stream, LATENCY, the cell's static shape). `options` None (a reference variant): OpenVINO's own
+    defaults, the model compiled as read (dynamic shapes) with the cell's threads only."""
+    if options is None:
+        return {"options": {}, "static": False, "protocol": False}
+    o = OpenvinoOptions.model_validate(options)
     props = {"INFERENCE_PRECISION_HINT": o.inference_precision, "PERFORMANCE_HINT": o.performance_hint,
              "NUM_STREAMS": None if o.num_streams is None else str(o.num_streams)}
-    return {**{k: v for k, v in props.items() if v is not None}, **o.properties}
+    return {"options": {**{k: v for k, v in props.items() if v is not None}, **o.properties},
+            "static": o.static_shape, "protocol": True}
 
 
 def _by_op(infos, calls: int) -> dict:
@@ -81,21 +87,20 @@ class OpenvinoBackend(Backend):
     def load(cls, path: str, threads: int, options: Optional[dict] = None) -> Runner:
         from runtime.openvino_runner import OvRunner
 
-        static = OpenvinoOptions.model_validate(options or {}).static_shape
-        return OvRunner(path, cls.ov_device, threads, ov_properties(options), static=static)
+        return OvRunner(path, cls.ov_device, threads, **compile_args(options))
 
     @classmethod
     def load_generator(cls, path: str, threads: int, options: Optional[dict] = None):
         from runtime.openvino_runner import OvLM
 
-        return OvLM(path, cls.ov_device, threads, ov_properties(options))
+        args = compile_args(options)
+        return OvLM(path, cls.ov_device, threads, args["options"], protocol=args["protocol"])
 
     @classmethod
     def profile(cls, path: str, inputs: dict, threads: int, calls: int, warmup: int, options: Optional[dict] = None):
         from runtime.openvino_runner import OvRunner
 
-        static = OpenvinoOptions.model_validate(options or {}).static_shape
-        runner = OvRunner(path, cls.ov_device, threads, ov_properties(options), static=static, perf_count=True)
+        runner = OvRunner(path, cls.ov_device, threads, perf_count=True, **compile_args(options))
         prepared = runner.prepare(inputs)
         for _ in range(warmup):
             runner.call(prepared)
@@ -112,7 +117,8 @@ class OpenvinoBackend(Backend):
 
         from runtime.openvino_runner import OvLM
 
-        lm = OvLM(path, cls.ov_device, threads, {**ov_properties(options), "PERF_COUNT": True})
+        args = compile_args(options)
+        lm = OvLM(path, cls.ov_device, threads, {**args["options"], "PERF_COUNT": True}, protocol=args["protocol"])
         mask = np.ones_like(prompts)
         lm.generate(prompts, mask, new_tokens)  # warm-up
         totals: dict = {}

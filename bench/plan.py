@@ -40,7 +40,8 @@ def plan(targets: list[Target], backends_of: Callable[[str], list[str]], batch_s
          eval_inputs=None, outputs_dir: Optional[Path] = None, sys_path=(),
          options_of: Optional[Callable[[str, str], dict]] = None) -> tuple[list[dict], list[tuple[int, dict]]]:
     """(cells, [(index of the cell, its job)]) in the order variant, backend, batch size. `options_of(variant,
-    backend)`: the engine options its cells run with (none: the engine's defaults)."""
+    backend)`: the engine options its cells run with ({}: the backend's measuring protocol alone; None: the
+    engine's own defaults, for a reference variant)."""
     seq = seq_len if io.has_seq() else None
     cells, jobs = [], []
     for t in targets:
@@ -60,8 +61,10 @@ def plan(targets: list[Target], backends_of: Callable[[str], list[str]], batch_s
                 outputs = outputs_dir / f"outputs-{len(cells)}.npy" if outputs_dir is not None else None
                 job = cell_job(backend, path, io.to_json(), batch, seq_len, threads, timing, seed=seed,
                                eval_inputs=eval_inputs, outputs_path=outputs, sys_path=sys_path,
-                               options=options_of(t.variant, backend) if options_of else None)
-                if job["options"]:
+                               options=options_of(t.variant, backend) if options_of else {})
+                if job["options"] is None:  # a reference: the engine as its defaults leave it
+                    cell["engine_defaults"] = True
+                elif job["options"]:
                     cell["options"] = job["options"]
                 if generation:
                     job.update(entry="bench.generate", prompts=generation.prompts(batch).tolist(),

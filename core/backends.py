@@ -53,7 +53,8 @@ class Backend:
     default: ClassVar[bool] = False  # in a recipe's default bench.backends
     libraries: ClassVar[tuple[str, ...]] = ()  # pip distributions whose versions the environment records
     # The engine options a recipe may set for it (`bench.options.<name>`), a pydantic model; None: none.
-    # When set, `load`, `load_generator` and `profile*` take them as `options` (a dict of its fields).
+    # When set, `load`, `load_generator` and `profile*` take them as `options`: a dict of its fields, or None
+    # for a reference variant's cells, which run as the engine's own defaults leave it.
     Options: ClassVar[Optional[type]] = None
 
     def __init_subclass__(cls, **kwargs):
@@ -115,7 +116,7 @@ class Backend:
 def engine_kwargs(backend: type[Backend], job: dict) -> dict:
     """The keyword arguments a measuring process adds to `load` / `load_generator` / `profile*`: the
     cell's engine options, for a backend that takes any (a backend without `Options` keeps the short form)."""
-    return {"options": job.get("options") or {}} if backend.Options is not None else {}
+    return {"options": job.get("options")} if backend.Options is not None else {}
 
 
 def default_backends() -> list[str]:

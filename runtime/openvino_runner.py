@@ -20,11 +20,11 @@ READ_BACK = ("INFERENCE_PRECISION_HINT", "EXECUTION_DEVICES", "NUM_STREAMS", "IN
              "PERFORMANCE_HINT", "KV_CACHE_PRECISION")
 
 
-def properties(threads: Optional[int], options: Optional[dict], defaults: bool = False) -> dict:
+def properties(threads: Optional[int], options: Optional[dict], protocol: bool = True) -> dict:
     """The compile properties: the cell's threads, the latency protocol, then the recipe's options
     (`bench.options`, already in OpenVINO's property names: see bench.openvino_backends.OpenvinoOptions).
-    With `defaults`, only the threads: what a user gets from OpenVINO's own defaults."""
-    props = {} if defaults else dict(LATENCY)
+    Without `protocol`, the threads and the options only: what OpenVINO's own defaults give."""
+    props = dict(LATENCY) if protocol else {}
     if threads:
         props["INFERENCE_NUM_THREADS"] = int(threads)
     props.update(options or {})
@@ -69,9 +69,9 @@ def reshape_static(model, inputs: dict[str, np.ndarray]) -> None:
 
 class OvRunner(Runner):
     def __init__(self, path: str, device: str, threads: int, options: Optional[dict] = None,
-                 static: bool = True, perf_count: bool = False):
+                 static: bool = True, perf_count: bool = False, protocol: bool = True):
         self.path, self.device, self.static = path, device, static
-        self.props = properties(threads, options)
+        self.props = properties(threads, options, protocol)
         if perf_count:
             self.props["PERF_COUNT"] = True
         self.model = read_model(path)
@@ -125,7 +125,8 @@ class OvLM:
     """Greedy generation on a stateful compiled model: one request, its state reset and sized to the
     batch before the prefill, then one token per step; ids, mask and logits cross, the cache never does."""
 
-    def __init__(self, path: str, device: str = "CPU", threads: Optional[int] = None, options: Optional[dict] = None):
+    def __init__(self, path: str, device: str = "CPU", threads: Optional[int] = None, options: Optional[dict] = None,
+                 protocol: bool = True):
         model = read_model(path)
         self.kv_dims = {}
         for p in model.inputs:
@@ -135,7 +136,7 @@ class OvLM:
                 self.kv_dims[name] = (shape[1].get_length(), shape[3].get_length())  # (heads, head size)
         make_stateful(model)
         self.names = {p.get_any_name() for p in model.inputs}
-        self.compiled = compile_model(model, device, properties(threads, options))
+        self.compiled = compile_model(model, device, properties(threads, options, protocol))
         self.request = self.compiled.create_infer_request()
         self.logits_port = self.compiled.output("logits")
         self.info = {"openvino": read_back(self.compiled), "kv_cache": "OpenVINO state (stateful model)"}

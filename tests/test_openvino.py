@@ -28,6 +28,8 @@ def _classifier_recipe(**bench) -> dict:
                  "max_length": 16},
         "variants": {
             "baseline": {},
+            # What OpenVINO's own defaults give: the IR compiled as read, the cell's threads only.
+            "ov-defaults": {"reference": True, "backends": ["openvino-cpu"]},
             "nncf-int8": {"from": "baseline", "steps": [{"nncf-quantize": {"subset_size": 32}}]},
             # A drop of at most 1e-6 in mean cosine to the float model on 16 held-out training rows: int8
             # costs more than that, so NNCF must revert layers to float.
@@ -76,6 +78,10 @@ def test_openvino_cells_read_back_what_ran_and_int8_runs_int8_kernels(ov_run):
     ran = ov["threads"]["openvino"]
     assert ran["inference_precision_hint"] == "f32" and ran["execution_devices"] == ["CPU"]
     assert ran["num_streams"] == 1 and ov["threads"]["shape"]["input_ids"] == [2, 16]
+    # The reference runs without bench.options and without the workbench's protocol (no static reshape).
+    ref = cells[("ov-defaults", "openvino-cpu")]
+    assert ref["status"] in ("ok", "unstable") and ref["engine_defaults"] and "options" not in ref
+    assert ref["threads"]["static_shape"] is False and ref["threads"]["openvino"]["inference_num_threads"] == 2
     # The NNCF graph's matmuls run OpenVINO int8 kernels (the performance counters' exec types say so).
     census = json.dumps((cells[("nncf-int8", "openvino-cpu")].get("profile") or {}).get("kernels_by_op", {}))
     assert "I8" in census or "U8" in census, census

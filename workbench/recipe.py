@@ -372,11 +372,12 @@ class Recipe(Strict):
         v = self.variants.get(name)
         return list(v.backends) if v is not None and v.backends else list(self.bench.backends)
 
-    def options_of(self, name: str, backend: str) -> dict:
-        """The engine options variant `name`'s cells on `backend` run with: bench.options, except for a
-        reference variant, whose cells show what the engine's own defaults give."""
+    def options_of(self, name: str, backend: str) -> Optional[dict]:
+        """The engine options variant `name`'s cells on `backend` run with: bench.options (over the backend's
+        own measuring protocol); None for a reference variant, whose cells show what the engine's own
+        defaults give (the cell's threads only)."""
         v = self.variants.get(name)
-        return {} if v is not None and getattr(v, "reference", False) else dict(self.bench.options.get(backend, {}))
+        return None if v is not None and v.reference else dict(self.bench.options.get(backend, {}))
 
     def all_backends(self) -> list[str]:
         """Every backend some variant is measured on, bench.backends first."""

@@ -411,7 +411,7 @@ def _steps_section(steps: dict, names: dict, used: set) -> list[str]:
     return out
 
 
-def _backends_section(backends: dict) -> list[str]:
+def _backends_section(backends: dict, names: dict, used: set) -> list[str]:
     from workbench.recipe import BenchSpec
 
     default = BenchSpec().backends
@@ -424,7 +424,18 @@ def _backends_section(backends: dict) -> list[str]:
     for name, b in backends.items():
         out.append(f"| `{name}` | `{b.format}` | {b.device} | {'yes' if name in default else ''} | "
                    f"{'yes' if getattr(b, 'generates', False) else ''} | {_cell(b.summary)} |")
-    return out + [""]
+    out.append("")
+    # The options a backend takes (`bench.options.<backend>`), once per options model.
+    by_model: dict = {}
+    for name, b in backends.items():
+        if getattr(b, "Options", None) is not None:
+            by_model.setdefault(b.Options, []).append(name)
+    for model, owners in by_model.items():
+        out += [f"### Options of {', '.join(f'`{n}`' for n in owners)}", "",
+                _para(f"Set in `bench.options.{owners[0]}`; a reference variant's cells run without them."), ""]
+        rows, nested = _field_table(model, f"bench.options.{owners[0]}", names, used)
+        out += rows + [""]
+    return out
 
 
 def _formats_section(formats: dict, backends: dict) -> list[str]:
@@ -468,7 +479,7 @@ def render() -> str:
     for sub, ann in nested:
         out += _model_sections(sub, ann, names, used, 2)
     out += _steps_section(steps, names, used)
-    out += _backends_section(backends)
+    out += _backends_section(backends, names, used)
     out += _formats_section(formats, backends)
     stale = sorted((set(NOTES) | {f"section:{k}" for k in SECTION_NOTES}) - used)
     if stale:
