@@ -90,3 +90,35 @@ def _why_not(t: Target, cls, generation) -> Optional[tuple[str, str]]:
         return "skipped", (f"{cls.name} does not run the generation benchmark of causal LMs; these do: "
                            f"{', '.join(n for n, b in BACKENDS.items() if b.generates)}")
     return None
+
+
+def plan_load(targets: list[Target], scenarios: list[dict], backends_of: Callable[[str], list[str]], *, io,
+              seq_len: int, threads: int, timing: dict, seed: int, log_root: Path, sys_path=(),
+              options_of: Optional[Callable[[str, str], dict]] = None) -> tuple[list[dict], list[tuple[int, dict]]]:
+    """The load-scenario cells (bench.serve): each scenario (a workbench.recipe.ScenarioSpec dumped, with its
+    `label`) for its variants (default all) on its backends (default each variant's), at the batch size
+    its SUT batches up to. Same (cells, jobs) shape as `plan`."""
+    cells, jobs = [], []
+    for sc in scenarios:
+        for t in targets:
+            if sc.get("variants") and t.variant not in sc["variants"]:
+                continue
+            for backend in sc.get("backends") or backends_of(t.variant):
+                cls = BACKENDS[backend]
+                cell = {"variant": t.variant, "format": cls.format, "backend": backend, "device": cls.device,
+                        "scenario": sc["label"], "type": sc["type"], "batch_size": sc["max_batch"],
+                        "settings": {k: v for k, v in sc.items() if k not in ("variants", "backends", "name", "label")},
+                        "status": None, "reason": None}
+                cells.append(cell)
+                why = _why_not(t, cls, None)
+                if why:
+                    cell.update(status=why[0], reason=why[1])
+                    continue
+                art = t.artifacts[cls.format]
+                path = Path(art["path"]) if t.root is None else t.root / art["path"]
+                job = cell_job(backend, path, io.to_json(), sc["max_batch"], seq_len, threads, timing, seed=seed,
+                               sys_path=sys_path, options=options_of(t.variant, backend) if options_of else {})
+                job.update(entry="bench.serve", scenario=sc,
+                           log_dir=str(log_root / f"{t.variant}--{backend}--{sc['label']}"))
+                jobs.append((len(cells) - 1, job))
+    return cells, jobs

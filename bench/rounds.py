@@ -95,7 +95,7 @@ class Journal:
 
     # What defines a measurement; not where a child finds plugin modules (sys_path) or writes outputs.
     MEASUREMENT = ("backend", "device", "path", "io", "batch_size", "seq_len", "threads", "timing", "seed", "entry",
-                   "new_tokens")
+                   "new_tokens", "scenario", "options")
 
     @classmethod
     def fingerprint(cls, job: dict) -> str:
@@ -247,6 +247,11 @@ def _cell(processes: list[dict], batch: int, threshold: float) -> dict:
         from bench.generate import merge
 
         stats["generation"] = merge(processes)
+    if "load" in first:  # a load scenario's cell (bench.serve): LoadGen's figures, merged over rounds
+        from bench.serve import merge as merge_load
+
+        stats["load"] = merge_load(processes)
+        stats.pop("throughput", None)  # batch / latency means nothing under a queue
     return {"status": "unstable" if reason else "ok", "reason": reason, **({"node": node} if node else {}),
             **stats, "repeats": repeats,
             "memory": memory, "cold": first["cold"], "threads": first["threads"],

@@ -1,6 +1,8 @@
 """The export-format registry. A format is one class in export/ that subclasses ExportFormat
 (registration is automatic): the file it writes, how to export a torch module to it, how to load
-it back as a callable (the fresh-process parity check uses that), and why a module has no such form."""
+it back as a callable (the fresh-process parity check uses that), and why a module has no such form.
+A format that can be made from an ONNX graph also defines `from_onnx(onnx_path, path, spec) -> dict`
+(OpenVINO IR does): then ONNX-only variants get it too, and torch variants convert their ONNX artifact."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -3,6 +3,7 @@ environment, and how a child finds a backend or export format registered outside
 packages (in a user's module or a test)."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -123,3 +124,15 @@ def stop_requested() -> bool:
 
 def clear_stop() -> None:
     _STOP["signal"] = None
+
+
+@contextlib.contextmanager
+def working_directory(path):
+    """Run a block in `path`: for libraries that drop files into the current directory (ORT's symbolic
+    shape inference, NNCF's debug graphs), inside a folder whose leftovers the caller clears."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)

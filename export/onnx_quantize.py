@@ -2,14 +2,13 @@
 QDQ format calibrated on batches of the task's training split, and int4 weight-only (MatMulNBits)."""
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 from typing import Literal, Optional
 
 from pydantic import Field
 
 from core.errors import field_error
+from core.processes import working_directory
 from core.progress import library_prints
 from core.steps import Step, StepParams, register
 from export.graph_kernels import record_kernels
@@ -44,6 +43,10 @@ class OnnxQuantizeParams(StepParams):
     accuracy_level: Optional[Literal[0, 1, 2, 3, 4]] = Field(
         None, description="weight-only (int4): MatMulNBits compute precision (4: int8 activations, the fast CPU path)")
     symmetric: bool = Field(True, description="weight-only (int4): symmetric blocks (no zero point)")
+    algorithm: Literal["default", "rtn", "hqq", "gptq"] = Field(
+        "default", description="weight-only, 4 bits: how the blocks are chosen. default: ORT's own round-to-nearest "
+        "blocks; rtn: Intel Neural Compressor's round-to-nearest (as bundled with ORT); hqq: half-quadratic "
+        "quantization (no data); gptq: GPTQ, calibrated on `calibration_batches` of the training split")
     preset: Optional[Literal[PRESET_NAMES]] = Field(
         None, description="int8 settings for a processor: auto (this machine's CPU flags), avx2, avx512, avx512-vnni, "
         "amx, arm-dot, tensorrt; sets mode, types, reduce_range, per_channel, op_types and format, except the ones "
@@ -60,6 +63,40 @@ class OnnxQuantizeParams(StepParams):
 
 
 WEIGHT_ONLY = ("int4", "weight-only")
+
+
+def _algorithm(src, p, ctx):
+    """ORT's weight-only algorithm config for `p.algorithm` (None: its default blocks). RTN and GPTQ run
+    the Intel Neural Compressor code ORT bundles, GPTQ on the training split's batches."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mq
+
+    if p.algorithm == "default":
+        return None
+    if p.algorithm == "hqq":
+        return mq.HQQWeightOnlyQuantConfig(block_size=p.block_size, bits=p.bits)
+    if p.algorithm == "rtn":
+        return mq.RTNWeightOnlyQuantConfig()
+    from runtime.infer import graph_feeds
+
+    if ctx.task is None or not ctx.task.train_batches:
+        raise ValueError("GPTQ calibrates on the task's training split, and it has no batches")
+    feeds = graph_feeds(src, ctx.task.train_batches[:p.calibration_batches])
+    ctx.notes["calibration"] = {"batches": len(feeds), "for": "GPTQ"}
+    return mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Feeds(feeds), block_size=p.block_size)
+
+
+class _Feeds:
+    """A CalibrationDataReader over ready feeds; GPTQ deep-copies it and iterates it."""
+
+    def __init__(self, feeds):
+        self.feeds, self.i = feeds, 0
+
+    def get_next(self):
+        self.i += 1
+        return self.feeds[self.i - 1] if self.i <= len(self.feeds) else None
+
+    def __iter__(self):
+        return iter(self.feeds)
 
 
 def _aliases(names: Optional[list[str]]) -> Optional[list[str]]:
@@ -79,16 +116,6 @@ def _same_shape(batches: list[dict]) -> list[dict]:
     longest = {k: max(b[k].shape[1] for b in batches) for k in batches[0] if batches[0][k].ndim >= 2}
     return [{k: (np.pad(v, [(0, 0), (0, longest[k] - v.shape[1])] + [(0, 0)] * (v.ndim - 2))
                  if k in longest else v) for k, v in b.items()} for b in batches]
-
-
-@contextlib.contextmanager
-def _cwd(path):
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 class _Calibration:
@@ -178,6 +205,12 @@ class OnnxQuantize(Step):
                               value=params.bits, accepted=[4])
         if params.mode in WEIGHT_ONLY and params.block_size & (params.block_size - 1):
             raise field_error(where, f"{field}.block_size", "must be a power of 2", value=params.block_size)
+        if params.algorithm != "default" and (params.mode not in WEIGHT_ONLY or params.bits != 4):
+            raise field_error(where, f"{field}.algorithm", "chooses how 4-bit weight-only blocks are made: it needs "
+                              "mode weight-only (or int4) with bits 4", value=params.algorithm, accepted=["default"])
+        if params.algorithm == "gptq" and recipe.task.type == "none":
+            raise field_error(where, f"{field}.algorithm", "GPTQ calibrates on task data, and the recipe has no task",
+                              value="gptq", accepted=["default", "rtn", "hqq"])
 
     @classmethod
     def expand(cls, params):
@@ -256,7 +289,7 @@ class OnnxQuantize(Step):
             try:
                 # Symbolic shape inference drops temporary files into the current directory:
                 # run it inside the step's folder, whose leftovers the cache clears.
-                with _cwd(ctx.work_dir):
+                with working_directory(ctx.work_dir):
                     quant_pre_process(str(src.resolve()), str(pre.resolve()), skip_symbolic_shape=skip_symbolic)
                 ctx.notes["preprocess"] = ("applied" if not reasons else
                                            f"applied without symbolic shape inference ({reasons[0]})")
@@ -340,8 +373,10 @@ class OnnxQuantize(Step):
         quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=p.bits, block_size=p.block_size,
                                          is_symmetric=p.symmetric, accuracy_level=p.accuracy_level,
                                          nodes_to_exclude=_aliases(p.exclude_nodes) or None, nodes_to_include=only,
-                                         op_types_to_quantize=tuple(p.op_types) if p.op_types else None)
-        quantizer.process()
+                                         op_types_to_quantize=tuple(p.op_types) if p.op_types else None,
+                                         algo_config=_algorithm(src, p, ctx))
+        with library_prints("onnxruntime.quantization"):
+            quantizer.process()
         quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
         count = sum(n.op_type == "MatMulNBits" for n in quantizer.model.model.graph.node)
         if count == 0:
@@ -352,3 +387,4 @@ class OnnxQuantize(Step):
                                                               if gemm else ""))
         ctx.notes["matmul_nbits_nodes"] = count
         ctx.notes["bits"] = p.bits
+        ctx.notes["algorithm"] = p.algorithm

@@ -92,9 +92,28 @@ def verdicts(a: dict, b: dict, rows: list[dict]) -> dict:
                      "batch_size": b["cells"][i]["batch_size"], "speedup_a": s_a, "speedup_b": s_b,
                      "intervals_overlap": overlap})
     drift = float(np.median([r["change"] for r in rows])) if rows else None
+    caps = capacities(a, b)
     return {"recommendation_a": ship_a, "recommendation_b": ship_b, "same_recommendation": same,
             "median_change": drift, "speedups": held,
-            "speedups_agreeing": sum(h["intervals_overlap"] for h in held)}
+            "speedups_agreeing": sum(h["intervals_overlap"] for h in held),
+            **({"capacities": caps, "capacities_agreeing": sum(c["intervals_overlap"] for c in caps)} if caps else {})}
+
+
+def capacities(a: dict, b: dict) -> list[dict]:
+    """Server capacities of the load cells both runs measured: each run's median over rounds with the range
+    of its rounds' own capacities as its interval; they agree when the intervals overlap."""
+    def by_key(r):
+        out = {}
+        for c in r.get("load") or []:
+            s = (c.get("load") or {}).get("server")
+            found = [q for q in (s or {}).get("max_qps_by_round", []) if q is not None]
+            if s and found:
+                out[(c["variant"], c["backend"], c["scenario"])] = (s["max_qps"], min(found), max(found))
+        return out
+
+    ka, kb = by_key(a), by_key(b)
+    return [{"variant": k[0], "backend": k[1], "scenario": k[2], "capacity_a": ka[k], "capacity_b": kb[k],
+             "intervals_overlap": ka[k][1] <= kb[k][2] and kb[k][1] <= ka[k][2]} for k in ka if k in kb]
 
 
 def _verdict_text(v: dict) -> str:
@@ -115,6 +134,14 @@ def _verdict_text(v: dict) -> str:
                                 "{:.2f}x [{:.2f}, {:.2f}]".format(*h["speedup_a"]),
                                 "{:.2f}x [{:.2f}, {:.2f}]".format(*h["speedup_b"]),
                                 "yes" if h["intervals_overlap"] else "no"] for h in v["speedups"]]))
+    if v.get("capacities"):
+        lines.append(f"Server capacities (LoadGen, QPS at the bound): {v['capacities_agreeing']} of "
+                     f"{len(v['capacities'])} agree (the ranges of their rounds overlap).")
+        lines.append(md_table(["variant", "backend", "scenario", "capacity A [rounds]", "capacity B [rounds]", "agree"],
+                              [[c["variant"], c["backend"], c["scenario"],
+                                "{:.1f} [{:.1f}, {:.1f}]".format(*c["capacity_a"]),
+                                "{:.1f} [{:.1f}, {:.1f}]".format(*c["capacity_b"]),
+                                "yes" if c["intervals_overlap"] else "no"] for c in v["capacities"]]))
     return "\n\n".join(lines)
 
 

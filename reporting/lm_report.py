@@ -63,6 +63,10 @@ def generation_note(results: dict) -> str:
             "backend computes on the held-out blocks; KL(source || variant) is summed over the source model's "
             "top-32 next tokens. The KV cache figure is the float32 cache at the full context "
             "(2 x layers x key/value heads x head size x tokens x batch). Peak RSS is over a whole generation.")
+    if results.get("model", {}).get("random_weights"):
+        text += (" The model has random weights (built from its config): its next-token distributions are nearly "
+                 "flat, so perplexity and top-1 agreement mean little; KL to the random fp32 model is the fidelity "
+                 "measure, and the timings and memory are those of a model of this size.")
     if nondet:
         text += f" Warning: greedy decoding gave different tokens between generations in {', '.join(nondet)}."
     return text

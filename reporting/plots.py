@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.transforms import ScaledTranslation
 
-from reporting import lm_report
+from reporting import load_report, lm_report
 from reporting.analysis import Recommendation, cell_score, lower_is_better, primary_metric
 from core import atomic
 
@@ -399,7 +399,8 @@ def make_plots(results: dict, out: Path, rec: Recommendation, sp: dict) -> list[
              ("Search candidates", search_plot(results, out)),
              ("Perplexity against decode tokens/s (Pareto frontier)", lm_report.ppl_vs_tokens_per_s(results, out, rec)),
              ("Time to first token and per-token decode latency", lm_report.latency_bars(results, out)),
-             ("Memory against context length", lm_report.memory_vs_context(results, out, rec))]
+             ("Memory against context length", lm_report.memory_vs_context(results, out, rec)),
+             ("Under load: p99 latency against offered QPS", load_report.p99_vs_qps(results, out))]
     made = [(t, p) for t, p in plots if p is not None]
     # A rebuilt report drops the plots it no longer draws (renamed ones, or a panel without data now).
     for old in set(out.glob("*.png")) - {p for _, p in made}:

@@ -12,7 +12,7 @@ import pandas as pd
 
 from reporting.analysis import (MB, TIE_RULE, Recommendation, cell_score, faster, labelled, measured, primary_metric,
                                 quietness, recommend, reference_speedups, speedups)
-from reporting import lm_report
+from reporting import load_report, lm_report
 from core.backends import BACKENDS
 from reporting.diagnosis import diagnosis_lines
 from reporting.plots import make_plots, pareto_points, sensitivity_rankings
@@ -453,6 +453,10 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
         blocks.append(("h2", "Generation: time to first token, decode latency, perplexity"))
         blocks.append(("p", lm_report.generation_note(results)))
         blocks.append(("table", lm_report.generation_table(results)))
+    if load_report.load_cells(results):
+        blocks.append(("h2", "Under load: capacity at the latency bound (MLCommons LoadGen)"))
+        blocks.append(("p", load_report.load_note(results)))
+        blocks.append(("table", load_report.capacity_table(results)))
     blocks += diagnosis_blocks(results, rec.batch_size)
     blocks += suggestion_blocks(results)
     blocks += search_blocks(results)

@@ -44,6 +44,19 @@ def onnx_outputs(path_or_session, batches: list[dict[str, np.ndarray]]) -> np.nd
                            for b in batches])
 
 
+def graph_feeds(onnx_path, batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Batches as the graph takes them, for calibration: the inputs it has, and for a causal LM's graph
+    with a KV cache also position ids and an empty cache (a prefill)."""
+    sess = onnx_session(onnx_path)
+    names = {i.name for i in sess.get_inputs()}
+    if any(n.startswith("past_key_values") for n in names):
+        from runtime.decode import OrtLM
+
+        lm = OrtLM(sess)
+        return [lm.prefill_feeds(b["input_ids"], b["attention_mask"]) for b in batches]
+    return [{k: v for k, v in b.items() if k in names} for b in batches]
+
+
 def variant_outputs(model, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
     """Outputs of a VariantModel, whichever form it has (torch module or ONNX graph)."""
     return (torch_outputs(model.module, batches) if model.format == "torch"

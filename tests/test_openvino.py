@@ -164,7 +164,7 @@ def test_a_causal_lm_generates_the_same_tokens_on_openvino_as_on_pytorch(tmp_pat
 def test_nncf_int4_weight_compression_makes_matmulnbits_that_openvino_and_ort_decode(tmp_path):
     import onnx
 
-    from compress.nncf_steps import NncfCompressWeights
+    from export.nncf_steps import NncfCompressWeights
     from core.model import VariantModel
     from core.steps import StepContext
     from export.causal_lm_onnx import export_causal_lm

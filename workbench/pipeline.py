@@ -94,9 +94,11 @@ class Run:
                 self.run_dir, threads=self.threads, started=started, quick=self.quick, timing=self.timing,
                 recipe={"name": self.recipe.name, "path": self.recipe.path, "sha256": self.recipe.sha256,
                         "parsed": self.recipe.model_dump(mode="json", by_alias=True)},
-                model={"description": self.src.description, "io": self.src.io.to_json()},
+                model={"description": self.src.description, "io": self.src.io.to_json(),
+                       **({"random_weights": True} if self.src.random_weights else {})},
                 task=self.task.summary(),
-                variants=variants, artifacts=artifacts, cells=cells, roofline_probe=peak, search=search,
+                variants=variants, artifacts=artifacts, cells=cells, load=getattr(self, "load_cells", None),
+                roofline_probe=peak, search=search,
                 executor=self.executor.describe())
             log.info("report: %s", self.run_dir / "report.md")
             for journal in (self.run_dir / ".work", self.run_dir / "search" / ".work"):

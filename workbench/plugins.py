@@ -14,7 +14,7 @@ GROUP = "model_workbench.plugins"
 MODULES = (
     "compress.quantize", "compress.prune", "compress.distill",  # steps on torch modules
     "export.onnx_quantize", "export.onnx_optimize",  # steps on ONNX graphs
-    "compress.nncf_steps",  # NNCF's post-training int8 and weight compression (ONNX graphs)
+    "export.nncf_steps",  # NNCF's post-training int8 and weight compression of ONNX graphs
     "export.onnx", "export.torchscript", "export.torch_export", "export.openvino_ir",  # export formats
     "bench.torch_backends", "bench.ort_backends", "bench.openvino_backends",  # backends, one module per engine
 )

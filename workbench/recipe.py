@@ -74,6 +74,12 @@ class HFModel(Strict):
         "AutoModelForSequenceClassification; causal-lm: an AutoModelForCausalLM (GPT-2, Llama, Qwen2, Mistral, "
         "Phi and others), measured by generation")
     pooling: Literal["mean", "cls"] = "mean"
+    weights: Literal["pretrained", "random"] = Field(
+        "pretrained", description="random: the architecture built from `path`'s config.json with weights drawn from "
+        "the recipe's seed, nothing downloaded (a folder holding only config.json will do; without a tokenizer "
+        "there, a byte-level BPE trained on the task's built-in text is used). For latency and memory at "
+        "deployment size: accuracy is then fidelity to that same random fp32 model (top-1 agreement, KL), and "
+        "perplexity means nothing")
     trust_remote_code: bool = False
     revision: Optional[str] = None
 
@@ -232,6 +238,36 @@ class Placement(Strict):
         "(e.g. {H100: 1}); nodes offer them with `ray start --resources`"))
 
 
+class ScenarioSpec(Strict):
+    type: Literal["single-stream", "offline", "server"] = Field(description=(
+        "single-stream: one query at a time (MLPerf's figure is its p90 latency); offline: every query at once "
+        "(samples/s); server: Poisson arrivals, and the capacity search for the highest QPS whose percentile "
+        "latency meets latency_bound_ms, by LoadGen's own VALID / INVALID verdict"))
+    name: Optional[str] = Field(None, description="the scenario's label in the report; default: its type, with "
+                                "max_batch and streams when they are not 1")
+    variants: Optional[list[str]] = Field(None, description="the variants measured under it; default: every variant")
+    backends: Optional[list[BackendName]] = Field(None, description="the backends; default: each variant's own")
+    latency_bound_ms: Optional[float] = Field(None, gt=0, description="server: the latency bound (required)")
+    percentile: float = Field(99.0, gt=50, lt=100, description="server: the latency percentile held to the bound")
+    max_batch: int = Field(1, ge=1, le=256, description="the SUT batches up to this many waiting requests "
+                           "(dynamic batching); 1: one request per call")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long the oldest waiting request may wait for its batch "
+                               "to fill")
+    streams: int = Field(1, ge=1, le=64, description="parallel sessions serving the queue, the cell's threads "
+                         "split between them")
+    min_duration_s: float = Field(10.0, gt=0, description="each LoadGen test runs at least this long (--quick: 2)")
+    min_queries: int = Field(1000, ge=1, description="and at least this many queries: LoadGen's early stopping "
+                             "needs hundreds to call a p99 VALID")
+    max_duration_s: float = Field(120.0, gt=0, description="each LoadGen test stops after this long")
+    max_steps: int = Field(8, ge=2, le=30, description="server: LoadGen tests per capacity search (the ladder)")
+    samples: int = Field(64, ge=1, description="the query sample library's size (inputs of the cell's shape)")
+
+    @property
+    def label(self) -> str:
+        extra = (f"-b{self.max_batch}" if self.max_batch > 1 else "") + (f"-s{self.streams}" if self.streams > 1 else "")
+        return self.name or self.type + extra
+
+
 class BenchSpec(Strict):
     backends: list[BackendName] = Field(default_factory=default_backends, min_length=1)
     batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1, 8], min_length=1)
@@ -253,6 +289,9 @@ class BenchSpec(Strict):
         "instance or the cluster at ray_address (`workbench run --executor` overrides it)"))
     ray_address: Optional[str] = Field(None, description="a Ray cluster to join (what `ray start --head` prints, "
                                        "e.g. 10.0.0.5:6379); default: start a local Ray instance")
+    scenarios: list[ScenarioSpec] = Field(default_factory=list, description=(
+        "load scenarios measured under MLCommons LoadGen beside the latency cells, in the same rounds: a serving "
+        "SUT with dynamic batching; see docs/methodology.md. Not for causal LMs yet"))
     options: dict[BackendName, dict[str, Any]] = Field(default_factory=dict, description=(
         "per backend, its engine's options, checked against the options the backend accepts (e.g. {openvino-cpu: "
         "{inference_precision: f32}}); a reference variant's cells run with none: the engine's defaults"))
@@ -285,6 +324,8 @@ class Constraints(Strict):
 class ReportSpec(Strict):
     baseline: str = "baseline"
     constraints: Constraints = Field(default_factory=Constraints)
+    target_qps: Optional[float] = Field(None, gt=0, description="a load to serve: the report says how many machines "
+                                        "like this one each server scenario cell needs for it")
 
 
 # ----------------------------------------------------------------------------- search
@@ -475,6 +516,7 @@ def check_recipe(recipe: Recipe, where: str) -> None:
 
     _check_search(recipe, where, fmt)
     _check_backend_options(recipe, where)
+    _check_scenarios(recipe, where)
     _check_model(recipe, where)
     _check_task(recipe, where)
     c = recipe.report.constraints
@@ -509,6 +551,29 @@ def _check_search(recipe: Recipe, where: str, fmt: dict[str, str]) -> None:
                               accepted=f"'steps[i].param' with i in 0..{len(sp.steps) - 1}")
     for i, steps in enumerate(candidates_of(sp, limit=64)):
         _check_steps(recipe, sp.name, steps, fmt[sp.from_], where, f"search candidate {i + 1}: steps")
+
+
+def _check_scenarios(recipe: Recipe, where: str) -> None:
+    labels = set()
+    for i, sc in enumerate(recipe.bench.scenarios):
+        field = f"bench.scenarios[{i}]"
+        if sc.type == "server" and sc.latency_bound_ms is None:
+            raise field_error(where, f"{field}.latency_bound_ms", "a server scenario's capacity is the highest QPS "
+                              "whose percentile latency meets a bound: set one", accepted="milliseconds, e.g. 50")
+        for name in sc.variants or []:
+            if name not in recipe.variants:
+                raise field_error(where, f"{field}.variants", "names no variant", value=name,
+                                  accepted=list(recipe.variants))
+        if sc.label in labels:
+            raise field_error(where, f"{field}.name", "two scenarios have this label: name them apart", value=sc.label)
+        labels.add(sc.label)
+        if sc.type != "server" and sc.latency_bound_ms is not None:
+            raise field_error(where, f"{field}.latency_bound_ms", "only a server scenario has a bound",
+                              value=sc.latency_bound_ms)
+    if recipe.bench.scenarios and model_kind(recipe.model) == "causal-lm":
+        raise field_error(where, "bench.scenarios", "load scenarios serve forward passes; a causal LM's "
+                          "generation has no server scenario yet (its cells measure TTFT and per-token latency)",
+                          accepted=[])
 
 
 def _check_backend_options(recipe: Recipe, where: str) -> None:

@@ -39,7 +39,7 @@ def split_nodes(cells: list) -> dict:
 
 def write_results(run_dir: Path, *, recipe: dict, threads: int, model: dict, task: dict, timing: dict,
                   started: str, quick: bool, variants: list, artifacts: list, cells: list,
-                  roofline_probe: Optional[dict] = None, search: Optional[dict] = None,
+                  roofline_probe: Optional[dict] = None, search: Optional[dict] = None, load: Optional[list] = None,
                   executor: Optional[dict] = None) -> dict:
     """Write run_dir/results.json atomically (a folder without it is an unfinished run) and the report."""
     nodes = split_nodes(cells)
@@ -56,6 +56,9 @@ def write_results(run_dir: Path, *, recipe: dict, threads: int, model: dict, tas
         "variants": variants,
         "artifacts": artifacts,
         "cells": cells,
+        # Load-scenario cells (bench.serve under LoadGen), apart from `cells`: their figures are capacities
+        # and rates under a queue, not one call's latency, so nothing that compares latency cells reads them.
+        **({"load": load} if load else {}),
         **({"search": search} if search else {}),
         **({"executor": executor} if executor and executor.get("name") != "local" else {}),
         **({"nodes": nodes} if nodes else {}),

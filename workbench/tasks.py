@@ -26,10 +26,15 @@ class Task:
     train_labels: Optional[np.ndarray] = None  # aligned with the concatenated train batches
     reference: Optional[np.ndarray] = None  # the source model's outputs on the eval split
     description: str = ""
+    # The source model has random weights (`weights: random`): only fidelity to it means anything, so a
+    # causal LM is ranked by KL to it, not by perplexity.
+    fidelity_only: bool = False
 
     @property
     def primary(self) -> Optional[str]:
         """The metric a recommendation trades against latency (higher is better, but for perplexity)."""
+        if self.fidelity_only and self.type == "language-modeling":
+            return "kl"
         return {"classification": "accuracy", "embedding-fidelity": "cosine_mean",
                 "language-modeling": "perplexity"}.get(self.type)
 
@@ -61,7 +66,7 @@ class Task:
         return {}
 
 
-LOWER_IS_BETTER = {"perplexity"}
+LOWER_IS_BETTER = {"perplexity", "kl"}
 LM_EVAL_BATCH = 8  # blocks per batch: its logits are batch x block x vocabulary floats
 
 
@@ -198,10 +203,13 @@ def _language_modeling(recipe: Recipe, t: LanguageModelingTask, src: SourceModel
     if not len(eval_blocks):
         raise ValueError(f"task.data: the held-out text is shorter than one block of {t.block_size} tokens")
     train_blocks = pack_blocks(src.tokenizer, train, t.block_size)
+    random = getattr(src, "random_weights", False)
     return Task("language-modeling", _block_batches(eval_blocks), None, _block_batches(train_blocks),
                 description=f"{desc}, {len(eval_blocks)} blocks of {t.block_size} tokens scored "
                 f"({len(eval_blocks) * (t.block_size - 1)} next-token predictions); metrics: perplexity, and top-1 "
-                "agreement and KL of next-token distributions against the source model")
+                "agreement and KL of next-token distributions against the source model"
+                + ("; the source model has random weights, so variants are ranked by KL to it and perplexity "
+                   "means nothing" if random else ""), fidelity_only=random)
 
 
 def pack_blocks(tokenizer, texts: list[str], block: int) -> np.ndarray:

@@ -28,6 +28,7 @@ class SourceModel:
     io: ModelIO
     tokenizer: Any = None
     description: str = ""
+    random_weights: bool = False  # built from a config with seeded random weights (`weights: random`)
 
 
 # ----------------------------------------------------------------------------- digits CNN
@@ -139,6 +140,48 @@ def causal_lm(path: str, tokenizer, kw: dict) -> SourceModel:
     return SourceModel(CausalLM(model).eval(), text_io(vocab, "causal-lm"), tokenizer, description=f"hf:{path}")
 
 
+def random_hf_model(path: str, head: str, pooling: str, seed: int) -> SourceModel:
+    """The architecture of `path`'s config.json with weights drawn from `seed` (transformers' own
+    initialisation): a model of deployment size without downloading it. Its folder's tokenizer when it
+    has one, else a byte-level BPE trained on the built-in corpus (ids below the config's vocabulary)."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path)
+    tokenizer = _tokenizer_or_builtin(path, int(config.vocab_size))
+    torch.manual_seed(seed)
+    if head == "causal-lm":
+        from core.lm import CausalLM
+
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        module, io = CausalLM(model), text_io(int(config.vocab_size), "causal-lm")
+    elif head == "embedding":
+        module, io = EmbeddingModel(AutoModel.from_config(config), pooling), text_io(int(config.vocab_size), "embedding")
+    else:
+        module = SequenceClassifier(AutoModelForSequenceClassification.from_config(config))
+        io = text_io(int(config.vocab_size), "classifier")
+    n = sum(p.numel() for p in module.parameters())
+    return SourceModel(module.eval(), io, tokenizer, random_weights=True,
+                       description=f"{config.model_type} of {path}'s config.json, {n / 1e6:.0f}M parameters, random "
+                                   f"weights (seed {seed}): fidelity to this fp32 model is meaningful, perplexity is not")
+
+
+def _tokenizer_or_builtin(path: str, vocab: int):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:  # noqa: BLE001 - no tokenizer files: a config-only folder
+        from workbench.sources.docstring_gpt import VOCAB, lm_corpus, train_tokenizer
+
+        if vocab < VOCAB:
+            raise ValueError(f"{path} has no tokenizer, and the built-in one has {VOCAB} tokens, more than the "
+                             f"config's vocab_size {vocab}: put a tokenizer in the folder") from None
+        return train_tokenizer(lm_corpus()[0])
+
+
 # ----------------------------------------------------------------------------- torchvision / python
 def _load_state_dict(module: nn.Module, path: Path) -> None:
     if path.suffix == ".safetensors":
@@ -205,6 +248,8 @@ def load_model(recipe: Recipe, quick: bool = False) -> SourceModel:
     if isinstance(spec, HFModel):
         local = recipe.resolve(spec.path)
         path = str(local) if local.exists() else spec.path
+        if spec.weights == "random":
+            return random_hf_model(path, spec.head, spec.pooling, recipe.seed)
         return hf_model(path, spec.head, spec.pooling, spec.trust_remote_code, spec.revision)
     if isinstance(spec, TorchvisionModel):
         return torchvision_model(spec, recipe)

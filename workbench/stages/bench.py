@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from core.progress import progress
 
-from bench.plan import Generation, Target, plan
+from bench.plan import Generation, Target, plan, plan_load
 from bench.rounds import measure_in_rounds
 from core.backends import BACKENDS
 from runtime.infer import save_batches
@@ -55,18 +55,30 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> list[dict
         if flops.get(cell["variant"]):
             cell["flops"] = flops[cell["variant"]] * cell["batch_size"]
 
+    # Load scenarios (bench.serve under LoadGen) are measured in the same rounds as the latency cells.
+    scenarios = [{**sc.model_dump(), "label": sc.label, **({"min_duration_s": min(sc.min_duration_s, 2.0),
+                                                             "min_queries": min(sc.min_queries, 200)} if run.quick else {})}
+                 for sc in spec.scenarios]
+    load_cells, load_jobs = plan_load(targets, scenarios, run.recipe.backends_of, io=run.src.io, seq_len=spec.seq_len,
+                                      threads=run.threads, timing=run.timing, seed=run.recipe.seed,
+                                      log_root=run.run_dir / "loadgen", sys_path=sys_path,
+                                      options_of=run.recipe.options_of) if scenarios else ([], [])
+    run.load_cells = load_cells
+    every = jobs + [(("load", i), job) for i, job in load_jobs]
+
     repeats = min(spec.repeats, 2) if run.quick else spec.repeats
-    bar = progress(total=len(jobs) * repeats, desc=f"bench ({repeats} rounds)", unit="process")
+    bar = progress(total=len(every) * repeats, desc=f"bench ({repeats} rounds)", unit="process")
     kept = []
 
     def advance(i, round_, was_kept):
-        c = cells[i]
+        c = load_cells[i[1]] if isinstance(i, tuple) else cells[i]
         kept.append(was_kept)
-        bar.set_postfix_str(f"round {round_ + 1}: {c['variant']} {c['backend']} b{c['batch_size']}")
+        bar.set_postfix_str(f"round {round_ + 1}: {c['variant']} {c['backend']} "
+                            + (c["scenario"] if "scenario" in c else f"b{c['batch_size']}"))
         bar.update()
 
     # The journal keeps every finished process: a run that is interrupted resumes from it.
-    measured = measure_in_rounds(jobs, repeats=repeats, seed=run.recipe.seed, timeout_s=spec.cell_timeout_s,
+    measured = measure_in_rounds(every, repeats=repeats, seed=run.recipe.seed, timeout_s=spec.cell_timeout_s,
                                  work_dir=work, memory_limit_mb=spec.memory_limit_mb,
                                  threshold=spec.timing.stability_threshold, progress=advance,
                                  journal=work / "processes.jsonl", executor=run.executor)
@@ -87,6 +99,11 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> list[dict
             outputs.unlink()
         log.info("cell %s %s b%d: %s %s", cell["variant"], cell["backend"], cell["batch_size"], cell["status"],
                  cell.get("latency_ms", {}).get("p50", cell["reason"]))
+    for i, _ in load_jobs:
+        load_cells[i].update(measured[("load", i)])
+        c = load_cells[i]
+        log.info("load %s %s %s: %s %s", c["variant"], c["backend"], c["scenario"], c["status"],
+                 (c.get("load") or {}).get("server", {}).get("max_qps", c["reason"]))
     if eval_path and eval_path.exists():
         eval_path.unlink()
     if spec.profile and not (run.quick and "profile" not in spec.model_fields_set):

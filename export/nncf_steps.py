@@ -20,8 +20,10 @@ import numpy as np
 from pydantic import Field
 
 from core.errors import field_error
+from core.processes import working_directory
 from core.steps import Step, StepParams, register
 from export.graph_kernels import record_kernels
+from runtime.infer import graph_feeds
 
 
 class IgnoredScope(StepParams):
@@ -97,7 +99,7 @@ class NncfQuantize(Step):
             kw["preset"] = getattr(nncf.QuantizationPreset, p.preset.upper())
         ctx.notes["calibration"] = {"rows": len(calibration), "from": "the training split"}
         ctx.notes["model_type"] = "transformer" if kw["model_type"] is not None else "none"
-        with _nncf_log() as log:
+        with _nncf_log() as log, working_directory(ctx.work_dir):  # NNCF's debug graphs land in the step's folder
             if p.max_drop is None:
                 quantized = nncf.quantize(graph, nncf.Dataset(calibration), advanced_parameters=_advanced(p), **kw)
             else:
@@ -170,9 +172,9 @@ class NncfCompressWeights(Step):
             rows = _rows(ctx.task.train_batches if ctx.task is not None else [])
             if not rows:
                 raise ValueError("awq / scale_estimation calibrate on the task's training split, and it has no rows")
-            kw.update(dataset=nncf.Dataset(_graph_feeds(model.onnx_path, rows[:p.subset_size])), awq=p.awq,
+            kw.update(dataset=nncf.Dataset(graph_feeds(model.onnx_path, rows[:p.subset_size])), awq=p.awq,
                       scale_estimation=p.scale_estimation, subset_size=min(p.subset_size, len(rows)))
-        with _nncf_log():
+        with _nncf_log(), working_directory(ctx.work_dir):
             compressed = nncf.compress_weights(onnx.load(str(model.onnx_path)), **kw)
         out = ctx.work_dir / "model.onnx"
         onnx.save(compressed, str(out))
@@ -189,20 +191,6 @@ class NncfCompressWeights(Step):
 def _rows(batches: list[dict]) -> list[dict]:
     """The batches cut into single rows: NNCF's subset sizes count items, and a row is one sample."""
     return [{k: v[i:i + 1] for k, v in b.items()} for b in batches for i in range(len(next(iter(b.values()))))]
-
-
-def _graph_feeds(onnx_path, rows: list[dict]) -> list[dict]:
-    """Rows as the graph takes them: a causal LM's graph also wants position ids and an empty cache."""
-    from runtime.sessions import onnx_session
-
-    session = onnx_session(onnx_path)
-    names = {i.name for i in session.get_inputs()}
-    if any(n.startswith("past_key_values.") for n in names):
-        from runtime.decode import OrtLM
-
-        lm = OrtLM(session)
-        return [lm.prefill_feeds(r["input_ids"], r["attention_mask"]) for r in rows]
-    return [{k: v for k, v in r.items() if k in names} for r in rows]
 
 
 def _metric(task, float_path, validation: list[dict]):

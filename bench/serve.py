@@ -1,0 +1,140 @@
+"""One load-scenario cell, in its own process: `python -m bench.serve JOB.json`.
+
+The job is a bench.cells job plus `scenario` (workbench.recipe.ScenarioSpec as a dict) and `log_dir`.
+The process loads `streams` sessions of the artifact, the cell's threads split between them, makes
+inputs for every batch size up to `max_batch` (prepared, and run once each, outside any test), and
+puts a dynamic-batching SUT (bench.serving.Batcher) under MLCommons LoadGen:
+
+- single-stream: one query at a time; its latencies are the cell's samples (p90 is MLPerf's figure);
+- offline: every query at once; samples/s is the figure;
+- server: Poisson arrivals at a target QPS; the capacity search (bench.serving.capacity) finds the
+  highest target whose percentile latency meets the bound by LoadGen's verdict, every step kept. The
+  samples are the request latencies of the highest VALID step (or of the lowest step when none was).
+
+LoadGen's logs of every test are kept under `log_dir`."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def run(job: dict) -> dict:
+    import numpy as np
+
+    from bench.serving import Batcher, capacity, run_loadgen
+    from bench.worker import setup
+    from core.backends import engine_kwargs
+    from core.model import ModelIO
+    from core.processes import memory_bytes
+
+    backend, torch, threads = setup(job)
+    sc = job["scenario"]
+    streams, max_batch = int(sc["streams"]), int(sc["max_batch"])
+    per_stream = max(1, threads // streams)
+    if torch is not None:  # torch's pool is per process: its streams share it, each op using per_stream threads
+        torch.set_num_threads(per_stream)
+    io = ModelIO.from_json(job["io"])
+    seq = int(job["seq_len"])
+
+    rss_before = memory_bytes("VmRSS")
+    started = time.time()
+    t0 = time.perf_counter()
+    runners = [backend.load(job["path"], per_stream, **engine_kwargs(backend, job)) for _ in range(streams)]
+    load_s = time.perf_counter() - t0
+    # Every batch size a batch can have, prepared on every stream's session and run once (a static-shape
+    # engine compiles each shape here, not while a test is timing it).
+    prepared = [{n: r.prepare(io.make(n, seq, seed=job.get("seed", 0))) for n in range(1, max_batch + 1)}
+                for r in runners]
+    service_ms = {}
+    for s, r in enumerate(runners):
+        for n in range(1, max_batch + 1):
+            r.call(prepared[s][n])
+            if s == 0:
+                service_ms[n] = min(r.timed_call(prepared[s][n]) for _ in range(3))
+    memory = {"peak_rss_delta": max(memory_bytes("VmHWM") - rss_before, 0), "rss_idle_baseline": rss_before}
+    batcher = Batcher(lambda s, n: runners[s].call(prepared[s][n]), max_batch, float(sc["max_wait_ms"]), streams)
+    # What `streams` sessions could serve back to back at full batches: where the capacity search starts.
+    estimate = streams * max(n / (service_ms[n] / 1e3) for n in service_ms)
+    log_dir = Path(job["log_dir"]) / f"process-{os.getpid()}"  # one folder per round's process
+    common = dict(samples=int(sc["samples"]), min_duration_s=float(sc["min_duration_s"]),
+                  min_queries=int(sc["min_queries"]), max_duration_s=float(sc["max_duration_s"]),
+                  seed=int(job.get("seed", 0)))
+    out: dict = {"scenario": sc["type"], "service_ms": {str(k): round(v, 4) for k, v in service_ms.items()},
+                 "estimate_qps": round(estimate, 3)}
+    try:
+        if sc["type"] == "server":
+            steps = iter(range(1000))
+
+            def step(qps):
+                r = run_loadgen(batcher, "server", log_dir / f"step-{next(steps)}", target_qps=qps,
+                                latency_bound_ms=float(sc["latency_bound_ms"]), percentile=float(sc["percentile"]),
+                                **common)
+                r["target_qps"] = round(qps, 4)
+                return r
+
+            found = capacity(step, estimate, max_steps=int(sc["max_steps"]))
+            best = found["best"] or min(found["ladder"], key=lambda r: r["target_qps"])
+            samples = best["latencies_ms"]
+            out["server"] = {"max_qps": found["max_qps"], "valid": found["best"] is not None,
+                             "latency_bound_ms": sc["latency_bound_ms"], "percentile": sc["percentile"],
+                             "p99_ms": best["percentiles_ms"].get("99"),
+                             "batch_histogram": best["batch_histogram"],
+                             "ladder": [_rung(r) for r in found["ladder"]]}
+        else:
+            r = run_loadgen(batcher, sc["type"], log_dir / sc["type"], target_qps=estimate,
+                            latency_bound_ms=service_ms[1], **common)
+            samples = r["latencies_ms"]
+            key = "offline" if sc["type"] == "offline" else "single_stream"
+            out[key] = {**_rung(r), "samples_per_s": r.get("samples_per_s") or r.get("qps_without_overhead")}
+    finally:
+        batcher.close()
+    return {"samples_ms": [round(x, 6) for x in samples], "warmup_ms": [], "capped_by_max_seconds": False,
+            "started": round(started, 3), "memory": memory,
+            "cold": {"load_s": round(load_s, 4), "first_call_ms": round(service_ms[1], 3),
+                     "first_call_timed_ms": round(service_ms[1], 3)},
+            "threads": {"requested": threads, "streams": streams, "per_stream": per_stream, **runners[0].info},
+            "load": out}
+
+
+def _rung(r: dict) -> dict:
+    """One LoadGen test as results.json keeps it: its verdict, rates, percentiles and batches."""
+    p = r["percentiles_ms"]
+    return {"target_qps": r.get("target_qps"), "result": r["result"], "valid": r["valid"],
+            "achieved_qps": r.get("completed_per_s") or r.get("samples_per_s"),
+            "p50_ms": p.get("50"), "p90_ms": p.get("90"), "p99_ms": p.get("99"), "queries": len(r["latencies_ms"]),
+            "batch_histogram": r["batch_histogram"], "problems": r["problems"],
+            "log": Path(r["log_dir"]).name}
+
+
+def merge(processes: list[dict]) -> dict:
+    """A scenario cell's figures over its processes (one per round): the capacity is the median of the
+    processes' own, with their spread; a cell is VALID only when every process found a VALID target."""
+    import numpy as np
+
+    first = processes[0]["load"]
+    out = {"scenario": first["scenario"], "service_ms": first["service_ms"], "estimate_qps": first["estimate_qps"]}
+    if "server" in first:
+        qps = [p["load"]["server"]["max_qps"] for p in processes]
+        found = [q for q in qps if q is not None]
+        out["server"] = {**first["server"], "max_qps": float(np.median(found)) if found else None,
+                         "max_qps_by_round": qps, "valid": all(q is not None for q in qps),
+                         "ladder_by_round": [p["load"]["server"]["ladder"] for p in processes]}
+        del out["server"]["ladder"]
+    for key in ("offline", "single_stream"):
+        if key in first:
+            rates = [p["load"][key]["samples_per_s"] for p in processes]
+            out[key] = {**first[key], "samples_per_s": float(np.median(rates)), "samples_per_s_by_round": rates,
+                        "valid": all(p["load"][key]["valid"] for p in processes)}
+    return out
+
+
+def main() -> int:
+    from bench.worker import serve
+
+    return serve(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

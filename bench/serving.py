@@ -1,0 +1,197 @@
+"""Load as a deployment meets it, driven by MLCommons LoadGen (the library every MLPerf Inference
+submission uses): a serving system under test (SUT) with dynamic batching, and the scenarios.
+
+- `Batcher`: requests wait in one queue; each of `streams` workers takes what is waiting, up to
+  `max_batch`, waiting at most `max_wait_ms` after the oldest request for the batch to fill, runs it
+  on its own session (`run_batch(stream, n)`), then answers every request in it. It records each
+  request's latency (arrival to answer) and the batch sizes it ran.
+- `run_loadgen`: one LoadGen test (SingleStream, Offline or Server at a target QPS) against a Batcher;
+  LoadGen's own summary (its VALID / INVALID verdict, percentiles, achieved rate) is parsed from the
+  log it writes, which is kept.
+- `capacity`: the highest target QPS whose Server run LoadGen calls VALID (the percentile latency meets
+  the bound, with its minimum duration and query count): a ladder up from an estimate, then bisection
+  between the last valid and the first invalid step; every step is kept."""
+from __future__ import annotations
+
+import collections
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+SCENARIOS = {"single-stream": "SingleStream", "offline": "Offline", "server": "Server"}
+
+
+class Batcher:
+    def __init__(self, run_batch: Callable[[int, int], None], max_batch: int, max_wait_ms: float, streams: int):
+        self.run_batch, self.max_batch, self.max_wait = run_batch, max_batch, max_wait_ms / 1e3
+        self.queue: collections.deque = collections.deque()
+        self.cond = threading.Condition()
+        self.latencies_ms: list[float] = []
+        self.busy_ms: list[float] = []
+        self.batches: collections.Counter = collections.Counter()
+        self.respond: Callable[[list], None] = lambda ids: None
+        self.stopping = False
+        self.workers = [threading.Thread(target=self._serve, args=(s,), daemon=True) for s in range(streams)]
+        for w in self.workers:
+            w.start()
+
+    def submit(self, ids: list) -> None:
+        now = time.perf_counter()
+        with self.cond:
+            self.queue.extend((i, now) for i in ids)
+            self.cond.notify_all()
+
+    def _take(self) -> Optional[list]:
+        """The next batch: as soon as `max_batch` requests wait, or `max_wait` after the oldest arrived."""
+        with self.cond:
+            while not self.queue and not self.stopping:
+                self.cond.wait()
+            if self.stopping:
+                return None
+            deadline = self.queue[0][1] + self.max_wait
+            while len(self.queue) < self.max_batch and not self.stopping:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+            n = min(self.max_batch, len(self.queue))
+            return [self.queue.popleft() for _ in range(n)] if n else None
+
+    def _serve(self, stream: int) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                if self.stopping:
+                    return
+                continue
+            began = time.perf_counter()
+            self.run_batch(stream, len(batch))
+            done = time.perf_counter()
+            self.respond([i for i, _ in batch])
+            with self.cond:
+                self.latencies_ms += [(done - t) * 1e3 for _, t in batch]
+                self.batches[len(batch)] += 1
+                # How long the stream was taken by this batch, answering included: its service time.
+                self.busy_ms.append((time.perf_counter() - began) * 1e3)
+
+    def reset(self) -> None:
+        with self.cond:
+            self.latencies_ms, self.busy_ms, self.batches = [], [], collections.Counter()
+
+    def close(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        for w in self.workers:
+            w.join(timeout=5)
+
+
+def run_loadgen(batcher: Batcher, scenario: str, log_dir: Path, *, samples: int, target_qps: float = 0.0,
+                latency_bound_ms: float = 0.0, percentile: float = 99.0, min_duration_s: float = 10.0,
+                min_queries: int = 100, max_duration_s: float = 120.0, seed: int = 0) -> dict:
+    """One LoadGen test; returns its summary (`valid`, `result`, percentiles in ms, achieved rates), the
+    SUT's own request latencies (`latencies_ms`) and batch sizes (`batch_histogram`)."""
+    import mlperf_loadgen as lg
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    settings = lg.TestSettings()
+    settings.scenario = getattr(lg.TestScenario, SCENARIOS[scenario])
+    settings.mode = lg.TestMode.PerformanceOnly
+    settings.min_duration_ms = int(min_duration_s * 1e3)
+    settings.max_duration_ms = int(max_duration_s * 1e3)
+    settings.min_query_count = int(min_queries)
+    settings.qsl_rng_seed = settings.sample_index_rng_seed = settings.schedule_rng_seed = int(seed) + 1
+    if scenario == "server":
+        settings.server_target_qps = float(target_qps)
+        settings.server_target_latency_ns = int(latency_bound_ms * 1e6)
+        settings.server_target_latency_percentile = percentile / 100
+    elif scenario == "offline":
+        settings.offline_expected_qps = float(target_qps or 1.0)
+    else:
+        settings.single_stream_expected_latency_ns = int(max(latency_bound_ms, 1.0) * 1e6)
+
+    def respond(ids):
+        lg.QuerySamplesComplete([lg.QuerySampleResponse(i, 0, 0) for i in ids])
+
+    batcher.respond = respond
+    batcher.reset()
+    sut = lg.ConstructSUT(lambda queries: batcher.submit([q.id for q in queries]), lambda: None)
+    qsl = lg.ConstructQSL(samples, samples, lambda idx: None, lambda idx: None)
+    log = lg.LogSettings()
+    log.log_output.outdir = str(log_dir)
+    log.log_output.copy_summary_to_stdout = False
+    try:
+        lg.StartTestWithLogSettings(sut, qsl, settings, log)
+    finally:
+        lg.DestroyQSL(qsl)
+        lg.DestroySUT(sut)
+    summary = parse_summary((log_dir / "mlperf_log_summary.txt").read_text())
+    return {**summary, "target_qps": target_qps or None, "latencies_ms": list(batcher.latencies_ms),
+            "service_ms": list(batcher.busy_ms),
+            "batch_histogram": {str(k): v for k, v in sorted(batcher.batches.items())}, "log_dir": str(log_dir)}
+
+
+_FIELDS = {"Completed samples per second": "completed_per_s", "Scheduled samples per second": "scheduled_per_s",
+           "Samples per second": "samples_per_s", "QPS w/o loadgen overhead": "qps_without_overhead"}
+
+
+def parse_summary(text: str) -> dict:
+    """LoadGen's mlperf_log_summary.txt: its verdict, rates, and latency percentiles (ns -> ms)."""
+    out: dict = {"percentiles_ms": {}}
+    m = re.search(r"Result is\s*:\s*(\w+)", text)
+    out["result"] = m.group(1) if m else "UNKNOWN"
+    out["valid"] = out["result"] == "VALID"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key in _FIELDS:
+            out[_FIELDS[key]] = _number(value)
+        m = re.match(r"(\d+(?:\.\d+)?) percentile latency \(ns\)", key)
+        if m:
+            out["percentiles_ms"][m.group(1).rstrip("0").rstrip(".")] = _number(value) / 1e6
+        elif key in ("Min latency (ns)", "Max latency (ns)", "Mean latency (ns)"):
+            out[key.split()[0].lower() + "_ms"] = _number(value) / 1e6
+    out["problems"] = [ln.strip() for ln in text.splitlines() if "not met" in ln.lower() or "* " in ln[:3]]
+    return out
+
+
+def _number(s: str) -> float:
+    try:
+        return float(s.split()[0])
+    except (ValueError, IndexError):
+        return float("nan")
+
+
+def capacity(step: Callable[[float], dict], estimate_qps: float, *, max_steps: int = 8, precision: float = 0.05) -> dict:
+    """The highest target QPS whose Server run is VALID. `step(qps)` runs one LoadGen Server test. From
+    half the estimate, the ladder climbs by 1.5x while runs are valid (and falls by 2x while they are
+    not), then bisects between the last valid and the first invalid target until they are within
+    `precision` of each other or `max_steps` runs were made. Returns max_qps (None: no valid target),
+    the step that achieved it and the ladder."""
+    ladder: list[dict] = []
+
+    def run(qps: float) -> bool:
+        r = step(qps)
+        ladder.append(r)
+        return r["valid"]
+
+    q = max(estimate_qps * 0.5, 0.1)
+    lo, hi = None, None
+    while len(ladder) < max_steps and (lo is None or hi is None):
+        if run(q):
+            lo = q
+            q *= 1.5
+        else:
+            hi = q
+            q /= 2
+    while lo is not None and hi is not None and hi / lo > 1 + precision and len(ladder) < max_steps:
+        mid = (lo * hi) ** 0.5
+        if run(mid):
+            lo = mid
+        else:
+            hi = mid
+    best = max((r for r in ladder if r["valid"]), key=lambda r: r["target_qps"], default=None)
+    return {"max_qps": best["target_qps"] if best else None, "best": best, "ladder": ladder,
+            "bracket": [lo, hi]}

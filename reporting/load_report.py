@@ -1,0 +1,91 @@
+"""The report's "Under load" part, from results.json's `load` cells alone (bench.serve under LoadGen):
+a capacity table (the highest QPS whose percentile latency meets the bound, by LoadGen's VALID verdict,
+over rounds; offline and single-stream rates), how many machines a target load needs, and the
+p99-against-QPS curves of every server cell with the bound drawn."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+
+def load_cells(results: dict) -> list[dict]:
+    return results.get("load") or []
+
+
+def _fmt(x, nd: int = 1) -> str:
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def capacity_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    target = ((results.get("recipe") or {}).get("parsed") or {}).get("report", {}).get("target_qps")
+    head = ["variant", "backend", "scenario", "max batch / wait ms / streams", "capacity QPS (by round)",
+            "p99 ms at capacity", "samples/s", "LoadGen", "batches at capacity"] + (
+        [f"machines for {target:g} QPS"] if target else [])
+    rows = []
+    for c in load_cells(results):
+        s = c.get("settings") or {}
+        shape = f"{s.get('max_batch')} / {s.get('max_wait_ms')} / {s.get('streams')}"
+        load = c.get("load") or {}
+        if c["status"] not in ("ok", "unstable") or not load:
+            rows.append([c["variant"], c["backend"], c["scenario"], shape, "–", "–", "–", c["status"], c.get("reason") or ""]
+                        + (["–"] if target else []))
+            continue
+        server = load.get("server")
+        rate = load.get("offline") or load.get("single_stream") or {}
+        if server:
+            by_round = ", ".join(_fmt(q) for q in server.get("max_qps_by_round", []))
+            cap = f"{_fmt(server['max_qps'])} ({by_round})" if server["max_qps"] is not None else f"none valid ({by_round})"
+            verdict = "VALID" if server["valid"] else "INVALID in a round"
+            hist = ", ".join(f"{k}×{v}" for k, v in (server.get("batch_histogram") or {}).items())
+            machines = (str(math.ceil(target / server["max_qps"])) if server["max_qps"] else "–") if target else None
+            rows.append([c["variant"], c["backend"], c["scenario"], shape, cap, _fmt(server.get("p99_ms"), 2), "–",
+                         verdict, hist] + ([machines] if target else []))
+        else:
+            rows.append([c["variant"], c["backend"], c["scenario"], shape, "–", _fmt(rate.get("p99_ms"), 2),
+                         _fmt(rate.get("samples_per_s")), "VALID" if rate.get("valid") else "INVALID",
+                         ", ".join(f"{k}×{v}" for k, v in (rate.get("batch_histogram") or {}).items())]
+                        + (["–"] if target else []))
+    return head, rows
+
+
+def load_note(results: dict) -> str:
+    return ("Each load cell runs a serving SUT under MLCommons LoadGen in its own process, once per round: requests "
+            "wait in one queue; `streams` sessions (the cell's threads split between them) each take up to "
+            "`max_batch` waiting requests, waiting at most `max_wait_ms` for a batch to fill. A server cell's "
+            "capacity is the highest target QPS (Poisson arrivals) whose percentile latency meets the bound by "
+            "LoadGen's own verdict, which also requires its minimum duration, query count and early-stopping test; "
+            "the ladder of targets tried is in results.json and LoadGen's logs under `loadgen/`. The capacity is "
+            "the median over rounds. Offline sends every query at once (samples/s); single-stream one at a time.")
+
+
+def p99_vs_qps(results: dict, out: Path) -> Optional[Path]:
+    """p99 latency against the target QPS of every server cell's ladder (first round), the bound drawn."""
+    servers = [c for c in load_cells(results) if (c.get("load") or {}).get("server")]
+    if not servers:
+        return None
+    from reporting.plots import _save, _subplots  # here: reporting.plots imports this module
+
+    fig, ax = _subplots(figsize=(7, 4.2))
+    bounds = set()
+    for c in servers:
+        s = c["load"]["server"]
+        ladder = sorted((r for r in (s.get("ladder_by_round") or [[]])[0] if r.get("p99_ms") is not None),
+                        key=lambda r: r["target_qps"])
+        if not ladder:
+            continue
+        line, = ax.plot([r["target_qps"] for r in ladder], [r["p99_ms"] for r in ladder], marker="o",
+                        label=f"{c['variant']} · {c['backend']} · {c['scenario']}")
+        bad = [r for r in ladder if not r["valid"]]
+        ax.scatter([r["target_qps"] for r in bad], [r["p99_ms"] for r in bad], marker="x", color=line.get_color(),
+                   zorder=3)
+        bounds.add(s["latency_bound_ms"])
+    for b in bounds:
+        ax.axhline(b, color="black", linestyle="--", linewidth=1)
+        ax.annotate(f"bound {b:g} ms", (ax.get_xlim()[0], b), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("target QPS (Poisson arrivals)")
+    ax.set_ylabel("p99 latency, ms (log)")
+    ax.set_title("Under load: p99 against offered QPS (x: INVALID by LoadGen)")
+    ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, out / "load_p99_vs_qps.png")

@@ -1,0 +1,175 @@
+"""Load scenarios under MLCommons LoadGen: a SUT that sleeps a known time gives the capacity and rate
+that queueing arithmetic predicts, an overloaded target is INVALID rather than a number, and a small
+real model runs through every scenario in a recipe, its report saying what LoadGen found."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+import pytest
+
+pytest.importorskip("mlperf_loadgen")
+
+from bench.serving import Batcher, capacity, run_loadgen  # noqa: E402
+from conftest import the_run_dir, write_yaml  # noqa: E402
+from workbench.cli import main  # noqa: E402
+
+
+def queue_capacity(service_s, bound_s: float, percentile: float, seed: int = 0) -> float:
+    """Queueing arithmetic: the highest Poisson arrival rate at which one server whose service times are
+    drawn from `service_s` keeps the given percentile of the time in system (wait + service) within
+    the bound: M/G/1 by Lindley's recursion (each request starts when it arrives or when the one before
+    it is done), over 20,000 arrivals, bisected on the rate."""
+    service_s = np.asarray(service_s)
+
+    def tail(lam):
+        rng = np.random.default_rng(seed)
+        arrive = np.cumsum(rng.exponential(1 / lam, 20000))
+        serve = rng.choice(service_s, arrive.size)
+        done, t = np.empty_like(arrive), 0.0
+        for i in range(arrive.size):
+            t = max(t, arrive[i]) + serve[i]
+            done[i] = t
+        return np.percentile(done - arrive, percentile)
+
+    lo, hi = 0.0, 0.9999 / service_s.mean()
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if tail(mid) <= bound_s else (lo, mid)
+    return lo
+
+
+class Sleeper:
+    """A session whose batch costs `fixed + per_item * n` seconds of sleep, whatever the batch holds."""
+
+    def __init__(self, fixed: float, per_item: float = 0.0):
+        self.fixed, self.per_item, self.took = fixed, per_item, []
+
+    def __call__(self, stream: int, n: int) -> None:
+        t0 = time.perf_counter()
+        time.sleep(self.fixed + self.per_item * n)
+        self.took.append(time.perf_counter() - t0)
+
+
+@pytest.mark.slow
+def test_server_capacity_matches_queueing_arithmetic_within_10_percent(tmp_path):
+    batcher = Batcher(Sleeper(0.004), max_batch=1, max_wait_ms=0, streams=1)
+    steps, service = iter(range(100)), []
+
+    def step(qps):
+        r = run_loadgen(batcher, "server", tmp_path / f"step-{next(steps)}", samples=16, target_qps=qps,
+                        latency_bound_ms=100, percentile=99, min_duration_s=4, min_queries=600)
+        service.extend(r["service_ms"])
+        return r
+
+    try:
+        found = capacity(step, estimate_qps=230, max_steps=9, precision=0.03)
+    finally:
+        batcher.close()
+    # The SUT's own service times (a 4 ms sleep, its jitter and the answer to LoadGen) fed to M/G/1. LoadGen's
+    # early stopping asks the bound to hold with confidence over the ~800 queries it saw: about the 99.5th
+    # percentile, so the prediction is taken between the 99th's and the 99.5th's.
+    s = np.asarray(service) / 1e3
+    predicted = (queue_capacity(s, 0.100, 99) + queue_capacity(s, 0.100, 99.5)) / 2
+    assert found["max_qps"] is not None, found["ladder"]
+    assert abs(found["max_qps"] / predicted - 1) <= 0.10, (found["max_qps"], predicted, s.mean())
+    # Every step is kept; the one above the capacity was INVALID by LoadGen's own verdict.
+    assert any(not r["valid"] and r["target_qps"] > found["max_qps"] for r in found["ladder"])
+
+
+@pytest.mark.slow
+def test_an_overloaded_target_is_invalid_and_offline_rate_is_batch_over_service_time(tmp_path):
+    batcher = Batcher(Sleeper(0.010), max_batch=8, max_wait_ms=1, streams=1)
+    try:
+        # 8 requests per 10 ms batch: at most ~800 requests/s. 3,000 QPS cannot meet a 30 ms bound.
+        over = run_loadgen(batcher, "server", tmp_path / "over", samples=16, target_qps=3000, latency_bound_ms=30,
+                           min_duration_s=2, min_queries=200)
+        offline = run_loadgen(batcher, "offline", tmp_path / "offline", samples=16, target_qps=800,
+                              min_duration_s=2, min_queries=400)
+    finally:
+        batcher.close()
+    assert over["result"] == "INVALID" and not over["valid"]
+    assert over["percentiles_ms"]["99"] > 30
+    assert (tmp_path / "over" / "mlperf_log_summary.txt").exists()  # LoadGen's own log is kept
+    # Offline: every query at once, so batches are full: the rate is 8 / 10 ms.
+    assert offline["valid"] and abs(offline["samples_per_s"] / 800 - 1) <= 0.10, offline["samples_per_s"]
+    assert max(int(k) for k in offline["batch_histogram"]) == 8
+
+
+def test_a_capacity_search_with_no_valid_target_reports_none():
+    ladder = []
+
+    def never(qps):
+        ladder.append(qps)
+        return {"valid": False, "target_qps": qps}
+
+    found = capacity(never, estimate_qps=100, max_steps=4)
+    assert found["max_qps"] is None and found["best"] is None and len(found["ladder"]) == 4
+    assert ladder == [50, 25, 12.5, 6.25]  # it falls by 2x looking for a valid target
+
+
+def _recipe(**bench) -> dict:
+    return {
+        "name": "digits-load",
+        "model": {"source": "builtin", "name": "digits-cnn"},
+        "task": {"type": "classification", "data": {"source": "builtin", "name": "digits"}},
+        "variants": {"baseline": {}},
+        "export": {"formats": ["onnx"]},
+        "bench": {"backends": ["ort-cpu"], "batch_sizes": [1], "repeats": 2,
+                  "timing": {"warmup": 2, "min_iters": 5, "min_seconds": 0.05, "stability_threshold": 100.0},
+                  "scenarios": [
+                      {"type": "single-stream"},
+                      {"type": "offline", "max_batch": 8},
+                      {"type": "server", "latency_bound_ms": 20, "max_batch": 4, "max_wait_ms": 1, "max_steps": 4},
+                  ], **bench},
+        "report": {"target_qps": 5000},
+    }
+
+
+@pytest.mark.slow
+def test_a_small_model_runs_through_every_scenario_in_a_recipe(tmp_path):
+    recipe = write_yaml(tmp_path / "load.yaml", _recipe())
+    assert main(["run", str(recipe), "--out", str(tmp_path / "out"), "--quick"]) == 0
+    run_dir = the_run_dir(tmp_path / "out", "digits-load")
+    r = json.loads((run_dir / "results.json").read_text())
+    load = {c["scenario"]: c for c in r["load"]}
+    assert set(load) == {"single-stream", "offline-b8", "server-b4"}
+    for c in load.values():
+        assert c["status"] in ("ok", "unstable"), c["reason"]
+        assert len(c["repeats"]) == 2  # one process per round, as latency cells
+    server = load["server-b4"]["load"]["server"]
+    assert server["valid"] and server["max_qps"] > 0 and len(server["max_qps_by_round"]) == 2
+    assert all(len(ladder) >= 2 for ladder in server["ladder_by_round"])
+    assert load["offline-b8"]["load"]["offline"]["samples_per_s"] > 0
+    # LoadGen's logs of every test are kept in the run folder.
+    assert list((run_dir / "loadgen").rglob("mlperf_log_summary.txt"))
+    # Load cells stay apart from the latency cells, which the recommendation ranks.
+    assert all("scenario" not in c for c in r["cells"]) and r["recommendation"]["variant"] == "baseline"
+    report = (run_dir / "report.md").read_text()
+    assert "Under load" in report and "machines for 5000 QPS" in report
+    assert (run_dir / "plots" / "load_p99_vs_qps.png").exists()
+
+
+def test_a_server_scenario_without_a_bound_is_refused(tmp_path, capsys):
+    spec = _recipe()
+    spec["bench"]["scenarios"] = [{"type": "server"}]
+    assert main(["validate", str(write_yaml(tmp_path / "bad.yaml", spec))]) == 2
+    err = capsys.readouterr().err
+    assert "bench.scenarios[0].latency_bound_ms" in err and "Traceback" not in err
+
+
+def test_compare_puts_capacities_side_by_side_with_the_ranges_of_their_rounds():
+    from reporting.compare import capacities
+
+    def run(by_round):
+        qps = [q for q in by_round if q is not None]
+        return {"load": [{"variant": "v", "backend": "ort-cpu", "scenario": "server-b8",
+                          "load": {"server": {"max_qps": sorted(qps)[len(qps) // 2], "max_qps_by_round": by_round}}}]}
+
+    same = capacities(run([100.0, 110.0, 104.0]), run([108.0, 120.0, 115.0]))
+    assert same == [{"variant": "v", "backend": "ort-cpu", "scenario": "server-b8", "capacity_a": (104.0, 100.0, 110.0),
+                     "capacity_b": (115.0, 108.0, 120.0), "intervals_overlap": True}]
+    moved = capacities(run([100.0, 104.0]), run([150.0, 160.0]))
+    assert moved[0]["intervals_overlap"] is False
