@@ -107,7 +107,7 @@ class OpenvinoBackend(Backend):
         totals: dict = {}
         for _ in range(calls):  # the counters hold the last call only: sum them call by call
             runner.call(prepared)
-            totals = _merge(totals, runner.perf_counts())
+            totals = _merge(totals, runner.perf_counts(prepared))
         return _by_op(totals.values(), calls)
 
     @classmethod

@@ -103,7 +103,8 @@ def plan_load(targets: list[Target], scenarios: list[dict], backends_of: Callabl
         for t in targets:
             if sc.get("variants") and t.variant not in sc["variants"]:
                 continue
-            for backend in sc.get("backends") or backends_of(t.variant):
+            # The scenario's backends narrow the variant's own; none: all of the variant's.
+            for backend in [b for b in backends_of(t.variant) if not sc.get("backends") or b in sc["backends"]]:
                 cls = BACKENDS[backend]
                 cell = {"variant": t.variant, "format": cls.format, "backend": backend, "device": cls.device,
                         "scenario": sc["label"], "type": sc["type"], "batch_size": sc["max_batch"],

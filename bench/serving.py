@@ -164,12 +164,14 @@ def _number(s: str) -> float:
         return float("nan")
 
 
-def capacity(step: Callable[[float], dict], estimate_qps: float, *, max_steps: int = 8, precision: float = 0.05) -> dict:
+def capacity(step: Callable[[float], dict], estimate_qps: float, *, max_steps: int = 8, precision: float = 0.05,
+             floor_qps: float = 0.0) -> dict:
     """The highest target QPS whose Server run is VALID. `step(qps)` runs one LoadGen Server test. From
     half the estimate, the ladder climbs by 1.5x while runs are valid (and falls by 2x while they are
-    not), then bisects between the last valid and the first invalid target until they are within
-    `precision` of each other or `max_steps` runs were made. Returns max_qps (None: no valid target),
-    the step that achieved it and the ladder."""
+    not, never below `floor_qps`: a target that cannot reach LoadGen's minimum query count within its
+    maximum duration), then bisects between the last valid and the first invalid target until they are
+    within `precision` of each other or `max_steps` runs were made. Returns max_qps (None: no valid
+    target), the step that achieved it and the ladder."""
     ladder: list[dict] = []
 
     def run(qps: float) -> bool:
@@ -179,7 +181,7 @@ def capacity(step: Callable[[float], dict], estimate_qps: float, *, max_steps: i
 
     q = max(estimate_qps * 0.5, 0.1)
     lo, hi = None, None
-    while len(ladder) < max_steps and (lo is None or hi is None):
+    while len(ladder) < max_steps and (lo is None or hi is None) and q >= floor_qps:
         if run(q):
             lo = q
             q *= 1.5

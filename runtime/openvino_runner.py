@@ -77,36 +77,40 @@ class OvRunner(Runner):
         self.model = read_model(path)
         self.names = {p.get_any_name() for p in self.model.inputs}
         self.compiled = None
+        self.by_shape: dict = {}  # static shapes: one compiled model and request per shape seen
         self.info = {"threads_requested": threads}
         if not static:
-            self._compile()
+            self.compiled, self.request = self._compile()
 
     def _compile(self):
-        self.compiled = compile_model(self.model, self.device, self.props)
-        self.request = self.compiled.create_infer_request()
-        self.info.update({"openvino": read_back(self.compiled), "static_shape": self.static})
+        compiled = compile_model(self.model, self.device, self.props)
+        self.info.update({"openvino": read_back(compiled), "static_shape": self.static})
+        return compiled, compiled.create_infer_request()
 
     def prepare(self, inputs):
+        """(compiled model, request, feed): with static shapes, the model compiled for this feed's shape
+        (once per shape: a cell times one; accuracy batches and a serving SUT's batch sizes add others)."""
         feed = {k: np.ascontiguousarray(v) for k, v in inputs.items() if k in self.names}
-        if self.static:
-            shapes = {k: v.shape for k, v in feed.items()}
-            if self.compiled is None or shapes != getattr(self, "_shapes", None):
-                # One compile per shape: a cell times one shape; accuracy batches of other shapes recompile.
-                reshape_static(self.model, feed)
-                self._compile()
-                self._shapes = shapes
-                self.info["shape"] = {k: list(s) for k, s in shapes.items()}
-        return feed
+        if not self.static:
+            return self.compiled, self.request, feed
+        key = tuple(sorted((k, v.shape) for k, v in feed.items()))
+        if key not in self.by_shape:
+            reshape_static(self.model, feed)
+            self.by_shape[key] = self._compile()
+            self.info["shape"] = {k: list(v.shape) for k, v in feed.items()}
+        self.compiled, self.request = self.by_shape[key]
+        return self.compiled, self.request, feed
 
     def call(self, prepared):
+        compiled, request, feed = prepared
         # infer() returns when the request is done (synchronous), so host time covers the work.
-        return self.request.infer(prepared)[self.compiled.output(0)]
+        return request.infer(feed)[compiled.output(0)]
 
     def outputs(self, prepared) -> np.ndarray:
         return np.asarray(self.call(prepared), dtype=np.float32)
 
-    def perf_counts(self) -> list:
-        return self.request.get_profiling_info()
+    def perf_counts(self, prepared) -> list:
+        return prepared[1].get_profiling_info()
 
 
 def make_stateful(model) -> list[str]:

@@ -246,7 +246,8 @@ class ScenarioSpec(Strict):
     name: Optional[str] = Field(None, description="the scenario's label in the report; default: its type, with "
                                 "max_batch and streams when they are not 1")
     variants: Optional[list[str]] = Field(None, description="the variants measured under it; default: every variant")
-    backends: Optional[list[BackendName]] = Field(None, description="the backends; default: each variant's own")
+    backends: Optional[list[BackendName]] = Field(None, description="of each variant's backends, only these; "
+                                                  "default: all of them")
     latency_bound_ms: Optional[float] = Field(None, gt=0, description="server: the latency bound (required)")
     percentile: float = Field(99.0, gt=50, lt=100, description="server: the latency percentile held to the bound")
     max_batch: int = Field(1, ge=1, le=256, description="the SUT batches up to this many waiting requests "
@@ -258,7 +259,8 @@ class ScenarioSpec(Strict):
     min_duration_s: float = Field(10.0, gt=0, description="each LoadGen test runs at least this long (--quick: 2)")
     min_queries: int = Field(1000, ge=1, description="and at least this many queries: LoadGen's early stopping "
                              "needs hundreds to call a p99 VALID")
-    max_duration_s: float = Field(120.0, gt=0, description="each LoadGen test stops after this long")
+    max_duration_s: float = Field(30.0, gt=0, description="each LoadGen test stops after this long (a target too "
+                                  "low to reach min_queries within it is not tried)")
     max_steps: int = Field(8, ge=2, le=30, description="server: LoadGen tests per capacity search (the ladder)")
     samples: int = Field(64, ge=1, description="the query sample library's size (inputs of the cell's shape)")
 
