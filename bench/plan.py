@@ -52,20 +52,12 @@ def plan(targets: list[Target], backends_of: Callable[[str], list[str]], batch_s
                 cell = {"variant": t.variant, "format": cls.format, "backend": backend, "device": cls.device,
                         "batch_size": batch, "shape": shape, "status": None, "reason": None}
                 cells.append(cell)
-                why = _why_not(t, cls, generation)
-                if why:
-                    cell.update(status=why[0], reason=why[1])
-                    continue
-                art = t.artifacts[cls.format]
-                path = Path(art["path"]) if t.root is None else t.root / art["path"]
                 outputs = outputs_dir / f"outputs-{len(cells)}.npy" if outputs_dir is not None else None
-                job = cell_job(backend, path, io.to_json(), batch, seq_len, threads, timing, seed=seed,
-                               eval_inputs=eval_inputs, outputs_path=outputs, sys_path=sys_path,
-                               options=options_of(t.variant, backend) if options_of else {})
-                if job["options"] is None:  # a reference: the engine as its defaults leave it
-                    cell["engine_defaults"] = True
-                elif job["options"]:
-                    cell["options"] = job["options"]
+                job = _job(t, cls, cell, generation, options_of, io=io, batch=batch, seq_len=seq_len,
+                           threads=threads, timing=timing, seed=seed, eval_inputs=eval_inputs,
+                           outputs_path=outputs, sys_path=sys_path)
+                if job is None:
+                    continue
                 if generation:
                     job.update(entry="bench.generate", prompts=generation.prompts(batch).tolist(),
                                new_tokens=generation.new_tokens)
@@ -73,6 +65,25 @@ def plan(targets: list[Target], backends_of: Callable[[str], list[str]], batch_s
                                           "context": seq_len + generation.new_tokens}
                 jobs.append((len(cells) - 1, job))
     return cells, jobs
+
+
+def _job(t: Target, cls, cell: dict, generation, options_of, *, io, batch: int, seq_len: int, threads: int,
+         timing: dict, seed: int, **extra) -> Optional[dict]:
+    """The job that measures `cell` (bench.cells.cell_job on the target's artifact of the backend's format,
+    with the variant's engine options), or None when it cannot run: then `cell` says why."""
+    why = _why_not(t, cls, generation)
+    if why:
+        cell.update(status=why[0], reason=why[1])
+        return None
+    art = t.artifacts[cls.format]
+    path = Path(art["path"]) if t.root is None else t.root / art["path"]
+    job = cell_job(cls.name, path, io.to_json(), batch, seq_len, threads, timing, seed=seed,
+                   options=options_of(t.variant, cls.name) if options_of else {}, **extra)
+    if job["options"] is None:  # a reference: the engine as its defaults leave it
+        cell["engine_defaults"] = True
+    elif job["options"]:
+        cell["options"] = job["options"]
+    return job
 
 
 def _why_not(t: Target, cls, generation) -> Optional[tuple[str, str]]:
@@ -111,14 +122,10 @@ def plan_load(targets: list[Target], scenarios: list[dict], backends_of: Callabl
                         "settings": {k: v for k, v in sc.items() if k not in ("variants", "backends", "name", "label")},
                         "status": None, "reason": None}
                 cells.append(cell)
-                why = _why_not(t, cls, None)
-                if why:
-                    cell.update(status=why[0], reason=why[1])
+                job = _job(t, cls, cell, None, options_of, io=io, batch=sc["max_batch"], seq_len=seq_len,
+                           threads=threads, timing=timing, seed=seed, sys_path=sys_path)
+                if job is None:
                     continue
-                art = t.artifacts[cls.format]
-                path = Path(art["path"]) if t.root is None else t.root / art["path"]
-                job = cell_job(backend, path, io.to_json(), sc["max_batch"], seq_len, threads, timing, seed=seed,
-                               sys_path=sys_path, options=options_of(t.variant, backend) if options_of else {})
                 job.update(entry="bench.serve", scenario=sc,
                            log_dir=str(log_root / f"{t.variant}--{backend}--{sc['label']}"))
                 jobs.append((len(cells) - 1, job))

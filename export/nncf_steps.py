@@ -12,6 +12,7 @@ ONNX Runtime alike:
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 from dataclasses import replace
 from typing import Literal, Optional
@@ -271,20 +272,11 @@ def _nncf_log():
     logger.handlers, logger.propagate = [handler], False
     logger.setLevel(logging.DEBUG)  # the quantizers accuracy control removes are logged at DEBUG
     try:
-        from nncf.common.logging.track_progress import track  # noqa: F401 - its bars are rich consoles
-        with contextlib.redirect_stdout(_Null()):
+        with contextlib.redirect_stdout(io.StringIO()):
             yield lines
     finally:
         logger.handlers, logger.propagate = saved, propagate
         logger.setLevel(level)
-
-
-class _Null:
-    def write(self, s):
-        return len(s)
-
-    def flush(self):
-        pass
 
 
 def _reverted(lines: list[str]) -> dict:

@@ -9,22 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 from reporting.analysis import measured
 from bench.protocol import unpaired_ratio_ci
 from reporting.report import md_table
 from core import atomic
 from core.errors import RecipeError
-
-
-def _subplots(*args, figsize, **kwargs):
-    """`plt.subplots` without pyplot: a Figure on its own Agg canvas, so drawing never switches the
-    caller's matplotlib backend nor fills pyplot's figure registry (nothing to close)."""
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(*args, **kwargs)
+from reporting.figures import save, subplots
 
 
 def _key(c: dict) -> tuple:
@@ -151,7 +141,7 @@ def plot(rows: list[dict], path: Path, margin: float) -> Path:
     err = [[100 * (r["change"] - r["change_ci95"][0]) for r in rows],
            [100 * (r["change_ci95"][1] - r["change"]) for r in rows]]
     colors = {"slower": "tab:red", "faster": "tab:green", "no significant difference": "tab:gray"}
-    fig, ax = _subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4.5))
+    fig, ax = subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4.5))
     ax.bar(range(len(rows)), y, yerr=err, capsize=3, color=[colors[r["verdict"]] for r in rows])
     ax.axhspan(-100 * margin, 100 * margin, color="gray", alpha=0.15, label=f"noise margin ±{margin:.0%}")
     ax.axhline(0, color="black", lw=0.8)
@@ -161,9 +151,7 @@ def plot(rows: list[dict], path: Path, margin: float) -> Path:
     ax.set_title("Latency change per cell (red: slower, green: faster, gray: no significant difference)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    atomic.write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    return path
+    return save(fig, path)
 
 
 def parse_percent(text: str) -> float:

@@ -6,19 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from reporting.analysis import MB, Recommendation, cell_score, labelled
-from core import atomic
-
-
-def _subplots(*args, figsize, **kwargs):
-    """`plt.subplots` without pyplot: a Figure on its own Agg canvas, so drawing never switches the
-    caller's matplotlib backend nor fills pyplot's figure registry (nothing to close)."""
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(*args, **kwargs)
+from reporting.figures import save, subplots
 
 
 def generation_cells(results: dict, batch: int | None = None) -> list[dict]:
@@ -79,7 +69,7 @@ def ppl_vs_tokens_per_s(results: dict, out: Path, rec: Recommendation) -> Path |
     pts = [(c, s) for c, s in pts if s is not None]
     if not pts:
         return None
-    fig, ax = _subplots(figsize=(8, 5))
+    fig, ax = subplots(figsize=(8, 5))
     backends = sorted({c["backend"] for c, _ in pts})
     for b, marker in zip(backends, "osD^vP*X"):
         sel = [(c, s) for c, s in pts if c["backend"] == b]
@@ -101,7 +91,7 @@ def ppl_vs_tokens_per_s(results: dict, out: Path, rec: Recommendation) -> Path |
     ax.set_title("Perplexity against decode throughput (down and right is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out / "perplexity_vs_tokens_per_s.png")
+    return save(fig, out / "perplexity_vs_tokens_per_s.png")
 
 
 def latency_bars(results: dict, out: Path) -> Path | None:
@@ -110,7 +100,7 @@ def latency_bars(results: dict, out: Path) -> Path | None:
     if not cells:
         return None
     labels = [f"{_label(c)} b{c['batch_size']}" for c in cells]
-    fig, axes = _subplots(1, 2, figsize=(12, 0.35 * len(cells) + 1.8), sharey=True)
+    fig, axes = subplots(1, 2, figsize=(12, 0.35 * len(cells) + 1.8), sharey=True)
     for ax, key, title in ((axes[0], "ttft", "time to first token (ms)"),
                            (axes[1], "decode", "decode latency per token (ms)")):
         p50 = [c["generation"]["ttft_ms"]["p50"] if key == "ttft" else c["latency_ms"]["p50"] for c in cells]
@@ -121,7 +111,7 @@ def latency_bars(results: dict, out: Path) -> Path | None:
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(cells)), labels, fontsize=7)
     axes[0].invert_yaxis()
-    return _save(fig, out / "ttft_and_decode_latency.png")
+    return save(fig, out / "ttft_and_decode_latency.png")
 
 
 def memory_vs_context(results: dict, out: Path, rec: Recommendation) -> Path | None:
@@ -133,7 +123,7 @@ def memory_vs_context(results: dict, out: Path, rec: Recommendation) -> Path | N
     if not cells:
         return None
     sizes = {v["name"]: v.get("size_bytes") or 0 for v in results["variants"]}
-    fig, ax = _subplots(figsize=(8, 5))
+    fig, ax = subplots(figsize=(8, 5))
     names = list(dict.fromkeys(c["variant"] for c in cells))
     tab10 = matplotlib.colormaps["tab10"]
     colors = {n: tab10(i % 10) for i, n in enumerate(names)}  # one colour per variant: line and points
@@ -155,10 +145,4 @@ def memory_vs_context(results: dict, out: Path, rec: Recommendation) -> Path | N
     ax.set_title(f"Memory against context at batch {rec.batch_size}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, out / "memory_vs_context.png")
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    atomic.write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    return path
+    return save(fig, out / "memory_vs_context.png")

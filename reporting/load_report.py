@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from reporting.figures import save, subplots
+
 
 def load_cells(results: dict) -> list[dict]:
     return results.get("load") or []
@@ -69,9 +71,7 @@ def p99_vs_qps(results: dict, out: Path) -> Optional[Path]:
     servers = [c for c in load_cells(results) if (c.get("load") or {}).get("server")]
     if not servers:
         return None
-    from reporting.plots import _save, _subplots  # here: reporting.plots imports this module
-
-    fig, ax = _subplots(figsize=(7, 4.2))
+    fig, ax = subplots(figsize=(7, 4.2))
     bounds = set()
     for c in servers:
         s = c["load"]["server"]
@@ -93,4 +93,4 @@ def p99_vs_qps(results: dict, out: Path) -> Optional[Path]:
     ax.set_ylabel("p99 latency, ms (log)")
     ax.set_title("Under load: p99 against offered QPS (x: INVALID by LoadGen)")
     ax.legend(fontsize=7, loc="upper left")
-    return _save(fig, out / "load_p99_vs_qps.png")
+    return save(fig, out / "load_p99_vs_qps.png")

@@ -5,30 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.transforms import ScaledTranslation
 
 from reporting import load_report, lm_report
 from reporting.analysis import Recommendation, cell_score, lower_is_better, primary_metric
-from core import atomic
+from reporting.figures import save, subplots
 
 MB = 1024 * 1024
-
-
-def _subplots(*args, figsize, **kwargs):
-    """`plt.subplots` without pyplot: a Figure on its own Agg canvas, so drawing never switches the
-    caller's matplotlib backend nor fills pyplot's figure registry (nothing to close)."""
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(*args, **kwargs)
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    atomic.write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    return path
 
 
 def _legend_below(ax, *args, **kwargs):
@@ -53,7 +37,7 @@ def latency_bars(results, out: Path) -> Path | None:
     batches = sorted({c["batch_size"] for c in cells})
     # One panel per batch size, stacked: side by side they made a figure so wide that a page shrinks its text
     # out of reach.
-    fig, axes = _subplots(len(batches), 1, figsize=(min(14, max(7, 0.5 * len(variants) * len(backends) + 2)),
+    fig, axes = subplots(len(batches), 1, figsize=(min(14, max(7, 0.5 * len(variants) * len(backends) + 2)),
                                                        0.6 + 3.9 * len(batches)), squeeze=False)
     width = 0.8 / max(len(backends), 1)
     for ax, batch in zip(axes[:, 0], batches):
@@ -85,7 +69,7 @@ def latency_bars(results, out: Path) -> Path | None:
     # Beside the first panel, where no bar can be under it (tight_layout gives both panels the same width).
     axes[0][0].legend(title="backend\n(hatched: unstable)", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.suptitle("Latency by variant and backend (lower is better)")
-    return _save(fig, out / "latency_by_variant.png")
+    return save(fig, out / "latency_by_variant.png")
 
 
 def pareto_points(results, rec: Recommendation) -> list[dict]:
@@ -151,7 +135,7 @@ def accuracy_vs_latency(results, out: Path, rec: Recommendation) -> Path | None:
     pts = pareto_points(results, rec)
     if not pts:
         return None
-    fig, ax = _subplots(figsize=(8, 5))
+    fig, ax = subplots(figsize=(8, 5))
     backends = sorted({p["backend"] for p in pts})
     markers = dict(zip(backends, "osD^vP*X"))
     for b in backends:
@@ -175,20 +159,20 @@ def accuracy_vs_latency(results, out: Path, rec: Recommendation) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _number_labels(ax, pts)
-    return _save(fig, out / "accuracy_vs_latency.png")
+    return save(fig, out / "accuracy_vs_latency.png")
 
 
 def size_bars(results, out: Path) -> Path | None:
     vs = [v for v in results["variants"] if v.get("size_bytes")]
     if not vs:
         return None
-    fig, ax = _subplots(figsize=(max(6, 1.0 * len(vs) + 2), 4))
+    fig, ax = subplots(figsize=(max(6, 1.0 * len(vs) + 2), 4))
     ax.bar([v["name"] for v in vs], [v["size_bytes"] / MB for v in vs], color="tab:green")
     ax.set_ylabel("model file size (MiB)")
     ax.set_title("Model size on disk by variant")
     ax.tick_params(axis="x", rotation=30)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, out / "size_by_variant.png")
+    return save(fig, out / "size_by_variant.png")
 
 
 def _cell_label(c: dict) -> str:
@@ -208,7 +192,7 @@ def memory_bars(results, out: Path) -> Path | None:
         return None
     gpu = [c for c in cells if any(c["memory"].get(k) is not None for k, _, _ in DEVICE_MEMORY)]
     heights = [0.6 + 0.26 * len(cells)] + ([0.9 + 0.5 * len(gpu)] if gpu else [])
-    fig, axes = _subplots(len(heights), 1, figsize=(9, 0.9 + sum(heights)), squeeze=False,
+    fig, axes = subplots(len(heights), 1, figsize=(9, 0.9 + sum(heights)), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
     ax = axes[0][0]
     y = np.arange(len(cells))
@@ -234,7 +218,7 @@ def memory_bars(results, out: Path) -> Path | None:
         ax.set_title("GPU memory (ONNX Runtime cells: NVML only)", fontsize=10)
         _legend_below(ax)
         ax.grid(axis="x", alpha=0.3)
-    return _save(fig, out / "memory_by_cell.png")
+    return save(fig, out / "memory_by_cell.png")
 
 
 SPEED_COLORS = (("tab:green", "faster: whole 95% CI above 1.0x"), ("tab:red", "slower: whole 95% CI below 1.0x"),
@@ -260,7 +244,7 @@ def speedup_bars(results, out: Path, sp: dict) -> Path | None:
         if group:
             rows.append((b, None))
             rows += [(f"{cells[i]['variant']}  b{cells[i]['batch_size']}", i) for i in group]
-    fig, ax = _subplots(figsize=(9, 1.6 + 0.3 * len(rows)))
+    fig, ax = subplots(figsize=(9, 1.6 + 0.3 * len(rows)))
     for y, (_, i) in enumerate(rows):
         if i is None:
             ax.axhspan(y - 0.5, y + 0.5, color="#f0f0f0", zorder=0)
@@ -290,7 +274,7 @@ def speedup_bars(results, out: Path, sp: dict) -> Path | None:
     handles = [Rectangle((0, 0), 1, 1, color=c) for c, _ in SPEED_COLORS]
     handles.append(Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch="//"))
     _legend_below(ax, handles, [t for _, t in SPEED_COLORS] + ["unstable latency"], ncol=2)
-    return _save(fig, out / "speedup_vs_baseline.png")
+    return save(fig, out / "speedup_vs_baseline.png")
 
 
 def accuracy_delta_bars(results, out: Path) -> Path | None:
@@ -303,7 +287,7 @@ def accuracy_delta_bars(results, out: Path) -> Path | None:
     if not vs:
         return None
     deltas = [round(v["accuracy_delta"][metric], 4) or 0.0 for v in vs]  # no "-0.0000" for a float's last bit
-    fig, ax = _subplots(figsize=(9, 1.4 + 0.3 * len(vs)))
+    fig, ax = subplots(figsize=(9, 1.4 + 0.3 * len(vs)))
     y = np.arange(len(vs))
     ax.barh(y, deltas, height=0.7, color=["tab:red" if d < 0 else "tab:blue" for d in deltas])
     for yy, d in zip(y, deltas):
@@ -320,7 +304,7 @@ def accuracy_delta_bars(results, out: Path) -> Path | None:
     ax.set_xlabel(f"{metric} change vs baseline")
     ax.set_title(f"{metric} change against the baseline (right is better)")
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, out / "accuracy_delta_by_variant.png")
+    return save(fig, out / "accuracy_delta_by_variant.png")
 
 
 def sensitivity_rankings(results: dict) -> list[tuple[str, dict]]:
@@ -340,7 +324,7 @@ def sensitivity_bars(results, out: Path) -> Path | None:
     if not rankings:
         return None
     rows = max(min(len(s["ranking"]), 20) for _, s in rankings)
-    fig, axes = _subplots(1, len(rankings), figsize=(6.5 * len(rankings), 1.2 + 0.28 * rows), squeeze=False)
+    fig, axes = subplots(1, len(rankings), figsize=(6.5 * len(rankings), 1.2 + 0.28 * rows), squeeze=False)
     for ax, (name, sens) in zip(axes[0], rankings):
         top = sens["ranking"][:20][::-1]
         kept = set(sens.get("kept_fp32") or [])
@@ -350,7 +334,7 @@ def sensitivity_bars(results, out: Path) -> Path | None:
         ax.set_xlabel("1 - cosine to the float graph, this node alone quantized")
         ax.set_title(f"{name}: per-node sensitivity (red: kept in float)", fontsize=10)
         ax.tick_params(axis="y", labelsize=7)
-    return _save(fig, out / "sensitivity.png")
+    return save(fig, out / "sensitivity.png")
 
 
 def search_plot(results, out: Path) -> Path | None:
@@ -360,7 +344,7 @@ def search_plot(results, out: Path) -> Path | None:
     if not search or not search.get("candidates"):
         return None
     metric = search["constraints"].get("metric") or "accuracy"
-    fig, ax = _subplots(figsize=(7.5, 4.8))
+    fig, ax = subplots(figsize=(7.5, 4.8))
     measured = [c for c in search["candidates"] if c["status"] == "measured"]
     rejected = [c for c in search["candidates"] if c["status"] == "rejected"]
     best = (search.get("best") or {}).get("candidate")
@@ -384,7 +368,7 @@ def search_plot(results, out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     if best or rejected:
         ax.legend(fontsize=8, loc="best")
-    return _save(fig, out / "search.png")
+    return save(fig, out / "search.png")
 
 
 def make_plots(results: dict, out: Path, rec: Recommendation, sp: dict) -> list[tuple[str, Path]]:

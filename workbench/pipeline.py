@@ -86,7 +86,7 @@ class Run:
 
             # The machine's peaks, probed before any cell runs, while nothing of ours is loaded.
             peak = probe(self.threads) if self.recipe.bench.backends else None
-            cells = bench(self, models, variants, artifacts)
+            cells, load = bench(self, models, variants, artifacts)
             if peak and any(c.get("latency_ms") for c in cells):
                 annotate(cells, variants, peak)
             say("writing results.json, the report and its plots")
@@ -97,7 +97,7 @@ class Run:
                 model={"description": self.src.description, "io": self.src.io.to_json(),
                        **({"random_weights": True} if self.src.random_weights else {})},
                 task=self.task.summary(),
-                variants=variants, artifacts=artifacts, cells=cells, load=getattr(self, "load_cells", None),
+                variants=variants, artifacts=artifacts, cells=cells, load=load,
                 roofline_probe=peak, search=search,
                 executor=self.executor.describe())
             log.info("report: %s", self.run_dir / "report.md")

@@ -17,7 +17,8 @@ from core.processes import plugin_folders
 from workbench.run_dir import log, say
 
 
-def bench(run, models, variants: list[dict], artifacts: list[dict]) -> list[dict]:
+def bench(run, models, variants: list[dict], artifacts: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(latency cells, load-scenario cells)."""
     spec = run.recipe.bench
     work = run.run_dir / ".work"
     work.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,6 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> list[dict
                                       threads=run.threads, timing=run.timing, seed=run.recipe.seed,
                                       log_root=run.run_dir / "loadgen", sys_path=sys_path,
                                       options_of=run.recipe.options_of) if scenarios else ([], [])
-    run.load_cells = load_cells
     every = jobs + [(("load", i), job) for i, job in load_jobs]
 
     repeats = min(spec.repeats, 2) if run.quick else spec.repeats
@@ -108,7 +108,7 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> list[dict
         eval_path.unlink()
     if spec.profile and not (run.quick and "profile" not in spec.model_fields_set):
         profile_cells(run, cells, jobs, work)
-    return cells
+    return cells, load_cells
 
 
 def prompts(run, batch: int) -> np.ndarray:

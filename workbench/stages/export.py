@@ -78,33 +78,13 @@ def export(run, models: dict[str, Optional[VariantModel]]) -> list[dict]:
                               "parity_note": NOT_GATED})
             for fmt in spec.formats:
                 if fmt != "onnx":
-                    artifacts.append(_from_graph(run, name, model, fmt, batches, ref))
+                    artifacts.append(_export_one(run, name, model, fmt, batches, ref))
                 bar.update()
     bar.close()
     return artifacts
 
 
 NOT_GATED = "against the torch ancestor; not gated (the steps changed it)"
-
-
-def _from_graph(run, name: str, model: VariantModel, fmt: str, batches, reference) -> dict:
-    """A format made from an ONNX-only variant's graph (one whose class has `from_onnx`, e.g. OpenVINO IR),
-    with parity against the torch ancestor, not gated; formats that need the torch module are skipped."""
-    cls = FORMATS[fmt]
-    art = {"variant": name, "format": fmt, "status": "ok", "reason": None}
-    if not hasattr(cls, "from_onnx"):
-        return {**art, "status": "skipped", "reason": f"variant '{name}' is an ONNX graph; {fmt} needs a torch module"}
-    try:
-        path = run.run_dir / "variants" / name / cls.file_name
-        art.update(cls.from_onnx(model.onnx_path, path, run.recipe.export))
-        art["path"] = str(path.relative_to(run.run_dir))
-        atomic.write_json(path.with_name(path.name + ".io.json"), run.src.io.to_json())
-        art["parity"] = parity(reference, outputs_in_fresh_process(fmt, path, batches), run.src.io.kind)
-        art["parity_note"] = NOT_GATED
-    except Exception as e:  # noqa: BLE001 - a conversion that fails is a recorded cell
-        log.error("export %s/%s failed:\n%s", name, fmt, traceback.format_exc())
-        art.update(status="failed", reason=reason(e))
-    return art
 
 
 def unreachable(recipe, name: str, fmt: str) -> Optional[str]:
@@ -126,15 +106,25 @@ def unreachable(recipe, name: str, fmt: str) -> Optional[str]:
 
 def _export_one(run, name: str, model: VariantModel, fmt: str, batches, reference,
                 graph: Optional[Path] = None) -> dict:
+    """One artifact of variant `name` in format `fmt`, reloaded in a fresh process for parity. A format that
+    can be made from an ONNX graph (`from_onnx`) converts `graph` (the variant's ONNX artifact) or, for an
+    ONNX-only variant, the variant itself, whose parity against its torch ancestor is then not gated."""
     art = {"variant": name, "format": fmt, "status": "ok", "reason": None}
     cls = FORMATS[fmt]
-    why_not = cls.unsupported(model.module) or unreachable(run.recipe, name, fmt)
+    onnx_only = model.format == "onnx"
+    if onnx_only:
+        graph = model.onnx_path
+        why_not = None if hasattr(cls, "from_onnx") else f"variant '{name}' is an ONNX graph; {fmt} needs a torch module"
+    else:
+        why_not = cls.unsupported(model.module) or unreachable(run.recipe, name, fmt)
     if why_not:
         return {**art, "status": "skipped", "reason": why_not}
     try:
         path = run.run_dir / "variants" / name / cls.file_name
         if graph is not None and hasattr(cls, "from_onnx"):
-            art.update(cls.from_onnx(graph, path, run.recipe.export), made_from="the variant's ONNX artifact")
+            art.update(cls.from_onnx(graph, path, run.recipe.export))
+            if not onnx_only:
+                art["made_from"] = "the variant's ONNX artifact"
         else:
             art.update(export_memoised(run, fmt, model.module, run.keys.get(name), path))
         out = outputs_in_fresh_process(fmt, path, batches)
@@ -142,9 +132,12 @@ def _export_one(run, name: str, model: VariantModel, fmt: str, batches, referenc
         art["path"] = str(path.relative_to(run.run_dir))
         atomic.write_json(path.with_name(path.name + ".io.json"), run.src.io.to_json())
         art["parity"] = parity(reference, out, run.src.io.kind)
-        bad = violations(art["parity"], run.recipe.export.parity)
-        if bad:
-            art.update(status="failed", reason=f"parity outside export.parity tolerance: {bad}")
+        if onnx_only:
+            art["parity_note"] = NOT_GATED
+        else:
+            bad = violations(art["parity"], run.recipe.export.parity)
+            if bad:
+                art.update(status="failed", reason=f"parity outside export.parity tolerance: {bad}")
     except Exception as e:  # noqa: BLE001 - an export that fails is a recorded cell
         log.error("export %s/%s failed:\n%s", name, fmt, traceback.format_exc())
         art.update(status="failed", reason=reason(e))
