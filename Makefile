@@ -3,18 +3,27 @@
 # runs, training, Ray) and takes under 3 minutes on 2 cores, for a quick loop while editing.
 VENV ?= .venv
 STAMP := $(VENV)/.installed
+LLAMA_STAMP := $(VENV)/.llama-cpp
 
-.PHONY: demo test test-fast setup clean
+.PHONY: demo test test-fast setup llama-cpp clean
 demo: $(STAMP)
 	$(VENV)/bin/workbench run recipes/quickstart.yaml
 
-test: $(STAMP)
+test: $(STAMP) $(LLAMA_STAMP)
 	$(VENV)/bin/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 setup: $(STAMP)
+
+# llama.cpp (llama-cpp-python compiled from source, 8-12 minutes once, and its GGUF converter): the
+# `llama-cpp` backend and `gguf-quantize` step need it; the quickstart does not, so `make demo` skips it.
+llama-cpp: $(LLAMA_STAMP)
+
+$(LLAMA_STAMP): $(STAMP) scripts/setup_llama_cpp.sh
+	VENV=$(VENV) bash scripts/setup_llama_cpp.sh
+	touch $(LLAMA_STAMP)
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh

@@ -72,6 +72,8 @@ def _job(t: Target, cls, cell: dict, generation, options_of, *, io, batch: int, 
     """The job that measures `cell` (bench.cells.cell_job on the target's artifact of the backend's format,
     with the variant's engine options), or None when it cannot run: then `cell` says why."""
     why = _why_not(t, cls, generation)
+    if why is None and cls.max_batch is not None and batch > cls.max_batch:
+        why = "skipped", cls.max_batch_why or f"{cls.name} runs batches of at most {cls.max_batch}"
     if why:
         cell.update(status=why[0], reason=why[1])
         return None

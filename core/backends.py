@@ -52,6 +52,8 @@ class Backend:
     generates: ClassVar[bool] = False  # measures causal LMs by generation (load_generator, bench.generate)
     default: ClassVar[bool] = False  # in a recipe's default bench.backends
     libraries: ClassVar[tuple[str, ...]] = ()  # pip distributions whose versions the environment records
+    max_batch: ClassVar[Optional[int]] = None  # the largest batch size it runs (None: any); larger cells are skipped
+    max_batch_why: ClassVar[str] = ""  # why, for those skipped cells
     # The engine options a recipe may set for it (`bench.options.<name>`), a pydantic model; None: none.
     # When set, `load`, `load_generator` and `profile*` take them as `options`: a dict of its fields, or None
     # for a reference variant's cells, which run as the engine's own defaults leave it.

@@ -10,9 +10,11 @@ class CausalLM(nn.Module):
     """(input_ids, attention_mask) -> logits (batch, tokens, vocabulary), for AutoModelForCausalLM
     models. Generation (bench) and KV-cache export reach the Hugging Face model as `.model`."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, tokenizer=None):
         super().__init__()
         self.model = model
+        # The model's tokenizer, for files that carry a vocabulary (GGUF); not part of the computation.
+        self.tokenizer = tokenizer
 
     def forward(self, input_ids, attention_mask):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

@@ -60,15 +60,22 @@ def dynamic_axes(io_spec: ModelIO) -> dict:
 
 @dataclass
 class VariantModel:
-    """A variant as it moves through the steps: a torch module, or an ONNX graph on disk."""
+    """A variant as it moves through the steps: a torch module, an ONNX graph on disk, or a GGUF file
+    (llama.cpp's, from the gguf-quantize step)."""
 
     io: ModelIO
     module: Any = None  # torch.nn.Module when format == "torch"
     onnx_path: Optional[Path] = None
-    # The nearest torch ancestor: the reference for parity of ONNX-only variants.
+    gguf_path: Optional[Path] = None
+    # The nearest torch ancestor: the reference for parity of ONNX-only and GGUF variants.
     source_module: Any = None
     extras: dict = field(default_factory=dict)  # e.g. a Hugging Face config/tokenizer for save_pretrained
 
     @property
     def format(self) -> str:
-        return "torch" if self.module is not None else "onnx"
+        return "torch" if self.module is not None else "gguf" if self.gguf_path is not None else "onnx"
+
+    @property
+    def file(self) -> Optional[Path]:
+        """The file a variant that is not a torch module consists of (its ONNX graph or GGUF)."""
+        return self.gguf_path if self.gguf_path is not None else self.onnx_path

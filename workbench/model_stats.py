@@ -121,5 +121,15 @@ def onnx_stats(path: Path) -> dict:
             "sparsity": round(zeros / matrix, 4) if matrix else 0.0, "flops": None}
 
 
+def gguf_stats(path: Path, notes: list) -> dict:
+    """A GGUF variant's figures from what its gguf-quantize step read back with llama.cpp's gguf-py:
+    its parameter count, and its whole file as the weight bytes a decode step streams (the token
+    embeddings included: GGUF keeps no separate count of them)."""
+    found = next((n for n in notes if isinstance(n.get("params"), int)), {})
+    size = Path(path).stat().st_size
+    return {"params": found.get("params"), "weight_bytes": size, "streamed_weight_bytes": size,
+            "weights_by_type": found.get("weights_by_type"), "sparsity": None, "flops": None}
+
+
 def files_size(paths) -> int:
     return int(sum(Path(p).stat().st_size for p in paths if Path(p).exists()))

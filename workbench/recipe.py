@@ -608,7 +608,12 @@ def _check_steps(recipe: Recipe, name: str, raw_steps: list, current: str, where
             p = step.Params.model_validate(params or {})
         except ValidationError as e:
             raise pydantic_error(e, step.Params, where, prefix=f"{field}.{step_name}") from None
-        # torch -> ONNX happens implicitly (the runner exports first); ONNX -> torch cannot.
+        # torch -> ONNX happens implicitly (the runner exports first); ONNX -> torch cannot, and a GGUF
+        # file (gguf-quantize) is where a variant ends.
+        if current == "gguf":
+            raise field_error(where, field, f"step '{step_name}' comes after gguf-quantize, whose GGUF file no "
+                              "step takes: make gguf-quantize the last step (or start a variant `from:` this one's "
+                              "parent)", value=step_name)
         if step.consumes == "torch" and current == "onnx":
             what = {"torch": "a PyTorch module", "onnx": "an ONNX graph"}
             raise field_error(

@@ -88,10 +88,10 @@ class Search:
         for rec in recs:
             model = models[rec["name"]]
             try:
-                if model.format == "onnx" and cls.format == "onnx":
-                    path = model.onnx_path
-                elif model.format == "onnx":
-                    raise ValueError(f"an ONNX graph has no {cls.format} form for {self.backend}")
+                if model.format in ("onnx", "gguf") and cls.format == model.format:
+                    path = model.file
+                elif model.format in ("onnx", "gguf"):
+                    raise ValueError(f"a variant that is a {model.format} file has no {cls.format} form for {self.backend}")
                 elif cls.format in FORMATS:
                     path = proxy.run_dir / "variants" / rec["name"] / FORMATS[cls.format].file_name
                     export_memoised(proxy, cls.format, model.module, proxy.keys[rec["name"]], path)

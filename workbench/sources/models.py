@@ -137,7 +137,7 @@ def causal_lm(path: str, tokenizer, kw: dict) -> SourceModel:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     vocab = int(model.get_input_embeddings().num_embeddings)
-    return SourceModel(CausalLM(model).eval(), text_io(vocab, "causal-lm"), tokenizer, description=f"hf:{path}")
+    return SourceModel(CausalLM(model, tokenizer).eval(), text_io(vocab, "causal-lm"), tokenizer, description=f"hf:{path}")
 
 
 def random_hf_model(path: str, head: str, pooling: str, seed: int) -> SourceModel:
@@ -156,7 +156,7 @@ def random_hf_model(path: str, head: str, pooling: str, seed: int) -> SourceMode
         model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        module, io = CausalLM(model), text_io(int(config.vocab_size), "causal-lm")
+        module, io = CausalLM(model, tokenizer), text_io(int(config.vocab_size), "causal-lm")
     elif head == "embedding":
         module, io = EmbeddingModel(AutoModel.from_config(config), pooling), text_io(int(config.vocab_size), "embedding")
     else:

@@ -32,14 +32,15 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> tuple[lis
     for v in variants:
         name = v["name"]
         arts = {a["format"]: a for a in artifacts if a["variant"] == name}
-        onnx_only = models.get(name) is not None and models[name].format == "onnx"
+        kind = {"onnx": "an ONNX graph", "gguf": "a GGUF file"}.get(models[name].format) \
+            if models.get(name) is not None else None
         targets.append(Target(
             name, arts, root=run.run_dir,
             failed=v.get("error") or "failed" if models.get(name) is None else None,
-            # An ONNX-only variant has an artifact (or a skipped one saying why) of every listed format,
-            # but no torch module.
-            missing=lambda fmt, n=name, graph=onnx_only: f"variant '{n}' is an ONNX graph: no {fmt} artifact"
-            if graph and fmt == "torch" else f"format '{fmt}' is not in export.formats"))
+            # An ONNX-only or GGUF variant has an artifact (or a skipped one saying why) of every listed
+            # format, but no torch module.
+            missing=lambda fmt, n=name, kind=kind: f"variant '{n}' is {kind}: no {fmt} artifact"
+            if kind and fmt in ("torch", "gguf") else f"format '{fmt}' is not in export.formats"))
     generation = Generation(spec.new_tokens, lambda batch: prompts(run, batch),
                             lambda name, batch: _kv_bytes(models[name], batch, spec.seq_len + spec.new_tokens)) \
         if lm else None

@@ -12,7 +12,8 @@ from core.progress import progress, write
 from runtime.infer import variant_outputs
 from core.model import VariantModel
 from core.steps import StepContext, get_step
-from workbench.model_stats import files_size, onnx_stats, torch_stats
+from export.reload import outputs_in_fresh_process
+from workbench.model_stats import files_size, gguf_stats, onnx_stats, torch_stats
 from workbench.run_dir import log, reason
 from workbench.stages.export import export_memoised
 from workbench.variants import link_or_copy, model_files, root_key, variant_key
@@ -72,10 +73,18 @@ def compress(run) -> tuple[list[dict], dict[str, Optional[VariantModel]]]:
             link_or_copy(f, vdir / f.name)
         rec["files"] = [str((vdir / f.name).relative_to(run.run_dir)) for f in files]
         rec["size_bytes"] = files_size(files)
-        rec.update(torch_stats(model.module, model.io, recipe.bench.seq_len) if model.format == "torch"
-                   else onnx_stats(model.onnx_path))
+        if model.format == "torch":
+            rec.update(torch_stats(model.module, model.io, recipe.bench.seq_len))
+        elif model.format == "gguf":
+            rec.update(gguf_stats(model.gguf_path, rec.get("notes") or []))
+        else:
+            rec.update(onnx_stats(model.onnx_path))
         if run.task.type != "none":
-            rec["accuracy"] = run.task.metrics(variant_outputs(model, run.task.eval_batches))
+            try:
+                rec["accuracy"] = run.task.metrics(_outputs(model, run.task.eval_batches))
+            except Exception as e:  # noqa: BLE001 - an engine that cannot run the file costs its accuracy only
+                log.error("variant %s: accuracy failed:\n%s", name, traceback.format_exc())
+                rec["accuracy_error"] = reason(e)
     base = next((r for r in records if r["name"] == recipe.report.baseline), None)
     for r in records:
         if base and base.get("accuracy") and r.get("accuracy"):
@@ -83,6 +92,14 @@ def compress(run) -> tuple[list[dict], dict[str, Optional[VariantModel]]]:
         if base and base.get("params") and r.get("params"):
             r["params_ratio"] = round(r["params"] / base["params"], 4)
     return records, models
+
+
+def _outputs(model: VariantModel, batches):
+    """A variant's outputs on the evaluation batches; a GGUF's from llama.cpp in a child process (an engine
+    crash then costs this variant's accuracy, not the run)."""
+    if model.format == "gguf":
+        return outputs_in_fresh_process("gguf", model.gguf_path, batches)
+    return variant_outputs(model, batches)
 
 
 def _build(run, name: str, steps, parent: VariantModel, key: str, parent_key: str) -> None:
