@@ -65,6 +65,7 @@ def run(job: dict) -> dict:
             break
     # Greedy decoding of the same prompts is deterministic: another answer means the backend is not.
     same = bool(np.array_equal(out, ids))
+    by_len = ttft_by_prompt_len(gen, job.get("prompts_by_len") or {}, generations, rss_before)
     result = {"samples_ms": [round(x, 6) for x in samples], "warmup_ms": warmup_ms, "capped_by_max_seconds": capped,
               "started": round(started, 3), "memory": memory,
               "cold": {"load_s": round(load_s, 4), "first_call_ms": round(first_ms, 3),
@@ -72,7 +73,8 @@ def run(job: dict) -> dict:
               "threads": {"requested": threads, **gen.info},
               "generation": {"ttft_ms": [round(x, 6) for x in ttft], "generations": generations,
                              "prompt_len": int(prompts.shape[1]), "new_tokens": n_new,
-                             "deterministic": same, "tokens": ids[:, :8].tolist()}}
+                             "deterministic": same, "tokens": ids[:, :8].tolist(),
+                             **({"by_prompt_len": by_len} if by_len else {})}}
     if job.get("eval_inputs"):
         # Perplexity and fidelity from the logits this backend computes, on the real evaluation split.
         from runtime.infer import load_batches, reduce_outputs
@@ -83,6 +85,25 @@ def run(job: dict) -> dict:
     return result
 
 
+def ttft_by_prompt_len(gen, prompts_by_len: dict, generations: int, rss_before: int) -> dict:
+    """TTFT (a prefill with its first token) at each further prompt length, shortest first: one untimed
+    (a new shape, or a bigger context for engines that size it up front), then as many timed as the cell's
+    generations (3 to 10). The peak RSS increase is the process's peak up to that length."""
+    import numpy as np
+
+    from core.processes import memory_bytes
+
+    out = {}
+    for n in sorted(prompts_by_len, key=int):
+        p = np.asarray(prompts_by_len[n], dtype=np.int64)
+        mask = np.ones_like(p)
+        gen.generate(p, mask, 1)
+        times = [gen.generate(p, mask, 1)[1]["prefill_ms"] for _ in range(max(MIN_GENERATIONS, min(generations, 10)))]
+        out[str(n)] = {"ttft_ms": [round(x, 6) for x in times],
+                       "peak_rss_delta": max(memory_bytes("VmHWM") - rss_before, 0)}
+    return out
+
+
 def merge(processes: list[dict]) -> dict:
     """A generation cell's own figures over its processes: TTFT percentiles over every timed
     generation, and what the first process generated (its first tokens per prompt)."""
@@ -90,12 +111,23 @@ def merge(processes: list[dict]) -> dict:
 
     ttft = np.concatenate([p["generation"]["ttft_ms"] for p in processes]).astype(np.float64)
     first = processes[0]["generation"]
-    p50, p90, p99 = np.percentile(ttft, [50, 90, 99])
-    return {"ttft_ms": {"p50": round(float(p50), 4), "p90": round(float(p90), 4), "p99": round(float(p99), 4),
-                        "mean": round(float(ttft.mean()), 4), "n": int(ttft.size)},
+    by_len = {}
+    for n in processes[0]["generation"].get("by_prompt_len") or {}:
+        t = np.concatenate([p["generation"]["by_prompt_len"][n]["ttft_ms"] for p in processes]).astype(np.float64)
+        by_len[n] = {"ttft_ms": _percentiles(t),
+                     "peak_rss_delta": max(p["generation"]["by_prompt_len"][n]["peak_rss_delta"] for p in processes)}
+    return {"ttft_ms": _percentiles(ttft), **({"by_prompt_len": by_len} if by_len else {}),
             "prompt_len": first["prompt_len"], "new_tokens": first["new_tokens"],
             "generations": sum(p["generation"]["generations"] for p in processes),
             "deterministic": all(p["generation"]["deterministic"] for p in processes), "tokens": first["tokens"]}
+
+
+def _percentiles(x) -> dict:
+    import numpy as np
+
+    p50, p90, p99 = np.percentile(x, [50, 90, 99])
+    return {"p50": round(float(p50), 4), "p90": round(float(p90), 4), "p99": round(float(p99), 4),
+            "mean": round(float(x.mean()), 4), "n": int(x.size)}
 
 
 def main() -> int:

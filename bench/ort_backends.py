@@ -199,3 +199,4 @@ def _tensorrt_libraries() -> bool:
         return True
     except ImportError:
         return False
+

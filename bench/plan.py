@@ -31,8 +31,9 @@ class Generation:
     """A causal LM's cells generate: prompts per batch size, new tokens, and the KV cache's bytes."""
 
     new_tokens: int
-    prompts: Callable[[int], "object"]  # batch -> int64 array (batch, prompt length)
+    prompts: Callable[..., "object"]  # (batch, length=seq_len) -> int64 array (batch, length)
     kv_bytes: Callable[[str, int], Optional[int]] = lambda variant, batch: None
+    prompt_lens: list = field(default_factory=list)  # more prompt lengths each cell measures TTFT at
 
 
 def plan(targets: list[Target], backends_of: Callable[[str], list[str]], batch_sizes: list[int], *, io, seq_len: int,
@@ -61,6 +62,9 @@ def plan(targets: list[Target], backends_of: Callable[[str], list[str]], batch_s
                 if generation:
                     job.update(entry="bench.generate", prompts=generation.prompts(batch).tolist(),
                                new_tokens=generation.new_tokens)
+                    if generation.prompt_lens:
+                        job["prompts_by_len"] = {str(n): generation.prompts(batch, n).tolist()
+                                                 for n in sorted(set(generation.prompt_lens))}
                     cell["generation"] = {"kv_cache_bytes": generation.kv_bytes(t.variant, batch),
                                           "context": seq_len + generation.new_tokens}
                 jobs.append((len(cells) - 1, job))

@@ -95,7 +95,7 @@ class Journal:
 
     # What defines a measurement; not where a child finds plugin modules (sys_path) or writes outputs.
     MEASUREMENT = ("backend", "device", "path", "io", "batch_size", "seq_len", "threads", "timing", "seed", "entry",
-                   "new_tokens", "scenario", "options")
+                   "new_tokens", "scenario", "options", "prompts_by_len")
 
     @classmethod
     def fingerprint(cls, job: dict) -> str:

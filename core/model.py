@@ -60,22 +60,26 @@ def dynamic_axes(io_spec: ModelIO) -> dict:
 
 @dataclass
 class VariantModel:
-    """A variant as it moves through the steps: a torch module, an ONNX graph on disk, or a GGUF file
-    (llama.cpp's, from the gguf-quantize step)."""
+    """A variant as it moves through the steps: a torch module, an ONNX graph on disk, or another engine's
+    own artifact made by a step (`file_format`, a name in core.formats.FORMATS: llama.cpp's GGUF from
+    gguf-quantize, ORT GenAI's model folder from ort-genai-build), which then only that engine runs."""
 
     io: ModelIO
     module: Any = None  # torch.nn.Module when format == "torch"
     onnx_path: Optional[Path] = None
-    gguf_path: Optional[Path] = None
+    file_path: Optional[Path] = None  # the engine artifact's main file (FORMATS[file_format].file_name)
+    file_format: Optional[str] = None
     # The nearest torch ancestor: the reference for parity of ONNX-only and GGUF variants.
     source_module: Any = None
     extras: dict = field(default_factory=dict)  # e.g. a Hugging Face config/tokenizer for save_pretrained
 
     @property
     def format(self) -> str:
-        return "torch" if self.module is not None else "gguf" if self.gguf_path is not None else "onnx"
+        if self.module is not None:
+            return "torch"
+        return self.file_format if self.file_path is not None else "onnx"
 
     @property
     def file(self) -> Optional[Path]:
-        """The file a variant that is not a torch module consists of (its ONNX graph or GGUF)."""
-        return self.gguf_path if self.gguf_path is not None else self.onnx_path
+        """The main file of a variant that is not a torch module (its ONNX graph, or its engine artifact)."""
+        return self.file_path if self.file_path is not None else self.onnx_path

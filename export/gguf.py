@@ -249,7 +249,7 @@ class GgufQuantize(Step):
         path = ctx.work_dir / GgufFormat.file_name
         ctx.notes.update(make_gguf(model.module, path, params["type"]))
         ctx.notes.update(_types_in_child(path))
-        return VariantModel(io=model.io, gguf_path=path, source_module=model.module)
+        return VariantModel(io=model.io, file_path=path, file_format="gguf", source_module=model.module)
 
 
 def _types_in_child(path: Path) -> dict:

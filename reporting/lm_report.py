@@ -146,3 +146,49 @@ def memory_vs_context(results: dict, out: Path, rec: Recommendation) -> Path | N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return save(fig, out / "memory_vs_context.png")
+
+
+def _ttft_points(c: dict) -> dict[int, dict]:
+    """A cell's TTFT percentiles by prompt length: its own prompt length and every `bench.prompt_lens` one."""
+    g = c["generation"]
+    return {g["prompt_len"]: g["ttft_ms"], **{int(n): v["ttft_ms"] for n, v in (g.get("by_prompt_len") or {}).items()}}
+
+
+def prompt_len_table(results: dict):
+    """TTFT p50 (p90) per cell at each prompt length measured (bench.seq_len and bench.prompt_lens), with
+    the peak RSS increase up to the longest; None when the recipe measured one length only."""
+    cells = [c for c in generation_cells(results) if c["generation"].get("by_prompt_len")]
+    if not cells:
+        return None
+    variants = {v["name"]: v for v in results["variants"]}
+    lens = sorted({n for c in cells for n in _ttft_points(c)})
+    head = ["variant", "backend", "batch"] + [f"TTFT ms at {n} tokens p50 (p90)" for n in lens] + \
+        ["peak RSS +MB (longest prompt)"]
+    rows = []
+    for c in cells:
+        pts = _ttft_points(c)
+        longest = max((int(n) for n in c["generation"]["by_prompt_len"]), default=None)
+        peak = c["generation"]["by_prompt_len"][str(longest)]["peak_rss_delta"] if longest else None
+        rows.append([labelled(variants, c["variant"]), c["backend"], str(c["batch_size"])]
+                    + [f"{pts[n]['p50']:.1f} ({pts[n]['p90']:.1f})" if n in pts else "–" for n in lens]
+                    + [f"{peak / MB:.1f}" if peak is not None else "–"])
+    return head, rows
+
+
+def ttft_vs_prompt_len(results: dict, out: Path) -> Path | None:
+    """TTFT p50 against prompt length per cell, with its p90 as a band: measured at each length."""
+    cells = [c for c in generation_cells(results) if c["generation"].get("by_prompt_len")]
+    if not cells:
+        return None
+    fig, ax = subplots(figsize=(8, 5))
+    for c in cells:
+        pts = sorted(_ttft_points(c).items())
+        xs = [n for n, _ in pts]
+        line, = ax.plot(xs, [v["p50"] for _, v in pts], marker="o", lw=1.2, label=f"{_label(c)} (batch {c['batch_size']})")
+        ax.fill_between(xs, [v["p50"] for _, v in pts], [v["p90"] for _, v in pts], color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("time to first token, ms (p50; band to p90)")
+    ax.set_title("Time to first token against prompt length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save(fig, out / "ttft_vs_prompt_len.png")

@@ -384,6 +384,7 @@ def make_plots(results: dict, out: Path, rec: Recommendation, sp: dict) -> list[
              ("Perplexity against decode tokens/s (Pareto frontier)", lm_report.ppl_vs_tokens_per_s(results, out, rec)),
              ("Time to first token and per-token decode latency", lm_report.latency_bars(results, out)),
              ("Memory against context length", lm_report.memory_vs_context(results, out, rec)),
+             ("Time to first token against prompt length", lm_report.ttft_vs_prompt_len(results, out)),
              ("Under load: p99 latency against offered QPS", load_report.p99_vs_qps(results, out))]
     made = [(t, p) for t, p in plots if p is not None]
     # A rebuilt report drops the plots it no longer draws (renamed ones, or a panel without data now).

@@ -453,6 +453,11 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
         blocks.append(("h2", "Generation: time to first token, decode latency, perplexity"))
         blocks.append(("p", lm_report.generation_note(results)))
         blocks.append(("table", lm_report.generation_table(results)))
+        by_len = lm_report.prompt_len_table(results)
+        if by_len:
+            blocks.append(("p", "Time to first token at each prompt length measured (`bench.prompt_lens`, after "
+                                "each cell's timed generations, in the same process): a prefill with its first token."))
+            blocks.append(("table", by_len))
     if load_report.load_cells(results):
         blocks.append(("h2", "Under load: capacity at the latency bound (MLCommons LoadGen)"))
         blocks.append(("p", load_report.load_note(results)))

@@ -130,7 +130,7 @@ def test_gguf_needs_a_causal_lm_and_says_so_at_validation(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_recipe_compares_llama_cpp_types_with_pytorch_in_one_run(tmp_path):
+def test_a_recipe_compares_llama_cpp_types_and_ort_genai_with_pytorch_in_one_run(tmp_path):
     folder = tmp_path / "tiny-llama"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(TINY_LLAMA))
@@ -143,9 +143,12 @@ def test_a_recipe_compares_llama_cpp_types_with_pytorch_in_one_run(tmp_path):
             "baseline": {},
             "q8": {"from": "baseline", "steps": [{"gguf-quantize": {"type": "q8_0"}}]},
             "q4": {"from": "baseline", "steps": [{"gguf-quantize": {"type": "q4_0"}}]},
+            "genai-int4": {"from": "baseline", "backends": ["ort-genai"],
+                           "steps": [{"ort-genai-build": {"precision": "int4"}}]},
         },
         "export": {"formats": ["gguf"], "parity": {"max_abs_diff": 5.0e-2, "min_top1_agreement": 0.9}},  # f16 KV cache
         "bench": {"backends": ["torch-cpu", "llama-cpp"], "batch_sizes": [1, 2], "seq_len": 16, "new_tokens": 4,
+                  "prompt_lens": [8, 40],
                   "repeats": 1, "options": {"llama-cpp": {"use_extra_bufts": False}},
                   "timing": {"warmup": 1, "min_iters": 5, "min_seconds": 0.05, "stability_threshold": 100.0}},
         "report": {"constraints": {"max_accuracy_drop": 1.0}},
@@ -164,11 +167,23 @@ def test_a_recipe_compares_llama_cpp_types_with_pytorch_in_one_run(tmp_path):
         c = cells[(name, "llama-cpp", 1)]
         assert c["status"] in ("ok", "unstable"), c["reason"]
         assert c["threads"]["llama_cpp"]["use_extra_bufts"] is False
+        by_len = c["generation"]["by_prompt_len"]  # TTFT measured at each bench.prompt_lens length
+        assert set(by_len) == {"8", "40"} and by_len["40"]["ttft_ms"]["n"] >= 3
         assert cells[(name, "llama-cpp", 2)]["status"] == "skipped"
         assert "one sequence at a time" in cells[(name, "llama-cpp", 2)]["reason"]
+    genai = variants["genai-int4"]  # ORT GenAI's own builder and generator, in the same run
+    assert genai["status"] == "ok", genai["error"]
+    assert genai["format"] == "ort-genai"
+    assert genai["accuracy"]["kl"] > 0 and any(f.endswith("genai_config.json") for f in genai["files"])
+    for batch in (1, 2):
+        c = cells[("genai-int4", "ort-genai", batch)]
+        assert c["status"] in ("ok", "unstable"), c["reason"]
+        assert set(c["generation"]["by_prompt_len"]) == {"8", "40"}
     assert cells[("q4", "torch-cpu", 1)]["status"] == "skipped"
-    assert "is a GGUF file" in cells[("q4", "torch-cpu", 1)]["reason"]
+    assert "is a gguf artifact" in cells[("q4", "torch-cpu", 1)]["reason"]
     arts = {(a["variant"], a["format"]): a for a in r["artifacts"]}
     assert arts[("baseline", "gguf")]["status"] == "ok", arts[("baseline", "gguf")]["reason"]
     assert arts[("baseline", "gguf")]["parity"]["top1_agreement"] >= 0.9
-    assert "llama-cpp" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "llama-cpp" in report and "TTFT ms at 40 tokens" in report
+    assert (run_dir / "plots" / "ttft_vs_prompt_len.png").exists()

@@ -19,6 +19,19 @@ def test_annotate_gives_fractions_of_the_peak_for_measured_cpu_cells():
     assert "roofline_fraction" not in cells[1]
 
 
+def test_a_probe_that_read_low_is_measured_again_and_the_fraction_never_passes_1(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    # As if the copy probe had run while the machine was busy: 1 MB/s, far below any real copy.
+    peak = {"peak_flops_per_s": 1e10, "peak_bytes_per_s": 1e6, "threads": 1}
+    cells = [{"variant": "v", "device": "cpu", "batch_size": 1, "latency_ms": {"p50": 1000.0}},
+             {"variant": "w", "device": "cpu", "batch_size": 1, "latency_ms": {"p50": 1.0}}]
+    annotate(cells, [{"name": "v", "steps": [], "streamed_weight_bytes": 2e6},
+                     {"name": "w", "steps": [], "streamed_weight_bytes": 1e12}], peak)
+    assert peak["peak_bytes_per_s"] > 1e8 and "re_measured" in peak  # the probe ran again, now
+    assert cells[0]["bandwidth_fraction"] < 0.01
+    assert cells[1]["bandwidth_fraction"] == 1.0 and cells[1]["bandwidth_above_probe"] > 1  # said, not hidden
+
+
 def test_paper_peaks_follow_the_vector_units_the_cpu_has():
     avx2 = paper_peaks(2, {"avx2", "fma"}, ghz=2.0)
     vnni = paper_peaks(2, {"avx512f", "avx512_vnni"}, ghz=2.0)

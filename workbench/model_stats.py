@@ -131,5 +131,13 @@ def gguf_stats(path: Path, notes: list) -> dict:
             "weights_by_type": found.get("weights_by_type"), "sparsity": None, "flops": None}
 
 
+def artifact_stats(fmt: str, path: Path) -> dict:
+    """An engine artifact's figures where its format keeps no parameter count: its files' bytes as the weights."""
+    from core.formats import artifact_files
+
+    size = files_size(artifact_files(fmt, path))
+    return {"params": None, "weight_bytes": size, "streamed_weight_bytes": size, "sparsity": None, "flops": None}
+
+
 def files_size(paths) -> int:
     return int(sum(Path(p).stat().st_size for p in paths if Path(p).exists()))

@@ -276,6 +276,10 @@ class BenchSpec(Strict):
     seq_len: int = Field(128, gt=0, description="sequence length of text inputs; causal LMs: the prompt length")
     new_tokens: int = Field(32, ge=2, description="causal LMs: tokens generated greedily per measured generation "
                             "(the first one is the time to first token, the rest the per-token decode latency)")
+    prompt_lens: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list, description=(
+        "causal LMs: more prompt lengths at which every generation cell also measures the time to first token "
+        "(and the peak memory so far), in the same process after its timed generations, so TTFT against prompt "
+        "length is measured, not extrapolated; the per-token decode samples stay at seq_len"))
     threads: Optional[int] = Field(None, gt=0, description="intra-op threads; default: all cores")
     timing: Timing = Field(default_factory=Timing)
     repeats: int = Field(3, ge=1, le=20, description="processes per cell, one per interleaved round; --quick: "
@@ -572,6 +576,10 @@ def _check_scenarios(recipe: Recipe, where: str) -> None:
         if sc.type != "server" and sc.latency_bound_ms is not None:
             raise field_error(where, f"{field}.latency_bound_ms", "only a server scenario has a bound",
                               value=sc.latency_bound_ms)
+    if recipe.bench.prompt_lens and model_kind(recipe.model) != "causal-lm":
+        raise field_error(where, "bench.prompt_lens", "prompt lengths are for causal LMs (TTFT against prompt "
+                          f"length); this model is a {model_kind(recipe.model)}", value=recipe.bench.prompt_lens,
+                          accepted=[])
     if recipe.bench.scenarios and model_kind(recipe.model) == "causal-lm":
         raise field_error(where, "bench.scenarios", "load scenarios serve forward passes; a causal LM's "
                           "generation has no server scenario yet (its cells measure TTFT and per-token latency)",

@@ -88,9 +88,9 @@ class Search:
         for rec in recs:
             model = models[rec["name"]]
             try:
-                if model.format in ("onnx", "gguf") and cls.format == model.format:
+                if model.format != "torch" and cls.format == model.format:
                     path = model.file
-                elif model.format in ("onnx", "gguf"):
+                elif model.format != "torch":
                     raise ValueError(f"a variant that is a {model.format} file has no {cls.format} form for {self.backend}")
                 elif cls.format in FORMATS:
                     path = proxy.run_dir / "variants" / rec["name"] / FORMATS[cls.format].file_name

@@ -19,7 +19,6 @@ from core.modelfile import load_module, onnx_files, save_module
 
 MODULE_FILE = "module.pt"
 ONNX_FILE = "model.onnx"
-GGUF_FILE = "model.gguf"
 
 
 def root_key(recipe) -> str:
@@ -80,8 +79,12 @@ class VariantCache:
         if record["format"] == "torch":
             module = load_module(d / MODULE_FILE)
             return VariantModel(io=io, module=module, source_module=module), record
-        if record["format"] == "gguf":
-            return VariantModel(io=io, gguf_path=d / GGUF_FILE, source_module=source_module), record
+        if record["format"] != "onnx":  # an engine's own artifact, made by a step (core.model.VariantModel)
+            from core.formats import FORMATS
+
+            rel = record.get("file") or FORMATS[record["format"]].file_name
+            return VariantModel(io=io, file_path=d / rel, file_format=record["format"],
+                                source_module=source_module), record
         return VariantModel(io=io, onnx_path=d / ONNX_FILE, source_module=source_module), record
 
     def new_workdir(self) -> Path:
@@ -92,15 +95,17 @@ class VariantCache:
         """Write the model into `workdir`, then rename the whole folder into place."""
         if model.format == "torch":
             save_module(model.module, workdir / MODULE_FILE)
-        elif model.format == "gguf":
-            if model.gguf_path != workdir / GGUF_FILE:
-                shutil.copy2(model.gguf_path, workdir / GGUF_FILE)
+        elif model.file_path is not None:
+            # The step wrote its artifact inside `workdir`: its top-level entry (a file or a folder) is kept.
+            record = {**record, "file": str(model.file_path.relative_to(workdir))}
         elif model.onnx_path != workdir / ONNX_FILE:
             files = onnx_files(model.onnx_path)
             for f in files:
                 shutil.copy2(f, workdir / (ONNX_FILE if f == files[0] else f.name))
         # Keep only the model's own files: steps leave intermediates (pre-processed graphs) behind.
-        keep = {MODULE_FILE, Path(MODULE_FILE).with_suffix(".sha256").name, ONNX_FILE, GGUF_FILE}
+        keep = {MODULE_FILE, Path(MODULE_FILE).with_suffix(".sha256").name, ONNX_FILE}
+        if model.file_path is not None:
+            keep.add(Path(record["file"]).parts[0])
         if model.format == "onnx":
             keep |= {f.name for f in onnx_files(workdir / ONNX_FILE)}
         for f in workdir.iterdir():
@@ -113,8 +118,8 @@ class VariantCache:
         os.replace(workdir, final)
         if model.format == "onnx":
             model.onnx_path = final / ONNX_FILE
-        elif model.format == "gguf":
-            model.gguf_path = final / GGUF_FILE
+        elif model.file_path is not None:
+            model.file_path = final / record["file"]
         return model
 
     def discard(self, workdir: Path) -> None:
@@ -124,8 +129,10 @@ class VariantCache:
 def model_files(model: VariantModel, cache_folder: Path) -> list[Path]:
     if model.format == "torch":
         return [cache_folder / MODULE_FILE, cache_folder / "module.sha256"]
-    if model.format == "gguf":
-        return [cache_folder / GGUF_FILE]
+    if model.file_path is not None:
+        from core.formats import artifact_files
+
+        return artifact_files(model.format, model.file_path)
     return onnx_files(cache_folder / ONNX_FILE)
 
 

@@ -32,18 +32,18 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> tuple[lis
     for v in variants:
         name = v["name"]
         arts = {a["format"]: a for a in artifacts if a["variant"] == name}
-        kind = {"onnx": "an ONNX graph", "gguf": "a GGUF file"}.get(models[name].format) \
-            if models.get(name) is not None else None
+        fmt = models[name].format if models.get(name) is not None else "torch"
+        kind = None if fmt == "torch" else "an ONNX graph" if fmt == "onnx" else f"a {fmt} artifact"
         targets.append(Target(
             name, arts, root=run.run_dir,
             failed=v.get("error") or "failed" if models.get(name) is None else None,
             # An ONNX-only or GGUF variant has an artifact (or a skipped one saying why) of every listed
             # format, but no torch module.
             missing=lambda fmt, n=name, kind=kind: f"variant '{n}' is {kind}: no {fmt} artifact"
-            if kind and fmt in ("torch", "gguf") else f"format '{fmt}' is not in export.formats"))
-    generation = Generation(spec.new_tokens, lambda batch: prompts(run, batch),
-                            lambda name, batch: _kv_bytes(models[name], batch, spec.seq_len + spec.new_tokens)) \
-        if lm else None
+            if kind and (fmt == "torch" or fmt not in run.recipe.export.formats) else f"format '{fmt}' is not in export.formats"))
+    generation = Generation(spec.new_tokens, lambda batch, n=None: prompts(run, batch, n),
+                            lambda name, batch: _kv_bytes(models[name], batch, spec.seq_len + spec.new_tokens),
+                            prompt_lens=list(spec.prompt_lens)) if lm else None
     # The recipe's folder (a `python` model source) and any plugin's (a step's module class).
     sys_path = [str(run.recipe.resolve("."))] + plugin_folders()
     cells, jobs = plan(targets, run.recipe.backends_of, spec.batch_sizes, io=run.src.io, seq_len=spec.seq_len,
@@ -112,11 +112,11 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> tuple[lis
     return cells, load_cells
 
 
-def prompts(run, batch: int) -> np.ndarray:
-    """`batch` prompts of bench.seq_len tokens, windows of the evaluation text at seeded offsets (random
-    tokens when the task has no text): real text, so a generation runs as it would in use."""
-    rng = np.random.default_rng(run.recipe.seed + batch)
-    n = run.recipe.bench.seq_len
+def prompts(run, batch: int, n: int | None = None) -> np.ndarray:
+    """`batch` prompts of `n` tokens (default bench.seq_len), windows of the evaluation text at seeded offsets
+    (random tokens when the task has no text): real text, so a generation runs as it would in use."""
+    rng = np.random.default_rng(run.recipe.seed + batch + (0 if n is None else 7919 * n))
+    n = n or run.recipe.bench.seq_len
     text = np.concatenate([b["input_ids"].reshape(-1) for b in run.task.eval_batches]) \
         if run.task.type == "language-modeling" else run.src.io.make(4, n, seed=run.recipe.seed)["input_ids"].reshape(-1)
     text = np.tile(text, -(-(n + 1) // len(text)))  # a corpus shorter than a prompt repeats

@@ -13,7 +13,7 @@ from runtime.infer import variant_outputs
 from core.model import VariantModel
 from core.steps import StepContext, get_step
 from export.reload import outputs_in_fresh_process
-from workbench.model_stats import files_size, gguf_stats, onnx_stats, torch_stats
+from workbench.model_stats import artifact_stats, files_size, gguf_stats, onnx_stats, torch_stats
 from workbench.run_dir import log, reason
 from workbench.stages.export import export_memoised
 from workbench.variants import link_or_copy, model_files, root_key, variant_key
@@ -67,16 +67,19 @@ def compress(run) -> tuple[list[dict], dict[str, Optional[VariantModel]]]:
         models[name] = model
         rec["format"] = model.format
         rec["seconds"] = round(time.perf_counter() - t0, 3)
-        files = model_files(model, run.cache.folder(key))
+        folder = run.cache.folder(key)
+        files = model_files(model, folder)
         vdir = run.run_dir / "variants" / name
-        for f in files:
-            link_or_copy(f, vdir / f.name)
-        rec["files"] = [str((vdir / f.name).relative_to(run.run_dir)) for f in files]
+        for f in files:  # where they lie in the cache (an engine's model folder keeps its layout)
+            link_or_copy(f, vdir / f.relative_to(folder))
+        rec["files"] = [str((vdir / f.relative_to(folder)).relative_to(run.run_dir)) for f in files]
         rec["size_bytes"] = files_size(files)
         if model.format == "torch":
             rec.update(torch_stats(model.module, model.io, recipe.bench.seq_len))
         elif model.format == "gguf":
-            rec.update(gguf_stats(model.gguf_path, rec.get("notes") or []))
+            rec.update(gguf_stats(model.file_path, rec.get("notes") or []))
+        elif model.file_path is not None:
+            rec.update(artifact_stats(model.format, model.file_path))
         else:
             rec.update(onnx_stats(model.onnx_path))
         if run.task.type != "none":
@@ -95,10 +98,10 @@ def compress(run) -> tuple[list[dict], dict[str, Optional[VariantModel]]]:
 
 
 def _outputs(model: VariantModel, batches):
-    """A variant's outputs on the evaluation batches; a GGUF's from llama.cpp in a child process (an engine
-    crash then costs this variant's accuracy, not the run)."""
-    if model.format == "gguf":
-        return outputs_in_fresh_process("gguf", model.gguf_path, batches)
+    """A variant's outputs on the evaluation batches; an engine artifact's (a GGUF, an ORT GenAI folder) from
+    its engine in a child process (an engine crash then costs this variant's accuracy, not the run)."""
+    if model.file_path is not None:
+        return outputs_in_fresh_process(model.format, model.file_path, batches)
     return variant_outputs(model, batches)
 
 

@@ -68,8 +68,8 @@ def export(run, models: dict[str, Optional[VariantModel]]) -> list[dict]:
                     graph = run.run_dir / art["path"]
                 artifacts.append(art)
                 bar.update()
-        elif model.format == "gguf":
-            artifacts += _gguf_variant(run, name, model, batches)
+        elif model.file_path is not None:
+            artifacts += _engine_artifact_variant(run, name, model, batches)
             bar.update(len(spec.formats))
         else:
             # An ONNX-only variant: its graph is the artifact; parity against its torch ancestor
@@ -90,21 +90,24 @@ def export(run, models: dict[str, Optional[VariantModel]]) -> list[dict]:
 NOT_GATED = "against the torch ancestor; not gated (the steps changed it)"
 
 
-def _gguf_variant(run, name: str, model: VariantModel, batches) -> list[dict]:
-    """A GGUF variant's one artifact, the file its step made, with parity of llama.cpp's logits (in a fresh
-    process) against its torch ancestor, not gated; every other format is out of its reach."""
-    art = {"variant": name, "format": "gguf", "path": f"variants/{name}/model.gguf", "status": "ok", "reason": None,
-           "exporter": "produced by the variant's steps (llama.cpp's converter and quantizer)",
-           "parity_checked_in": "a fresh process, after reloading the file", "parity_note": NOT_GATED}
+def _engine_artifact_variant(run, name: str, model: VariantModel, batches) -> list[dict]:
+    """The one artifact of a variant that is an engine's own file (a GGUF, an ORT GenAI folder), made by its
+    step, with parity of that engine's logits (in a fresh process) against its torch ancestor, not gated;
+    every other format is out of its reach."""
+    fmt = model.format
+    rel = model.file_path.relative_to(run.cache.folder(run.keys[name]))
+    art = {"variant": name, "format": fmt, "path": f"variants/{name}/{rel}", "status": "ok", "reason": None,
+           "exporter": "produced by the variant's steps", "parity_checked_in": "a fresh process, after reloading the file",
+           "parity_note": NOT_GATED}
     try:
         ref = torch_outputs(model.source_module, batches)
-        art["parity"] = parity(ref, outputs_in_fresh_process("gguf", model.gguf_path, batches), run.src.io.kind)
-    except Exception as e:  # noqa: BLE001 - llama.cpp that cannot run the file is a recorded artifact
-        log.error("parity of %s/gguf failed:\n%s", name, traceback.format_exc())
+        art["parity"] = parity(ref, outputs_in_fresh_process(fmt, model.file_path, batches), run.src.io.kind)
+    except Exception as e:  # noqa: BLE001 - an engine that cannot run the file is a recorded artifact
+        log.error("parity of %s/%s failed:\n%s", name, fmt, traceback.format_exc())
         art.update(status="failed", reason=reason(e))
-    others = [{"variant": name, "format": fmt, "status": "skipped", "reason": f"variant '{name}' is a GGUF file "
-               f"(llama.cpp's, from its gguf-quantize step): it has no {fmt} form"}
-              for fmt in run.recipe.export.formats if fmt != "gguf"]
+    others = [{"variant": name, "format": f, "status": "skipped", "reason": f"variant '{name}' is a {fmt} artifact "
+               f"(made by its steps for that engine): it has no {f} form"}
+              for f in run.recipe.export.formats if f != fmt]
     return [art, *others]
 
 
