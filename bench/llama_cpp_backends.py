@@ -44,7 +44,7 @@ class LlamaCpp(Backend):
 
     @classmethod
     def unavailable(cls) -> Optional[str]:
-        from export.gguf import missing
+        from runtime.llama_cpp_runner import missing
 
         return missing()
 

@@ -20,7 +20,7 @@ class OrtGenai(Backend):
 
     @classmethod
     def unavailable(cls) -> Optional[str]:
-        from export.ort_genai import missing
+        from runtime.ort_genai_runner import missing
 
         return missing()
 

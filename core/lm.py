@@ -22,3 +22,10 @@ class CausalLM(nn.Module):
 
 def is_causal_lm(module) -> bool:
     return isinstance(module, CausalLM)
+
+
+def hf_model(module):
+    """The Hugging Face causal LM inside the workbench's wrapper (what an engine's own converter reads as a
+    folder: llama.cpp's, ORT GenAI's builder), or None."""
+    inner = getattr(module, "model", None) if is_causal_lm(module) else None
+    return inner if inner is not None and hasattr(inner, "save_pretrained") else None

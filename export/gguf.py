@@ -24,12 +24,14 @@ from typing import Literal, Optional
 from pydantic import Field
 
 from core.formats import ExportFormat
+from core.lm import hf_model
 from core.steps import Step, StepParams, register
+from runtime.llama_cpp_runner import INSTALL
+from runtime.llama_cpp_runner import missing as engine_missing
 
 # llama.cpp's quantization types a recipe may ask for (llama_ftype names without LLAMA_FTYPE_MOSTLY_).
 TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_k_s", "q4_0", "q3_k_m", "q2_k")
 PRECISION = {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "q8_0": "int8"}  # the rest: below 8 bits
-INSTALL = "run `make llama-cpp` (it compiles llama-cpp-python from source: 8-12 minutes on 2 cores, once)"
 
 
 def converter_dir() -> Path:
@@ -38,21 +40,11 @@ def converter_dir() -> Path:
 
 def missing() -> Optional[str]:
     """Why GGUF files cannot be made here, or None."""
-    import importlib.util
-
-    if importlib.util.find_spec("llama_cpp") is None:  # found, not imported: the parent never loads llama.cpp
-        return f"llama-cpp-python is not installed: {INSTALL}"
+    if engine_missing():
+        return engine_missing()
     if not (converter_dir() / "convert_hf_to_gguf.py").exists():
         return f"llama.cpp's converter is not in {converter_dir()}: {INSTALL}"
     return None
-
-
-def hf_model(module):
-    """The Hugging Face causal LM inside the workbench's wrapper, or None."""
-    from core.lm import is_causal_lm
-
-    inner = getattr(module, "model", None) if is_causal_lm(module) else None
-    return inner if inner is not None and hasattr(inner, "save_pretrained") else None
 
 
 def unsupported(module) -> Optional[str]:

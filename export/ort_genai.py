@@ -17,23 +17,16 @@ from typing import Literal, Optional
 from pydantic import Field
 
 from core.formats import ExportFormat
+from core.lm import hf_model
 from core.steps import Step, StepParams, register
+from runtime.ort_genai_runner import missing
 
 FOLDER, CONFIG = "genai", "genai_config.json"
-
-
-def missing() -> Optional[str]:
-    import importlib.util
-
-    if importlib.util.find_spec("onnxruntime_genai") is None:
-        return "onnxruntime-genai is not installed (pip install 'onnxruntime-genai>=0.13,<0.16')"
-    return None
 
 
 def build(module, out: Path, precision: str, extra: dict) -> dict:
     """Write the builder's folder at `out` (whole or not at all) from a CausalLM module."""
     from core.processes import child_env
-    from export.gguf import hf_model
 
     hf = hf_model(module)
     if hf is None:

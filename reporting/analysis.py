@@ -2,7 +2,7 @@
 speedups against the baseline and the recommendation. reporting.report renders them; reporting.plots draws them."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -148,6 +148,15 @@ class Recommendation:
     stable_beaten: bool = False  # an unstable cell leads because it beats every stable one significantly
     # The winner against the fastest reference cell at each batch size (`vs_reference`); empty without references.
     vs_reference: tuple = ()
+    # report.objective: "latency" (the lowest p50 wins) or "capacity" (the highest VALID server capacity wins;
+    # `capacities` maps (variant, backend) to that scenario's server record, `scenario` is its label).
+    objective: str = "latency"
+    scenario: Optional[str] = None
+    capacities: dict = field(default_factory=dict)
+
+    def capacity(self, c: Optional["Candidate"]) -> Optional[float]:
+        s = self.capacities.get((c.variant, c.backend)) if c is not None else None
+        return (s or {}).get("max_qps")
 
 
 TIE_RULE = "fewest compression steps, then smallest model file, then lowest p50"
@@ -225,6 +234,9 @@ def recommend(results: dict) -> Recommendation:
             candidates.append(Candidate(i, c, score))
         else:
             rejected += 1
+    if spec["report"].get("objective") == "capacity":
+        return _by_capacity(results, candidates, rejected, unjudged, metric=metric, base_score=base_score,
+                            batch_size=batch, backend=cons.get("backend") or None, rules=rules)
     # Stable cells first: an unstable cell wins only when nothing stable meets the constraints, or when it
     # beats the fastest stable cell significantly, paired round by round (a lead wider than its noise: a
     # tiny model's calls jitter within a process, and a user would still see it run faster).
@@ -249,6 +261,37 @@ def recommend(results: dict) -> Recommendation:
                           rules=rules, rejected=rejected, winner=winner, runner_up=runner_up, tied=tuple(tied),
                           unjudged=tuple(unjudged), stable_beaten=stable_beaten,
                           vs_reference=tuple(vs_reference(results, winner)))
+
+
+def server_capacities(results: dict, label: Optional[str] = None) -> tuple[Optional[str], dict]:
+    """(the server scenario's label, {(variant, backend): its server record}) for `label`, default the first
+    server scenario measured."""
+    servers = [c for c in results.get("load") or [] if (c.get("load") or {}).get("server")]
+    label = label or next((c["scenario"] for c in servers), None)
+    return label, {(c["variant"], c["backend"]): c["load"]["server"] for c in servers if c["scenario"] == label}
+
+
+def _by_capacity(results: dict, candidates: list, rejected: int, unjudged: list, **rec) -> Recommendation:
+    """report.objective capacity: among the cells that meet the constraints, the variant and backend whose server
+    scenario took the most QPS with LoadGen's VALID verdict; one without a valid capacity is not recommended."""
+    label, caps = server_capacities(results, results["recipe"]["parsed"]["report"].get("capacity_scenario"))
+    bound = next(iter(caps.values()), {}).get("latency_bound_ms")
+    rec["rules"] = rec["rules"] + [f"ranked by capacity in scenario {label} (the highest QPS whose latency "
+                                   f"percentile stays under {bound} ms, VALID by LoadGen)"]
+    ranked = []
+    for c in candidates:
+        q = (caps.get((c.variant, c.backend)) or {}).get("max_qps")
+        if q is None:
+            rejected += 1
+            unjudged.append(f"{c.variant} / {c.backend}: no VALID capacity in scenario {label}")
+        else:
+            ranked.append((q, c))
+    ranked.sort(key=lambda qc: (-qc[0], qc[1].p50))
+    winner = ranked[0][1] if ranked else None
+    return Recommendation(**rec, rejected=rejected, winner=winner, runner_up=ranked[1][1] if len(ranked) > 1 else None,
+                          tied=(winner,) if winner else (), unjudged=tuple(unjudged), objective="capacity",
+                          scenario=label, capacities=caps,
+                          vs_reference=tuple(vs_reference(results, winner)) if winner else ())
 
 
 def vs_reference(results: dict, winner: Candidate) -> list[dict]:
@@ -287,7 +330,8 @@ def recommendation_record(results: dict) -> Optional[dict]:
         return None
     sp = speedups(results).get(w.cell_index)
     return {"variant": w.variant, "backend": w.backend, "batch_size": rec.batch_size, "p50_ms": w.p50,
-            "speedup": list(sp) if sp else None, "rules": rec.rules,
+            "speedup": list(sp) if sp else None, "rules": rec.rules, "objective": rec.objective,
+            **({"scenario": rec.scenario, "max_qps": rec.capacity(w)} if rec.objective == "capacity" else {}),
             **({"vs_reference": list(rec.vs_reference)} if rec.vs_reference else {})}
 
 

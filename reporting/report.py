@@ -403,8 +403,19 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
                             "See the tables below for what was measured and why cells failed."))
     else:
         c, score = w.cell, w.score
-        why = (f"fastest median latency ({c['latency_ms']['p50']:.3f} ms, 95% CI {c['latency_ms']['ci95'][0]:.3f}–"
-               f"{c['latency_ms']['ci95'][1]:.3f}) among the cells meeting: {'; '.join(rec.rules)}")
+        if rec.objective == "capacity":
+            s = rec.capacities[(w.variant, w.backend)]
+            why = (f"the highest capacity under load: {s['max_qps']:.1f} QPS at p{s.get('percentile', 99):g} <= "
+                   f"{s['latency_bound_ms']:g} ms in scenario {rec.scenario} (per round: "
+                   f"{', '.join(f'{q:.1f}' if q is not None else 'none valid' for q in s.get('max_qps_by_round', []))}), "
+                   f"among the cells meeting: {'; '.join(rec.rules)}; its single-request p50 is "
+                   f"{c['latency_ms']['p50']:.3f} ms")
+            if rec.runner_up is not None:
+                q2 = rec.capacity(rec.runner_up)
+                why += f"; {s['max_qps'] / q2:.2f}x the capacity of the runner-up ({q2:.1f} QPS)"
+        else:
+            why = (f"fastest median latency ({c['latency_ms']['p50']:.3f} ms, 95% CI {c['latency_ms']['ci95'][0]:.3f}–"
+                   f"{c['latency_ms']['ci95'][1]:.3f}) among the cells meeting: {'; '.join(rec.rules)}")
         if w.cell_index in sp:
             s = sp[w.cell_index]
             why += f"; {s[0]:.2f}x the baseline on the same backend (95% CI {s[1]:.2f}–{s[2]:.2f})"
@@ -421,7 +432,7 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
             names = ", ".join(f"`{t.variant}` on `{t.backend}` ({t.p50:.3f} ms)" for t in rec.tied)
             why += (f". It is not significantly faster than the others that tie with the fastest within the "
                     f"rounds' noise ({names}); among those it was picked by the rule: {TIE_RULE}")
-        elif rec.runner_up is not None:
+        elif rec.runner_up is not None and rec.objective == "latency":
             r = faster(w.cell, rec.runner_up.cell)
             if r is not None:
                 why += f"; {r[0]:.2f}x the runner-up, paired by round (95% CI {r[1]:.2f}–{r[2]:.2f})"
@@ -433,8 +444,10 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
             blocks.append(("list", reference_lines(rec)))
         r = rec.runner_up
         if r:
+            shown = (f"{rec.capacity(r):.1f} QPS in {rec.scenario}, {r.p50:.3f} ms p50" if rec.objective == "capacity"
+                     else f"{r.p50:.3f} ms p50")
             blocks.append(("p", f"Runner-up: `{r.variant}` on `{r.backend}` "
-                                f"({r.p50:.3f} ms p50). {rec.rejected} measured cell(s) at this "
+                                f"({shown}). {rec.rejected} measured cell(s) at this "
                                 f"batch size did not meet the constraints."))
         ready = ship_text(results, rec)
         if ready:

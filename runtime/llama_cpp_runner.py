@@ -14,6 +14,16 @@ from typing import Optional
 import numpy as np
 
 GGML_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # ggml_type values for the KV cache
+INSTALL = "run `make llama-cpp` (it compiles llama-cpp-python from source: 8-12 minutes on 2 cores, once)"
+
+
+def missing() -> Optional[str]:
+    """Why llama.cpp cannot run here, or None (found, not imported: the parent never loads llama.cpp)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return f"llama-cpp-python is not installed: {INSTALL}"
+    return None
 
 
 @contextlib.contextmanager

@@ -13,6 +13,15 @@ from typing import Optional
 import numpy as np
 
 
+def missing() -> Optional[str]:
+    """Why onnxruntime-genai cannot run here, or None (found, not imported)."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        return "onnxruntime-genai is not installed (pip install 'onnxruntime-genai>=0.13,<0.16')"
+    return None
+
+
 class GenaiLM:
     def __init__(self, path: str, threads: Optional[int] = None, options: Optional[dict] = None):
         import onnxruntime_genai as og

@@ -130,7 +130,9 @@ def _recipe(**bench) -> dict:
 
 @pytest.mark.slow
 def test_a_small_model_runs_through_every_scenario_in_a_recipe(tmp_path):
-    recipe = write_yaml(tmp_path / "load.yaml", _recipe())
+    spec = _recipe()
+    spec["report"]["objective"] = "capacity"  # the recommendation ranks by the server scenario's capacity
+    recipe = write_yaml(tmp_path / "load.yaml", spec)
     assert main(["run", str(recipe), "--out", str(tmp_path / "out"), "--quick"]) == 0
     run_dir = the_run_dir(tmp_path / "out", "digits-load")
     r = json.loads((run_dir / "results.json").read_text())
@@ -149,6 +151,8 @@ def test_a_small_model_runs_through_every_scenario_in_a_recipe(tmp_path):
     assert all("scenario" not in c for c in r["cells"]) and r["recommendation"]["variant"] == "baseline"
     report = (run_dir / "report.md").read_text()
     assert "Under load" in report and "machines for 5000 QPS" in report
+    assert r["recommendation"]["objective"] == "capacity" and r["recommendation"]["max_qps"] == server["max_qps"]
+    assert "the highest capacity under load" in report
     assert (run_dir / "plots" / "load_p99_vs_qps.png").exists()
 
 
@@ -173,3 +177,42 @@ def test_compare_puts_capacities_side_by_side_with_the_ranges_of_their_rounds():
                      "capacity_b": (115.0, 108.0, 120.0), "intervals_overlap": True}]
     moved = capacities(run([100.0, 104.0]), run([150.0, 160.0]))
     assert moved[0]["intervals_overlap"] is False
+
+
+def _ranked(objective: str, **report) -> dict:
+    """results.json as the recommendation reads it: `fast` wins on latency, `batched` takes the most load."""
+    def cell(v, p50):
+        return {"variant": v, "backend": "ort-cpu", "batch_size": 1, "status": "ok",
+                "latency_ms": {"p50": p50, "ci95": [p50 * 0.99, p50 * 1.01]}}
+
+    def server(v, by_round):
+        qps = [q for q in by_round if q is not None]
+        return {"variant": v, "backend": "ort-cpu", "scenario": "server-b8", "status": "ok",
+                "load": {"server": {"max_qps": sorted(qps)[len(qps) // 2] if len(qps) == len(by_round) else None,
+                                    "max_qps_by_round": by_round, "latency_bound_ms": 50.0, "percentile": 99.0}}}
+
+    return {"recipe": {"parsed": {"report": {"baseline": "fast", "constraints": {}, "objective": objective, **report},
+                                  "bench": {"batch_sizes": [1]}}},
+            "task": {}, "variants": [{"name": n, "steps": []} for n in ("fast", "batched", "never-valid")],
+            "cells": [cell("fast", 10.0), cell("batched", 14.0), cell("never-valid", 5.0)],
+            "load": [server("fast", [80.0, 85.0]), server("batched", [200.0, 210.0]), server("never-valid", [None, 300.0])]}
+
+
+def test_objective_capacity_ranks_by_valid_capacity_where_latency_ranks_by_p50():
+    from reporting.analysis import recommend, recommendation_record
+
+    assert recommend(_ranked("latency")).winner.variant == "never-valid"  # the lowest p50
+    rec = recommend(_ranked("capacity"))
+    assert rec.winner.variant == "batched" and rec.runner_up.variant == "fast" and rec.scenario == "server-b8"
+    assert any("never-valid / ort-cpu: no VALID capacity" in u for u in rec.unjudged)  # INVALID is not a number
+    record = recommendation_record(_ranked("capacity"))
+    assert record["objective"] == "capacity" and record["max_qps"] == 210.0
+
+
+def test_objective_capacity_needs_a_server_scenario(tmp_path, capsys):
+    spec = _recipe()
+    spec["bench"]["scenarios"] = [{"type": "offline", "max_batch": 8}]
+    spec["report"] = {**spec.get("report", {}), "objective": "capacity"}
+    assert main(["validate", str(write_yaml(tmp_path / "bad.yaml", spec))]) == 2
+    err = capsys.readouterr().err
+    assert "report.objective" in err and "server scenario" in err and "Traceback" not in err

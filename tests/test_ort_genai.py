@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.ort_genai import missing
+from runtime.ort_genai_runner import missing
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 

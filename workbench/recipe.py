@@ -332,6 +332,13 @@ class ReportSpec(Strict):
     constraints: Constraints = Field(default_factory=Constraints)
     target_qps: Optional[float] = Field(None, gt=0, description="a load to serve: the report says how many machines "
                                         "like this one each server scenario cell needs for it")
+    objective: Literal["latency", "capacity"] = Field("latency", description=(
+        "what the recommendation ranks by among the cells that meet the constraints: latency (the lowest p50 at "
+        "the constraint's batch size) or capacity (the highest server-scenario capacity at its latency bound; "
+        "a variant and backend without a VALID capacity is not recommended). capacity needs a server scenario"))
+    capacity_scenario: Optional[str] = Field(None, description="with objective capacity: the server scenario to rank "
+                                             "by, by its label (its `name`, else e.g. server-b8-s2 as the report "
+                                             "shows it); default: the first server scenario")
 
 
 # ----------------------------------------------------------------------------- search
@@ -576,6 +583,13 @@ def _check_scenarios(recipe: Recipe, where: str) -> None:
         if sc.type != "server" and sc.latency_bound_ms is not None:
             raise field_error(where, f"{field}.latency_bound_ms", "only a server scenario has a bound",
                               value=sc.latency_bound_ms)
+    servers = [sc.label for sc in recipe.bench.scenarios if sc.type == "server"]
+    if recipe.report.objective == "capacity" and not servers:
+        raise field_error(where, "report.objective", "ranking by capacity needs a server scenario in bench.scenarios "
+                          "(`{type: server, latency_bound_ms: ...}`)", value="capacity", accepted=["latency"])
+    if recipe.report.capacity_scenario is not None and recipe.report.capacity_scenario not in servers:
+        raise field_error(where, "report.capacity_scenario", "not a server scenario of bench.scenarios",
+                          value=recipe.report.capacity_scenario, accepted=servers)
     if recipe.bench.prompt_lens and model_kind(recipe.model) != "causal-lm":
         raise field_error(where, "bench.prompt_lens", "prompt lengths are for causal LMs (TTFT against prompt "
                           f"length); this model is a {model_kind(recipe.model)}", value=recipe.bench.prompt_lens,
