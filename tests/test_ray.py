@@ -87,7 +87,7 @@ def test_two_node_cluster_places_cells_by_resource_times_one_per_node_and_surviv
             "variants": {"baseline": {}, "pruned": {"from": "baseline", "steps": [
                 {"prune": {"method": "structured", "ratio": 0.3, "importance": "magnitude"}}]}},
             "bench": {**QUICK_RECIPE["bench"], "backends": ["torch-cpu", "torchscript-cpu"], "batch_sizes": [1],
-                      "repeats": 3, "profile": False,
+                      "repeats": 2, "profile": False,
                       # Long enough per process that the killer below finds one mid-measurement.
                       "timing": {"warmup": 2, "min_iters": 20, "min_seconds": 1.5, "stability_threshold": 100.0},
                       "executor": "ray", "ray_address": cluster.address,
@@ -124,9 +124,9 @@ def test_two_node_cluster_places_cells_by_resource_times_one_per_node_and_surviv
         assert len(cells) == 4
         intervals: dict[str, list] = {}
         for c in cells:
-            # Nothing lost: every cell measured in all three rounds, the killed one included.
+            # Nothing lost: every cell measured in both rounds, the killed one included.
             assert c["status"] in ("ok", "unstable"), (c["variant"], c["backend"], c["reason"])
-            assert len(c["repeats"]) == 3
+            assert len(c["repeats"]) == 2
             want = "kind_a" if c["backend"] == "torch-cpu" else "kind_b"
             assert kind[c["node"]["id"]] == want, (c["backend"], c["node"])
             for r in c["repeats"]:

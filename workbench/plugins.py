@@ -15,9 +15,9 @@ MODULES = (
     "compress.quantize", "compress.prune", "compress.distill",  # steps on torch modules
     "export.onnx_quantize", "export.onnx_optimize",  # steps on ONNX graphs
     "export.nncf_steps",  # NNCF's post-training int8 and weight compression of ONNX graphs
+    "export.onnx", "export.torchscript", "export.torch_export", "export.openvino_ir",  # export formats
     "export.gguf",  # llama.cpp's GGUF: the gguf-quantize step and the gguf format
     "export.ort_genai",  # ORT GenAI's model builder: the ort-genai-build step and its folder format
-    "export.onnx", "export.torchscript", "export.torch_export", "export.openvino_ir",  # export formats
     "bench.torch_backends", "bench.ort_backends", "bench.openvino_backends",  # backends, one module per engine
     "bench.llama_cpp_backends", "bench.ort_genai_backends",
 )
