@@ -13,6 +13,21 @@ ROOT = str(Path(__file__).resolve().parent.parent)  # the folder that holds core
 MB = 1024 * 1024
 
 
+def last_words(text: str, lines: int = 3, chars: int = 600) -> str:
+    """The last non-empty lines of what a child process said, joined, at most `chars` long: the reason a
+    failed converter or builder gives, for a recorded failure."""
+    found = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return " | ".join(found[-lines:])[-chars:] or "no message"
+
+
+def module_missing(module: str, install: str) -> str | None:
+    """`install` (how to get it) when `module` cannot be imported here, else None; the module is found, not
+    imported, so a parent process never loads an engine it only asks about."""
+    import importlib.util
+
+    return install if importlib.util.find_spec(module) is None else None
+
+
 def child_env(threads: int | None = None) -> dict:
     """The parent's environment with the project importable, warnings off, and, when `threads` is
     given, every thread pool sized before the child imports anything (they read it at start-up)."""

@@ -24,6 +24,7 @@ from typing import Literal, Optional
 from pydantic import Field
 
 from core.formats import ExportFormat
+from core.processes import child_env, last_words
 from core.lm import hf_model
 from core.steps import Step, StepParams, register
 from runtime.llama_cpp_runner import INSTALL
@@ -100,21 +101,14 @@ def make_gguf(module, path: Path, gguf_type: str = "f32", threads: Optional[int]
             "bytes": path.stat().st_size}
 
 
-def _tail(text: str, lines: int = 3) -> str:
-    found = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return " | ".join(found[-lines:])[-600:] or "no message"
-
-
 def _convert(folder: Path, out: Path) -> Optional[str]:
     """Run llama.cpp's converter; None when it wrote `out`, else the end of what it said."""
-    from core.processes import child_env
-
     script = converter_dir() / "convert_hf_to_gguf.py"
     proc = subprocess.run([sys.executable, str(script), str(folder), "--outfile", str(out), "--outtype", "f32"],
                           capture_output=True, text=True, env=child_env(), timeout=3600)
     if proc.returncode == 0 and out.exists():
         return None
-    return f"exit code {proc.returncode}: {_tail(proc.stderr or proc.stdout)}"
+    return f"exit code {proc.returncode}: {last_words(proc.stderr or proc.stdout)}"
 
 
 def _stand_in_vocabulary(folder: Path) -> None:
@@ -133,13 +127,12 @@ def _stand_in_vocabulary(folder: Path) -> None:
 
 
 def _quantize(src: Path, dst: Path, gguf_type: str, threads: Optional[int]) -> None:
-    from core.processes import child_env
-
     proc = subprocess.run([sys.executable, "-m", "export.gguf", "quantize", str(src), str(dst), gguf_type,
                            str(threads or 0)], capture_output=True, text=True, env=child_env(), timeout=3600)
     if proc.returncode != 0 or not dst.exists():
         how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-        raise RuntimeError(f"llama.cpp's quantizer ({gguf_type}) failed with {how}: {_tail(proc.stderr)}")
+        raise RuntimeError(f"llama.cpp's quantizer ({gguf_type}) failed with {how}: "
+                           f"{last_words(proc.stderr)}")
 
 
 def quantize_main(src: str, dst: str, gguf_type: str, threads: int) -> int:
@@ -245,11 +238,11 @@ class GgufQuantize(Step):
 
 
 def _types_in_child(path: Path) -> dict:
-    from core.processes import child_env
-
     proc = subprocess.run([sys.executable, "-m", "export.gguf", "types", str(path)], capture_output=True,
                           text=True, env=child_env(), timeout=600)
-    return json.loads(proc.stdout) if proc.returncode == 0 else {"weights_by_type": f"unread: {_tail(proc.stderr)}"}
+    if proc.returncode != 0:
+        return {"weights_by_type": f"unread: {last_words(proc.stderr)}"}
+    return json.loads(proc.stdout)
 
 
 def main() -> int:

@@ -17,6 +17,7 @@ from typing import Literal, Optional
 from pydantic import Field
 
 from core.formats import ExportFormat
+from core.processes import child_env, last_words
 from core.lm import hf_model
 from core.steps import Step, StepParams, register
 from runtime.ort_genai_runner import missing
@@ -26,8 +27,6 @@ FOLDER, CONFIG = "genai", "genai_config.json"
 
 def build(module, out: Path, precision: str, extra: dict) -> dict:
     """Write the builder's folder at `out` (whole or not at all) from a CausalLM module."""
-    from core.processes import child_env
-
     hf = hf_model(module)
     if hf is None:
         raise RuntimeError("ORT GenAI's builder reads a Hugging Face causal LM folder; this is a "
@@ -50,9 +49,8 @@ def build(module, out: Path, precision: str, extra: dict) -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,
                               env={**child_env(), "HF_HUB_OFFLINE": "1"})
         if proc.returncode != 0 or not (dst / CONFIG).exists():
-            lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
             raise RuntimeError(f"ORT GenAI's model builder failed (exit code {proc.returncode}): "
-                               f"{' | '.join(lines[-3:])[-600:]}")
+                               f"{last_words(proc.stderr or proc.stdout)}")
         os.replace(dst, out)
     from importlib.metadata import version
 

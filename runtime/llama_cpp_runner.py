@@ -19,11 +19,9 @@ INSTALL = "run `make llama-cpp` (it compiles llama-cpp-python from source: 8-12 
 
 def missing() -> Optional[str]:
     """Why llama.cpp cannot run here, or None (found, not imported: the parent never loads llama.cpp)."""
-    import importlib.util
+    from core.processes import module_missing
 
-    if importlib.util.find_spec("llama_cpp") is None:
-        return f"llama-cpp-python is not installed: {INSTALL}"
-    return None
+    return module_missing("llama_cpp", f"llama-cpp-python is not installed: {INSTALL}")
 
 
 @contextlib.contextmanager

@@ -15,11 +15,10 @@ import numpy as np
 
 def missing() -> Optional[str]:
     """Why onnxruntime-genai cannot run here, or None (found, not imported)."""
-    import importlib.util
+    from core.processes import module_missing
 
-    if importlib.util.find_spec("onnxruntime_genai") is None:
-        return "onnxruntime-genai is not installed (pip install 'onnxruntime-genai>=0.13,<0.16')"
-    return None
+    return module_missing("onnxruntime_genai", "onnxruntime-genai is not installed "
+                          "(pip install 'onnxruntime-genai>=0.13,<0.16')")
 
 
 class GenaiLM:

@@ -121,22 +121,17 @@ def onnx_stats(path: Path) -> dict:
             "sparsity": round(zeros / matrix, 4) if matrix else 0.0, "flops": None}
 
 
-def gguf_stats(path: Path, notes: list) -> dict:
-    """A GGUF variant's figures from what its gguf-quantize step read back with llama.cpp's gguf-py:
-    its parameter count, and its whole file as the weight bytes a decode step streams (the token
-    embeddings included: GGUF keeps no separate count of them)."""
-    found = next((n for n in notes if isinstance(n.get("params"), int)), {})
-    size = Path(path).stat().st_size
-    return {"params": found.get("params"), "weight_bytes": size, "streamed_weight_bytes": size,
-            "weights_by_type": found.get("weights_by_type"), "sparsity": None, "flops": None}
-
-
-def artifact_stats(fmt: str, path: Path) -> dict:
-    """An engine artifact's figures where its format keeps no parameter count: its files' bytes as the weights."""
+def artifact_stats(fmt: str, path: Path, notes: list) -> dict:
+    """An engine artifact's figures (a GGUF, an ORT GenAI folder): its files' bytes as the weights a decode step
+    streams (the token embeddings included: neither keeps a separate count), and the parameter count and
+    weights per type its step read back, where it did (gguf-quantize does, with llama.cpp's gguf-py)."""
     from core.formats import artifact_files
 
+    found = next((n for n in notes if isinstance(n.get("params"), int)), {})
     size = files_size(artifact_files(fmt, path))
-    return {"params": None, "weight_bytes": size, "streamed_weight_bytes": size, "sparsity": None, "flops": None}
+    return {"params": found.get("params"), "weight_bytes": size, "streamed_weight_bytes": size,
+            **({"weights_by_type": found["weights_by_type"]} if "weights_by_type" in found else {}),
+            "sparsity": None, "flops": None}
 
 
 def files_size(paths) -> int:

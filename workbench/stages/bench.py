@@ -32,15 +32,12 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> tuple[lis
     for v in variants:
         name = v["name"]
         arts = {a["format"]: a for a in artifacts if a["variant"] == name}
-        fmt = models[name].format if models.get(name) is not None else "torch"
-        kind = None if fmt == "torch" else "an ONNX graph" if fmt == "onnx" else f"a {fmt} artifact"
+        own = models[name].format if models.get(name) is not None else "torch"  # what the variant itself is
+        kind = None if own == "torch" else "an ONNX graph" if own == "onnx" else f"a {own} artifact"
         targets.append(Target(
             name, arts, root=run.run_dir,
             failed=v.get("error") or "failed" if models.get(name) is None else None,
-            # An ONNX-only or GGUF variant has an artifact (or a skipped one saying why) of every listed
-            # format, but no torch module.
-            missing=lambda fmt, n=name, kind=kind: f"variant '{n}' is {kind}: no {fmt} artifact"
-            if kind and (fmt == "torch" or fmt not in run.recipe.export.formats) else f"format '{fmt}' is not in export.formats"))
+            missing=lambda fmt, n=name, kind=kind: _missing(n, kind, fmt, run.recipe.export.formats)))
     generation = Generation(spec.new_tokens, lambda batch, n=None: prompts(run, batch, n),
                             lambda name, batch: _kv_bytes(models[name], batch, spec.seq_len + spec.new_tokens),
                             prompt_lens=list(spec.prompt_lens)) if lm else None
@@ -110,6 +107,15 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> tuple[lis
     if spec.profile and not (run.quick and "profile" not in spec.model_fields_set):
         profile_cells(run, cells, jobs, work)
     return cells, load_cells
+
+
+def _missing(variant: str, kind, fmt: str, formats: list[str]) -> str:
+    """Why `variant` has no artifact of `fmt`. An ONNX-only or engine-artifact variant (`kind` says which)
+    has an artifact (or a skipped one saying why) of every listed format, but no torch module and no form
+    in a format the recipe does not list."""
+    if kind and (fmt == "torch" or fmt not in formats):
+        return f"variant '{variant}' is {kind}: no {fmt} artifact"
+    return f"format '{fmt}' is not in export.formats"
 
 
 def prompts(run, batch: int, n: int | None = None) -> np.ndarray:

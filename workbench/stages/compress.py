@@ -13,7 +13,7 @@ from runtime.infer import variant_outputs
 from core.model import VariantModel
 from core.steps import StepContext, get_step
 from export.reload import outputs_in_fresh_process
-from workbench.model_stats import artifact_stats, files_size, gguf_stats, onnx_stats, torch_stats
+from workbench.model_stats import artifact_stats, files_size, onnx_stats, torch_stats
 from workbench.run_dir import log, reason
 from workbench.stages.export import export_memoised
 from workbench.variants import link_or_copy, model_files, root_key, variant_key
@@ -76,10 +76,8 @@ def compress(run) -> tuple[list[dict], dict[str, Optional[VariantModel]]]:
         rec["size_bytes"] = files_size(files)
         if model.format == "torch":
             rec.update(torch_stats(model.module, model.io, recipe.bench.seq_len))
-        elif model.format == "gguf":
-            rec.update(gguf_stats(model.file_path, rec.get("notes") or []))
         elif model.file_path is not None:
-            rec.update(artifact_stats(model.format, model.file_path))
+            rec.update(artifact_stats(model.format, model.file_path, rec.get("notes") or []))
         else:
             rec.update(onnx_stats(model.onnx_path))
         if run.task.type != "none":

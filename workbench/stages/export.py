@@ -97,8 +97,8 @@ def _engine_artifact_variant(run, name: str, model: VariantModel, batches) -> li
     fmt = model.format
     rel = model.file_path.relative_to(run.cache.folder(run.keys[name]))
     art = {"variant": name, "format": fmt, "path": f"variants/{name}/{rel}", "status": "ok", "reason": None,
-           "exporter": "produced by the variant's steps", "parity_checked_in": "a fresh process, after reloading the file",
-           "parity_note": NOT_GATED}
+           "exporter": "produced by the variant's steps",
+           "parity_checked_in": "a fresh process, after reloading the file", "parity_note": NOT_GATED}
     try:
         ref = torch_outputs(model.source_module, batches)
         art["parity"] = parity(ref, outputs_in_fresh_process(fmt, model.file_path, batches), run.src.io.kind)
