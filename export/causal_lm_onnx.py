@@ -16,7 +16,7 @@ import time
 import warnings
 from pathlib import Path
 
-from core.formats import needs_external_data
+from core.formats import EXTERNAL_DATA_BYTES, needs_external_data
 from core.lm_summary import cache_shape
 
 PAST, PRESENT = "past_key_values.", "present."
@@ -24,7 +24,8 @@ PAST, PRESENT = "past_key_values.", "present."
 
 def export_causal_lm(hf_model, path: Path, *, opset: int = 18, exporter: str = "auto") -> dict:
     """Write `path` (and `path.data` for large models); return what happened, for the results.
-    exporter: "auto" (optimum, then torch.onnx), "optimum" or "torch" (no fallback)."""
+    exporter: "auto" (optimum, then torch.onnx), "optimum" or "torch" (no fallback), or "decoder":
+    export.decoder_graph's fused graph for a Llama-layout model, else "auto" with the reason recorded."""
     import onnx
 
     path = Path(path)
@@ -33,27 +34,49 @@ def export_causal_lm(hf_model, path: Path, *, opset: int = 18, exporter: str = "
     large = needs_external_data(hf_model)
     record = {"exporter": None, "opset": opset, "fallback_reason": None}
     t0 = time.perf_counter()
+    graph = None
+    if exporter == "decoder":  # the workbench's own fused graph, built from the weights
+        from export.decoder_graph import build_decoder_graph, unsupported
+
+        why = unsupported(hf_model)
+        if why is None:
+            graph = build_decoder_graph(hf_model)
+            record["exporter"] = "workbench decoder graph (GroupQueryAttention, SkipSimplifiedLayerNormalization)"
+            record["opset"] = 18  # what the builder writes (Split's num_outputs needs it)
+            # A tied output projection gets its own copy: the graph can pass 2 GB where the model did not.
+            large = large or sum(len(i.raw_data) for i in graph.graph.initializer) > EXTERNAL_DATA_BYTES
+        else:
+            record["fallback_reason"] = f"the fused decoder graph does not fit this model: {why}"
     with _quiet():
-        if exporter in ("auto", "optimum"):
+        if graph is None and exporter in ("auto", "optimum", "decoder"):
             try:
                 graph = _with_optimum(hf_model, path.parent, opset)
                 record["exporter"] = "optimum (text-generation-with-past)"
             except Exception as e:  # any failure: recorded, then torch.onnx
                 if exporter == "optimum":
                     raise
-                record["fallback_reason"] = f"optimum exporter failed: {type(e).__name__}: {str(e)[:300]}"
+                record["fallback_reason"] = "; ".join(filter(None, [
+                    record["fallback_reason"], f"optimum exporter failed: {type(e).__name__}: {str(e)[:300]}"]))
         if record["exporter"] is None:
             graph = _with_torch_onnx(hf_model, path.parent, opset)
             record["exporter"] = "torch.onnx (dynamo, explicit past)"
+    fused = record["exporter"].startswith("workbench decoder")
     record["folded_transposes"] = _fold_transposed_weights(graph)
     record["gemm_to_matmul"] = _gemm_to_matmul(graph)
     onnx.save(graph, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
     record["seconds"] = round(time.perf_counter() - t0, 3)
-    onnx.checker.check_model(str(path))  # path form: works for external data too
+    if fused:  # ORT's contrib ops (SimplifiedLayerNormalization in the default domain) are unknown to
+        record["fused_ops"] = _op_counts(graph, ("GroupQueryAttention", "SkipSimplifiedLayerNormalization"))
+    else:      # onnx's checker; the parity check in a fresh ORT process is that graph's test
+        onnx.checker.check_model(str(path))  # path form: works for external data too
     record["inputs"] = [i.name for i in graph.graph.input]
     record["outputs"] = [o.name for o in graph.graph.output]
     record["external_data"] = large
     return record
+
+
+def _op_counts(model, ops) -> dict:
+    return {op: sum(n.op_type == op for n in model.graph.node) for op in ops}
 
 
 @contextlib.contextmanager

@@ -25,8 +25,10 @@ def export_onnx(module, io_spec: ModelIO, path: Path, *, opset: int = 18, export
     kwargs = example_inputs(io_spec)
     large = needs_external_data(module)
     record = {"exporter": None, "opset": opset, "fallback_reason": None}
-    tries = {"optimum": ["optimum", "dynamo", "torchscript"], "dynamo": ["dynamo", "torchscript"]}.get(
-        exporter, ["torchscript"])
+    if exporter == "decoder":  # the fused graph is for causal LMs (export.causal_lm_onnx); this is not one
+        record["fallback_reason"] = "exporter decoder builds causal LMs only; this model is exported with dynamo"
+    tries = {"optimum": ["optimum", "dynamo", "torchscript"], "dynamo": ["dynamo", "torchscript"],
+             "decoder": ["dynamo", "torchscript"]}.get(exporter, ["torchscript"])
     t0 = time.perf_counter()
     for which in tries:
         if which == "optimum":
@@ -83,7 +85,8 @@ class OnnxFormat(ExportFormat):
         if io.kind == "causal-lm":  # one graph with a KV cache: prefill (empty past) and decode steps
             from export.causal_lm_onnx import export_causal_lm
 
-            return export_causal_lm(module.model, Path(path), opset=spec.opset)
+            return export_causal_lm(module.model, Path(path), opset=spec.opset,
+                                    exporter="decoder" if spec.exporter == "decoder" else "auto")
         return export_onnx(module, io, path, opset=spec.opset, exporter=spec.exporter)
 
     @classmethod

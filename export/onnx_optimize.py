@@ -1,9 +1,11 @@
 """ONNX Runtime graph optimisation as a step: the optimised graph saved at the basic / extended /
-all level, and transformer fusion (Attention, SkipLayerNorm, BiasGelu...) for BERT-like encoders
-with onnxruntime.transformers, recording which fusions happened."""
+all level, transformer fusion (Attention, SkipLayerNorm, BiasGelu...) for BERT-like encoders with
+onnxruntime.transformers, recording which fusions happened, and for Llama-layout decoders the
+workbench's own fused graph (export.decoder_graph) in place of the traced one."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import Field
@@ -19,8 +21,13 @@ class OnnxOptimizeParams(StepParams):
     level: Literal["none", "basic", "extended", "all"] = Field(
         "extended", description="ORT graph optimisation level saved into the file; 'all' adds layout "
         "transforms tied to this machine's CPU, so the file is not portable")
-    fusion: Literal["none", "bert"] = Field(
-        "none", description="bert: onnxruntime.transformers fusions for BERT-like encoders (MiniLM, BERT, RoBERTa)")
+    fusion: Literal["none", "bert", "decoder"] = Field(
+        "none", description="bert: onnxruntime.transformers fusions for BERT-like encoders (MiniLM, BERT, RoBERTa); "
+        "decoder: causal LMs of the Llama layout (Llama, Qwen2, Mistral...) are exported as the workbench's own "
+        "fused graph (GroupQueryAttention with rotary and the cache update inside, "
+        "SkipSimplifiedLayerNormalization, one MatMul for Q|K|V and one for gate|up, the output projection "
+        "its own weight), built from the weights instead of traced: a weight-only int4 step after it makes "
+        "4 MatMulNBits per layer and quantizes the output projection")
     float16: bool = Field(False, description="convert weights and activations to float16 after fusion, inputs "
                           "and outputs kept float32 (onnxruntime.transformers' converter; for GPU providers: "
                           "ORT's CPU provider has no float16 kernel for many operators); pair with level: none, "
@@ -34,7 +41,9 @@ class OnnxOptimize(Step):
     name = "onnx-optimize"
     details = (
         'With `fusion: bert` the implicit export before it uses the TorchScript-based exporter, whose '
-        "attention pattern ORT's fusion recognises; the fusions found are recorded."
+        "attention pattern ORT's fusion recognises; the fusions found are recorded. With `fusion: decoder` the "
+        "implicit export builds the fused decoder graph (export `exporter: decoder`); a model of another layout "
+        "fails the step with the reason (a per-head q/k norm, a non-SiLU MLP, sliding-window layers...)."
     )
     summary = "ONNX Runtime graph optimisation (basic/extended/all) and BERT transformer fusion"
     Params = OnnxOptimizeParams
@@ -61,7 +70,7 @@ class OnnxOptimize(Step):
     def exporter_for(cls, params: dict) -> Optional[str]:
         # ORT's fusion patterns match the attention subgraph of the TorchScript-based exporter; on
         # the dynamo exporter's graph they fuse no Attention (seen with torch 2.13 / ORT 1.32).
-        return "torchscript" if params.get("fusion") == "bert" else None
+        return {"bert": "torchscript", "decoder": "decoder"}.get(params.get("fusion"))
 
     def run(self, model, params, ctx):
         p = OnnxOptimizeParams.model_validate(params)
@@ -83,6 +92,8 @@ class OnnxOptimize(Step):
             ctx.notes["fusion_config"] = {"num_heads": heads, "hidden_size": hidden}
             src = ctx.work_dir / "fused.onnx"
             fused.save_model_to_file(str(src))
+        if p.fusion == "decoder":
+            src = self._decoder(src, model, ctx)
         if p.float16:
             import onnx
             from onnxruntime.transformers.onnx_model import OnnxModel
@@ -93,7 +104,10 @@ class OnnxOptimize(Step):
             half.save_model_to_file(str(src))
             ctx.notes["float16"] = "weights and activations float16; inputs and outputs float32"
         final = ctx.work_dir / "model.onnx"
-        if p.level != "none":
+        if p.level != "none" and Path(str(src) + ".data").exists():
+            # ORT cannot save an optimised graph past 2 GB in one file; it applies the same level at load.
+            ctx.notes["level_not_saved"] = "the graph's weights are in an external file; ORT applies the level at load"
+        elif p.level != "none":
             import onnxruntime as ort
 
             so = ort.SessionOptions()
@@ -102,10 +116,39 @@ class OnnxOptimize(Step):
             ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])  # writes the optimised graph
             src = ctx.work_dir / "optimized.onnx"
         ctx.notes["level"] = p.level
-        if src.parent == ctx.work_dir:
+        if src.parent == ctx.work_dir:  # an external weights file beside it keeps its name: still found
             shutil.move(src, final)
+        elif Path(str(src) + ".data").exists():  # a parent's large graph: its weights file comes too
+            _copy_with_data(src, final)
         else:  # nothing was rewritten: copy, never move, a parent's cached graph
             shutil.copy2(src, final)
         model.onnx_path = final
         record_kernels(final, ctx.notes)
         return model
+
+    @staticmethod
+    def _decoder(src: Path, model, ctx) -> Path:
+        """The implicit export built the fused decoder graph (exporter_for), or says why it could not."""
+        import onnx
+
+        from export.decoder_graph import unsupported
+
+        hf = getattr(model.source_module, "model", None)
+        why = unsupported(hf) if hf is not None else "not a causal LM"
+        if why:
+            raise ValueError(f"fusion decoder: {why}; use fusion none (the traced graph) for this model")
+        graph = onnx.load(str(src), load_external_data=False)
+        ops = [n.op_type for n in graph.graph.node]
+        if "GroupQueryAttention" not in ops:
+            raise ValueError("fusion decoder: the graph before this step is not the fused decoder graph (put "
+                             "onnx-optimize first in the variant's steps, on an unexported model)")
+        ctx.notes["fusions"] = {op: ops.count(op) for op in ("GroupQueryAttention", "SkipSimplifiedLayerNormalization")}
+        ctx.notes["nodes"] = len(ops)
+        return src
+
+
+def _copy_with_data(src: Path, final: Path) -> None:
+    """A graph whose weights sit in `src.name + '.data'`: re-saved so the weights file is named for `final`."""
+    import onnx
+
+    onnx.save(onnx.load(str(src)), str(final), save_as_external_data=True, location=final.name + ".data")

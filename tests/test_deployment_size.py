@@ -61,6 +61,9 @@ def test_a_random_weights_recipe_ranks_by_kl_and_says_perplexity_means_nothing(t
             "baseline": {},
             "int4": {"from": "baseline", "steps": [{"onnx-quantize": {"mode": "int4", "block_size": 32,
                                                                       "accuracy_level": 4}}]},
+            "int4-fused": {"from": "baseline", "steps": [{"onnx-optimize": {"fusion": "decoder"}},
+                                                         {"onnx-quantize": {"mode": "int4", "block_size": 32,
+                                                                            "accuracy_level": 4}}]},
             "int4-hqq": {"from": "baseline", "steps": [{"onnx-quantize": {"mode": "int4", "block_size": 32,
                                                                           "algorithm": "hqq"}}]},
             "int4-gptq": {"from": "baseline", "steps": [{"onnx-quantize": {"mode": "int4", "block_size": 32,
@@ -80,6 +83,14 @@ def test_a_random_weights_recipe_ranks_by_kl_and_says_perplexity_means_nothing(t
     for name in ("int4", "int4-hqq", "int4-gptq"):
         assert variants[name]["status"] == "ok", variants[name]["error"]
         assert variants[name]["accuracy"]["kl"] > 0
+    # The fused decoder graph: 4 MatMulNBits per layer and the (tied) output projection quantized too,
+    # against 7 per layer in the traced graph; its cell decodes through the same loop.
+    fused = variants["int4-fused"]["notes"]
+    assert fused[0]["exporter"].startswith("workbench decoder graph")
+    assert fused[1]["fusions"] == {"GroupQueryAttention": 2, "SkipSimplifiedLayerNormalization": 4}
+    assert fused[-1]["matmul_nbits_nodes"] == 2 * 4 + 1 < variants["int4"]["notes"][-1]["matmul_nbits_nodes"]
+    cell = next(c for c in r["cells"] if c["variant"] == "int4-fused")
+    assert cell["status"] == "ok" and cell["generation"]["new_tokens"] == 4
     assert variants["int4-gptq"]["notes"][-1]["algorithm"] == "gptq"
     assert variants["int4-gptq"]["notes"][-1]["calibration"]["batches"] == 2
     assert r["recommendation"] is not None

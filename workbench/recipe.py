@@ -210,7 +210,7 @@ class ParityTolerance(Strict):
 class ExportSpec(Strict):
     formats: list[ExportFormat] = Field(default_factory=lambda: ["onnx"])
     opset: int = Field(18, ge=14, le=23)
-    exporter: Literal["dynamo", "torchscript", "optimum"] = "dynamo"
+    exporter: Literal["dynamo", "torchscript", "optimum", "decoder"] = "dynamo"
     parity: ParityTolerance = Field(default_factory=ParityTolerance)
     openvino_fp16: bool = Field(False, description="openvino format: store the IR's weights as fp16 (OpenVINO's "
                                 "`compress_to_fp16`); default: as they are, so the IR's parity is the conversion's")

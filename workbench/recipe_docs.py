@@ -100,7 +100,10 @@ NOTES = {
     "ExportSpec.exporter": "dynamo: torch.onnx's dynamo exporter (the TorchScript-based one is tried, and "
                            "recorded, when it fails); torchscript: the TorchScript-based exporter; optimum: Hugging "
                            "Face models through optimum's exporter (others, or an optimum failure, fall back to "
-                           "dynamo with the reason recorded)",
+                           "dynamo with the reason recorded); decoder: causal LMs of the Llama layout (Llama, Qwen2, "
+                           "Mistral...) get the workbench's own fused graph (GroupQueryAttention with rotary, "
+                           "SkipSimplifiedLayerNormalization, packed Q|K|V and gate|up MatMuls), built from the weights; "
+                           "other models are exported as by default, with the reason recorded",
     "ExportSpec.parity": "the tolerances an export must meet against its source module",
     "ParityTolerance.max_abs_diff": "largest absolute difference of outputs allowed (null: not checked)",
     "ParityTolerance.min_cosine": "smallest cosine between outputs allowed",
