@@ -15,7 +15,7 @@ from core.findings import Finding
 from core.steps import precision_of
 
 
-def _ort_by_op(trace: str, skip_runs: int, per: int) -> dict:
+def ort_by_op(trace: str, skip_runs: int, per: int) -> dict:
     """Milliseconds per op type from ORT's trace file, over the runs after the first `skip_runs`
     (the profiler is on from the session's start), divided by `per` (calls or tokens)."""
     with open(trace) as fh:
@@ -95,7 +95,7 @@ class OrtBackend(Backend):
             prepared = runner.prepare(inputs)
             for _ in range(warmup + calls):
                 runner.call(prepared)
-            return _ort_by_op(runner.session.end_profiling(), warmup, calls)
+            return ort_by_op(runner.session.end_profiling(), warmup, calls)
 
     @classmethod
     def profile_generation(cls, path: str, prompts, new_tokens: int, threads: int, generations: int) -> dict:
@@ -114,7 +114,7 @@ class OrtBackend(Backend):
             mask = np.ones_like(prompts)
             for _ in range(1 + generations):  # one generation of warm-up, whose runs are skipped
                 lm.generate(prompts, mask, new_tokens)
-            return _ort_by_op(lm.session.end_profiling(), new_tokens, generations * new_tokens)
+            return ort_by_op(lm.session.end_profiling(), new_tokens, generations * new_tokens)
 
     @classmethod
     def snippet(cls) -> Optional[str]:

@@ -35,6 +35,32 @@ class OrtGenai(Backend):
         return GenaiLM(path, threads)
 
     @classmethod
+    def profile_generation(cls, path: str, prompts, new_tokens: int, threads: int, generations: int) -> dict:
+        """ONNX Runtime's own profiler on ORT GenAI's decoder session (its `enable_profiling` session option),
+        read as the ort-cpu cells' profiles are: the two graphs' op times compare kernel by kernel."""
+        import gc
+        import glob
+        import os
+        import tempfile
+
+        import numpy as np
+
+        from bench.ort_backends import ort_by_op
+        from runtime.ort_genai_runner import GenaiLM
+
+        with tempfile.TemporaryDirectory() as tmp:
+            lm = GenaiLM(path, threads, {"session_options": {"enable_profiling": os.path.join(tmp, "ort")}})
+            mask = np.ones_like(prompts)
+            for _ in range(1 + generations):  # one generation of warm-up, whose runs are skipped
+                lm.generate(prompts, mask, new_tokens)
+            del lm
+            gc.collect()  # ORT writes the trace when the session ends
+            traces = sorted(glob.glob(os.path.join(tmp, "ort*.json")), key=os.path.getmtime)
+            if not traces:
+                raise RuntimeError("ORT GenAI wrote no profile (its session_options.enable_profiling had no effect)")
+            return ort_by_op(traces[-1], new_tokens, generations * new_tokens)
+
+    @classmethod
     def snippet(cls) -> Optional[str]:
         return '''import onnxruntime_genai as og
 

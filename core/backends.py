@@ -86,13 +86,15 @@ class Backend:
 
     # ------------------------------------------------------------------ what the report and profiles ask
     @classmethod
-    def profile(cls, path: str, inputs: dict, threads: int, calls: int, warmup: int) -> dict:
+    def profile(cls, path: str, inputs: dict, threads: int, calls: int, warmup: int, **engine) -> dict:
         """Op-level time from the engine's own profiler, in a process of its own (bench.profile):
-        {"tool": ..., "by_op_ms": {op type: ms per call}}, optionally "nodes_by_op"."""
+        {"tool": ..., "by_op_ms": {op type: ms per call}}, optionally "nodes_by_op". `engine`: the
+        cell's engine options (engine_kwargs), for a backend that takes any."""
         raise NotImplementedError(f"{cls.name} has no op-level profiler")
 
     @classmethod
-    def profile_generation(cls, path: str, prompts, new_tokens: int, threads: int, generations: int) -> dict:
+    def profile_generation(cls, path: str, prompts, new_tokens: int, threads: int, generations: int,
+                           **engine) -> dict:
         """As `profile`, over `generations` greedy generations after one of warm-up, per generated token."""
         raise NotImplementedError(f"{cls.name} has no op-level profiler for generation")
 

@@ -192,3 +192,58 @@ def ttft_vs_prompt_len(results: dict, out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return save(fig, out / "ttft_vs_prompt_len.png")
+
+
+OWN_FORMATS = ("torch", "onnx")  # a variant in another format is an engine's own artifact (a GGUF, an ORT GenAI folder)
+
+
+def own_vs_engines(results: dict, batch: int = 1) -> tuple[list[str], tuple[list[str], list[list[str]]] | None]:
+    """The workbench's fastest own generation cell (a torch or ONNX variant, its own graph and settings)
+    against the fastest cell of an engine's own artifact (a GGUF made by llama.cpp's tools, an ORT GenAI
+    folder made by its builder), at `batch`: per-token decode and TTFT, the paired speedup, and where both
+    have ONNX Runtime op profiles, the op types that differ most, per generated token. ([], None) when the
+    run has no such pair."""
+    from reporting.analysis import faster
+
+    variants = {v["name"]: v for v in results["variants"]}
+    cells = [c for c in generation_cells(results, batch) if c["status"] in ("ok", "unstable")]
+    own = [c for c in cells if variants.get(c["variant"], {}).get("format") in OWN_FORMATS
+           and variants.get(c["variant"], {}).get("parent")]  # the unquantized source is no "path"
+    peers = [c for c in cells if variants.get(c["variant"], {}).get("format") not in OWN_FORMATS]
+    if not own or not peers:
+        return [], None
+    mine = min(own, key=lambda c: c["latency_ms"]["p50"])
+    best = min(peers, key=lambda c: c["latency_ms"]["p50"])
+    m, b = mine["latency_ms"]["p50"], best["latency_ms"]["p50"]
+    r = faster(mine, best)
+    ratio = (f"{r[0]:.2f}x (95% CI {r[1]:.2f}–{r[2]:.2f}, paired by round)" if r else f"{b / m:.2f}x (one round: "
+             "no interval)")
+    unstable = [_label(c) for c in (mine, best) if c["status"] == "unstable"]
+    lines = [f"The workbench's fastest own path, `{_label(mine)}`, decodes at {m:.2f} ms/token; the fastest engine's "
+             f"own artifact, `{_label(best)}`, at {b:.2f} ms/token: the own path is {ratio} as fast per token"
+             + (f" (unstable cells: {', '.join(unstable)}: the figure is indicative)" if unstable else "") + ". "
+             f"Time to first token: {mine['generation']['ttft_ms']['p50']:.0f} ms against "
+             f"{best['generation']['ttft_ms']['p50']:.0f} ms."]
+    pm, pb = (c.get("profile") or {} for c in (mine, best))
+    if not (pm.get("by_op_ms") and pb.get("by_op_ms")):
+        why = [f"`{_label(c)}` has no op profile" + (f" ({p['error'][:120]})" if p.get("error") else "")
+               for c, p in ((mine, pm), (best, pb)) if not p.get("by_op_ms")]
+        lines.append("No kernel-by-kernel comparison: " + "; ".join(why) + ".")
+        return lines, None
+    ops = set(pm["by_op_ms"]) | set(pb["by_op_ms"])
+    diff = {op: pm["by_op_ms"].get(op, 0.0) - pb["by_op_ms"].get(op, 0.0) for op in ops}
+    order = sorted(ops, key=lambda op: -abs(diff[op]))[:8]
+    per = pm.get("per", "call")
+    rows = [[op, f"{pm['by_op_ms'].get(op, 0.0):.3f}", f"{pb['by_op_ms'].get(op, 0.0):.3f}", f"{diff[op]:+.3f}"]
+            for op in order]
+    rows.append(["all ops", f"{pm['op_total_ms']:.3f}", f"{pb['op_total_ms']:.3f}",
+                 f"{pm['op_total_ms'] - pb['op_total_ms']:+.3f}"])
+    worst = max(ops, key=lambda op: diff[op])
+    if diff[worst] > 0:
+        lines.append(f"From the two ONNX Runtime profiles (ms per {per}): the own path's costliest excess is "
+                     f"`{worst}`, {pm['by_op_ms'].get(worst, 0.0):.2f} against {pb['by_op_ms'].get(worst, 0.0):.2f} "
+                     f"ms ({diff[worst]:+.2f} ms); the table lists the op types that differ most.")
+    else:
+        lines.append(f"From the two ONNX Runtime profiles (ms per {per}): no op type costs the own path more.")
+    head = ["op type", f"{mine['variant']} ms", f"{best['variant']} ms", "difference ms"]
+    return lines, (head, rows)

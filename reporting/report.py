@@ -471,6 +471,12 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
             blocks.append(("p", "Time to first token at each prompt length measured (`bench.prompt_lens`, after "
                                 "each cell's timed generations, in the same process): a prefill with its first token."))
             blocks.append(("table", by_len))
+        mine_vs, table = lm_report.own_vs_engines(results, rec.batch_size or 1)
+        if mine_vs:
+            blocks.append(("h2", "The workbench's own path against the engines' own artifacts"))
+            blocks += [("p", line) for line in mine_vs]
+            if table:
+                blocks.append(("table", table))
     if load_report.load_cells(results):
         blocks.append(("h2", "Under load: capacity at the latency bound (MLCommons LoadGen)"))
         blocks.append(("p", load_report.load_note(results)))

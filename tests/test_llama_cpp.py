@@ -145,10 +145,13 @@ def test_a_recipe_compares_llama_cpp_types_and_ort_genai_with_pytorch_in_one_run
             "q4": {"from": "baseline", "steps": [{"gguf-quantize": {"type": "q4_0"}}]},
             "genai-int4": {"from": "baseline", "backends": ["ort-genai"],
                            "steps": [{"ort-genai-build": {"precision": "int4"}}]},
+            "fused-int4": {"from": "baseline", "backends": ["ort-cpu"],  # the workbench's own int4 path
+                           "steps": [{"onnx-optimize": {"fusion": "decoder"}},
+                                     {"onnx-quantize": {"mode": "int4", "block_size": 32, "accuracy_level": 4}}]},
         },
         "export": {"formats": ["gguf"], "parity": {"max_abs_diff": 5.0e-2, "min_top1_agreement": 0.9}},  # f16 KV cache
         "bench": {"backends": ["torch-cpu", "llama-cpp"], "batch_sizes": [1, 2], "seq_len": 16, "new_tokens": 4,
-                  "prompt_lens": [8, 40],
+                  "prompt_lens": [8, 40], "profile": True,
                   "repeats": 1, "options": {"llama-cpp": {"use_extra_bufts": False}},
                   "timing": {"warmup": 1, "min_iters": 5, "min_seconds": 0.05, "stability_threshold": 100.0}},
         "report": {"constraints": {"max_accuracy_drop": 1.0}},
@@ -186,4 +189,11 @@ def test_a_recipe_compares_llama_cpp_types_and_ort_genai_with_pytorch_in_one_run
     assert arts[("baseline", "gguf")]["parity"]["top1_agreement"] >= 0.9
     report = (run_dir / "report.md").read_text()
     assert "llama-cpp" in report and "TTFT ms at 40 tokens" in report
+    # The own path against the engines' artifacts, kernel by kernel where both ran on ONNX Runtime: ORT
+    # GenAI's decoder session is profiled by ORT's own profiler, as the ort-cpu cells are.
+    genai_ops = cells[("genai-int4", "ort-genai", 1)]["profile"]["by_op_ms"]
+    assert genai_ops.get("MatMulNBits", 0) > 0 and genai_ops.get("GroupQueryAttention", 0) > 0
+    assert cells[("fused-int4", "ort-cpu", 1)]["profile"]["by_op_ms"].get("GroupQueryAttention", 0) > 0
+    assert "The workbench's own path against the engines' own artifacts" in report
+    assert "fastest engine's own artifact" in report and "| op type |" in report
     assert (run_dir / "plots" / "ttft_vs_prompt_len.png").exists()
