@@ -15,10 +15,11 @@ This graph uses ONNX Runtime's fused kernels instead, the ones its LLM engines r
 - one MatMul for Q|K|V and one for gate|up, so a weight-only quantizer makes 4 MatMulNBits per layer
   instead of 7, and the output projection reads its own (transposed) weight, so it is quantized too.
 
-Its inputs and outputs are export.causal_lm_onnx's (input_ids, attention_mask, past_key_values.{i}.key /
-value -> logits, present.{i}.key / value; the past may be 0 tokens long), so runtime.decode.OrtLM,
-parity and every quantization step treat it like the traced graph, and position_ids (real tokens so
-far - 1, as generate makes them) is an input as in the traced graphs of these families.
+Its inputs and outputs are export.causal_lm_onnx's (input_ids, attention_mask, position_ids,
+past_key_values.{i}.key / value -> logits, present.{i}.key / value; the past may be 0 tokens long), so
+runtime.decode.OrtLM, parity and every quantization step treat it like the traced graph. One input
+more, `logits_to_keep` (a scalar, as transformers calls it): logits come for that many last positions,
+so a generation's prefill skips the output projection of every earlier prompt position.
 
 `unsupported(model)` says why a model is not of this layout (the export then falls back to tracing,
 with that reason recorded)."""
@@ -114,9 +115,10 @@ def build_decoder_graph(hf_model, max_positions: Optional[int] = None):
     graph_inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
                     helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
                                                   ["batch_size", "total_sequence_length"]),
-                    helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
+                    helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+                    helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [])]
     graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
-                                                   ["batch_size", "sequence_length", cfg.vocab_size])]
+                                                   ["batch_size", "logits_to_keep", cfg.vocab_size])]
     for i in range(cfg.num_hidden_layers):
         for kv in ("key", "value"):
             graph_inputs.append(helper.make_tensor_value_info(
@@ -198,9 +200,16 @@ def build_decoder_graph(hf_model, max_positions: Optional[int] = None):
         pending = linear(prod, [m.down_proj], f"{p}/down_proj")
     final = node("SkipSimplifiedLayerNormalization", [pending, residual, init("norm.weight", arr(base.norm.weight))],
                  ["final_norm"], "final_norm", domain=MS, epsilon=eps)
+    # Logits for the last `logits_to_keep` positions only: a generation's prefill needs the last one, and
+    # the output projection over every prompt position is most of a long prefill's work at a large
+    # vocabulary (transformers' generate keeps only the last too); evaluation asks for all of them.
+    node("Neg", ["logits_to_keep"], ["keep/neg"], "keep/neg")
+    node("Unsqueeze", ["keep/neg", init("axis_0", np.array([0], np.int64))], ["keep/start"], "keep/start")
+    kept = node("Slice", [final, "keep/start", init("keep/end", np.array([np.iinfo(np.int64).max], np.int64)),
+                          init("keep/axis", np.array([1], np.int64))], ["final_norm/kept"], "keep/slice")
     # The output projection reads its own transposed copy even when tied to the embeddings, so a
     # weight-only quantizer (MatMul with a constant B) quantizes it too.
-    logits = node("MatMul", [final, init("lm_head.weight", arr(hf_model.lm_head.weight).T)], ["lm_head/out"], "lm_head")
+    logits = node("MatMul", [kept, init("lm_head.weight", arr(hf_model.lm_head.weight).T)], ["lm_head/out"], "lm_head")
     if getattr(hf_model.lm_head, "bias", None) is not None:
         logits = node("Add", [logits, init("lm_head.bias", arr(hf_model.lm_head.bias))], ["lm_head/biased"],
                       "lm_head/bias")

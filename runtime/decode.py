@@ -44,13 +44,18 @@ class OrtLM:
             raise ValueError("the graph has no past_key_values.* inputs: export it with export.causal_lm_onnx")
         self.present_names = [PRESENT + n[len(PAST):] for n in self.past_names]
         self.needs_position_ids = "position_ids" in inputs
+        # The fused decoder graph (export.decoder_graph) projects only the last `logits_to_keep` positions.
+        self.keeps_logits = "logits_to_keep" in inputs
         self.past_dims = {n: _kv_dims(inputs[n].shape, config) for n in self.past_names}
         self.past_dtype = np.float16 if inputs[self.past_names[0]].type == "tensor(float16)" else np.float32
         # On CUDA the cache stays on the device between steps; only ids, mask and logits cross.
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
-    def _feeds(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    def _feeds(self, ids: np.ndarray, mask: np.ndarray, keep: int | None = None) -> dict[str, np.ndarray]:
+        """keep: logits for that many last positions (None: every position), where the graph can say."""
         feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64)}
+        if self.keeps_logits:
+            feeds["logits_to_keep"] = np.array(keep or ids.shape[1], np.int64)
         if "attention_mask" in self.input_names:
             feeds["attention_mask"] = np.ascontiguousarray(mask, dtype=np.int64)  # int64, past + new long
         if self.needs_position_ids:
@@ -85,7 +90,7 @@ class OrtLM:
             # Outputs are rebound every step: a bound output keeps the previous step's shape.
             io.clear_binding_inputs()
             io.clear_binding_outputs()
-            feeds = self._feeds(ids, mask)
+            feeds = self._feeds(ids, mask, keep=1)  # greedy decoding reads the last position only
             for name, value in {**feeds, **past}.items():
                 if isinstance(value, np.ndarray):
                     io.bind_cpu_input(name, value)

@@ -162,6 +162,8 @@ class OvLM:
             feed["attention_mask"] = np.ascontiguousarray(mask, dtype=np.int64)
         if "position_ids" in self.names:
             feed["position_ids"] = position_ids(mask, ids.shape[1])
+        if "logits_to_keep" in self.names:  # the fused decoder graph: logits for every position asked for
+            feed["logits_to_keep"] = np.array(ids.shape[1], np.int64)
         return self.request.infer(feed)[self.logits_port]
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

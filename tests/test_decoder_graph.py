@@ -50,6 +50,9 @@ def test_the_fused_graph_gives_pytorchs_logits_and_greedy_tokens_left_padding_in
                               min_new_tokens=6, do_sample=False, pad_token_id=0)[:, 12:].numpy()
     got = lm.logits(ids, mask)
     assert np.abs(got[0] - ref[0]).max() < 1e-4 and np.abs(got[1, 3:] - ref[1, 3:]).max() < 1e-4
+    # A generation's prefill projects the last position only (logits_to_keep = 1): the same logits.
+    last = lm.session.run(["logits"], {**lm.prefill_feeds(ids, mask), "logits_to_keep": np.array(1)})[0]
+    assert last.shape == (2, 1, 300) and np.abs(last[:, 0] - got[:, -1]).max() < 1e-5
     tokens, timings = lm.generate(ids, mask, 6)
     assert tokens.tolist() == want.tolist()
     assert len(timings["decode_ms"]) == 5
