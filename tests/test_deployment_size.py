@@ -63,7 +63,8 @@ def test_a_random_weights_recipe_ranks_by_kl_and_says_perplexity_means_nothing(t
                                                                       "accuracy_level": 4}}]},
             "int4-fused": {"from": "baseline", "steps": [{"onnx-optimize": {"fusion": "decoder"}},
                                                          {"onnx-quantize": {"mode": "int4", "block_size": 32,
-                                                                            "accuracy_level": 4}}]},
+                                                                            "accuracy_level": 4,
+                                                                            "op_types": ["MatMul", "Gather"]}}]},
             "int4-hqq": {"from": "baseline", "steps": [{"onnx-quantize": {"mode": "int4", "block_size": 32,
                                                                           "algorithm": "hqq"}}]},
             "int4-gptq": {"from": "baseline", "steps": [{"onnx-quantize": {"mode": "int4", "block_size": 32,
@@ -89,6 +90,8 @@ def test_a_random_weights_recipe_ranks_by_kl_and_says_perplexity_means_nothing(t
     assert fused[0]["exporter"].startswith("workbench decoder graph")
     assert fused[1]["fusions"] == {"GroupQueryAttention": 2, "SkipSimplifiedLayerNormalization": 4}
     assert fused[-1]["matmul_nbits_nodes"] == 2 * 4 + 1 < variants["int4"]["notes"][-1]["matmul_nbits_nodes"]
+    # ... and with op_types [MatMul, Gather] the embeddings too (GatherBlockQuantized): a smaller file.
+    assert variants["int4-fused"]["size_bytes"] < 0.6 * variants["int4"]["size_bytes"]
     cell = next(c for c in r["cells"] if c["variant"] == "int4-fused")
     assert cell["status"] == "ok" and cell["generation"]["new_tokens"] == 4
     assert variants["int4-gptq"]["notes"][-1]["algorithm"] == "gptq"
