@@ -24,10 +24,10 @@ class OnnxOptimizeParams(StepParams):
     fusion: Literal["none", "bert", "decoder"] = Field(
         "none", description="bert: onnxruntime.transformers fusions for BERT-like encoders (MiniLM, BERT, RoBERTa); "
         "decoder: causal LMs of the Llama layout (Llama, Qwen2, Mistral...) are exported as the workbench's own "
-        "fused graph (GroupQueryAttention with rotary and the cache update inside, "
+        "fused graph (GroupQueryAttention with the cache update inside, RotaryEmbedding at position_ids, "
         "SkipSimplifiedLayerNormalization, one MatMul for Q|K|V and one for gate|up, the output projection "
-        "its own weight), built from the weights instead of traced: a weight-only int4 step after it makes "
-        "4 MatMulNBits per layer and quantizes the output projection")
+        "its own weight, for the last logits_to_keep positions), built from the weights instead of traced: a "
+        "weight-only int4 step after it makes 4 MatMulNBits per layer and quantizes the output projection")
     float16: bool = Field(False, description="convert weights and activations to float16 after fusion, inputs "
                           "and outputs kept float32 (onnxruntime.transformers' converter; for GPU providers: "
                           "ORT's CPU provider has no float16 kernel for many operators); pair with level: none, "
@@ -45,7 +45,8 @@ class OnnxOptimize(Step):
         "implicit export builds the fused decoder graph (export `exporter: decoder`); a model of another layout "
         "fails the step with the reason (a per-head q/k norm, a non-SiLU MLP, sliding-window layers...)."
     )
-    summary = "ONNX Runtime graph optimisation (basic/extended/all) and BERT transformer fusion"
+    summary = ("ONNX Runtime graph optimisation (basic/extended/all), BERT transformer fusion, and the fused "
+               "decoder graph for Llama-layout LMs")
     Params = OnnxOptimizeParams
     consumes = "onnx"
     libraries = ("onnx", "onnxruntime", "onnxruntime-gpu")
