@@ -36,7 +36,7 @@ def export_causal_lm(hf_model, path: Path, *, opset: int = 18, exporter: str = "
     t0 = time.perf_counter()
     graph = None
     if exporter == "decoder":  # the workbench's own fused graph, built from the weights
-        from export.decoder_graph import build_decoder_graph, unsupported
+        from export.decoder_graph import build_decoder_graph, fused_op_counts, unsupported
 
         why = unsupported(hf_model)
         if why is None:
@@ -66,17 +66,13 @@ def export_causal_lm(hf_model, path: Path, *, opset: int = 18, exporter: str = "
     onnx.save(graph, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
     record["seconds"] = round(time.perf_counter() - t0, 3)
     if fused:  # ORT's contrib ops (SimplifiedLayerNormalization in the default domain) are unknown to
-        record["fused_ops"] = _op_counts(graph, ("GroupQueryAttention", "SkipSimplifiedLayerNormalization"))
+        record["fused_ops"] = fused_op_counts(graph)
     else:      # onnx's checker; the parity check in a fresh ORT process is that graph's test
         onnx.checker.check_model(str(path))  # path form: works for external data too
     record["inputs"] = [i.name for i in graph.graph.input]
     record["outputs"] = [o.name for o in graph.graph.output]
     record["external_data"] = large
     return record
-
-
-def _op_counts(model, ops) -> dict:
-    return {op: sum(n.op_type == op for n in model.graph.node) for op in ops}
 
 
 @contextlib.contextmanager

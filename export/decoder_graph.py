@@ -25,13 +25,20 @@ so a generation's prefill skips the output projection of every earlier prompt po
 with that reason recorded)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-PAST, PRESENT = "past_key_values.", "present."
+from runtime.decode import PAST, PRESENT  # the cache names every LM graph here uses
+
 MS = "com.microsoft"
+FUSED_OPS = ("GroupQueryAttention", "SkipSimplifiedLayerNormalization")  # what says a graph is this one
+
+
+def fused_op_counts(model) -> dict[str, int]:
+    """How many of each fused op an onnx.ModelProto holds (the export record and the step's notes)."""
+    ops = [n.op_type for n in model.graph.node]
+    return {op: ops.count(op) for op in FUSED_OPS}
 
 
 def unsupported(hf_model) -> Optional[str]:
@@ -56,7 +63,8 @@ def unsupported(hf_model) -> Optional[str]:
     act = getattr(cfg, "hidden_act", None)
     if act not in ("silu", "swish"):
         return f"hidden_act {act!r}: this graph builds the SiLU-gated MLP only"
-    rope = (getattr(cfg, "rope_scaling", None) or {}).get("rope_type") or (getattr(cfg, "rope_scaling", None) or {}).get("type")
+    scaling = getattr(cfg, "rope_scaling", None) or {}
+    rope = scaling.get("rope_type") or scaling.get("type")
     if rope in ("dynamic", "longrope"):
         return f"rope_type {rope!r} changes its frequencies with the length; the graph's rotary caches are fixed"
     if not hasattr(base.rotary_emb, "inv_freq"):
@@ -76,7 +84,6 @@ def _head_dim(cfg) -> int:
 def build_decoder_graph(hf_model, max_positions: Optional[int] = None):
     """The onnx.ModelProto of `hf_model` (fp32 weights as initializers). max_positions: the longest
     sequence the rotary caches cover (default: the config's max_position_embeddings)."""
-    import onnx
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
@@ -85,7 +92,7 @@ def build_decoder_graph(hf_model, max_positions: Optional[int] = None):
         raise ValueError(why)
     cfg, base = hf_model.config, hf_model.model
     heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads, _head_dim(cfg)
-    hidden, eps = cfg.hidden_size, float(getattr(cfg, "rms_norm_eps", 1e-6))
+    eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
     positions = int(max_positions or getattr(cfg, "max_position_embeddings", 4096))
 
     nodes, inits = [], []

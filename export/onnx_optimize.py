@@ -94,7 +94,7 @@ class OnnxOptimize(Step):
             src = ctx.work_dir / "fused.onnx"
             fused.save_model_to_file(str(src))
         if p.fusion == "decoder":
-            src = self._decoder(src, model, ctx)
+            self._check_decoder(src, model, ctx)
         if p.float16:
             import onnx
             from onnxruntime.transformers.onnx_model import OnnxModel
@@ -128,24 +128,23 @@ class OnnxOptimize(Step):
         return model
 
     @staticmethod
-    def _decoder(src: Path, model, ctx) -> Path:
-        """The implicit export built the fused decoder graph (exporter_for), or says why it could not."""
+    def _check_decoder(src: Path, model, ctx) -> None:
+        """The implicit export built the fused decoder graph (exporter_for), or say why it could not."""
         import onnx
 
-        from export.decoder_graph import unsupported
+        from export.decoder_graph import fused_op_counts, unsupported
 
         hf = getattr(model.source_module, "model", None)
         why = unsupported(hf) if hf is not None else "not a causal LM"
         if why:
             raise ValueError(f"fusion decoder: {why}; use fusion none (the traced graph) for this model")
         graph = onnx.load(str(src), load_external_data=False)
-        ops = [n.op_type for n in graph.graph.node]
-        if "GroupQueryAttention" not in ops:
+        counts = fused_op_counts(graph)
+        if not counts["GroupQueryAttention"]:
             raise ValueError("fusion decoder: the graph before this step is not the fused decoder graph (put "
                              "onnx-optimize first in the variant's steps, on an unexported model)")
-        ctx.notes["fusions"] = {op: ops.count(op) for op in ("GroupQueryAttention", "SkipSimplifiedLayerNormalization")}
-        ctx.notes["nodes"] = len(ops)
-        return src
+        ctx.notes["fusions"] = counts
+        ctx.notes["nodes"] = len(graph.graph.node)
 
 
 def _copy_with_data(src: Path, final: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import matplotlib
 
-from reporting.analysis import MB, Recommendation, cell_score, labelled
+from reporting.analysis import MB, Recommendation, cell_score, faster, labelled
 from reporting.figures import save, subplots
 
 
@@ -203,8 +203,6 @@ def own_vs_engines(results: dict, batch: int = 1) -> tuple[list[str], tuple[list
     folder made by its builder), at `batch`: per-token decode and TTFT, the paired speedup, and where both
     have ONNX Runtime op profiles, the op types that differ most, per generated token. ([], None) when the
     run has no such pair."""
-    from reporting.analysis import faster
-
     variants = {v["name"]: v for v in results["variants"]}
     cells = [c for c in generation_cells(results, batch) if c["status"] in ("ok", "unstable")]
     own = [c for c in cells if variants.get(c["variant"], {}).get("format") in OWN_FORMATS
