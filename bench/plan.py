@@ -111,10 +111,12 @@ def _why_not(t: Target, cls, generation) -> Optional[tuple[str, str]]:
 
 def plan_load(targets: list[Target], scenarios: list[dict], backends_of: Callable[[str], list[str]], *, io,
               seq_len: int, threads: int, timing: dict, seed: int, log_root: Path, sys_path=(),
-              options_of: Optional[Callable[[str, str], dict]] = None) -> tuple[list[dict], list[tuple[int, dict]]]:
+              options_of: Optional[Callable[[str, str], dict]] = None,
+              generation: Optional[Generation] = None) -> tuple[list[dict], list[tuple[int, dict]]]:
     """The load-scenario cells (bench.serve): each scenario (a workbench.recipe.ScenarioSpec dumped, with its
     `label`) for its variants (default all) on its backends (default each variant's), at the batch size
-    its SUT batches up to. Same (cells, jobs) shape as `plan`."""
+    its SUT batches up to. A causal LM's (`generation`) serve generations: a backend that cannot generate,
+    or cannot batch that many, is a skipped cell with the reason. Same (cells, jobs) shape as `plan`."""
     cells, jobs = [], []
     for sc in scenarios:
         for t in targets:
@@ -127,12 +129,16 @@ def plan_load(targets: list[Target], scenarios: list[dict], backends_of: Callabl
                         "scenario": sc["label"], "type": sc["type"], "batch_size": sc["max_batch"],
                         "settings": {k: v for k, v in sc.items() if k not in ("variants", "backends", "name", "label")},
                         "status": None, "reason": None}
+                if generation:
+                    cell["shape"] = {"seq_len": seq_len, "new_tokens": generation.new_tokens}
                 cells.append(cell)
-                job = _job(t, cls, cell, None, options_of, io=io, batch=sc["max_batch"], seq_len=seq_len,
+                job = _job(t, cls, cell, generation, options_of, io=io, batch=sc["max_batch"], seq_len=seq_len,
                            threads=threads, timing=timing, seed=seed, sys_path=sys_path)
                 if job is None:
                     continue
                 job.update(entry="bench.serve", scenario=sc,
                            log_dir=str(log_root / f"{t.variant}--{backend}--{sc['label']}"))
+                if generation:
+                    job.update(prompts=generation.prompts(sc["max_batch"]).tolist(), new_tokens=generation.new_tokens)
                 jobs.append((len(cells) - 1, job))
     return cells, jobs

@@ -3,7 +3,11 @@
 The job is a bench.cells job plus `scenario` (workbench.recipe.ScenarioSpec as a dict) and `log_dir`.
 The process loads `streams` sessions of the artifact, the cell's threads split between them, makes
 inputs for every batch size up to `max_batch` (prepared, and run once each, outside any test), and
-puts a dynamic-batching SUT (bench.serving.Batcher) under MLCommons LoadGen:
+puts a dynamic-batching SUT (bench.serving.Batcher) under MLCommons LoadGen. A causal LM's job also
+has `prompts` (max_batch x prompt length) and `new_tokens`: then each request is one greedy generation
+of `new_tokens` tokens, the requests batched together generate together (their decode steps are one
+batch), and LoadGen measures token latencies (first token, time per output token) against the
+scenario's `ttft_bound_ms` and `tpot_bound_ms`:
 
 - single-stream: one query at a time; its latencies are the cell's samples (p90 is MLPerf's figure);
 - offline: every query at once; samples/s is the figure;
@@ -41,33 +45,54 @@ def run(job: dict) -> dict:
     rss_before = memory_bytes("VmRSS")
     started = time.time()
     t0 = time.perf_counter()
-    runners = [backend.load(job["path"], per_stream, **engine_kwargs(backend, job)) for _ in range(streams)]
+    n_new = int(job.get("new_tokens") or 0)
+    if "prompts" in job:  # a causal LM: each request is a generation
+        runners = [backend.load_generator(job["path"], per_stream, **engine_kwargs(backend, job))
+                   for _ in range(streams)]
+        prompts = np.asarray(job["prompts"], dtype=np.int64)
+        batches = {n: (prompts[:n], np.ones_like(prompts[:n])) for n in range(1, max_batch + 1)}
+
+        def call(s: int, n: int, first=None) -> None:
+            on_token = (lambda step: first() if step == 0 else None) if first is not None else None
+            runners[s].generate(*batches[n], n_new, on_token=on_token)
+    else:
+        runners = [backend.load(job["path"], per_stream, **engine_kwargs(backend, job)) for _ in range(streams)]
+        # Every batch size a batch can have, prepared on every stream's session (a static-shape engine
+        # compiles each shape at its first run below, not while a test is timing it).
+        prepared = [{n: r.prepare(io.make(n, seq, seed=job.get("seed", 0))) for n in range(1, max_batch + 1)}
+                    for r in runners]
+
+        def call(s: int, n: int) -> None:
+            runners[s].call(prepared[s][n])
     load_s = time.perf_counter() - t0
-    # Every batch size a batch can have, prepared on every stream's session and run once (a static-shape
-    # engine compiles each shape here, not while a test is timing it).
-    prepared = [{n: r.prepare(io.make(n, seq, seed=job.get("seed", 0))) for n in range(1, max_batch + 1)}
-                for r in runners]
+
+    def timed(s: int, n: int) -> float:
+        t = time.perf_counter()
+        call(s, n)
+        return (time.perf_counter() - t) * 1e3
+
     service_ms = {}
-    for s, r in enumerate(runners):
+    for s in range(streams):
         for n in range(1, max_batch + 1):
-            r.call(prepared[s][n])
+            call(s, n)
             if s == 0:
-                service_ms[n] = min(r.timed_call(prepared[s][n]) for _ in range(3))
+                service_ms[n] = min(timed(s, n) for _ in range(3))
     # A request that arrives after the session sat idle: at low load most do, and on some machines (a VM
     # whose idle vCPU is descheduled, an engine whose worker threads went to sleep) it costs far more
     # than back to back. The report shows both, so a capacity below the back-to-back arithmetic is explained.
     after_idle = []
     for _ in range(5):
         time.sleep(0.05)
-        after_idle.append(runners[0].timed_call(prepared[0][1]))
+        after_idle.append(timed(0, 1))
     memory = {"peak_rss_delta": max(memory_bytes("VmHWM") - rss_before, 0), "rss_idle_baseline": rss_before}
-    batcher = Batcher(lambda s, n: runners[s].call(prepared[s][n]), max_batch, float(sc["max_wait_ms"]), streams)
+    batcher = Batcher(call, max_batch, float(sc["max_wait_ms"]), streams, tokens=n_new)
     # What `streams` sessions could serve back to back at full batches: where the capacity search starts.
     estimate = streams * max(n / (service_ms[n] / 1e3) for n in service_ms)
     log_dir = Path(job["log_dir"]) / f"process-{os.getpid()}"  # one folder per round's process
     common = dict(samples=int(sc["samples"]), min_duration_s=float(sc["min_duration_s"]),
                   min_queries=int(sc["min_queries"]), max_duration_s=float(sc["max_duration_s"]),
-                  seed=int(job.get("seed", 0)))
+                  seed=int(job.get("seed", 0)), ttft_bound_ms=sc.get("ttft_bound_ms"),
+                  tpot_bound_ms=sc.get("tpot_bound_ms"))
     out: dict = {"scenario": sc["type"], "service_ms": {str(k): round(v, 4) for k, v in service_ms.items()},
                  "service_after_idle_ms": round(sorted(after_idle)[2], 4),
                  "estimate_qps": round(estimate, 3)}
@@ -77,8 +102,8 @@ def run(job: dict) -> dict:
 
             def step(qps):
                 r = run_loadgen(batcher, "server", log_dir / f"step-{next(steps)}", target_qps=qps,
-                                latency_bound_ms=float(sc["latency_bound_ms"]), percentile=float(sc["percentile"]),
-                                **common)
+                                latency_bound_ms=float(sc.get("latency_bound_ms") or 0),
+                                percentile=float(sc["percentile"]), **common)
                 r["target_qps"] = round(qps, 4)
                 return r
 
@@ -87,12 +112,16 @@ def run(job: dict) -> dict:
             best = found["best"] or min(found["ladder"], key=lambda r: r["target_qps"])
             samples = best["latencies_ms"]
             out["server"] = {"max_qps": found["max_qps"], "valid": found["best"] is not None,
-                             "latency_bound_ms": sc["latency_bound_ms"], "percentile": sc["percentile"],
+                             "latency_bound_ms": sc.get("latency_bound_ms"), "percentile": sc["percentile"],
                              "p99_ms": best["percentiles_ms"].get("99"),
                              "batch_histogram": best["batch_histogram"],
+                             **_token_figures(best, sc),
                              "ladder": [_rung(r) for r in found["ladder"]]}
         else:
-            r = run_loadgen(batcher, sc["type"], log_dir / sc["type"], target_qps=estimate,
+            # Offline sizes its one query from the expected rate to last min_duration_s: a system faster than
+            # expected ends early and is INVALID ("min duration not satisfied"), so it is told twice the
+            # estimate (a run twice as long at worst).
+            r = run_loadgen(batcher, sc["type"], log_dir / sc["type"], target_qps=2 * estimate,
                             latency_bound_ms=service_ms[1], **common)
             samples = r["latencies_ms"]
             key = "offline" if sc["type"] == "offline" else "single_stream"
@@ -107,13 +136,28 @@ def run(job: dict) -> dict:
             "load": out}
 
 
+def _token_figures(r: dict, sc: dict) -> dict:
+    """A generation server's step: its first-token and per-output-token percentiles at the scenario's
+    percentile, with their bounds, and the tokens/s it completed."""
+    if "ttft_percentiles_ms" not in r:
+        return {}
+    key = f"{float(sc['percentile']):g}"
+    return {"ttft_bound_ms": sc.get("ttft_bound_ms"), "tpot_bound_ms": sc.get("tpot_bound_ms"),
+            "ttft_ms": r["ttft_percentiles_ms"].get(key), "tpot_ms": r.get("tpot_percentiles_ms", {}).get(key),
+            "tokens_per_s": r.get("tokens_per_s")}
+
+
 def _rung(r: dict) -> dict:
     """One LoadGen test as results.json keeps it: its verdict, rates, percentiles and batches."""
     p = r["percentiles_ms"]
+    tokens = {"tokens_per_s": r["tokens_per_s"]} if r.get("tokens_per_s") is not None else {}
+    if "ttft_percentiles_ms" in r:  # a generation server: the token latencies LoadGen judged
+        tokens.update(ttft_p99_ms=r["ttft_percentiles_ms"].get("99"),
+                      tpot_p99_ms=r.get("tpot_percentiles_ms", {}).get("99"))
     return {"target_qps": r.get("target_qps"), "result": r["result"], "valid": r["valid"],
             "achieved_qps": r.get("completed_per_s") or r.get("samples_per_s"),
-            "p50_ms": p.get("50"), "p90_ms": p.get("90"), "p99_ms": p.get("99"), "queries": len(r["latencies_ms"]),
-            "batch_histogram": r["batch_histogram"], "problems": r["problems"],
+            "p50_ms": p.get("50"), "p90_ms": p.get("90"), "p99_ms": p.get("99"), **tokens,
+            "queries": len(r["latencies_ms"]), "batch_histogram": r["batch_histogram"], "problems": r["problems"],
             "log": Path(r["log_dir"]).name}
 
 
@@ -131,12 +175,18 @@ def merge(processes: list[dict]) -> dict:
         out["server"] = {**first["server"], "max_qps": float(np.median(found)) if found else None,
                          "max_qps_by_round": qps, "valid": all(q is not None for q in qps),
                          "ladder_by_round": [p["load"]["server"]["ladder"] for p in processes]}
+        rates = [p["load"]["server"].get("tokens_per_s") for p in processes if p["load"]["server"]["max_qps"]]
+        if "tokens_per_s" in first["server"]:  # a generation server: tokens/s at the bound, as the capacity
+            out["server"]["tokens_per_s"] = float(np.median(rates)) if rates else None
+            out["server"]["tokens_per_s_by_round"] = [p["load"]["server"].get("tokens_per_s") for p in processes]
         del out["server"]["ladder"]
     for key in ("offline", "single_stream"):
         if key in first:
             rates = [p["load"][key]["samples_per_s"] for p in processes]
             out[key] = {**first[key], "samples_per_s": float(np.median(rates)), "samples_per_s_by_round": rates,
                         "valid": all(p["load"][key]["valid"] for p in processes)}
+            if "tokens_per_s" in first[key]:  # a causal LM's: tokens/s, median over rounds too
+                out[key]["tokens_per_s"] = float(np.median([p["load"][key]["tokens_per_s"] for p in processes]))
     return out
 
 

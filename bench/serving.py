@@ -4,7 +4,10 @@ submission uses): a serving system under test (SUT) with dynamic batching, and t
 - `Batcher`: requests wait in one queue; each of `streams` workers takes what is waiting, up to
   `max_batch`, waiting at most `max_wait_ms` after the oldest request for the batch to fill, runs it
   on its own session (`run_batch(stream, n)`), then answers every request in it. It records each
-  request's latency (arrival to answer) and the batch sizes it ran.
+  request's latency (arrival to answer) and the batch sizes it ran. A generation server (`tokens`:
+  the tokens each answer carries) runs `run_batch(stream, n, first)`, which calls `first()` as the
+  batch's first tokens are out: every request in it gets its first token then (LoadGen's TTFT), and
+  its answer when the batch's generation ends (TPOT: the time between).
 - `run_loadgen`: one LoadGen test (SingleStream, Offline or Server at a target QPS) against a Batcher;
   LoadGen's own summary (its VALID / INVALID verdict, percentiles, achieved rate) is parsed from the
   log it writes, which is kept.
@@ -14,6 +17,7 @@ submission uses): a serving system under test (SUT) with dynamic batching, and t
 from __future__ import annotations
 
 import collections
+import math
 import re
 import threading
 import time
@@ -23,15 +27,31 @@ from typing import Callable, Optional
 SCENARIOS = {"single-stream": "SingleStream", "offline": "Offline", "server": "Server"}
 
 
+def early_stopping_queries(percentile: float, over_bound: int = 0, confidence: float = 0.99) -> int:
+    """The fewest queries with which LoadGen's early stopping can call a Server run VALID when `over_bound`
+    of them missed the latency bound: the smallest n for which seeing at most that many misses would be
+    less likely than 1 - `confidence` were the true `percentile` latency over the bound (a binomial
+    tail). For p99: 459 with no miss, 662 with one, 838 with two; a run with fewer queries is INVALID
+    however fast it was."""
+    miss = 1 - percentile / 100
+    n = over_bound + 1
+    while sum(math.comb(n, i) * miss ** i * (1 - miss) ** (n - i) for i in range(over_bound + 1)) > 1 - confidence:
+        n += 1
+    return n
+
+
 class Batcher:
-    def __init__(self, run_batch: Callable[[int, int], None], max_batch: int, max_wait_ms: float, streams: int):
-        self.run_batch, self.max_batch, self.max_wait = run_batch, max_batch, max_wait_ms / 1e3
+    def __init__(self, run_batch: Callable[..., None], max_batch: int, max_wait_ms: float, streams: int,
+                 tokens: int = 0):
+        self.run_batch, self.max_batch, self.max_wait, self.tokens = run_batch, max_batch, max_wait_ms / 1e3, tokens
         self.queue: collections.deque = collections.deque()
         self.cond = threading.Condition()
         self.latencies_ms: list[float] = []
+        self.first_ms: list[float] = []  # a generation server: arrival to first token, per request
         self.busy_ms: list[float] = []
         self.batches: collections.Counter = collections.Counter()
         self.respond: Callable[[list], None] = lambda ids: None
+        self.first_token: Callable[[list], None] = lambda ids: None
         self.stopping = False
         self.workers = [threading.Thread(target=self._serve, args=(s,), daemon=True) for s in range(streams)]
         for w in self.workers:
@@ -67,18 +87,30 @@ class Batcher:
                     return
                 continue
             began = time.perf_counter()
-            self.run_batch(stream, len(batch))
+            ids = [i for i, _ in batch]
+            if self.tokens:
+                first_at = []
+
+                def first(ids=ids, first_at=first_at):
+                    first_at.append(time.perf_counter())
+                    self.first_token(ids)
+
+                self.run_batch(stream, len(batch), first)
+            else:
+                self.run_batch(stream, len(batch))
             done = time.perf_counter()
-            self.respond([i for i, _ in batch])
+            self.respond(ids)
             with self.cond:
                 self.latencies_ms += [(done - t) * 1e3 for _, t in batch]
+                if self.tokens and first_at:
+                    self.first_ms += [(first_at[0] - t) * 1e3 for _, t in batch]
                 self.batches[len(batch)] += 1
                 # How long the stream was taken by this batch, answering included: its service time.
                 self.busy_ms.append((time.perf_counter() - began) * 1e3)
 
     def reset(self) -> None:
         with self.cond:
-            self.latencies_ms, self.busy_ms, self.batches = [], [], collections.Counter()
+            self.latencies_ms, self.first_ms, self.busy_ms, self.batches = [], [], [], collections.Counter()
 
     def close(self) -> None:
         with self.cond:
@@ -90,9 +122,13 @@ class Batcher:
 
 def run_loadgen(batcher: Batcher, scenario: str, log_dir: Path, *, samples: int, target_qps: float = 0.0,
                 latency_bound_ms: float = 0.0, percentile: float = 99.0, min_duration_s: float = 10.0,
-                min_queries: int = 100, max_duration_s: float = 120.0, seed: int = 0) -> dict:
+                min_queries: int = 100, max_duration_s: float = 120.0, seed: int = 0,
+                ttft_bound_ms: Optional[float] = None, tpot_bound_ms: Optional[float] = None) -> dict:
     """One LoadGen test; returns its summary (`valid`, `result`, percentiles in ms, achieved rates), the
-    SUT's own request latencies (`latencies_ms`) and batch sizes (`batch_histogram`)."""
+    SUT's own request latencies (`latencies_ms`) and batch sizes (`batch_histogram`). For a generation
+    server (`batcher.tokens`) LoadGen measures token latencies: its verdict holds the first-token
+    latency to `ttft_bound_ms` and the time per output token to `tpot_bound_ms`, each at `percentile`,
+    and the summary adds their percentiles and tokens/s."""
     import mlperf_loadgen as lg
 
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -103,6 +139,14 @@ def run_loadgen(batcher: Batcher, scenario: str, log_dir: Path, *, samples: int,
     settings.max_duration_ms = int(max_duration_s * 1e3)
     settings.min_query_count = int(min_queries)
     settings.qsl_rng_seed = settings.sample_index_rng_seed = settings.schedule_rng_seed = int(seed) + 1
+    if batcher.tokens:
+        settings.use_token_latencies = True
+        if ttft_bound_ms:
+            settings.ttft_latency = int(ttft_bound_ms * 1e6)
+        if tpot_bound_ms:
+            settings.tpot_latency = int(tpot_bound_ms * 1e6)
+            if not latency_bound_ms and ttft_bound_ms:  # a whole answer within both bounds
+                latency_bound_ms = ttft_bound_ms + tpot_bound_ms * (batcher.tokens - 1)
     if scenario == "server":
         settings.server_target_qps = float(target_qps)
         settings.server_target_latency_ns = int(latency_bound_ms * 1e6)
@@ -112,8 +156,16 @@ def run_loadgen(batcher: Batcher, scenario: str, log_dir: Path, *, samples: int,
     else:
         settings.single_stream_expected_latency_ns = int(max(latency_bound_ms, 1.0) * 1e6)
 
-    def respond(ids):
-        lg.QuerySamplesComplete([lg.QuerySampleResponse(i, 0, 0) for i in ids])
+    if batcher.tokens:
+        n = batcher.tokens
+
+        def respond(ids):
+            lg.QuerySamplesComplete([lg.QuerySampleResponse(i, 0, 0, n) for i in ids])
+
+        batcher.first_token = lambda ids: lg.FirstTokenComplete([lg.QuerySampleResponse(i, 0, 0) for i in ids])
+    else:
+        def respond(ids):
+            lg.QuerySamplesComplete([lg.QuerySampleResponse(i, 0, 0) for i in ids])
 
     batcher.respond = respond
     batcher.reset()
@@ -128,13 +180,17 @@ def run_loadgen(batcher: Batcher, scenario: str, log_dir: Path, *, samples: int,
         lg.DestroyQSL(qsl)
         lg.DestroySUT(sut)
     summary = parse_summary((log_dir / "mlperf_log_summary.txt").read_text())
+    tokens = {"first_token_ms": list(batcher.first_ms)} if batcher.tokens else {}
     return {**summary, "target_qps": target_qps or None, "latencies_ms": list(batcher.latencies_ms),
-            "service_ms": list(batcher.busy_ms),
+            "service_ms": list(batcher.busy_ms), **tokens,
             "batch_histogram": {str(k): v for k, v in sorted(batcher.batches.items())}, "log_dir": str(log_dir)}
 
 
 _FIELDS = {"Completed samples per second": "completed_per_s", "Scheduled samples per second": "scheduled_per_s",
-           "Samples per second": "samples_per_s", "QPS w/o loadgen overhead": "qps_without_overhead"}
+           "Samples per second": "samples_per_s", "QPS w/o loadgen overhead": "qps_without_overhead",
+           "Completed tokens per second": "tokens_per_s", "Tokens per second": "tokens_per_s"}
+# Token latencies (a generation server): LoadGen's lines for the first token and the time per output token.
+_TOKEN_PERCENTILES = {"first token latency": "ttft_percentiles_ms", "time to output token": "tpot_percentiles_ms"}
 
 
 def parse_summary(text: str) -> dict:
@@ -148,9 +204,11 @@ def parse_summary(text: str) -> dict:
         key, value = key.strip(), value.strip()
         if key in _FIELDS:
             out[_FIELDS[key]] = _number(value)
-        m = re.match(r"(\d+(?:\.\d+)?) percentile latency \(ns\)", key)
+        m = re.match(r"(\d+(?:\.\d+)?) percentile (latency|first token latency|time to output token) \(ns\)", key)
         if m:
-            out["percentiles_ms"][m.group(1).rstrip("0").rstrip(".")] = _number(value) / 1e6
+            where = out["percentiles_ms"] if m.group(2) == "latency" else \
+                out.setdefault(_TOKEN_PERCENTILES[m.group(2)], {})
+            where[m.group(1).rstrip("0").rstrip(".")] = _number(value) / 1e6
         elif key in ("Min latency (ns)", "Max latency (ns)", "Mean latency (ns)"):
             out[key.split()[0].lower() + "_ms"] = _number(value) / 1e6
     out["problems"] = [ln.strip() for ln in text.splitlines() if "not met" in ln.lower() or "* " in ln[:3]]

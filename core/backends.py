@@ -80,8 +80,9 @@ class Backend:
 
     @classmethod
     def load_generator(cls, path: str, threads: int):
-        """For causal LMs: an object with `generate(ids, mask, new_tokens) -> (ids, {"prefill_ms",
-        "decode_ms"})`, `logits(ids, mask)` and `info` (see bench.generate)."""
+        """For causal LMs: an object with `generate(ids, mask, new_tokens, on_token=None) -> (ids,
+        {"prefill_ms", "decode_ms"})` (`on_token(step)` called as each step's tokens are out: a generation
+        server answers the first token there), `logits(ids, mask)` and `info` (see bench.generate)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ what the report and profiles ask

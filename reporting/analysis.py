@@ -271,19 +271,29 @@ def server_capacities(results: dict, label: Optional[str] = None) -> tuple[Optio
     return label, {(c["variant"], c["backend"]): c["load"]["server"] for c in servers if c["scenario"] == label}
 
 
+def bound_text(server: dict) -> str:
+    """A server record's bound in words: its latency percentile's, or a generation's two token bounds."""
+    p = f"p{server.get('percentile', 99):g}"
+    if server.get("ttft_bound_ms") is not None:
+        return f"TTFT {p} <= {server['ttft_bound_ms']:g} ms and TPOT {p} <= {server['tpot_bound_ms']:g} ms"
+    bound = server.get("latency_bound_ms")
+    return f"{p} <= {bound:g} ms" if bound is not None else f"{p} under its bound"
+
+
 def _by_capacity(results: dict, candidates: list, rejected: int, unjudged: list, **rec) -> Recommendation:
     """report.objective capacity: among the cells that meet the constraints, the variant and backend whose server
     scenario took the most QPS with LoadGen's VALID verdict; one without a valid capacity is not recommended."""
     label, caps = server_capacities(results, results["recipe"]["parsed"]["report"].get("capacity_scenario"))
-    bound = next(iter(caps.values()), {}).get("latency_bound_ms")
-    rec["rules"] = rec["rules"] + [f"ranked by capacity in scenario {label} (the highest QPS whose latency "
-                                   f"percentile stays under {bound} ms, VALID by LoadGen)"]
+    bound = bound_text(next(iter(caps.values()), {}))
+    rec["rules"] = rec["rules"] + [f"ranked by capacity in scenario {label} (the highest QPS with {bound}, "
+                                   "VALID by LoadGen)"]
     ranked = []
     for c in candidates:
         q = (caps.get((c.variant, c.backend)) or {}).get("max_qps")
         if q is None:
             rejected += 1
-            unjudged.append(f"{c.variant} / {c.backend}: no VALID capacity in scenario {label}")
+            unjudged.append(f"{c.variant} / {c.backend}: " + ("no VALID capacity" if (c.variant, c.backend) in caps
+                                                                else "not served") + f" in scenario {label}")
         else:
             ranked.append((q, c))
     ranked.sort(key=lambda qc: (-qc[0], qc[1].p50))

@@ -1,7 +1,9 @@
 """The report's "Under load" part, from results.json's `load` cells alone (bench.serve under LoadGen):
 a capacity table (the highest QPS whose percentile latency meets the bound, by LoadGen's VALID verdict,
 over rounds; offline and single-stream rates), how many machines a target load needs, and the
-p99-against-QPS curves of every server cell with the bound drawn."""
+p99-against-QPS curves of every server cell with the bound drawn. A causal LM's server cells serve
+generations: their bounds are on the first token and on each later one (LoadGen's token latencies),
+and tokens/s at the capacity stands beside it."""
 from __future__ import annotations
 
 import math
@@ -19,11 +21,18 @@ def _fmt(x, nd: int = 1) -> str:
     return "–" if x is None else f"{x:.{nd}f}"
 
 
+def _generation(results: dict) -> bool:
+    return any("new_tokens" in (c.get("shape") or {}) for c in load_cells(results))
+
+
 def capacity_table(results: dict) -> tuple[list[str], list[list[str]]]:
     target = ((results.get("recipe") or {}).get("parsed") or {}).get("report", {}).get("target_qps")
-    head = ["variant", "backend", "scenario", "max batch / wait ms / streams", "1 request ms: back to back / after 50 ms idle",
+    gen = _generation(results)
+    head = ["variant", "backend", "scenario", "max batch / wait ms / streams",
+            ("1 generation" if gen else "1 request") + " ms: back to back / after 50 ms idle",
             "capacity QPS (by round)",
-            "p99 ms at capacity", "samples/s", "LoadGen", "batches at capacity"] + (
+            "TTFT / TPOT p99 ms at capacity" if gen else "p99 ms at capacity",
+            "tokens/s at capacity" if gen else "samples/s", "LoadGen", "batches at capacity"] + (
         [f"machines for {target:g} QPS"] if target else [])
     rows = []
     for c in load_cells(results):
@@ -43,11 +52,18 @@ def capacity_table(results: dict) -> tuple[list[str], list[list[str]]]:
             verdict = "VALID" if server["valid"] else "INVALID in a round"
             hist = ", ".join(f"{k}×{v}" for k, v in (server.get("batch_histogram") or {}).items())
             machines = (str(math.ceil(target / server["max_qps"])) if server["max_qps"] else "–") if target else None
-            rows.append([c["variant"], c["backend"], c["scenario"], shape, one, cap, _fmt(server.get("p99_ms"), 2), "–",
+            if gen:
+                tail = f"{_fmt(server.get('ttft_ms'), 1)} / {_fmt(server.get('tpot_ms'), 2)}"
+                rate_at = _fmt(server.get("tokens_per_s"))
+            else:
+                tail, rate_at = _fmt(server.get("p99_ms"), 2), "–"
+            rows.append([c["variant"], c["backend"], c["scenario"], shape, one, cap, tail, rate_at,
                          verdict, hist] + ([machines] if target else []))
         else:
-            rows.append([c["variant"], c["backend"], c["scenario"], shape, one, "–", _fmt(rate.get("p99_ms"), 2),
-                         _fmt(rate.get("samples_per_s")), "VALID" if rate.get("valid") else "INVALID",
+            rows.append([c["variant"], c["backend"], c["scenario"], shape, one, "–",
+                         "–" if gen else _fmt(rate.get("p99_ms"), 2),
+                         _fmt(rate.get("tokens_per_s") if gen else rate.get("samples_per_s")),
+                         "VALID" if rate.get("valid") else "INVALID",
                          ", ".join(f"{k}×{v}" for k, v in (rate.get("batch_histogram") or {}).items())]
                         + (["–"] if target else []))
     return head, rows
@@ -63,14 +79,22 @@ def load_note(results: dict) -> str:
             "the median over rounds. Offline sends every query at once (samples/s); single-stream one at a time. "
             "A request that finds the session idle can cost far more than one back to back (sleeping engine "
             "threads, a VM's idle vCPU): the table shows both, and at a tight bound that, not the queue, can "
-            "decide the capacity.")
+            "decide the capacity."
+            + (" A causal LM's requests are generations of `bench.new_tokens` tokens: requests batched together "
+               "prefill and decode together, their first tokens answered as the batch's first step ends; LoadGen "
+               "holds the time to first token (TTFT) and the time per output token after it (TPOT) to the "
+               "scenario's `ttft_bound_ms` / `tpot_bound_ms` at its percentile, and tokens/s is what the highest "
+               "VALID target completed." if _generation(results) else ""))
 
 
 def p99_vs_qps(results: dict, out: Path) -> Optional[Path]:
-    """p99 latency against the target QPS of every server cell's ladder (first round), the bound drawn."""
+    """p99 latency against the target QPS of every server cell's ladder (first round), the bound drawn;
+    a generation server's TTFT and TPOT p99, each against its bound."""
     servers = [c for c in load_cells(results) if (c.get("load") or {}).get("server")]
     if not servers:
         return None
+    if _generation(results):
+        return _token_latencies_vs_qps(servers, out)
     fig, ax = subplots(figsize=(7, 4.2))
     bounds = set()
     for c in servers:
@@ -84,7 +108,8 @@ def p99_vs_qps(results: dict, out: Path) -> Optional[Path]:
         bad = [r for r in ladder if not r["valid"]]
         ax.scatter([r["target_qps"] for r in bad], [r["p99_ms"] for r in bad], marker="x", color=line.get_color(),
                    zorder=3)
-        bounds.add(s["latency_bound_ms"])
+        if s.get("latency_bound_ms"):
+            bounds.add(s["latency_bound_ms"])
     for b in bounds:
         ax.axhline(b, color="black", linestyle="--", linewidth=1)
         ax.annotate(f"bound {b:g} ms", (ax.get_xlim()[0], b), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -93,4 +118,39 @@ def p99_vs_qps(results: dict, out: Path) -> Optional[Path]:
     ax.set_ylabel("p99 latency, ms (log)")
     ax.set_title("Under load: p99 against offered QPS (x: INVALID by LoadGen)")
     ax.legend(fontsize=7, loc="upper left")
+    return save(fig, out / "load_p99_vs_qps.png")
+
+
+def _token_latencies_vs_qps(servers: list[dict], out: Path) -> Optional[Path]:
+    fig, axes = subplots(1, 2, figsize=(10, 4.2))
+    panels = [("ttft_p99_ms", "ttft_bound_ms", "time to first token p99, ms (log)"),
+              ("tpot_p99_ms", "tpot_bound_ms", "time per output token p99, ms (log)")]
+    drawn = False
+    for ax, (key, bound_key, label) in zip(axes, panels):
+        bounds = set()
+        for c in servers:
+            s = c["load"]["server"]
+            ladder = sorted((r for r in (s.get("ladder_by_round") or [[]])[0] if r.get(key) is not None),
+                            key=lambda r: r["target_qps"])
+            if not ladder:
+                continue
+            drawn = True
+            line, = ax.plot([r["target_qps"] for r in ladder], [r[key] for r in ladder], marker="o",
+                            label=f"{c['variant']} · {c['backend']} · {c['scenario']}")
+            bad = [r for r in ladder if not r["valid"]]
+            ax.scatter([r["target_qps"] for r in bad], [r[key] for r in bad], marker="x", color=line.get_color(),
+                       zorder=3)
+            if s.get(bound_key):
+                bounds.add(s[bound_key])
+        for b in bounds:
+            ax.axhline(b, color="black", linestyle="--", linewidth=1)
+            ax.annotate(f"bound {b:g} ms", (ax.get_xlim()[0], b), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+        ax.set_yscale("log")
+        ax.set_xlabel("target QPS (Poisson arrivals)")
+        ax.set_ylabel(label)
+    if not drawn:
+        return None
+    axes[0].set_title("Under load: generations (x: INVALID by LoadGen)", fontsize=9)
+    axes[0].legend(fontsize=7, loc="upper left")
     return save(fig, out / "load_p99_vs_qps.png")

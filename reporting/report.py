@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reporting.analysis import (MB, TIE_RULE, Recommendation, cell_score, faster, labelled, measured, primary_metric,
-                                quietness, recommend, reference_speedups, speedups)
+from reporting.analysis import (MB, TIE_RULE, Recommendation, bound_text, cell_score, faster, labelled, measured,
+                                primary_metric, quietness, recommend, reference_speedups, speedups)
 from reporting import load_report, lm_report
 from core.backends import BACKENDS
 from reporting.diagnosis import diagnosis_lines
@@ -405,8 +405,8 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
         c, score = w.cell, w.score
         if rec.objective == "capacity":
             s = rec.capacities[(w.variant, w.backend)]
-            why = (f"the highest capacity under load: {s['max_qps']:.1f} QPS at p{s.get('percentile', 99):g} <= "
-                   f"{s['latency_bound_ms']:g} ms in scenario {rec.scenario} (per round: "
+            why = (f"the highest capacity under load: {s['max_qps']:.1f} QPS at {bound_text(s)} "
+                   f"in scenario {rec.scenario} (per round: "
                    f"{', '.join(f'{q:.1f}' if q is not None else 'none valid' for q in s.get('max_qps_by_round', []))}), "
                    f"among the cells meeting: {'; '.join(rec.rules)}; its single-request p50 is "
                    f"{c['latency_ms']['p50']:.3f} ms")

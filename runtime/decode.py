@@ -75,11 +75,12 @@ class OrtLM:
         return self.session.run(["logits"], self.prefill_feeds(input_ids, attention_mask))[0]
 
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int,
-                 step_logits: list | None = None) -> tuple[np.ndarray, dict]:
+                 step_logits: list | None = None, on_token=None) -> tuple[np.ndarray, dict]:
         """Greedy decoding of exactly `new_tokens` tokens: (ids (batch, new_tokens), timings). The
         present.* outputs are ORT-allocated OrtValues bound as the next step's past inputs, so the
         cache never passes through numpy. If `step_logits` is a list, each step's last-position
-        logits (batch, vocabulary) are appended to it."""
+        logits (batch, vocabulary) are appended to it; `on_token(step)` is called as each step's tokens
+        are out (a server answers the first token there)."""
         io = self.session.io_binding()
         mask = np.asarray(attention_mask, dtype=np.int64)
         ids, past = np.asarray(input_ids), self._empty_past(len(input_ids))
@@ -105,6 +106,8 @@ class OrtLM:
             last = values[0].numpy()[:, -1]
             out[:, step] = last.argmax(-1)
             times.append((time.perf_counter() - t0) * 1000)
+            if on_token is not None:
+                on_token(step)
             if step_logits is not None:
                 step_logits.append(last.copy())
             past = dict(zip(self.past_names, values[1:]))
@@ -129,8 +132,8 @@ class _Stamps:
     """A logits processor that only records when it is called: transformers calls it right after
     each forward pass (the k-th call follows the k-th forward), so the stamps time every token."""
 
-    def __init__(self, cuda: bool):
-        self.cuda, self.times = cuda, []
+    def __init__(self, cuda: bool, on_token=None):
+        self.cuda, self.times, self.on_token = cuda, [], on_token
 
     def __call__(self, input_ids, scores):
         if self.cuda:
@@ -138,6 +141,8 @@ class _Stamps:
 
             torch.cuda.synchronize()  # the forward's kernels are done, not just queued
         self.times.append(time.perf_counter())
+        if self.on_token is not None:
+            self.on_token(len(self.times) - 1)
         return scores
 
 
@@ -155,10 +160,10 @@ def _quiet_generate():
 
 
 def torch_generate(hf_model, input_ids, attention_mask, new_tokens: int, device="cpu",
-                   step_logits: list | None = None) -> tuple[np.ndarray, dict]:
+                   step_logits: list | None = None, on_token=None) -> tuple[np.ndarray, dict]:
     """The same greedy decoding with transformers' generate on `hf_model` (already on `device`):
     (ids (batch, new_tokens), timings). If `step_logits` is a list, each step's logits (batch,
-    vocabulary) are appended to it."""
+    vocabulary) are appended to it; `on_token(step)` is called as each step's logits are out."""
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -169,7 +174,7 @@ def torch_generate(hf_model, input_ids, attention_mask, new_tokens: int, device=
     # or masks a token (min_new_tokens would set the eos logit to -inf, which plain argmax does not do).
     gen = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                            use_cache=True, pad_token_id=pad)
-    stamps = _Stamps(str(device).startswith("cuda"))
+    stamps = _Stamps(str(device).startswith("cuda"), on_token)
     ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64), device=device)
     mask = torch.as_tensor(np.asarray(attention_mask, dtype=np.int64), device=device)
     with _quiet_generate(), torch.inference_mode():

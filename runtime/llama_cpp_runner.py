@@ -83,7 +83,7 @@ class LlamaCppLM:
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.vocab,))
 
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int,
-                 step_logits: Optional[list] = None) -> tuple[np.ndarray, dict]:
+                 step_logits: Optional[list] = None, on_token=None) -> tuple[np.ndarray, dict]:
         ids = np.asarray(input_ids)
         if len(ids) != 1:
             raise ValueError("llama-cpp-python generates one sequence at a time (batch 1)")
@@ -98,6 +98,8 @@ class LlamaCppLM:
             last = self._last_logits()
             nxt = int(last.argmax())
             times.append((time.perf_counter() - t0) * 1e3)
+            if on_token is not None:
+                on_token(step)
             if step_logits is not None:
                 step_logits.append(np.array(last[None], dtype=np.float32))
             out[0, step] = nxt

@@ -171,9 +171,10 @@ class OvLM:
         return np.array(self._step(input_ids, attention_mask), dtype=np.float32)
 
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int,
-                 step_logits: Optional[list] = None, on_step=None) -> tuple[np.ndarray, dict]:
+                 step_logits: Optional[list] = None, on_step=None, on_token=None) -> tuple[np.ndarray, dict]:
         """Greedy decoding of exactly `new_tokens` tokens, as runtime.decode.OrtLM.generate; `on_step()` is
-        called after each step, outside its time (the profiler reads the step's counters there)."""
+        called after each step, outside its time (the profiler reads the step's counters there), and
+        `on_token(step)` as each step's tokens are out."""
         mask = np.asarray(attention_mask, dtype=np.int64)
         ids = np.asarray(input_ids)
         out = np.empty((len(ids), new_tokens), np.int64)
@@ -184,6 +185,8 @@ class OvLM:
             last = self._step(ids, mask)[:, -1]
             nxt = last.argmax(-1)
             times.append((time.perf_counter() - t0) * 1e3)
+            if on_token is not None:
+                on_token(step)
             if on_step is not None:
                 on_step()
             if step_logits is not None:

@@ -46,7 +46,7 @@ class GenaiLM:
         return self.og.Generator(self.model, params)
 
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int,
-                 step_logits: Optional[list] = None) -> tuple[np.ndarray, dict]:
+                 step_logits: Optional[list] = None, on_token=None) -> tuple[np.ndarray, dict]:
         ids = np.ascontiguousarray(input_ids, dtype=np.int32)
         out = np.empty((len(ids), new_tokens), np.int64)
         times = []
@@ -59,6 +59,8 @@ class GenaiLM:
             gen.generate_next_token()
             out[:, step] = np.asarray(gen.get_next_tokens()).reshape(len(ids))
             times.append((time.perf_counter() - t0) * 1e3)
+            if on_token is not None:
+                on_token(step)
             if step_logits is not None:
                 step_logits.append(np.asarray(gen.get_logits(), np.float32).reshape(len(ids), -1))
         return out, {"prefill_ms": times[0], "decode_ms": times[1:]}

@@ -88,8 +88,8 @@ class OrtGenerator:
         self.info = {"providers": got, "intra_op_threads": threads, "io_binding": True,
                      "generation": "ORT decode loop, greedy, KV cache bound on the device"}
 
-    def generate(self, ids, mask, new_tokens: int):
-        return self.lm.generate(ids, mask, new_tokens)
+    def generate(self, ids, mask, new_tokens: int, on_token=None):
+        return self.lm.generate(ids, mask, new_tokens, on_token=on_token)
 
     def logits(self, ids, mask):
         return self.lm.logits(ids, mask)

@@ -47,10 +47,10 @@ class TorchGenerator:
         self.info = {"torch_threads": torch.get_num_threads(), "generation": "transformers generate, greedy",
                      "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"}
 
-    def generate(self, ids, mask, new_tokens: int):
+    def generate(self, ids, mask, new_tokens: int, on_token=None):
         from runtime.decode import torch_generate
 
-        return torch_generate(self.module.model, ids, mask, new_tokens, device=self.device.type)
+        return torch_generate(self.module.model, ids, mask, new_tokens, device=self.device.type, on_token=on_token)
 
     def logits(self, ids, mask):
         with self.torch.inference_mode():

@@ -1,6 +1,7 @@
 """Load scenarios under MLCommons LoadGen: a SUT that sleeps a known time gives the capacity and rate
 that queueing arithmetic predicts, an overloaded target is INVALID rather than a number, and a small
-real model runs through every scenario in a recipe, its report saying what LoadGen found."""
+real model runs through every scenario in a recipe, its report saying what LoadGen found; a tiny
+causal LM serves generations under LoadGen's token latencies (first token, time per output token)."""
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ import pytest
 
 pytest.importorskip("mlperf_loadgen")
 
-from bench.serving import Batcher, capacity, run_loadgen  # noqa: E402
-from conftest import the_run_dir, write_yaml  # noqa: E402
+from bench.serving import Batcher, capacity, early_stopping_queries, run_loadgen  # noqa: E402
+from conftest import make_tiny_causal_lm, the_run_dir, write_yaml  # noqa: E402
 from workbench.cli import main  # noqa: E402
 
 
@@ -231,3 +232,108 @@ def test_objective_capacity_needs_a_server_scenario(tmp_path, capsys):
     assert main(["validate", str(write_yaml(tmp_path / "bad.yaml", spec))]) == 2
     err = capsys.readouterr().err
     assert "report.objective" in err and "server scenario" in err and "Traceback" not in err
+
+
+def test_early_stopping_needs_459_queries_for_a_p99_and_a_recipe_with_fewer_is_refused(tmp_path, capsys):
+    # LoadGen's own figures: with 300 queries and two over the bound it asks for 538 more (838 in all).
+    assert [early_stopping_queries(99, k) for k in range(3)] == [459, 662, 838]
+    assert early_stopping_queries(90) == 44
+    spec = _recipe()
+    spec["bench"]["scenarios"] = [{"type": "server", "latency_bound_ms": 50, "min_queries": 300}]
+    assert main(["validate", str(write_yaml(tmp_path / "bad.yaml", spec))]) == 2
+    err = capsys.readouterr().err
+    assert "bench.scenarios[0].min_queries" in err and "459" in err and "300" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_generation_server_reports_first_token_and_per_token_latency_as_its_sut_times_them(tmp_path):
+    """A SUT whose generation of 8 tokens sleeps 20 ms to its first token and 5 ms per later one: LoadGen's
+    TTFT and TPOT are those times, its tokens/s the rate times 8, and a TPOT bound under 5 ms is INVALID."""
+    def generate(stream, n, first):
+        time.sleep(0.020)
+        first()
+        time.sleep(0.005 * 7)
+
+    batcher = Batcher(generate, max_batch=1, max_wait_ms=0, streams=6, tokens=8)  # 55 ms each: 40 QPS keeps ~2 busy
+    try:
+        ok = run_loadgen(batcher, "server", tmp_path / "ok", samples=8, target_qps=40, min_duration_s=2,
+                         min_queries=500, ttft_bound_ms=200, tpot_bound_ms=20)
+        tight = run_loadgen(batcher, "server", tmp_path / "tight", samples=8, target_qps=40, min_duration_s=2,
+                            min_queries=100, ttft_bound_ms=200, tpot_bound_ms=4)
+    finally:
+        batcher.close()
+    assert ok["valid"], ok["problems"]
+    assert 20 <= ok["ttft_percentiles_ms"]["50"] < 30, ok["ttft_percentiles_ms"]
+    assert 5 <= ok["tpot_percentiles_ms"]["50"] < 6.5, ok["tpot_percentiles_ms"]
+    assert abs(ok["tokens_per_s"] / (8 * ok["completed_per_s"]) - 1) < 0.02
+    # The SUT's own first-token times agree with LoadGen's (LoadGen counts from the scheduled arrival).
+    assert abs(np.median(ok["first_token_ms"]) - ok["ttft_percentiles_ms"]["50"]) < 3
+    assert not tight["valid"] and tight["result"] == "INVALID"
+
+
+def _lm_load_recipe(model_dir) -> dict:
+    return {
+        "name": "tiny-lm-load",
+        "model": {"source": "hf", "path": str(model_dir), "head": "causal-lm"},
+        "task": {"type": "language-modeling", "data": {"source": "builtin", "name": "stdlib-docstrings"},
+                 "block_size": 32, "eval_blocks": 8},
+        "variants": {"baseline": {}},
+        "export": {"formats": ["onnx"], "parity": {"max_abs_diff": 1.0e-3, "min_top1_agreement": 0.99}},
+        "bench": {"backends": ["torch-cpu", "ort-cpu", "openvino-cpu"], "batch_sizes": [1], "seq_len": 16,
+                  "new_tokens": 6, "profile": False, "repeats": 1,
+                  "timing": {"warmup": 1, "min_iters": 5, "min_seconds": 0.05, "stability_threshold": 100.0},
+                  "scenarios": [{"type": "server", "ttft_bound_ms": 400, "tpot_bound_ms": 100, "max_batch": 2,
+                                 "max_wait_ms": 2, "max_steps": 3, "backends": ["ort-cpu"]},
+                                {"type": "offline", "max_batch": 2, "backends": ["torch-cpu", "ort-cpu"]}]},
+        "report": {"constraints": {"max_perplexity_increase": "5%"}, "objective": "capacity"},
+    }
+
+
+@pytest.mark.slow
+def test_a_causal_lm_serves_generations_under_token_latency_bounds(tmp_path):
+    spec = _lm_load_recipe(make_tiny_causal_lm(tmp_path / "model", "llama"))
+    recipe = write_yaml(tmp_path / "lm-load.yaml", spec)
+    assert main(["run", str(recipe), "--out", str(tmp_path / "out"), "--quick"]) == 0
+    run_dir = the_run_dir(tmp_path / "out", "tiny-lm-load")
+    r = json.loads((run_dir / "results.json").read_text())
+    load = {(c["scenario"], c["backend"]): c for c in r["load"]}
+    assert set(load) == {("server-b2", "ort-cpu"), ("offline-b2", "torch-cpu"), ("offline-b2", "ort-cpu")}
+    server = load[("server-b2", "ort-cpu")]
+    assert server["status"] in ("ok", "unstable"), server["reason"]
+    assert server["shape"] == {"seq_len": 16, "new_tokens": 6}
+    s = server["load"]["server"]
+    assert s["valid"] and s["max_qps"] > 0, s["ladder_by_round"]
+    assert s["ttft_ms"] <= 400 and s["tpot_ms"] <= 100 and s["ttft_bound_ms"] == 400
+    assert s["tokens_per_s"] > 0
+    for rung in s["ladder_by_round"][0]:
+        assert rung["ttft_p99_ms"] is not None and rung["tpot_p99_ms"] is not None
+    offline = load[("offline-b2", "torch-cpu")]["load"]["offline"]
+    assert offline["valid"] and offline["samples_per_s"] > 0
+    # LoadGen measured token latencies: a server test's summary has the first-token percentiles, offline's
+    # its tokens/s.
+    servers = list((run_dir / "loadgen" / "baseline--ort-cpu--server-b2").rglob("mlperf_log_summary.txt"))
+    assert servers and all("first token latency" in p.read_text() for p in servers)
+    offline_logs = list((run_dir / "loadgen").glob("*offline-b2/*/offline/mlperf_log_summary.txt"))
+    assert len(offline_logs) == 2 and all("Tokens per second" in p.read_text() for p in offline_logs)
+    report = (run_dir / "report.md").read_text()
+    assert "TTFT / TPOT p99 ms at capacity" in report and "tokens/s at capacity" in report
+    assert "TTFT p99 <= 400 ms and TPOT p99 <= 100 ms" in report  # ranked by capacity at both bounds
+    assert r["recommendation"]["objective"] == "capacity" and r["recommendation"]["backend"] == "ort-cpu"
+    assert (run_dir / "plots" / "load_p99_vs_qps.png").exists()
+
+
+def test_a_causal_lm_server_needs_both_token_bounds_and_not_a_request_bound(tmp_path, capsys):
+    spec = _lm_load_recipe(tmp_path / "model")
+    spec["bench"]["scenarios"] = [{"type": "server", "ttft_bound_ms": 400}]
+    assert main(["validate", str(write_yaml(tmp_path / "no-tpot.yaml", spec))]) == 2
+    err = capsys.readouterr().err
+    assert "bench.scenarios[0].tpot_bound_ms" in err and "Traceback" not in err
+    spec["bench"]["scenarios"] = [{"type": "server", "latency_bound_ms": 50, "ttft_bound_ms": 400,
+                                   "tpot_bound_ms": 100}]
+    assert main(["validate", str(write_yaml(tmp_path / "request-bound.yaml", spec))]) == 2
+    err = capsys.readouterr().err
+    assert "bench.scenarios[0].latency_bound_ms" in err and "ttft_bound_ms and tpot_bound_ms" in err
+    digits = _recipe()
+    digits["bench"]["scenarios"] = [{"type": "server", "latency_bound_ms": 20, "ttft_bound_ms": 400}]
+    assert main(["validate", str(write_yaml(tmp_path / "not-an-lm.yaml", digits))]) == 2
+    assert "bench.scenarios[0].ttft_bound_ms" in capsys.readouterr().err

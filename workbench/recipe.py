@@ -248,7 +248,14 @@ class ScenarioSpec(Strict):
     variants: Optional[list[str]] = Field(None, description="the variants measured under it; default: every variant")
     backends: Optional[list[BackendName]] = Field(None, description="of each variant's backends, only these; "
                                                   "default: all of them")
-    latency_bound_ms: Optional[float] = Field(None, gt=0, description="server: the latency bound (required)")
+    latency_bound_ms: Optional[float] = Field(None, gt=0, description="server: the latency bound (required, "
+                                              "except for a causal LM)")
+    ttft_bound_ms: Optional[float] = Field(None, gt=0, description=(
+        "server, causal LMs: the bound on the time to each request's first token (LoadGen's token latencies; "
+        "required with tpot_bound_ms). Each request is one greedy generation of bench.new_tokens tokens from a "
+        "bench.seq_len-token prompt; requests batched together generate together"))
+    tpot_bound_ms: Optional[float] = Field(None, gt=0, description="server, causal LMs: the bound on the time per "
+                                           "output token after the first (required with ttft_bound_ms)")
     percentile: float = Field(99.0, gt=50, lt=100, description="server: the latency percentile held to the bound")
     max_batch: int = Field(1, ge=1, le=256, description="the SUT batches up to this many waiting requests "
                            "(dynamic batching); 1: one request per call")
@@ -257,8 +264,9 @@ class ScenarioSpec(Strict):
     streams: int = Field(1, ge=1, le=64, description="parallel sessions serving the queue, the cell's threads "
                          "split between them")
     min_duration_s: float = Field(10.0, gt=0, description="each LoadGen test runs at least this long (--quick: 2)")
-    min_queries: int = Field(1000, ge=1, description="and at least this many queries: LoadGen's early stopping "
-                             "needs hundreds to call a p99 VALID")
+    min_queries: int = Field(1000, ge=1, description="and at least this many queries. server: LoadGen's early "
+                             "stopping calls a p99 VALID only after 459 queries all under the bound (662 with one "
+                             "over, 838 with two; p90: 44), so fewer is refused")
     max_duration_s: float = Field(30.0, gt=0, description="each LoadGen test stops after this long (a target too "
                                   "low to reach min_queries within it is not tried)")
     max_steps: int = Field(8, ge=2, le=30, description="server: LoadGen tests per capacity search (the ladder)")
@@ -297,7 +305,8 @@ class BenchSpec(Strict):
                                        "e.g. 10.0.0.5:6379); default: start a local Ray instance")
     scenarios: list[ScenarioSpec] = Field(default_factory=list, description=(
         "load scenarios measured under MLCommons LoadGen beside the latency cells, in the same rounds: a serving "
-        "SUT with dynamic batching; see docs/methodology.md. Not for causal LMs yet"))
+        "SUT with dynamic batching; see docs/methodology.md. For a causal LM each request is a generation, held "
+        "to ttft_bound_ms / tpot_bound_ms"))
     options: dict[BackendName, dict[str, Any]] = Field(default_factory=dict, description=(
         "per backend, its engine's options, checked against the options the backend accepts (e.g. {openvino-cpu: "
         "{inference_precision: f32}}); a reference variant's cells run with none: the engine's defaults"))
@@ -567,12 +576,22 @@ def _check_search(recipe: Recipe, where: str, fmt: dict[str, str]) -> None:
 
 
 def _check_scenarios(recipe: Recipe, where: str) -> None:
+    from bench.serving import early_stopping_queries
+
+    lm = model_kind(recipe.model) == "causal-lm"
     labels = set()
     for i, sc in enumerate(recipe.bench.scenarios):
         field = f"bench.scenarios[{i}]"
-        if sc.type == "server" and sc.latency_bound_ms is None:
+        if lm:
+            _check_generation_scenario(sc, field, where)
+        elif sc.type == "server" and sc.latency_bound_ms is None:
             raise field_error(where, f"{field}.latency_bound_ms", "a server scenario's capacity is the highest QPS "
                               "whose percentile latency meets a bound: set one", accepted="milliseconds, e.g. 50")
+        elif sc.ttft_bound_ms is not None or sc.tpot_bound_ms is not None:
+            key = "ttft_bound_ms" if sc.ttft_bound_ms is not None else "tpot_bound_ms"
+            raise field_error(where, f"{field}.{key}", "token-latency bounds are for a causal LM's generation; "
+                              f"this model is a {model_kind(recipe.model)}: bound its latency with latency_bound_ms",
+                              value=getattr(sc, key))
         for name in sc.variants or []:
             if name not in recipe.variants:
                 raise field_error(where, f"{field}.variants", "names no variant", value=name,
@@ -580,6 +599,14 @@ def _check_scenarios(recipe: Recipe, where: str) -> None:
         if sc.label in labels:
             raise field_error(where, f"{field}.name", "two scenarios have this label: name them apart", value=sc.label)
         labels.add(sc.label)
+        floor = early_stopping_queries(sc.percentile)
+        if sc.type == "server" and sc.min_queries < floor:
+            # LoadGen's early stopping: with fewer queries no run is VALID, however fast; every step of
+            # the capacity search would be INVALID and the cell would say no capacity was found.
+            raise field_error(where, f"{field}.min_queries", f"LoadGen's early stopping calls a p{sc.percentile:g} "
+                              f"VALID only after at least {floor} queries all under the bound ({early_stopping_queries(sc.percentile, 2)} "
+                              "if two may miss it): fewer makes every step of the capacity search INVALID",
+                              value=sc.min_queries, accepted=f">= {floor}; the default 1000 lets a few miss")
         if sc.type != "server" and sc.latency_bound_ms is not None:
             raise field_error(where, f"{field}.latency_bound_ms", "only a server scenario has a bound",
                               value=sc.latency_bound_ms)
@@ -594,10 +621,23 @@ def _check_scenarios(recipe: Recipe, where: str) -> None:
         raise field_error(where, "bench.prompt_lens", "prompt lengths are for causal LMs (TTFT against prompt "
                           f"length); this model is a {model_kind(recipe.model)}", value=recipe.bench.prompt_lens,
                           accepted=[])
-    if recipe.bench.scenarios and model_kind(recipe.model) == "causal-lm":
-        raise field_error(where, "bench.scenarios", "load scenarios serve forward passes; a causal LM's "
-                          "generation has no server scenario yet (its cells measure TTFT and per-token latency)",
-                          accepted=[])
+
+
+def _check_generation_scenario(sc: ScenarioSpec, field: str, where: str) -> None:
+    """A causal LM's scenario serves generations: a server is bound by LoadGen's token latencies."""
+    if sc.latency_bound_ms is not None:
+        raise field_error(where, f"{field}.latency_bound_ms", "a causal LM's server is bound per token: the time "
+                          "to the first token and the time per output token after it", value=sc.latency_bound_ms,
+                          accepted="ttft_bound_ms and tpot_bound_ms")
+    if sc.type == "server":
+        for key in ("ttft_bound_ms", "tpot_bound_ms"):
+            if getattr(sc, key) is None:
+                raise field_error(where, f"{field}.{key}", "a causal LM's server scenario holds the first token "
+                                  "and each later one to bounds (LoadGen's token latencies): set both",
+                                  accepted="milliseconds, e.g. ttft_bound_ms: 2000, tpot_bound_ms: 200")
+    elif sc.ttft_bound_ms is not None or sc.tpot_bound_ms is not None:
+        raise field_error(where, f"{field}.{'ttft_bound_ms' if sc.ttft_bound_ms is not None else 'tpot_bound_ms'}",
+                          "only a server scenario has bounds", value=sc.ttft_bound_ms or sc.tpot_bound_ms)
 
 
 def _check_backend_options(recipe: Recipe, where: str) -> None:

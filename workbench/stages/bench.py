@@ -55,13 +55,15 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> tuple[lis
             cell["flops"] = flops[cell["variant"]] * cell["batch_size"]
 
     # Load scenarios (bench.serve under LoadGen) are measured in the same rounds as the latency cells.
+    # --quick shortens every LoadGen test, but not below what early stopping needs to call a server run VALID.
     scenarios = [{**sc.model_dump(), "label": sc.label, **({"min_duration_s": min(sc.min_duration_s, 2.0),
-                                                             "min_queries": min(sc.min_queries, 200)} if run.quick else {})}
+                                                             "min_queries": min(sc.min_queries, _quick_queries(sc))}
+                                                            if run.quick else {})}
                  for sc in spec.scenarios]
     load_cells, load_jobs = plan_load(targets, scenarios, run.recipe.backends_of, io=run.src.io, seq_len=spec.seq_len,
                                       threads=run.threads, timing=run.timing, seed=run.recipe.seed,
                                       log_root=run.run_dir / "loadgen", sys_path=sys_path,
-                                      options_of=run.recipe.options_of) if scenarios else ([], [])
+                                      options_of=run.recipe.options_of, generation=generation) if scenarios else ([], [])
     every = jobs + [(("load", i), job) for i, job in load_jobs]
 
     repeats = min(spec.repeats, 2) if run.quick else spec.repeats
@@ -160,3 +162,9 @@ def profile_cells(run, cells: list[dict], jobs: list, work: Path) -> None:
             log.warning("profile of %s %s failed: %s", c["variant"], c["backend"], result["reason"])
         bar.update()
     bar.close()
+
+
+def _quick_queries(sc) -> int:
+    from bench.serving import early_stopping_queries
+
+    return max(200, early_stopping_queries(sc.percentile)) if sc.type == "server" else 200
