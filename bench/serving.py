@@ -226,8 +226,8 @@ def capacity(step: Callable[[float], dict], estimate_qps: float, *, max_steps: i
              floor_qps: float = 0.0) -> dict:
     """The highest target QPS whose Server run is VALID. `step(qps)` runs one LoadGen Server test. From
     half the estimate, the ladder climbs by 1.5x while runs are valid (and falls by 2x while they are
-    not, never below `floor_qps`: a target that cannot reach LoadGen's minimum query count within its
-    maximum duration), then bisects between the last valid and the first invalid target until they are
+    not, down to `floor_qps` itself, never below it: a target that cannot reach LoadGen's minimum query
+    count within its maximum duration), then bisects between the last valid and the first invalid target until they are
     within `precision` of each other or `max_steps` runs were made. Returns max_qps (None: no valid
     target), the step that achieved it and the ladder."""
     ladder: list[dict] = []
@@ -237,15 +237,17 @@ def capacity(step: Callable[[float], dict], estimate_qps: float, *, max_steps: i
         ladder.append(r)
         return r["valid"]
 
-    q = max(estimate_qps * 0.5, 0.1)
+    q = max(estimate_qps * 0.5, floor_qps, 0.1)
     lo, hi = None, None
-    while len(ladder) < max_steps and (lo is None or hi is None) and q >= floor_qps:
+    while len(ladder) < max_steps and (lo is None or hi is None):
         if run(q):
             lo = q
             q *= 1.5
         else:
             hi = q
-            q /= 2
+            if q <= floor_qps:  # the floor itself was INVALID: nothing lower can be measured
+                break
+            q = max(q / 2, floor_qps)
     while lo is not None and hi is not None and hi / lo > 1 + precision and len(ladder) < max_steps:
         mid = (lo * hi) ** 0.5
         if run(mid):

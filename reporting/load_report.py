@@ -49,7 +49,7 @@ def capacity_table(results: dict) -> tuple[list[str], list[list[str]]]:
         if server:
             by_round = ", ".join(_fmt(q) for q in server.get("max_qps_by_round", []))
             cap = f"{_fmt(server['max_qps'])} ({by_round})" if server["max_qps"] is not None else f"none valid ({by_round})"
-            verdict = "VALID" if server["valid"] else "INVALID in a round"
+            verdict = "VALID" if server["valid"] else "INVALID in a round: " + why_invalid(server, s)
             hist = ", ".join(f"{k}×{v}" for k, v in (server.get("batch_histogram") or {}).items())
             machines = (str(math.ceil(target / server["max_qps"])) if server["max_qps"] else "–") if target else None
             if gen:
@@ -67,6 +67,27 @@ def capacity_table(results: dict) -> tuple[list[str], list[list[str]]]:
                          ", ".join(f"{k}×{v}" for k, v in (rate.get("batch_histogram") or {}).items())]
                         + (["–"] if target else []))
     return head, rows
+
+
+def why_invalid(server: dict, settings: dict) -> str:
+    """Why a round found no VALID target, from LoadGen's own words at the lowest target it tried: the
+    percentile latency over the bound, early stopping short of queries, and the floor below which no
+    target is tried (one that could not reach min_queries within max_duration_s)."""
+    for ladder in server.get("ladder_by_round") or []:
+        if not ladder or any(r["valid"] for r in ladder):
+            continue
+        low = min(ladder, key=lambda r: r["target_qps"])
+        if low.get("ttft_p99_ms") is not None:
+            said = f"TTFT p99 {_fmt(low['ttft_p99_ms'])} ms, TPOT p99 {_fmt(low.get('tpot_p99_ms'), 2)} ms"
+        else:
+            said = f"p99 {_fmt(low.get('p99_ms'))} ms against {settings.get('latency_bound_ms')} ms"
+        more = next((p.strip("* ,") for p in low.get("problems") or [] if "more queries" in p), None)
+        if more:
+            said += f"; LoadGen's early stopping: {more.lower()}"
+        floor = (settings.get("min_queries") or 0) / (settings.get("max_duration_s") or 1)
+        return (f"at the lowest target tried, {low['target_qps']:.1f} QPS, {said} (no target under {floor:.1f} QPS "
+                "is tried: it could not reach min_queries within max_duration_s)")
+    return "see the ladder in results.json"
 
 
 def load_note(results: dict) -> str:

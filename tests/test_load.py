@@ -124,6 +124,10 @@ def test_a_capacity_search_with_no_valid_target_reports_none():
     found = capacity(never, estimate_qps=100, max_steps=4)
     assert found["max_qps"] is None and found["best"] is None and len(found["ladder"]) == 4
     assert ladder == [50, 25, 12.5, 6.25]  # it falls by 2x looking for a valid target
+    # Down to the floor (the lowest target that can reach min_queries within max_duration_s) itself, not below.
+    ladder.clear()
+    assert capacity(never, estimate_qps=100, max_steps=8, floor_qps=20)["max_qps"] is None
+    assert ladder == [50, 25, 20]
 
 
 def _recipe(**bench) -> dict:
