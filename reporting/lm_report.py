@@ -245,3 +245,54 @@ def own_vs_engines(results: dict, batch: int = 1) -> tuple[list[str], tuple[list
         lines.append(f"From the two ONNX Runtime profiles (ms per {per}): no op type costs the own path more.")
     head = ["op type", f"{mine['variant']} ms", f"{best['variant']} ms", "difference ms"]
     return lines, (head, rows)
+
+
+def _four_bit_method(v: dict) -> str | None:
+    """How a variant made its 4-bit weights, in words, when its last step is weight-only int4 of its
+    parent's graph (None otherwise)."""
+    step = (v.get("steps") or [{}])[-1]
+    p = step.get("params") or {}
+    if step.get("name") == "onnx-quantize" and p.get("mode") == "weight-only" and p.get("bits") == 4:
+        algo = {None: "round-to-nearest (ORT's default)", "default": "round-to-nearest (ORT's default)",
+                "rtn": "round-to-nearest (INC's RTN)", "hqq": "HQQ (half-quadratic, no data)",
+                "gptq": f"GPTQ ({p.get('calibration_batches')} calibration batches)"}.get(p.get("algorithm"),
+                                                                                       p.get("algorithm"))
+        extra = ", embeddings too" if "Gather" in (p.get("op_types") or []) else ""
+        return f"ORT MatMulNBits, {algo}, block {p.get('block_size')}{extra}"
+    if step.get("name") == "nncf-compress-weights" and str(p.get("mode", "")).startswith("int4"):
+        data = [m for m, on in (("AWQ", p.get("awq")), ("scale estimation", p.get("scale_estimation"))) if on]
+        keep = "" if p.get("all_layers") else ", embeddings and output projection int8"
+        return (f"NNCF {p['mode']}, {' + '.join(data) if data else 'data-free'}, group {p.get('group_size')}"
+                f"{keep}" + (f", ratio {p['ratio']:g}" if p.get("ratio", 1) < 1 else ""))
+    return None
+
+
+def int4_by_method(results: dict, batch: int = 1) -> tuple[list[str], list[list[str]]] | None:
+    """Every 4-bit weight-only variant made straight from the baseline, side by side: how its weights were
+    made (round-to-nearest, HQQ, GPTQ, AWQ / scale estimation), its file, and, per backend that ran it,
+    perplexity, KL and top-1 agreement against the fp32 model and per-token decode at `batch`. None when
+    fewer than two such variants ran."""
+    base = results["recipe"]["parsed"]["report"]["baseline"]
+    variants = {v["name"]: v for v in results["variants"]}
+    methods = {n: m for n, v in variants.items() if v.get("status") == "ok" and v.get("parent") == base
+               and (m := _four_bit_method(v))}
+    if len(methods) < 2:
+        return None
+    base_ppl = (variants.get(base, {}).get("accuracy") or {}).get("perplexity")
+    head = ["variant", "how the 4-bit weights were made", "file MB", "backend", "perplexity", "vs baseline",
+            "KL", "top-1 agree", f"decode ms/token p50 (batch {batch})"]
+    rows = []
+    for c in generation_cells(results, batch):
+        if c["variant"] not in methods:
+            continue
+        acc = c.get("accuracy") or variants[c["variant"]].get("accuracy") or {}
+        ppl = acc.get("perplexity")
+        size = variants[c["variant"]].get("size_bytes")
+        rows.append([c["variant"], methods[c["variant"]], f"{size / MB:.1f}" if size else "–", c["backend"],
+                     f"{ppl:.2f}" if ppl is not None else "–",
+                     f"{ppl / base_ppl - 1:+.2%}" if ppl is not None and base_ppl else "–",
+                     f"{acc['kl']:.5f}" if "kl" in acc else "–",
+                     f"{acc['top1_agreement']:.4f}" if "top1_agreement" in acc else "–",
+                     f"{c['latency_ms']['p50']:.3f}"])
+    rows.sort(key=lambda r: (r[3], float(r[6]) if r[6] != "–" else float("inf")))
+    return (head, rows) if rows else None

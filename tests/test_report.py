@@ -236,3 +236,41 @@ def test_a_report_rebuilt_from_results_json_alone_writes_no_recommended_folder(q
     assert not (d / "recommended").exists()
     # The document is the same as the run's: it is made from results.json alone.
     assert (d / "report.md").read_text() == (quick_run.run_dir / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- decoder LMs: int4 by method
+def _add_int4_method(results: dict, name: str, step: dict, kl: float, ppl: float) -> None:
+    """A copy of docstring-gpt's ort-int4 variant and its cells, as if its 4-bit weights were made by `step`."""
+    import copy
+
+    src = next(v for v in results["variants"] if v["name"] == "ort-int4")
+    v = copy.deepcopy(src)
+    v.update(name=name, steps=[step])
+    v["accuracy"] = {**v["accuracy"], "kl": kl, "perplexity": ppl}
+    results["variants"].append(v)
+    for c in [c for c in results["cells"] if c["variant"] == "ort-int4"]:
+        c = copy.deepcopy(c)
+        c["variant"] = name
+        if c.get("accuracy"):
+            c["accuracy"] = {**c["accuracy"], "kl": kl, "perplexity": ppl}
+        results["cells"].append(c)
+
+
+def test_four_bit_variants_of_the_baseline_are_set_side_by_side_by_how_their_weights_were_made(tmp_path):
+    def edit(results):
+        gptq = {"name": "onnx-quantize", "params": {"mode": "weight-only", "bits": 4, "block_size": 32,
+                                                    "algorithm": "gptq", "calibration_batches": 8}}
+        awq = {"name": "nncf-compress-weights", "params": {"mode": "int4_sym", "group_size": 32, "awq": True,
+                                                           "scale_estimation": True, "ratio": 1.0}}
+        _add_int4_method(results, "ort-int4-gptq", gptq, kl=0.004, ppl=216.5)
+        _add_int4_method(results, "nncf-int4-awq", awq, kl=0.005, ppl=216.8)
+
+    report = (example(tmp_path, "docstring-gpt-cpu", edit) / "report.md").read_text()
+    assert "## 4-bit weights by method, at equal bits" in report
+    section = report.split("## 4-bit weights by method, at equal bits")[1].split("\n## ")[0]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| ") and "ort-cpu" in ln]
+    # Sorted by KL on each backend: GPTQ, then AWQ, then round-to-nearest (ort-int4's own KL, 0.0074).
+    assert [r.split(" | ")[0].strip("| ") for r in rows] == ["ort-int4-gptq", "nncf-int4-awq", "ort-int4"]
+    assert "GPTQ (8 calibration batches)" in rows[0] and "AWQ + scale estimation, group 32" in rows[1]
+    assert "round-to-nearest (ORT's default), block 32" in rows[2]
+    assert "pruned-int4" not in section  # made from the pruned model, not the baseline: not at equal footing
