@@ -7,7 +7,10 @@ submission uses): a serving system under test (SUT) with dynamic batching, and t
   request's latency (arrival to answer) and the batch sizes it ran. A generation server (`tokens`:
   the tokens each answer carries) runs `run_batch(stream, n, first)`, which calls `first()` as the
   batch's first tokens are out: every request in it gets its first token then (LoadGen's TTFT), and
-  its answer when the batch's generation ends (TPOT: the time between).
+  its answer when the batch's generation ends (TPOT: the time between). `on_start(stream)` runs in
+  each worker before it serves, one worker at a time, and the constructor returns when all have: a
+  session is warmed and timed on the thread that will serve it (PyTorch's OpenMP pool belongs to the
+  thread that calls it: warmed on the main thread, a torch session then ran 1.8x slower on a worker).
 - `run_loadgen`: one LoadGen test (SingleStream, Offline or Server at a target QPS) against a Batcher;
   LoadGen's own summary (its VALID / INVALID verdict, percentiles, achieved rate) is parsed from the
   log it writes, which is kept.
@@ -42,7 +45,7 @@ def early_stopping_queries(percentile: float, over_bound: int = 0, confidence: f
 
 class Batcher:
     def __init__(self, run_batch: Callable[..., None], max_batch: int, max_wait_ms: float, streams: int,
-                 tokens: int = 0):
+                 tokens: int = 0, on_start: Optional[Callable[[int], None]] = None):
         self.run_batch, self.max_batch, self.max_wait, self.tokens = run_batch, max_batch, max_wait_ms / 1e3, tokens
         self.queue: collections.deque = collections.deque()
         self.cond = threading.Condition()
@@ -53,9 +56,16 @@ class Batcher:
         self.respond: Callable[[list], None] = lambda ids: None
         self.first_token: Callable[[list], None] = lambda ids: None
         self.stopping = False
+        self.on_start, self._one_at_a_time = on_start, threading.Lock()
+        self._ready = threading.Barrier(streams + 1)
+        self.start_error: Optional[BaseException] = None
         self.workers = [threading.Thread(target=self._serve, args=(s,), daemon=True) for s in range(streams)]
         for w in self.workers:
             w.start()
+        self._ready.wait()
+        if self.start_error is not None:
+            self.close()
+            raise self.start_error
 
     def submit(self, ids: list) -> None:
         now = time.perf_counter()
@@ -80,6 +90,16 @@ class Batcher:
             return [self.queue.popleft() for _ in range(n)] if n else None
 
     def _serve(self, stream: int) -> None:
+        try:
+            if self.on_start is not None:
+                with self._one_at_a_time:
+                    self.on_start(stream)
+        except BaseException as e:  # raised again by the constructor, on the thread that built the Batcher
+            self.start_error = e
+        finally:
+            self._ready.wait()
+        if self.start_error is not None:
+            return
         while True:
             batch = self._take()
             if batch is None:

@@ -341,3 +341,38 @@ def test_a_causal_lm_server_needs_both_token_bounds_and_not_a_request_bound(tmp_
     digits["bench"]["scenarios"] = [{"type": "server", "latency_bound_ms": 20, "ttft_bound_ms": 400}]
     assert main(["validate", str(write_yaml(tmp_path / "not-an-lm.yaml", digits))]) == 2
     assert "bench.scenarios[0].ttft_bound_ms" in capsys.readouterr().err
+
+
+def test_each_stream_is_warmed_on_the_thread_that_serves_it_one_at_a_time_and_a_failure_is_raised(tmp_path):
+    import threading
+
+    warmed, served, overlap, busy = {}, {}, [], threading.Lock()
+
+    def warm(stream):
+        if not busy.acquire(blocking=False):
+            overlap.append(stream)
+        else:
+            time.sleep(0.02)
+            busy.release()
+        warmed[stream] = threading.get_ident()
+
+    def serve(stream, n):
+        served[stream] = threading.get_ident()
+
+    batcher = Batcher(serve, max_batch=1, max_wait_ms=0, streams=3, on_start=warm)
+    try:
+        assert set(warmed) == {0, 1, 2} and not overlap  # all warmed before the constructor returned, in turn
+        for i in range(30):
+            batcher.submit([i])
+        deadline = time.time() + 5
+        while len(batcher.latencies_ms) < 30 and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        batcher.close()
+    assert served and all(served[s] == warmed[s] for s in served)
+
+    def broken(stream):
+        raise RuntimeError("the session would not load")
+
+    with pytest.raises(RuntimeError, match="would not load"):
+        Batcher(serve, max_batch=1, max_wait_ms=0, streams=2, on_start=broken)
