@@ -247,8 +247,8 @@ def capacity(step: Callable[[float], dict], estimate_qps: float, *, max_steps: i
     """The highest target QPS whose Server run is VALID. `step(qps)` runs one LoadGen Server test. From
     half the estimate, the ladder climbs by 1.5x while runs are valid (and falls by 2x while they are
     not, down to `floor_qps` itself, never below it: a target that cannot reach LoadGen's minimum query
-    count within its maximum duration), then bisects between the last valid and the first invalid target until they are
-    within `precision` of each other or `max_steps` runs were made. Returns max_qps (None: no valid
+    count within its maximum duration), then bisects between the last valid and the first invalid target
+    until they are within `precision` of each other or `max_steps` runs were made. Returns max_qps (None: no valid
     target), the step that achieved it and the ladder."""
     ladder: list[dict] = []
 

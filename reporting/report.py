@@ -474,10 +474,11 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
         by_method = lm_report.int4_by_method(results, rec.batch_size or 1)
         if by_method:
             blocks.append(("h2", "4-bit weights by method, at equal bits"))
-            blocks.append(("p", "Every 4-bit weight-only variant made straight from the baseline, sorted by KL to the "
-                                "fp32 model on each backend: round-to-nearest needs no data; HQQ fits its scales without "
-                                "data; GPTQ and AWQ / scale estimation calibrate on training text. Perplexity, KL and "
-                                "top-1 agreement are on the held-out blocks, from each backend's own logits."))
+            blocks.append(("p", "Every 4-bit weight-only variant made straight from the baseline, sorted by KL "
+                                "to the fp32 model on each backend: round-to-nearest needs no data; HQQ fits its "
+                                "scales without data; GPTQ and AWQ / scale estimation calibrate on training text. "
+                                "Perplexity, KL and top-1 agreement are on the held-out blocks, from each backend's "
+                                "own logits."))
             blocks.append(("table", by_method))
         mine_vs, table = lm_report.own_vs_engines(results, rec.batch_size or 1)
         if mine_vs:

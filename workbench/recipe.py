@@ -603,9 +603,10 @@ def _check_scenarios(recipe: Recipe, where: str) -> None:
         if sc.type == "server" and sc.min_queries < floor:
             # LoadGen's early stopping: with fewer queries no run is VALID, however fast; every step of
             # the capacity search would be INVALID and the cell would say no capacity was found.
+            two = early_stopping_queries(sc.percentile, 2)
             raise field_error(where, f"{field}.min_queries", f"LoadGen's early stopping calls a p{sc.percentile:g} "
-                              f"VALID only after at least {floor} queries all under the bound ({early_stopping_queries(sc.percentile, 2)} "
-                              "if two may miss it): fewer makes every step of the capacity search INVALID",
+                              f"VALID only after at least {floor} queries all under the bound ({two} if two may "
+                              "miss it): fewer makes every step of the capacity search INVALID",
                               value=sc.min_queries, accepted=f">= {floor}; the default 1000 lets a few miss")
         if sc.type != "server" and sc.latency_bound_ms is not None:
             raise field_error(where, f"{field}.latency_bound_ms", "only a server scenario has a bound",

@@ -60,10 +60,12 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> tuple[lis
                                                              "min_queries": min(sc.min_queries, _quick_queries(sc))}
                                                             if run.quick else {})}
                  for sc in spec.scenarios]
-    load_cells, load_jobs = plan_load(targets, scenarios, run.recipe.backends_of, io=run.src.io, seq_len=spec.seq_len,
-                                      threads=run.threads, timing=run.timing, seed=run.recipe.seed,
-                                      log_root=run.run_dir / "loadgen", sys_path=sys_path,
-                                      options_of=run.recipe.options_of, generation=generation) if scenarios else ([], [])
+    load_cells, load_jobs = ([], [])
+    if scenarios:
+        load_cells, load_jobs = plan_load(targets, scenarios, run.recipe.backends_of, io=run.src.io,
+                                          seq_len=spec.seq_len, threads=run.threads, timing=run.timing,
+                                          seed=run.recipe.seed, log_root=run.run_dir / "loadgen", sys_path=sys_path,
+                                          options_of=run.recipe.options_of, generation=generation)
     every = jobs + [(("load", i), job) for i, job in load_jobs]
 
     repeats = min(spec.repeats, 2) if run.quick else spec.repeats
