@@ -119,6 +119,7 @@ def run(job: dict) -> dict:
                              "p99_ms": best["percentiles_ms"].get("99"),
                              "batch_histogram": best["batch_histogram"],
                              **_token_figures(best, sc),
+                             "latency_rose_as_load_fell": found["latency_rose_as_load_fell"],
                              "ladder": [_rung(r) for r in found["ladder"]]}
         else:
             # Offline sizes its one query from the expected rate to last min_duration_s: a system faster than
@@ -177,7 +178,10 @@ def merge(processes: list[dict]) -> dict:
         found = [q for q in qps if q is not None]
         out["server"] = {**first["server"], "max_qps": float(np.median(found)) if found else None,
                          "max_qps_by_round": qps, "valid": all(q is not None for q in qps),
-                         "ladder_by_round": [p["load"]["server"]["ladder"] for p in processes]}
+                         "ladder_by_round": [p["load"]["server"]["ladder"] for p in processes],
+                         "latency_rose_as_load_fell_by_round": [
+                             bool(p["load"]["server"].get("latency_rose_as_load_fell")) for p in processes]}
+        out["server"].pop("latency_rose_as_load_fell", None)
         rates = [p["load"]["server"].get("tokens_per_s") for p in processes if p["load"]["server"]["max_qps"]]
         if "tokens_per_s" in first["server"]:  # a generation server: tokens/s at the bound, as the capacity
             out["server"]["tokens_per_s"] = float(np.median(rates)) if rates else None

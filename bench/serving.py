@@ -249,8 +249,14 @@ def capacity(step: Callable[[float], dict], estimate_qps: float, *, max_steps: i
     not, down to `floor_qps` itself, never below it: a target that cannot reach LoadGen's minimum query
     count within its maximum duration), then bisects between the last valid and the first invalid target
     until they are within `precision` of each other or `max_steps` runs were made. Returns max_qps (None: no valid
-    target), the step that achieved it and the ladder."""
+    target), the step that achieved it and the ladder. The fall stops early when a lower target's p99 is
+    10 % worse than the higher one's (`latency_rose_as_load_fell`): on a machine where a request that finds the
+    session idle costs more, lower targets only get slower, and the search says so instead of walking on."""
     ladder: list[dict] = []
+    rose = False
+
+    def p99(r: dict):
+        return (r.get("percentiles_ms") or {}).get("99")
 
     def run(qps: float) -> bool:
         r = step(qps)
@@ -267,6 +273,12 @@ def capacity(step: Callable[[float], dict], estimate_qps: float, *, max_steps: i
             hi = q
             if q <= floor_qps:  # the floor itself was INVALID: nothing lower can be measured
                 break
+            above = ladder[-2] if len(ladder) > 1 else None
+            # More than noise: 10 % worse at half the load.
+            now = p99(ladder[-1])
+            if lo is None and above is not None and now and p99(above) and now > 1.1 * p99(above):
+                rose = True
+                break
             q = max(q / 2, floor_qps)
     while lo is not None and hi is not None and hi / lo > 1 + precision and len(ladder) < max_steps:
         mid = (lo * hi) ** 0.5
@@ -276,4 +288,4 @@ def capacity(step: Callable[[float], dict], estimate_qps: float, *, max_steps: i
             hi = mid
     best = max((r for r in ladder if r["valid"]), key=lambda r: r["target_qps"], default=None)
     return {"max_qps": best["target_qps"] if best else None, "best": best, "ladder": ladder,
-            "bracket": [lo, hi]}
+            "bracket": [lo, hi], "latency_rose_as_load_fell": rose}

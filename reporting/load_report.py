@@ -48,7 +48,8 @@ def capacity_table(results: dict) -> tuple[list[str], list[list[str]]]:
         rate = load.get("offline") or load.get("single_stream") or {}
         if server:
             by_round = ", ".join(_fmt(q) for q in server.get("max_qps_by_round", []))
-            cap = f"{_fmt(server['max_qps'])} ({by_round})" if server["max_qps"] is not None else f"none valid ({by_round})"
+            cap = (f"{_fmt(server['max_qps'])} ({by_round})" if server["max_qps"] is not None
+                   else f"none valid ({by_round})")
             verdict = "VALID" if server["valid"] else "INVALID in a round: " + why_invalid(server, s)
             hist = ", ".join(f"{k}×{v}" for k, v in (server.get("batch_histogram") or {}).items())
             machines = (str(math.ceil(target / server["max_qps"])) if server["max_qps"] else "–") if target else None
@@ -73,9 +74,17 @@ def why_invalid(server: dict, settings: dict) -> str:
     """Why a round found no VALID target, from LoadGen's own words at the lowest target it tried: the
     percentile latency over the bound, early stopping short of queries, and the floor below which no
     target is tried (one that could not reach min_queries within max_duration_s)."""
-    for ladder in server.get("ladder_by_round") or []:
+    rose = server.get("latency_rose_as_load_fell_by_round") or []
+    for i, ladder in enumerate(server.get("ladder_by_round") or []):
         if not ladder or any(r["valid"] for r in ladder):
             continue
+        if i < len(rose) and rose[i]:
+            steps = sorted(ladder, key=lambda r: r["target_qps"])[:2]
+            return (f"latency rose as the load fell (p99 {_fmt(steps[0].get('p99_ms'))} ms at "
+                    f"{steps[0]['target_qps']:.1f} QPS against {_fmt(steps[1].get('p99_ms'))} ms at "
+                    f"{steps[1]['target_qps']:.1f} QPS): a request that finds the session idle costs more "
+                    "here, so lower targets were not tried; the bound is not met at any rate this machine "
+                    "showed, and the idle cost is the thing to fix")
         low = min(ladder, key=lambda r: r["target_qps"])
         if low.get("ttft_p99_ms") is not None:
             said = f"TTFT p99 {_fmt(low['ttft_p99_ms'])} ms, TPOT p99 {_fmt(low.get('tpot_p99_ms'), 2)} ms"

@@ -128,6 +128,16 @@ def test_a_capacity_search_with_no_valid_target_reports_none():
     ladder.clear()
     assert capacity(never, estimate_qps=100, max_steps=8, floor_qps=20)["max_qps"] is None
     assert ladder == [50, 25, 20]
+    # A machine where a request that finds the session idle costs more: p99 rises as the load falls, and the
+    # search stops falling and says so (the measured case: 42 ms at 24.8 QPS, 49 ms at 12.4, 107 ms at 6.2).
+    tried = []
+
+    def idle_costs(qps):
+        tried.append(qps)
+        return {"valid": False, "target_qps": qps, "percentiles_ms": {"99": 40 + 600 / qps}}
+
+    found = capacity(idle_costs, estimate_qps=100, max_steps=8)
+    assert found["max_qps"] is None and found["latency_rose_as_load_fell"] and tried == [50, 25]
 
 
 def _recipe(**bench) -> dict:
