@@ -126,26 +126,7 @@ def p99_vs_qps(results: dict, out: Path) -> Optional[Path]:
     if _generation(results):
         return _token_latencies_vs_qps(servers, out)
     fig, ax = subplots(figsize=(7, 4.2))
-    bounds = set()
-    for c in servers:
-        s = c["load"]["server"]
-        ladder = sorted((r for r in (s.get("ladder_by_round") or [[]])[0] if r.get("p99_ms") is not None),
-                        key=lambda r: r["target_qps"])
-        if not ladder:
-            continue
-        line, = ax.plot([r["target_qps"] for r in ladder], [r["p99_ms"] for r in ladder], marker="o",
-                        label=f"{c['variant']} · {c['backend']} · {c['scenario']}")
-        bad = [r for r in ladder if not r["valid"]]
-        ax.scatter([r["target_qps"] for r in bad], [r["p99_ms"] for r in bad], marker="x", color=line.get_color(),
-                   zorder=3)
-        if s.get("latency_bound_ms"):
-            bounds.add(s["latency_bound_ms"])
-    for b in bounds:
-        ax.axhline(b, color="black", linestyle="--", linewidth=1)
-        ax.annotate(f"bound {b:g} ms", (ax.get_xlim()[0], b), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_yscale("log")
-    ax.set_xlabel("target QPS (Poisson arrivals)")
-    ax.set_ylabel("p99 latency, ms (log)")
+    _ladder_panel(ax, servers, "p99_ms", "latency_bound_ms", "p99 latency, ms (log)")
     ax.set_title("Under load: p99 against offered QPS (x: INVALID by LoadGen)")
     ax.legend(fontsize=7, loc="upper left")
     return save(fig, out / "load_p99_vs_qps.png")
@@ -153,34 +134,37 @@ def p99_vs_qps(results: dict, out: Path) -> Optional[Path]:
 
 def _token_latencies_vs_qps(servers: list[dict], out: Path) -> Optional[Path]:
     fig, axes = subplots(1, 2, figsize=(10, 4.2))
-    panels = [("ttft_p99_ms", "ttft_bound_ms", "time to first token p99, ms (log)"),
-              ("tpot_p99_ms", "tpot_bound_ms", "time per output token p99, ms (log)")]
-    drawn = False
-    for ax, (key, bound_key, label) in zip(axes, panels):
-        bounds = set()
-        for c in servers:
-            s = c["load"]["server"]
-            ladder = sorted((r for r in (s.get("ladder_by_round") or [[]])[0] if r.get(key) is not None),
-                            key=lambda r: r["target_qps"])
-            if not ladder:
-                continue
-            drawn = True
-            line, = ax.plot([r["target_qps"] for r in ladder], [r[key] for r in ladder], marker="o",
-                            label=f"{c['variant']} · {c['backend']} · {c['scenario']}")
-            bad = [r for r in ladder if not r["valid"]]
-            ax.scatter([r["target_qps"] for r in bad], [r[key] for r in bad], marker="x", color=line.get_color(),
-                       zorder=3)
-            if s.get(bound_key):
-                bounds.add(s[bound_key])
-        for b in bounds:
-            ax.axhline(b, color="black", linestyle="--", linewidth=1)
-            ax.annotate(f"bound {b:g} ms", (ax.get_xlim()[0], b), textcoords="offset points", xytext=(4, 4),
-                        fontsize=8)
-        ax.set_yscale("log")
-        ax.set_xlabel("target QPS (Poisson arrivals)")
-        ax.set_ylabel(label)
-    if not drawn:
+    drawn = [_ladder_panel(axes[0], servers, "ttft_p99_ms", "ttft_bound_ms", "time to first token p99, ms (log)"),
+             _ladder_panel(axes[1], servers, "tpot_p99_ms", "tpot_bound_ms", "time per output token p99, ms (log)")]
+    if not any(drawn):
         return None
     axes[0].set_title("Under load: generations (x: INVALID by LoadGen)", fontsize=9)
     axes[0].legend(fontsize=7, loc="upper left")
     return save(fig, out / "load_p99_vs_qps.png")
+
+
+def _ladder_panel(ax, servers: list[dict], key: str, bound_key: str, ylabel: str) -> bool:
+    """One latency figure (`key` of each ladder step) against the target QPS of every server cell's first
+    round, INVALID steps crossed, each cell's bound (`bound_key`) drawn; False when no step had it."""
+    bounds, drawn = set(), False
+    for c in servers:
+        s = c["load"]["server"]
+        ladder = sorted((r for r in (s.get("ladder_by_round") or [[]])[0] if r.get(key) is not None),
+                        key=lambda r: r["target_qps"])
+        if not ladder:
+            continue
+        drawn = True
+        line, = ax.plot([r["target_qps"] for r in ladder], [r[key] for r in ladder], marker="o",
+                        label=f"{c['variant']} · {c['backend']} · {c['scenario']}")
+        bad = [r for r in ladder if not r["valid"]]
+        ax.scatter([r["target_qps"] for r in bad], [r[key] for r in bad], marker="x", color=line.get_color(),
+                   zorder=3)
+        if s.get(bound_key):
+            bounds.add(s[bound_key])
+    for b in bounds:
+        ax.axhline(b, color="black", linestyle="--", linewidth=1)
+        ax.annotate(f"bound {b:g} ms", (ax.get_xlim()[0], b), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("target QPS (Poisson arrivals)")
+    ax.set_ylabel(ylabel)
+    return drawn
