@@ -63,9 +63,17 @@ class LlamaCppLM:
             kw.update(type_k=GGML_TYPES[kv], type_v=GGML_TYPES[kv])
             kw.setdefault("flash_attn", True)  # llama.cpp quantizes the V cache only with flash attention
         self.llm = None  # the old context's memory goes before the new one is made
-        with _model_params(o.get("use_extra_bufts")):
-            self.llm = Llama(self.path, n_ctx=n_ctx, n_threads=self.threads, n_threads_batch=self.threads,
-                             logits_all=self.all_logits, verbose=False, seed=0, **kw)
+        try:
+            with _model_params(o.get("use_extra_bufts")):
+                self.llm = Llama(self.path, n_ctx=n_ctx, n_threads=self.threads, n_threads_batch=self.threads,
+                                 logits_all=self.all_logits, verbose=False, seed=0, **kw)
+        except ValueError as e:
+            if not kv:
+                raise
+            # llama.cpp says only "Failed to create llama_context"; the usual cause of a quantized cache:
+            raise ValueError(f"{e} with kv_cache_type {kv}: llama.cpp quantizes the KV cache in blocks of 32 "
+                             "values of a head, so the model's head size must be a multiple of 32 (and flash "
+                             "attention must run on this build)") from e
         self.n_ctx, self.vocab = n_ctx, self.llm.n_vocab()
         self.info = {"llama_cpp": {"n_ctx": n_ctx, "n_threads": self.llm.n_threads, "n_batch": self.llm.n_batch,
                                    **{k: o[k] for k in ("use_extra_bufts", "n_ubatch", "flash_attn", "kv_cache_type")

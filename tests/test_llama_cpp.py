@@ -23,6 +23,8 @@ TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hid
               "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
               "max_position_embeddings": 256, "vocab_size": 9000, "tie_word_embeddings": False,
               "initializer_range": 0.3}
+# Head size 32: llama.cpp quantizes a KV cache in blocks of 32 values of a head (TINY_LLAMA's heads are 16 wide).
+TINY_LLAMA_HD32 = {**TINY_LLAMA, "num_attention_heads": 2, "num_key_value_heads": 1}
 
 
 def _spm_tokenizer(tmp_path):
@@ -133,7 +135,7 @@ def test_gguf_needs_a_causal_lm_and_says_so_at_validation(tmp_path, capsys):
 def test_a_recipe_compares_llama_cpp_types_and_ort_genai_with_pytorch_in_one_run(tmp_path):
     folder = tmp_path / "tiny-llama"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(TINY_LLAMA))
+    (folder / "config.json").write_text(json.dumps(TINY_LLAMA_HD32))
     recipe = write_yaml(tmp_path / "r.yaml", {
         "name": "tiny-gguf",
         "model": {"source": "hf", "path": folder.name, "head": "causal-lm", "weights": "random"},
@@ -143,6 +145,9 @@ def test_a_recipe_compares_llama_cpp_types_and_ort_genai_with_pytorch_in_one_run
             "baseline": {},
             "q8": {"from": "baseline", "steps": [{"gguf-quantize": {"type": "q8_0"}}]},
             "q4": {"from": "baseline", "steps": [{"gguf-quantize": {"type": "q4_0"}}]},
+            # The same GGUF (its build reused) with an 8-bit KV cache: a variant's options over bench.options.
+            "q4-kv8": {"from": "baseline", "backends": ["llama-cpp"], "steps": [{"gguf-quantize": {"type": "q4_0"}}],
+                       "options": {"llama-cpp": {"kv_cache_type": "q8_0"}}},
             "genai-int4": {"from": "baseline", "backends": ["ort-genai"],
                            "steps": [{"ort-genai-build": {"precision": "int4"}}]},
             "fused-int4": {"from": "baseline", "backends": ["ort-cpu"],  # the workbench's own int4 path
@@ -174,6 +179,12 @@ def test_a_recipe_compares_llama_cpp_types_and_ort_genai_with_pytorch_in_one_run
         assert set(by_len) == {"8", "40"} and by_len["40"]["ttft_ms"]["n"] >= 3
         assert cells[(name, "llama-cpp", 2)]["status"] == "skipped"
         assert "one sequence at a time" in cells[(name, "llama-cpp", 2)]["reason"]
+        assert "kv_cache_type" not in c["threads"]["llama_cpp"]
+    kv8 = cells[("q4-kv8", "llama-cpp", 1)]
+    assert kv8["status"] in ("ok", "unstable"), kv8["reason"]
+    assert kv8["threads"]["llama_cpp"]["kv_cache_type"] == "q8_0"  # its own option
+    assert kv8["threads"]["llama_cpp"]["use_extra_bufts"] is False  # bench.options kept beneath it
+    assert kv8["accuracy"]["kl"] > 0 and variants["q4-kv8"]["cached"] is True
     genai = variants["genai-int4"]  # ORT GenAI's own builder and generator, in the same run
     assert genai["status"] == "ok", genai["error"]
     assert genai["format"] == "ort-genai"

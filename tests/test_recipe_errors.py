@@ -59,6 +59,12 @@ CASES = {
     "variant-backend-unknown": (
         with_variants(x={"from": "baseline", "backends": ["torch-gpu"]}),
         ["variants.x.backends[0]", "'torch-gpu'", "accepted", "torch-compile-cpu"]),
+    "variant-option-bad-value": (
+        with_variants(x={"from": "baseline", "options": {"llama-cpp": {"kv_cache_type": "q2"}}}),
+        ["variants.x.options.llama-cpp.kv_cache_type", "'q2'", "q8_0"]),
+    "variant-options-on-a-reference": (
+        with_variants(x={"reference": True, "backends": ["torch-cpu"], "options": {"llama-cpp": {"n_ctx": 64}}}),
+        ["variants.x.options", "reference", "engine's defaults"]),
     "from-names-no-variant": (
         with_variants(pruned={"from": "nothing", "steps": [{"prune": {"ratio": 0.3}}]}),
         ["variants.pruned.from", "'nothing'", "Accepted", "'baseline'"]),

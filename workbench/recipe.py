@@ -198,6 +198,11 @@ class VariantSpec(Strict):
         "is on one backend, `{reference: true, backends: [ort-cpu]}`, or an engine's stock int8). Measured and shown "
         "like any other variant, labelled as a reference, never recommended; the report gives the recommendation's "
         "speedup against the fastest reference at each batch size, paired by round"))
+    options: dict[BackendName, dict[str, Any]] = Field(default_factory=dict, description=(
+        "per backend, engine options for this variant's cells, over bench.options: the same artifact under "
+        "another engine setting beside the default, e.g. a GGUF with an 8-bit KV cache, `{from: baseline, "
+        "steps: [{gguf-quantize: {type: q4_0}}], options: {llama-cpp: {kv_cache_type: q8_0}}}` (the same steps "
+        "as another variant reuse its build)"))
 
 
 # ----------------------------------------------------------------------------- export
@@ -440,7 +445,9 @@ class Recipe(Strict):
         own measuring protocol); None for a reference variant, whose cells show what the engine's own
         defaults give (the cell's threads only)."""
         v = self.variants.get(name)
-        return None if v is not None and v.reference else dict(self.bench.options.get(backend, {}))
+        if v is not None and v.reference:
+            return None
+        return {**self.bench.options.get(backend, {}), **(v.options.get(backend, {}) if v is not None else {})}
 
     def all_backends(self) -> list[str]:
         """Every backend some variant is measured on, bench.backends first."""
@@ -642,16 +649,26 @@ def _check_generation_scenario(sc: ScenarioSpec, field: str, where: str) -> None
 
 
 def _check_backend_options(recipe: Recipe, where: str) -> None:
-    """bench.options: each backend's options validated by its own `Options` model (and normalised)."""
-    for backend, raw in recipe.bench.options.items():
-        cls = BACKENDS[backend]
-        if cls.Options is None:
-            raise field_error(where, f"bench.options.{backend}", "this backend takes no options", value=raw,
-                              accepted=[n for n, b in BACKENDS.items() if b.Options is not None])
-        try:
-            recipe.bench.options[backend] = cls.Options.model_validate(raw).model_dump(mode="json", exclude_none=True)
-        except ValidationError as e:
-            raise pydantic_error(e, cls.Options, where, prefix=f"bench.options.{backend}") from None
+    """bench.options and each variant's options: each backend's options validated by its own `Options` model
+    (and normalised); a reference variant takes none (it shows the engine's defaults)."""
+    places = [("bench.options", recipe.bench.options)]
+    for name, v in recipe.variants.items():
+        if v.options and v.reference:
+            raise field_error(where, f"variants.{name}.options", "a reference variant runs with the engine's "
+                              "defaults, so it takes no options", value=v.options, accepted="no options")
+        places.append((f"variants.{name}.options", v.options))
+    for field, options in places:
+        for backend, raw in options.items():
+            cls = BACKENDS[backend]
+            if cls.Options is None:
+                raise field_error(where, f"{field}.{backend}", "this backend takes no options", value=raw,
+                                  accepted=[n for n, b in BACKENDS.items() if b.Options is not None])
+            try:
+                # A variant's options keep only what it sets: they lie over bench.options, defaults included.
+                options[backend] = cls.Options.model_validate(raw).model_dump(
+                    mode="json", exclude_none=True, exclude_unset=field != "bench.options")
+            except ValidationError as e:
+                raise pydantic_error(e, cls.Options, where, prefix=f"{field}.{backend}") from None
 
 
 def _check_steps(recipe: Recipe, name: str, raw_steps: list, current: str, where: str,
