@@ -15,12 +15,14 @@ import contextlib
 import io
 import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
 from pydantic import Field
 
 from core.errors import field_error
+from core.formats import EXTERNAL_DATA_BYTES
 from core.processes import working_directory
 from core.steps import Step, StepParams, register
 from export.graph_kernels import record_kernels
@@ -166,6 +168,16 @@ class NncfCompressWeights(Step):
 
         p = NncfCompressWeightsParams.model_validate(params)
         data_aware = p.awq or p.scale_estimation
+        src = Path(model.onnx_path)
+        # A graph over protobuf's 2 GB keeps its weights in external data. Loaded whole, NNCF's shape
+        # inference cannot serialize it; NNCF reads the weights itself from their folder instead, for its
+        # data-free modes (the data-aware ones run the graph in ORT from one protobuf, so they need < 2 GB).
+        external = _external_data_bytes(src)
+        external = external if external > EXTERNAL_DATA_BYTES else 0  # a smaller graph is loaded whole
+        if external and data_aware:
+            raise ValueError(f"awq / scale_estimation run the graph from one protobuf, and this graph keeps "
+                             f"{external / 1e9:.1f} GB of weights in external data (over protobuf's 2 GB): use "
+                             "the data-free form (awq: false, scale_estimation: false)")
         kw = dict(mode=getattr(nncf.CompressWeightsMode, p.mode.upper()))
         if p.mode.startswith("int4"):
             kw.update(group_size=p.group_size, ratio=p.ratio, all_layers=p.all_layers)
@@ -175,10 +187,18 @@ class NncfCompressWeights(Step):
                 raise ValueError("awq / scale_estimation calibrate on the task's training split, and it has no rows")
             kw.update(dataset=nncf.Dataset(graph_feeds(model.onnx_path, rows[:p.subset_size])), awq=p.awq,
                       scale_estimation=p.scale_estimation, subset_size=min(p.subset_size, len(rows)))
+        if external:
+            kw["advanced_parameters"] = nncf.AdvancedCompressionParameters(
+                backend_params={"external_data_dir": str(src.parent.resolve())})
         with _nncf_log(), working_directory(ctx.work_dir):
-            compressed = nncf.compress_weights(onnx.load(str(model.onnx_path)), **kw)
+            compressed = nncf.compress_weights(onnx.load(str(src), load_external_data=not external), **kw)
         out = ctx.work_dir / "model.onnx"
-        onnx.save(compressed, str(out))
+        if external:
+            from onnx.external_data_helper import load_external_data_for_model
+
+            load_external_data_for_model(compressed, str(src.parent))  # what NNCF left as it was
+        large = _tensor_bytes(compressed) > EXTERNAL_DATA_BYTES
+        onnx.save(compressed, str(out), save_as_external_data=large, location=out.name + ".data" if large else None)
         nodes = [n.op_type for n in compressed.graph.node]
         ctx.notes["weight_compression"] = {"mode": p.mode, "matmul_nbits_nodes": nodes.count("MatMulNBits"),
                                            "dequantize_nodes": nodes.count("DequantizeLinear"),
@@ -186,6 +206,22 @@ class NncfCompressWeights(Step):
         model.onnx_path = out
         record_kernels(out, ctx.notes)
         return model
+
+
+def _external_data_bytes(path: Path) -> int:
+    """Bytes of the graph at `path` kept in external data files (0 when all of it is in the protobuf)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    files = {ExternalDataInfo(t).location for t in _get_all_tensors(onnx.load(str(path), load_external_data=False))
+             if uses_external_data(t)}
+    return sum((path.parent / f).stat().st_size for f in files if (path.parent / f).exists())
+
+
+def _tensor_bytes(model) -> int:
+    from onnx.external_data_helper import _get_all_tensors
+
+    return sum(len(t.raw_data) for t in _get_all_tensors(model))
 
 
 # ----------------------------------------------------------------------------- data and metric

@@ -197,6 +197,44 @@ def test_nncf_int4_weight_compression_makes_matmulnbits_that_openvino_and_ort_de
     assert (ort_tokens == ov_tokens).mean() >= 0.5
 
 
+def test_nncf_compresses_a_graph_whose_weights_are_external_data(tmp_path, monkeypatch):
+    """A graph over protobuf's 2 GB (Qwen2-0.5B in fp32) keeps its weights in external data; loaded whole,
+    NNCF cannot serialize it. Here the threshold is lowered so a tiny graph takes that path: NNCF reads
+    the weights from their folder, the result decodes as the inline graph's int4 does, and the
+    data-aware modes, which need one protobuf, are refused with the reason."""
+    import onnx
+
+    import export.nncf_steps as steps
+    from core.model import VariantModel
+    from core.steps import StepContext
+    from export.causal_lm_onnx import export_causal_lm
+    from runtime.decode import OrtLM
+    from test_lm_onnx import _tiny
+
+    model = _tiny("llama")
+    export_causal_lm(model, tmp_path / "inline.onnx")
+    (tmp_path / "ext").mkdir()
+    onnx.save(onnx.load(str(tmp_path / "inline.onnx")), str(tmp_path / "ext" / "model.onnx"),
+              save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    outs = {}
+    for name, src in (("inline", tmp_path / "inline.onnx"), ("external", tmp_path / "ext" / "model.onnx")):
+        monkeypatch.setattr(steps, "EXTERNAL_DATA_BYTES", 0 if name == "external" else 10 ** 12)
+        work = tmp_path / f"work-{name}"
+        work.mkdir()
+        ctx = StepContext(work_dir=work, task=None, quick=True, seed=0, variant=name, export=None)
+        outs[name] = steps.NncfCompressWeights().run(VariantModel(io=None, onnx_path=src),
+                                                     {"mode": "int4_sym", "group_size": 16}, ctx).onnx_path
+        assert ctx.notes["weight_compression"]["matmul_nbits_nodes"] > 0
+    ids = np.random.default_rng(1).integers(3, 100, (2, 12)).astype(np.int64)
+    mask = np.ones_like(ids)
+    logits = {n: OrtLM(str(p)).logits(ids, mask) for n, p in outs.items()}
+    assert np.abs(logits["inline"] - logits["external"]).max() < 1e-5  # the same int4 weights either way
+    ctx = StepContext(work_dir=tmp_path, task=None, quick=True, seed=0, variant="awq", export=None)
+    with pytest.raises(ValueError, match="data-free form"):
+        steps.NncfCompressWeights().run(VariantModel(io=None, onnx_path=tmp_path / "ext" / "model.onnx"),
+                                        {"mode": "int4_sym", "group_size": 16, "awq": True}, ctx)
+
+
 @pytest.mark.slow
 def test_a_decoder_lm_recipe_generates_on_openvino_beside_ort_with_nncf_int4(tmp_path):
     from conftest import make_tiny_causal_lm
