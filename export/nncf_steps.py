@@ -23,6 +23,7 @@ from pydantic import Field
 
 from core.errors import field_error
 from core.formats import EXTERNAL_DATA_BYTES
+from core.modelfile import onnx_files
 from core.processes import working_directory
 from core.steps import Step, StepParams, register
 from export.graph_kernels import record_kernels
@@ -210,12 +211,7 @@ class NncfCompressWeights(Step):
 
 def _external_data_bytes(path: Path) -> int:
     """Bytes of the graph at `path` kept in external data files (0 when all of it is in the protobuf)."""
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
-
-    files = {ExternalDataInfo(t).location for t in _get_all_tensors(onnx.load(str(path), load_external_data=False))
-             if uses_external_data(t)}
-    return sum((path.parent / f).stat().st_size for f in files if (path.parent / f).exists())
+    return sum(f.stat().st_size for f in onnx_files(path)[1:] if f.exists())
 
 
 def _tensor_bytes(model) -> int:
