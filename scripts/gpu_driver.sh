@@ -38,6 +38,20 @@ pack() {  # run folder of the newest run of recipe $1 -> $O/$2-run.tar.gz (with 
 }
 STAGES=${STAGES:-tests lmtest grid lm}
 want() { case " $STAGES " in *" $1 "*) return 0;; esac; say "$1: not in STAGES"; return 1; }
+stage_done() { say "$1: exit $2"; touch "$O/$1.done"; }  # what `gpu_kit_device.sh collect S STAGE` waits for
+pytest_stage() {  # STAGE LIMIT_S -k EXPRESSION: tests/test_gpu.py's tests that match, log in $O/STAGE.log
+    want "$1" || return 0
+    say "$1: start"
+    timeout "$2" $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "$3" > "$O/$1.log" 2>&1
+    stage_done "$1" $?; tail -n 3 "$O/$1.log"
+}
+recipe_stage() {  # STAGE LIMIT_S RECIPE [run options]: a recipe's run, its log in $O/STAGE.log, its folder packed
+    want "$1" || return 0
+    local stage=$1 limit=$2 recipe=$3; shift 3
+    say "$stage: start"
+    timeout "$limit" $PY -m workbench.cli run "recipes/$recipe.yaml" --out "$RUNS" "$@" > "$O/$stage.log" 2>&1
+    stage_done "$stage" $?; pack "$recipe" "$stage"
+}
 
 { nvidia-smi; $PY -V; $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
   grep -m1 'model name' /proc/cpuinfo; nproc; grep -o -E 'avx512_vnni|avx512_bf16|amx_tile|avx2' /proc/cpuinfo | sort | uniq -c
@@ -46,26 +60,14 @@ say "env:"; cat "$O/env.txt"
 
 wait_for wheels
 $PY -c "import transformers, bitsandbytes, pydantic, numpy, onnx; print('transformers', transformers.__version__, 'bnb', bitsandbytes.__version__, 'numpy', numpy.__version__, 'onnx', onnx.__version__)" 2>&1 | tee -a "$O/env.txt"
-want tests && { say "tests: start"
-timeout "${TESTS_S:-360}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "not causal" > "$O/test_gpu.log" 2>&1
-say "tests: exit $?"; tail -n 3 "$O/test_gpu.log"; touch "$O/tests.done"; }
+pytest_stage tests "${TESTS_S:-360}" "not causal"
 
 wait_for ort
 $PY -c "import onnxruntime as ort; print('onnxruntime', ort.__version__, ort.get_available_providers())" 2>&1 | tee -a "$O/env.txt"
-want lmtest && { say "lmtest: start"
-timeout "${LMTEST_S:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k causal > "$O/test_gpu_lm.log" 2>&1
-say "lmtest: exit $?"; tail -n 3 "$O/test_gpu_lm.log"; touch "$O/lmtest.done"; }
+pytest_stage lmtest "${LMTEST_S:-150}" causal
 
 wait_for minilm
-want grid && { say "grid: start"
-timeout "${GRID_S:-480}" $PY -m workbench.cli run recipes/minilm-l6-gpu.yaml --out "$RUNS" > "$O/grid.log" 2>&1
-say "grid: exit $?"; pack minilm-l6-gpu grid; touch "$O/grid.done"; }
-
-want lm && { say "lm: start"
-timeout "${LM_S:-150}" $PY -m workbench.cli run recipes/docstring-gpt-gpu.yaml --quick --out "$RUNS" > "$O/lm.log" 2>&1
-say "lm: exit $?"; pack docstring-gpt-gpu lm; }
-
-want distill && { say "distill: start"
-timeout "${DISTILL_S:-300}" $PY -m workbench.cli run recipes/minilm-l6-gpu-distill.yaml --out "$RUNS" > "$O/distill.log" 2>&1
-say "distill: exit $?"; pack minilm-l6-gpu-distill distill; }
+recipe_stage grid "${GRID_S:-480}" minilm-l6-gpu
+recipe_stage lm "${LM_S:-150}" docstring-gpt-gpu --quick
+recipe_stage distill "${DISTILL_S:-300}" minilm-l6-gpu-distill
 touch "$O/done"; say "done"
