@@ -9,8 +9,8 @@ This graph uses ONNX Runtime's fused kernels instead, the ones its LLM engines r
 - GroupQueryAttention (com.microsoft) per layer: the cache is appended inside and the causal mask is
   implicit. Q, K and V come from one MatMul; RotaryEmbedding (com.microsoft) turns Q and K with cos /
   sin caches made from the model's own rotary module (any rope scaling it applies is kept) at
-  position_ids. (GroupQueryAttention's own rotary would save two ops per layer, but it places a
-  decode step's token by the cache length, pads included, so left-padded rows would drift.)
+  position_ids. (GroupQueryAttention's own rotary on packed Q|K|V saves the Split and two ops per layer
+  and gives the same tokens, but measured at Qwen2-0.5B shapes it decoded no faster: docs/decoder-lms.md.)
 - SkipSimplifiedLayerNormalization (com.microsoft): each residual add and the RMSNorm after it, one op.
 - one MatMul for Q|K|V and one for gate|up, so a weight-only quantizer makes 4 MatMulNBits per layer
   instead of 7, and the output projection reads its own (transposed) weight, so it is quantized too.
@@ -182,8 +182,9 @@ def build_decoder_graph(hf_model, max_positions: Optional[int] = None):
         q, k, v = node("Split", [qkv, init(f"{p}/qkv_split", np.array([heads * hd, kv_heads * hd, kv_heads * hd],
                                                                     np.int64))],
                        [f"{p}/q", f"{p}/k", f"{p}/v"], f"{p}/qkv_split", axis=-1)
-        # Rotary outside the attention op: GroupQueryAttention's own (do_rotary) places a decode step's
-        # token at seqlens_k, which counts a left-padded row's pads; RotaryEmbedding reads position_ids.
+        # Rotary outside the attention op, at position_ids. GroupQueryAttention's own (do_rotary) counts a
+        # left-padded row's pads as positions; that shifts all of the row's positions alike, which rotary
+        # attention does not see, but it was no faster (docs/decoder-lms.md), so this graph keeps the explicit form.
         q, k = (node("RotaryEmbedding", [t, "position_ids", "cos_cache", "sin_cache"], [f"{t}_rot"], f"{t}_rot",
                      domain=MS, interleaved=0, num_heads=n) for t, n in ((q, heads), (k, kv_heads)))
         attn = node("GroupQueryAttention", [q, k, v, f"{PAST}{i}.key", f"{PAST}{i}.value", "seqlens_k",
