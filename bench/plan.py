@@ -112,11 +112,15 @@ def _why_not(t: Target, cls, generation) -> Optional[tuple[str, str]]:
 def plan_load(targets: list[Target], scenarios: list[dict], backends_of: Callable[[str], list[str]], *, io,
               seq_len: int, threads: int, timing: dict, seed: int, log_root: Path, sys_path=(),
               options_of: Optional[Callable[[str, str], dict]] = None,
-              generation: Optional[Generation] = None) -> tuple[list[dict], list[tuple[int, dict]]]:
+              generation: Optional[Generation] = None,
+              requests_of: Optional[Callable[[dict], Optional[dict]]] = None
+              ) -> tuple[list[dict], list[tuple[int, dict]]]:
     """The load-scenario cells (bench.serve): each scenario (a workbench.recipe.ScenarioSpec dumped, with its
     `label`) for its variants (default all) on its backends (default each variant's), at the batch size
     its SUT batches up to. A causal LM's (`generation`) serve generations: a backend that cannot generate,
-    or cannot batch that many, is a skipped cell with the reason. Same (cells, jobs) shape as `plan`."""
+    or cannot batch that many, is a skipped cell with the reason. `requests_of(scenario)`: the task's
+    evaluation rows its requests hold (bench.requests: their file and padding), or None for synthetic
+    inputs. Same (cells, jobs) shape as `plan`."""
     cells, jobs = [], []
     for sc in scenarios:
         for t in targets:
@@ -140,5 +144,7 @@ def plan_load(targets: list[Target], scenarios: list[dict], backends_of: Callabl
                            log_dir=str(log_root / f"{t.variant}--{backend}--{sc['label']}"))
                 if generation:
                     job.update(prompts=generation.prompts(sc["max_batch"]).tolist(), new_tokens=generation.new_tokens)
+                elif requests_of is not None and requests_of(sc) is not None:
+                    job["requests"] = requests_of(sc)
                 jobs.append((len(cells) - 1, job))
     return cells, jobs

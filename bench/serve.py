@@ -1,9 +1,12 @@
 """One load-scenario cell, in its own process: `python -m bench.serve JOB.json`.
 
 The job is a bench.cells job plus `scenario` (workbench.recipe.ScenarioSpec as a dict) and `log_dir`.
-The process loads `streams` sessions of the artifact, the cell's threads split between them, makes
-inputs for every batch size up to `max_batch` (prepared, and run once each, outside any test), and
-puts a dynamic-batching SUT (bench.serving.Batcher) under MLCommons LoadGen. A causal LM's job also
+The process loads `streams` sessions of the artifact, the cell's threads split between them, and puts a
+dynamic-batching SUT (bench.serving.Batcher) under MLCommons LoadGen. Its query sample library is the
+job's `requests` (the task's evaluation rows, each at its own length: bench.requests), a batch padded
+to its longest request; without them (`inputs: synthetic`, or a task with no evaluation inputs) every
+request is the same synthetic input of the cell's shape. Every shape a batch can take runs once before
+any test (a static-shape engine compiles each then, not while a test is timing it). A causal LM's job also
 has `prompts` (max_batch x prompt length) and `new_tokens`: then each request is one greedy generation
 of `new_tokens` tokens, the requests batched together generate together (their decode steps are one
 batch), and LoadGen measures token latencies (first token, time per output token) against the
@@ -46,59 +49,86 @@ def run(job: dict) -> dict:
     started = time.time()
     t0 = time.perf_counter()
     n_new = int(job.get("new_tokens") or 0)
-    if "prompts" in job:  # a causal LM: each request is a generation
+    if "prompts" in job:  # a causal LM: each request is a generation of the same synthetic prompt
         runners = [backend.load_generator(job["path"], per_stream, **engine_kwargs(backend, job))
                    for _ in range(streams)]
         prompts = np.asarray(job["prompts"], dtype=np.int64)
         batches = {n: (prompts[:n], np.ones_like(prompts[:n])) for n in range(1, max_batch + 1)}
 
-        def call(s: int, n: int, first=None) -> None:
+        def call(s: int, samples: list, first=None) -> None:
             on_token = (lambda step: first() if step == 0 else None) if first is not None else None
-            runners[s].generate(*batches[n], n_new, on_token=on_token)
+            runners[s].generate(*batches[len(samples)], n_new, on_token=on_token)
+
+        shapes = [(list(range(n)),) for n in range(1, max_batch + 1)]
+        requests, n_samples = {"source": "synthetic", "seq_len": seq}, int(sc["samples"])
     else:
         runners = [backend.load(job["path"], per_stream, **engine_kwargs(backend, job)) for _ in range(streams)]
-        # Every batch size a batch can have, prepared on every stream's session (a static-shape engine
-        # compiles each shape at its first run below, not while a test is timing it).
-        prepared = [{n: r.prepare(io.make(n, seq, seed=job.get("seed", 0))) for n in range(1, max_batch + 1)}
-                    for r in runners]
+        if job.get("requests"):  # the task's evaluation rows, each at its own length (bench.requests)
+            from bench.requests import collate, lengths_summary, load_rows, padded_length, seq_axes
 
-        def call(s: int, n: int) -> None:
-            runners[s].call(prepared[s][n])
+            rows, axes = load_rows(job["requests"]["path"]), seq_axes(io)
+            pad, multiple = job["requests"]["pad"], int(sc["pad_multiple"])
+            tokens = lengths_summary(rows, axes)
+
+            def batch(samples: list, to: int = 0) -> dict:
+                return collate([rows[i % len(rows)] for i in samples], axes, pad, multiple, to)
+
+            # Warm-up meets every shape a test can: each batch size at each padded length up to the longest row.
+            widths = range(multiple, padded_length(tokens["max"], multiple) + 1, multiple) if tokens else [0]
+            shapes = [(list(range(n)), to) for n in range(1, max_batch + 1) for to in widths]
+            requests = {"source": "task", "samples": len(rows), "pad_multiple": multiple, "tokens": tokens}
+            n_samples = len(rows)
+        else:  # synthetic inputs of the cell's shape: every request the same
+            synthetic = {n: io.make(n, seq, seed=job.get("seed", 0)) for n in range(1, max_batch + 1)}
+
+            def batch(samples: list, to: int = 0) -> dict:
+                return synthetic[len(samples)]
+
+            shapes = [(list(range(n)),) for n in range(1, max_batch + 1)]
+            requests, n_samples = {"source": "synthetic", "seq_len": seq}, int(sc["samples"])
+
+        def call(s: int, samples: list, to: int = 0) -> None:
+            # Collating the batch and handing it to the engine are part of serving it: inside the time.
+            runners[s].call(runners[s].prepare(batch(samples, to)))
     load_s = time.perf_counter() - t0
 
-    def timed(s: int, n: int) -> float:
+    def timed(s: int, samples: list) -> float:
         t = time.perf_counter()
-        call(s, n)
+        call(s, samples)
         return (time.perf_counter() - t) * 1e3
 
     service_ms, after_idle = {}, []
+    draw = np.random.default_rng(int(job.get("seed", 0)))
 
     def warm(s: int) -> None:
-        """On stream `s`'s own serving thread, before any test: every batch size once (a static-shape
-        engine compiles each shape here); stream 0 times each, best of 3."""
-        for n in range(1, max_batch + 1):
-            call(s, n)
-            if s == 0:
-                service_ms[n] = min(timed(s, n) for _ in range(3))
+        """On stream `s`'s own serving thread, before any test: every shape a batch can have, once (a
+        static-shape engine compiles each here); then stream 0 times each batch size on requests drawn
+        from the QSL, the mean of 5 (where the capacity search starts)."""
+        for shape in shapes:
+            call(s, *shape)
+        if s == 0:
+            for n in range(1, max_batch + 1):
+                service_ms[n] = float(np.mean([timed(s, draw.integers(0, n_samples, n).tolist())
+                                               for _ in range(5)]))
         # A request that arrives after the session sat idle: at low load most do, and on some machines (a
         # VM whose idle vCPU is descheduled, an engine whose worker threads went to sleep) it costs far
         # more than back to back. The report shows both, so a capacity below the arithmetic is explained.
         for _ in range(5 if s == 0 else 0):
             time.sleep(0.05)
-            after_idle.append(timed(0, 1))
+            after_idle.append(timed(0, draw.integers(0, n_samples, 1).tolist()))
 
     batcher = Batcher(call, max_batch, float(sc["max_wait_ms"]), streams, tokens=n_new, on_start=warm)
     memory = {"peak_rss_delta": max(memory_bytes("VmHWM") - rss_before, 0), "rss_idle_baseline": rss_before}
     # What `streams` sessions could serve back to back at full batches: where the capacity search starts.
     estimate = streams * max(n / (service_ms[n] / 1e3) for n in service_ms)
     log_dir = Path(job["log_dir"]) / f"process-{os.getpid()}"  # one folder per round's process
-    common = dict(samples=int(sc["samples"]), min_duration_s=float(sc["min_duration_s"]),
+    common = dict(samples=n_samples, min_duration_s=float(sc["min_duration_s"]),
                   min_queries=int(sc["min_queries"]), max_duration_s=float(sc["max_duration_s"]),
                   seed=int(job.get("seed", 0)), ttft_bound_ms=sc.get("ttft_bound_ms"),
                   tpot_bound_ms=sc.get("tpot_bound_ms"))
     out: dict = {"scenario": sc["type"], "service_ms": {str(k): round(v, 4) for k, v in service_ms.items()},
                  "service_after_idle_ms": round(sorted(after_idle)[2], 4),
-                 "estimate_qps": round(estimate, 3)}
+                 "estimate_qps": round(estimate, 3), "requests": requests}
     try:
         if sc["type"] == "server":
             steps = iter(range(1000))
@@ -172,7 +202,7 @@ def merge(processes: list[dict]) -> dict:
 
     first = processes[0]["load"]
     out = {"scenario": first["scenario"], "service_ms": first["service_ms"], "estimate_qps": first["estimate_qps"],
-           "service_after_idle_ms": first.get("service_after_idle_ms")}
+           "service_after_idle_ms": first.get("service_after_idle_ms"), "requests": first.get("requests")}
     if "server" in first:
         qps = [p["load"]["server"]["max_qps"] for p in processes]
         found = [q for q in qps if q is not None]

@@ -3,7 +3,8 @@ submission uses): a serving system under test (SUT) with dynamic batching, and t
 
 - `Batcher`: requests wait in one queue; each of `streams` workers takes what is waiting, up to
   `max_batch`, waiting at most `max_wait_ms` after the oldest request for the batch to fill, runs it
-  on its own session (`run_batch(stream, n)`), then answers every request in it. It records each
+  on its own session (`run_batch(stream, samples)`: the requests' sample indices in the QSL, so the
+  batch holds what they asked for), then answers every request in it. It records each
   request's latency (arrival to answer) and the batch sizes it ran. A generation server (`tokens`:
   the tokens each answer carries) runs `run_batch(stream, n, first)`, which calls `first()` as the
   batch's first tokens are out: every request in it gets its first token then (LoadGen's TTFT), and
@@ -67,10 +68,11 @@ class Batcher:
             self.close()
             raise self.start_error
 
-    def submit(self, ids: list) -> None:
+    def submit(self, ids: list, samples: Optional[list] = None) -> None:
+        """Requests `ids` arrive now, asking for QSL samples `samples` (default: sample 0 each)."""
         now = time.perf_counter()
         with self.cond:
-            self.queue.extend((i, now) for i in ids)
+            self.queue.extend((i, s, now) for i, s in zip(ids, samples or [0] * len(ids)))
             self.cond.notify_all()
 
     def _take(self) -> Optional[list]:
@@ -80,7 +82,7 @@ class Batcher:
                 self.cond.wait()
             if self.stopping:
                 return None
-            deadline = self.queue[0][1] + self.max_wait
+            deadline = self.queue[0][2] + self.max_wait
             while len(self.queue) < self.max_batch and not self.stopping:
                 left = deadline - time.perf_counter()
                 if left <= 0:
@@ -107,7 +109,7 @@ class Batcher:
                     return
                 continue
             began = time.perf_counter()
-            ids = [i for i, _ in batch]
+            ids, samples = [i for i, _, _ in batch], [s for _, s, _ in batch]
             if self.tokens:
                 first_at = []
 
@@ -115,15 +117,15 @@ class Batcher:
                     first_at.append(time.perf_counter())
                     self.first_token(ids)
 
-                self.run_batch(stream, len(batch), first)
+                self.run_batch(stream, samples, first)
             else:
-                self.run_batch(stream, len(batch))
+                self.run_batch(stream, samples)
             done = time.perf_counter()
             self.respond(ids)
             with self.cond:
-                self.latencies_ms += [(done - t) * 1e3 for _, t in batch]
+                self.latencies_ms += [(done - t) * 1e3 for _, _, t in batch]
                 if self.tokens and first_at:
-                    self.first_ms += [(first_at[0] - t) * 1e3 for _, t in batch]
+                    self.first_ms += [(first_at[0] - t) * 1e3 for _, _, t in batch]
                 self.batches[len(batch)] += 1
                 # How long the stream was taken by this batch, answering included: its service time.
                 self.busy_ms.append((time.perf_counter() - began) * 1e3)
@@ -189,7 +191,8 @@ def run_loadgen(batcher: Batcher, scenario: str, log_dir: Path, *, samples: int,
 
     batcher.respond = respond
     batcher.reset()
-    sut = lg.ConstructSUT(lambda queries: batcher.submit([q.id for q in queries]), lambda: None)
+    sut = lg.ConstructSUT(lambda queries: batcher.submit([q.id for q in queries], [q.index for q in queries]),
+                          lambda: None)
     qsl = lg.ConstructQSL(samples, samples, lambda idx: None, lambda idx: None)
     log = lg.LogSettings()
     log.log_output.outdir = str(log_dir)

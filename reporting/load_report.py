@@ -99,6 +99,28 @@ def why_invalid(server: dict, settings: dict) -> str:
     return "see the ladder in results.json"
 
 
+def requests_note(results: dict) -> str:
+    """What the load cells' requests held: the task's evaluation rows at their own lengths, or one synthetic input."""
+    seen = {}
+    for c in load_cells(results):
+        r = (c.get("load") or {}).get("requests")
+        if r:
+            seen.setdefault(r["source"], r)
+    parts = []
+    if "task" in seen:
+        r, t = seen["task"], seen["task"].get("tokens") or {}
+        parts.append(f"Requests are the task's evaluation inputs, {r['samples']} rows, LoadGen choosing which row "
+                     "each request sends" + (
+                         f"; each at its own length (tokens: median {t['p50']:g}, p90 {t['p90']:g}, longest "
+                         f"{t['max']}), a batch padded to its longest request rounded up to a multiple of "
+                         f"{r['pad_multiple']}." if t else "."))
+    if "synthetic" in seen:
+        parts.append(f"{'Some cells send' if 'task' in seen else 'Every request is'} one synthetic input of "
+                     f"{seen['synthetic'].get('seq_len')} tokens (`inputs: synthetic`, a task without evaluation "
+                     f"inputs, or a causal LM's prompt).")
+    return " ".join(parts)
+
+
 def load_note(results: dict) -> str:
     return ("Each load cell runs a serving SUT under MLCommons LoadGen in its own process, once per round: requests "
             "wait in one queue; `streams` sessions (the cell's threads split between them) each take up to "
@@ -114,7 +136,8 @@ def load_note(results: dict) -> str:
                "prefill and decode together, their first tokens answered as the batch's first step ends; LoadGen "
                "holds the time to first token (TTFT) and the time per output token after it (TPOT) to the "
                "scenario's `ttft_bound_ms` / `tpot_bound_ms` at its percentile, and tokens/s is what the highest "
-               "VALID target completed." if _generation(results) else ""))
+               "VALID target completed." if _generation(results) else "")
+            + (" " + requests_note(results) if requests_note(results) else ""))
 
 
 def p99_vs_qps(results: dict, out: Path) -> Optional[Path]:

@@ -43,14 +43,14 @@ def queue_capacity(service_s, bound_s: float, percentile: float, seed: int = 0) 
 
 
 class Sleeper:
-    """A session whose batch costs `fixed + per_item * n` seconds of sleep, whatever the batch holds."""
+    """A session whose batch of n requests costs `fixed + per_item * n` seconds of sleep, whatever they ask for."""
 
     def __init__(self, fixed: float, per_item: float = 0.0):
         self.fixed, self.per_item, self.took = fixed, per_item, []
 
-    def __call__(self, stream: int, n: int) -> None:
+    def __call__(self, stream: int, samples: list) -> None:
         t0 = time.perf_counter()
-        time.sleep(self.fixed + self.per_item * n)
+        time.sleep(self.fixed + self.per_item * len(samples))
         self.took.append(time.perf_counter() - t0)
 
 
@@ -263,7 +263,7 @@ def test_early_stopping_needs_459_queries_for_a_p99_and_a_recipe_with_fewer_is_r
 def test_a_generation_server_reports_first_token_and_per_token_latency_as_its_sut_times_them(tmp_path):
     """A SUT whose generation of 8 tokens sleeps 20 ms to its first token and 5 ms per later one: LoadGen's
     TTFT and TPOT are those times, its tokens/s the rate times 8, and a TPOT bound under 5 ms is INVALID."""
-    def generate(stream, n, first):
+    def generate(stream, samples, first):
         time.sleep(0.020)
         first()
         time.sleep(0.005 * 7)
@@ -366,7 +366,7 @@ def test_each_stream_is_warmed_on_the_thread_that_serves_it_one_at_a_time_and_a_
             busy.release()
         warmed[stream] = threading.get_ident()
 
-    def serve(stream, n):
+    def serve(stream, samples):
         served[stream] = threading.get_ident()
 
     batcher = Batcher(serve, max_batch=1, max_wait_ms=0, streams=3, on_start=warm)
@@ -386,3 +386,85 @@ def test_each_stream_is_warmed_on_the_thread_that_serves_it_one_at_a_time_and_a_
 
     with pytest.raises(RuntimeError, match="would not load"):
         Batcher(serve, max_batch=1, max_wait_ms=0, streams=2, on_start=broken)
+
+
+def test_requests_are_the_tasks_rows_at_their_own_length_and_a_batch_of_them_gives_the_padded_outputs(tmp_path):
+    """bench.requests: each evaluation row cut to its own tokens, then batched with padding to the longest
+    (rounded up), gives the same logits as the tokenizer's own right-padded batch, whichever side the
+    evaluation batches were padded on (BERT's positions count from the left, so right is its padding)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from bench.requests import collate, lengths_summary, rows, seq_axes
+    from conftest import make_tiny_text_model
+    from core.model import ModelIO
+
+    folder = make_tiny_text_model(tmp_path / "bert", "bert")
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    texts = ["the movie was good", "the film was very very not good", "awful", "the acting was fine"]
+    io = ModelIO(inputs={k: {"shape": ["batch", "seq"], "dtype": "int64"} for k in ("input_ids", "attention_mask")},
+                 kind="classification")
+    axes = seq_axes(io)
+
+    def logits(batch):
+        with torch.no_grad():
+            return model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.numpy()
+
+    def encode(side):
+        tok.padding_side = side
+        enc = tok(texts, padding="longest", return_tensors="np")
+        return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
+
+    right = encode("right")
+    for side in ("right", "left"):
+        batch = encode(side)
+        picked, pad = rows([batch], io, limit=10)
+        assert [r["input_ids"].shape[1] for r in picked] == batch["attention_mask"].sum(1).tolist()
+        assert pad == {"input_ids": tok.pad_token_id, "attention_mask": 0}  # the tokenizer's own padding
+        assert all((r["attention_mask"] == 1).all() for r in picked)
+        together = collate(picked, axes, pad, multiple=8)
+        assert together["input_ids"].shape == (4, 16)  # longest row 9 tokens, rounded up to 16
+        np.testing.assert_allclose(logits(together), logits(right), atol=1e-5)
+        alone = np.concatenate([logits(collate([r], axes, pad, multiple=1)) for r in picked])
+        np.testing.assert_allclose(alone, logits(right), atol=1e-5)
+    assert lengths_summary(picked, axes)["max"] == 9  # [CLS] the film was very very not good [SEP]
+    assert len(rows([batch], io, limit=3)[0]) == 3
+
+
+@pytest.mark.slow
+def test_a_text_model_is_served_its_evaluation_texts_at_their_own_lengths(tmp_path):
+    """A server cell of a text model sends the task's texts, each at its own length, not bench.seq_len: on
+    OpenVINO with static shapes every (batch size, padded length) is compiled at warm-up, so the test's
+    requests find their shapes ready and the search finds a VALID capacity."""
+    from conftest import make_reviews_csv, make_tiny_text_model
+
+    make_tiny_text_model(tmp_path / "bert", "bert")
+    make_reviews_csv(tmp_path / "reviews.csv")
+    spec = {
+        "name": "text-load",
+        "model": {"source": "hf", "path": "./bert", "head": "sequence-classification"},
+        "task": {"type": "text-classification", "data": {"source": "file", "path": "reviews.csv"}, "max_length": 32},
+        "variants": {"baseline": {}},
+        "export": {"formats": ["onnx", "openvino"]},
+        "bench": {"backends": ["openvino-cpu"], "batch_sizes": [1], "seq_len": 32, "repeats": 1, "profile": False,
+                  "timing": {"warmup": 2, "min_iters": 5, "min_seconds": 0.05, "stability_threshold": 100.0},
+                  "scenarios": [{"type": "server", "latency_bound_ms": 30, "max_batch": 4, "max_wait_ms": 1,
+                                 "max_steps": 3, "pad_multiple": 4},
+                                {"type": "offline", "max_batch": 4, "inputs": "synthetic"}]},
+    }
+    recipe = write_yaml(tmp_path / "text-load.yaml", spec)
+    assert main(["run", str(recipe), "--out", str(tmp_path / "out"), "--quick"]) == 0
+    run_dir = the_run_dir(tmp_path / "out", "text-load")
+    r = json.loads((run_dir / "results.json").read_text())
+    load = {c["scenario"]: c for c in r["load"]}
+    server, offline = load["server-b4"], load["offline-b4"]
+    assert server["status"] in ("ok", "unstable"), server["reason"]
+    req = server["load"]["requests"]
+    # The reviews are 5-10 tokens with [CLS] and [SEP]: far under the 32 the latency cells use.
+    assert req["source"] == "task" and req["pad_multiple"] == 4 and req["samples"] > 1
+    assert 5 <= req["tokens"]["p50"] <= req["tokens"]["max"] <= 12, req["tokens"]
+    assert server["load"]["server"]["valid"], server["load"]["server"]
+    assert offline["load"]["requests"] == {"source": "synthetic", "seq_len": 32}
+    report = (run_dir / "report.md").read_text()
+    assert "Requests are the task's evaluation inputs" in report and "synthetic input of 32 tokens" in report

@@ -275,7 +275,17 @@ class ScenarioSpec(Strict):
     max_duration_s: float = Field(30.0, gt=0, description="each LoadGen test stops after this long (a target too "
                                   "low to reach min_queries within it is not tried)")
     max_steps: int = Field(8, ge=2, le=30, description="server: LoadGen tests per capacity search (the ladder)")
-    samples: int = Field(64, ge=1, description="the query sample library's size (inputs of the cell's shape)")
+    inputs: Literal["task", "synthetic"] = Field("task", description=(
+        "what the requests hold. task: the task's evaluation rows (up to `samples` of them), each at its own "
+        "length (its attention mask), a batch padded to its longest request rounded up to pad_multiple, as a "
+        "server pads; synthetic: every request the same random input of bench.seq_len tokens. A task without "
+        "evaluation inputs, and a causal LM's generations (bench.seq_len-token prompts), are synthetic"))
+    pad_multiple: int = Field(16, ge=1, le=4096, description=(
+        "inputs: task: a batch's sequence length is rounded up to a multiple of this. Every (batch size, "
+        "length) a test can meet runs once at warm-up, so an engine that compiles per shape (OpenVINO's "
+        "static_shape) compiles max_batch x (longest / pad_multiple) shapes there"))
+    samples: int = Field(64, ge=1, description="the query sample library's size: that many evaluation rows "
+                         "(inputs: task; fewer where the task has fewer) or synthetic inputs")
 
     @property
     def label(self) -> str:

@@ -10,6 +10,7 @@ import numpy as np
 from core.progress import progress
 
 from bench.plan import Generation, Target, plan, plan_load
+from bench.requests import rows, save_rows
 from bench.rounds import measure_in_rounds
 from core.backends import BACKENDS
 from runtime.infer import save_batches
@@ -65,7 +66,8 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> tuple[lis
         load_cells, load_jobs = plan_load(targets, scenarios, run.recipe.backends_of, io=run.src.io,
                                           seq_len=spec.seq_len, threads=run.threads, timing=run.timing,
                                           seed=run.recipe.seed, log_root=run.run_dir / "loadgen", sys_path=sys_path,
-                                          options_of=run.recipe.options_of, generation=generation)
+                                          options_of=run.recipe.options_of, generation=generation,
+                                          requests_of=None if lm else _requests(run, work))
     every = jobs + [(("load", i), job) for i, job in load_jobs]
 
     repeats = min(spec.repeats, 2) if run.quick else spec.repeats
@@ -106,11 +108,31 @@ def bench(run, models, variants: list[dict], artifacts: list[dict]) -> tuple[lis
         c = load_cells[i]
         log.info("load %s %s %s: %s %s", c["variant"], c["backend"], c["scenario"], c["status"],
                  (c.get("load") or {}).get("server", {}).get("max_qps", c["reason"]))
-    if eval_path and eval_path.exists():
-        eval_path.unlink()
+    for path in [eval_path, *work.glob("requests-*.npz")]:
+        if path and path.exists():
+            path.unlink()
     if spec.profile and not (run.quick and "profile" not in spec.model_fields_set):
         profile_cells(run, cells, jobs, work)
     return cells, load_cells
+
+
+def _requests(run, work: Path):
+    """requests_of for plan_load: a scenario whose requests are the task's (`inputs: task`) gets the first
+    `samples` evaluation rows, each at its own length (bench.requests), in a file per QSL size; None where
+    the task has no evaluation inputs (the scenario then serves synthetic inputs, and its cell says so)."""
+    files: dict[int, dict] = {}
+
+    def of(sc: dict):
+        if sc.get("inputs", "task") != "task" or not run.task.eval_batches:
+            return None
+        n = int(sc["samples"])
+        if n not in files:
+            picked, pad = rows(run.task.eval_batches, run.src.io, n)
+            path = work / f"requests-{n}.npz"
+            save_rows(path, picked)
+            files[n] = {"path": str(path), "pad": pad}
+        return files[n]
+    return of
 
 
 def _missing(variant: str, kind, fmt: str, formats: list[str]) -> str:

@@ -1,0 +1,95 @@
+"""The requests a load test sends: the task's evaluation inputs, one row each at its own length.
+
+A server receives texts of whatever length its users write, not one fixed shape: the held-out
+docstrings MiniLM is measured on have a median of 17 tokens (p90 41) under a 128-token cap, so a load
+test that sent every request padded to 128 would charge each one several times its real work, and
+would hide what batching does with short inputs. So the query sample library (LoadGen's QSL) holds the
+task's evaluation rows, each cut to its own tokens (its attention mask), and a batch of them is padded
+to its longest member, rounded up to `multiple` (as a server pads: a few shapes, not one per length; an
+engine that compiles per shape compiles each once, at warm-up). Inputs without a sequence axis (images)
+are rows as they are.
+
+`rows` runs where the task is (the run's main process); `collate` in the serving process."""
+from __future__ import annotations
+
+import numpy as np
+
+MASK = "attention_mask"
+
+
+def seq_axes(io) -> dict[str, int]:
+    """Each input's sequence axis, for the inputs that have one (a core.model.ModelIO)."""
+    return {name: spec["shape"].index("seq") for name, spec in io.inputs.items() if "seq" in spec["shape"]}
+
+
+def rows(batches: list[dict[str, np.ndarray]], io, limit: int) -> tuple[list[dict[str, np.ndarray]], dict]:
+    """Up to `limit` evaluation rows, each a batch of one at its own length, and the value each sequence
+    input is padded with (read from the evaluation batches' own padding, which the tokenizer wrote; 0 where
+    no row was padded)."""
+    axes = seq_axes(io)
+    pad: dict[str, int] = {}
+    out = []
+    for b in batches:
+        mask = b.get(MASK) if MASK in axes else None
+        for i in range(len(next(iter(b.values())))):
+            keep = None if mask is None else np.flatnonzero(mask[i])  # right- or left-padded alike
+            row = {}
+            for name, v in b.items():
+                x = v[i:i + 1]
+                if keep is not None and name in axes:
+                    ax = axes[name]
+                    if name not in pad and len(keep) < x.shape[ax]:
+                        gone = np.setdiff1d(np.arange(x.shape[ax]), keep)
+                        pad[name] = int(np.take(x, gone[:1], axis=ax).flat[0])
+                    x = np.take(x, keep, axis=ax)
+                row[name] = np.ascontiguousarray(x)
+            out.append(row)
+            if len(out) == limit:
+                return out, {name: pad.get(name, 0) for name in axes}
+    return out, {name: pad.get(name, 0) for name in axes}
+
+
+def save_rows(path, picked: list[dict[str, np.ndarray]]) -> None:
+    from runtime.infer import save_batches
+
+    save_batches(path, picked)
+
+
+def load_rows(path) -> list[dict[str, np.ndarray]]:
+    from runtime.infer import load_batches
+
+    return load_batches(path)
+
+
+def length(row: dict[str, np.ndarray], axes: dict[str, int]) -> int:
+    """A row's tokens (0 for an input without a sequence axis)."""
+    return max((row[name].shape[ax] for name, ax in axes.items() if name in row), default=0)
+
+
+def padded_length(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple if n else 0
+
+
+def collate(picked: list[dict[str, np.ndarray]], axes: dict[str, int], pad: dict[str, int],
+            multiple: int, to: int = 0) -> dict[str, np.ndarray]:
+    """One batch of rows: each sequence input right-padded to the longest row rounded up to `multiple`
+    (or to `to`, where larger: warm-up makes every shape a test can meet), the others stacked."""
+    width = max(padded_length(max(length(r, axes) for r in picked), multiple), to)
+    out = {}
+    for name in picked[0]:
+        parts = [r[name] for r in picked]
+        if name in axes:
+            ax = axes[name]
+            parts = [np.pad(p, [(0, width - p.shape[ax]) if d == ax else (0, 0) for d in range(p.ndim)],
+                            constant_values=pad.get(name, 0)) for p in parts]
+        out[name] = np.concatenate(parts, axis=0)
+    return out
+
+
+def lengths_summary(picked: list[dict[str, np.ndarray]], axes: dict[str, int]) -> dict:
+    """The requests' token counts as results.json keeps them."""
+    n = np.asarray([length(r, axes) for r in picked])
+    if not axes or not len(n):
+        return {}
+    return {"p50": float(np.percentile(n, 50)), "p90": float(np.percentile(n, 90)), "max": int(n.max()),
+            "mean": round(float(n.mean()), 2)}
