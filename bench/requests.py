@@ -71,15 +71,17 @@ def padded_length(n: int, multiple: int) -> int:
 
 
 def collate(picked: list[dict[str, np.ndarray]], axes: dict[str, int], pad: dict[str, int],
-            multiple: int, to: int = 0) -> dict[str, np.ndarray]:
-    """One batch of rows: each sequence input right-padded to the longest row rounded up to `multiple`
-    (or to `to`, where larger: warm-up makes every shape a test can meet), the others stacked."""
-    width = max(padded_length(max(length(r, axes) for r in picked), multiple), to)
+            multiple: int, width: int = 0) -> dict[str, np.ndarray]:
+    """One batch of rows: each sequence input right-padded to the longest row rounded up to `multiple`,
+    the others stacked. `width`: exactly that many tokens instead, longer rows cut (warm-up, which must
+    meet every shape a test can, whatever the rows it borrows for it)."""
+    width = width or padded_length(max(length(r, axes) for r in picked), multiple)
     out = {}
     for name in picked[0]:
         parts = [r[name] for r in picked]
         if name in axes:
             ax = axes[name]
+            parts = [np.take(p, np.arange(min(width, p.shape[ax])), axis=ax) for p in parts]
             parts = [np.pad(p, [(0, width - p.shape[ax]) if d == ax else (0, 0) for d in range(p.ndim)],
                             constant_values=pad.get(name, 0)) for p in parts]
         out[name] = np.concatenate(parts, axis=0)

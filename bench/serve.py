@@ -70,26 +70,26 @@ def run(job: dict) -> dict:
             pad, multiple = job["requests"]["pad"], int(sc["pad_multiple"])
             tokens = lengths_summary(rows, axes)
 
-            def batch(samples: list, to: int = 0) -> dict:
-                return collate([rows[i % len(rows)] for i in samples], axes, pad, multiple, to)
+            def batch(samples: list, width: int = 0) -> dict:
+                return collate([rows[i % len(rows)] for i in samples], axes, pad, multiple, width)
 
             # Warm-up meets every shape a test can: each batch size at each padded length up to the longest row.
             widths = range(multiple, padded_length(tokens["max"], multiple) + 1, multiple) if tokens else [0]
-            shapes = [(list(range(n)), to) for n in range(1, max_batch + 1) for to in widths]
+            shapes = [(list(range(n)), width) for n in range(1, max_batch + 1) for width in widths]
             requests = {"source": "task", "samples": len(rows), "pad_multiple": multiple, "tokens": tokens}
             n_samples = len(rows)
         else:  # synthetic inputs of the cell's shape: every request the same
             synthetic = {n: io.make(n, seq, seed=job.get("seed", 0)) for n in range(1, max_batch + 1)}
 
-            def batch(samples: list, to: int = 0) -> dict:
+            def batch(samples: list, width: int = 0) -> dict:
                 return synthetic[len(samples)]
 
             shapes = [(list(range(n)),) for n in range(1, max_batch + 1)]
             requests, n_samples = {"source": "synthetic", "seq_len": seq}, int(sc["samples"])
 
-        def call(s: int, samples: list, to: int = 0) -> None:
+        def call(s: int, samples: list, width: int = 0) -> None:
             # Collating the batch and handing it to the engine are part of serving it: inside the time.
-            runners[s].call(runners[s].prepare(batch(samples, to)))
+            runners[s].call(runners[s].prepare(batch(samples, width)))
     load_s = time.perf_counter() - t0
 
     def timed(s: int, samples: list) -> float:
@@ -117,8 +117,13 @@ def run(job: dict) -> dict:
             time.sleep(0.05)
             after_idle.append(timed(0, draw.integers(0, n_samples, 1).tolist()))
 
-    batcher = Batcher(call, max_batch, float(sc["max_wait_ms"]), streams, tokens=n_new, on_start=warm)
+    batcher = Batcher(call, max_batch, float(sc["max_wait_ms"]), streams, tokens=n_new, on_start=warm,
+                      main_thread=True)
     memory = {"peak_rss_delta": max(memory_bytes("VmHWM") - rss_before, 0), "rss_idle_baseline": rss_before}
+    # A static-shape engine keeps one compiled model per shape: none may be compiled while a test times it.
+    compiled = getattr(runners[0], "by_shape", None)
+    warmed = len(compiled) if compiled else None
+    requests["shapes_warmed"] = len(shapes)
     # What `streams` sessions could serve back to back at full batches: where the capacity search starts.
     estimate = streams * max(n / (service_ms[n] / 1e3) for n in service_ms)
     log_dir = Path(job["log_dir"]) / f"process-{os.getpid()}"  # one folder per round's process
@@ -162,6 +167,8 @@ def run(job: dict) -> dict:
             out[key] = {**_rung(r), "samples_per_s": r.get("samples_per_s") or r.get("qps_without_overhead")}
     finally:
         batcher.close()
+    if warmed is not None:
+        requests["static_shapes"] = {"after_warmup": warmed, "after_tests": len(compiled)}
     return {"samples_ms": [round(x, 6) for x in samples], "warmup_ms": [], "capped_by_max_seconds": False,
             "started": round(started, 3), "memory": memory,
             "cold": {"load_s": round(load_s, 4), "first_call_ms": round(service_ms[1], 3),

@@ -6,12 +6,17 @@ submission uses): a serving system under test (SUT) with dynamic batching, and t
   on its own session (`run_batch(stream, samples)`: the requests' sample indices in the QSL, so the
   batch holds what they asked for), then answers every request in it. It records each
   request's latency (arrival to answer) and the batch sizes it ran. A generation server (`tokens`:
-  the tokens each answer carries) runs `run_batch(stream, n, first)`, which calls `first()` as the
+  the tokens each answer carries) runs `run_batch(stream, samples, first)`, which calls `first()` as the
   batch's first tokens are out: every request in it gets its first token then (LoadGen's TTFT), and
   its answer when the batch's generation ends (TPOT: the time between). `on_start(stream)` runs in
   each worker before it serves, one worker at a time, and the constructor returns when all have: a
   session is warmed and timed on the thread that will serve it (PyTorch's OpenMP pool belongs to the
   thread that calls it: warmed on the main thread, a torch session then ran 1.8x slower on a worker).
+  With `main_thread`, stream 0 is served by the thread that built the Batcher, LoadGen driven from
+  another (`serve_test`): even warmed on its own worker thread, PyTorch eager MiniLM cost 19-21 ms per
+  16-token request there against 12.3 ms on the main thread (2 OpenMP threads, the 2-vCPU VNNI VM),
+  where ONNX Runtime and OpenVINO cost the same on either. A one-process server serves from its main
+  thread; so does bench.serve.
 - `run_loadgen`: one LoadGen test (SingleStream, Offline or Server at a target QPS) against a Batcher;
   LoadGen's own summary (its VALID / INVALID verdict, percentiles, achieved rate) is parsed from the
   log it writes, which is kept.
@@ -46,7 +51,7 @@ def early_stopping_queries(percentile: float, over_bound: int = 0, confidence: f
 
 class Batcher:
     def __init__(self, run_batch: Callable[..., None], max_batch: int, max_wait_ms: float, streams: int,
-                 tokens: int = 0, on_start: Optional[Callable[[int], None]] = None):
+                 tokens: int = 0, on_start: Optional[Callable[[int], None]] = None, main_thread: bool = False):
         self.run_batch, self.max_batch, self.max_wait, self.tokens = run_batch, max_batch, max_wait_ms / 1e3, tokens
         self.queue: collections.deque = collections.deque()
         self.cond = threading.Condition()
@@ -57,12 +62,18 @@ class Batcher:
         self.respond: Callable[[list], None] = lambda ids: None
         self.first_token: Callable[[list], None] = lambda ids: None
         self.stopping = False
+        # main_thread: stream 0 is served by the thread that built the Batcher (run_loadgen then drives LoadGen
+        # from another), as a one-process server serves from its main thread; only the other streams are threads.
+        self.main_thread, self._test_over = main_thread, False
         self.on_start, self._one_at_a_time = on_start, threading.Lock()
-        self._ready = threading.Barrier(streams + 1)
+        first = 1 if main_thread else 0
+        self._ready = threading.Barrier(streams - first + 1)
         self.start_error: Optional[BaseException] = None
-        self.workers = [threading.Thread(target=self._serve, args=(s,), daemon=True) for s in range(streams)]
+        self.workers = [threading.Thread(target=self._serve, args=(s,), daemon=True) for s in range(first, streams)]
         for w in self.workers:
             w.start()
+        if main_thread:
+            self._start(0)
         self._ready.wait()
         if self.start_error is not None:
             self.close()
@@ -75,12 +86,13 @@ class Batcher:
             self.queue.extend((i, s, now) for i, s in zip(ids, samples or [0] * len(ids)))
             self.cond.notify_all()
 
-    def _take(self) -> Optional[list]:
-        """The next batch: as soon as `max_batch` requests wait, or `max_wait` after the oldest arrived."""
+    def _take(self, main: bool = False) -> Optional[list]:
+        """The next batch: as soon as `max_batch` requests wait, or `max_wait` after the oldest arrived. None
+        when the Batcher closes (or, for the main thread's stream, when the test is over)."""
         with self.cond:
-            while not self.queue and not self.stopping:
+            while not self.queue and not self.stopping and not (main and self._test_over):
                 self.cond.wait()
-            if self.stopping:
+            if self.stopping or not self.queue:
                 return None
             deadline = self.queue[0][2] + self.max_wait
             while len(self.queue) < self.max_batch and not self.stopping:
@@ -91,21 +103,50 @@ class Batcher:
             n = min(self.max_batch, len(self.queue))
             return [self.queue.popleft() for _ in range(n)] if n else None
 
-    def _serve(self, stream: int) -> None:
+    def _start(self, stream: int) -> None:
         try:
             if self.on_start is not None:
                 with self._one_at_a_time:
                     self.on_start(stream)
         except BaseException as e:  # raised again by the constructor, on the thread that built the Batcher
             self.start_error = e
+
+    def _serve(self, stream: int) -> None:
+        try:
+            self._start(stream)
         finally:
             self._ready.wait()
-        if self.start_error is not None:
-            return
+        if self.start_error is None:
+            self._loop(stream)
+
+    def serve_test(self, test: Callable[[], None]) -> None:
+        """Run `test` (a LoadGen test) on another thread while this one serves stream 0, until it ends."""
+        errors: list[BaseException] = []
+
+        def drive():
+            try:
+                test()
+            except BaseException as e:
+                errors.append(e)
+            finally:
+                with self.cond:
+                    self._test_over = True
+                    self.cond.notify_all()
+
+        with self.cond:
+            self._test_over = False
+        driver = threading.Thread(target=drive, daemon=True)
+        driver.start()
+        self._loop(0, main=True)
+        driver.join()
+        if errors:
+            raise errors[0]
+
+    def _loop(self, stream: int, main: bool = False) -> None:
         while True:
-            batch = self._take()
+            batch = self._take(main)
             if batch is None:
-                if self.stopping:
+                if self.stopping or (main and self._test_over):
                     return
                 continue
             began = time.perf_counter()
@@ -198,7 +239,10 @@ def run_loadgen(batcher: Batcher, scenario: str, log_dir: Path, *, samples: int,
     log.log_output.outdir = str(log_dir)
     log.log_output.copy_summary_to_stdout = False
     try:
-        lg.StartTestWithLogSettings(sut, qsl, settings, log)
+        if batcher.main_thread:
+            batcher.serve_test(lambda: lg.StartTestWithLogSettings(sut, qsl, settings, log))
+        else:
+            lg.StartTestWithLogSettings(sut, qsl, settings, log)
     finally:
         lg.DestroyQSL(qsl)
         lg.DestroySUT(sut)

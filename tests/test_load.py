@@ -4,6 +4,7 @@ real model runs through every scenario in a recipe, its report saying what LoadG
 causal LM serves generations under LoadGen's token latencies (first token, time per output token)."""
 from __future__ import annotations
 
+import collections
 import json
 import time
 
@@ -428,6 +429,8 @@ def test_requests_are_the_tasks_rows_at_their_own_length_and_a_batch_of_them_giv
         np.testing.assert_allclose(logits(together), logits(right), atol=1e-5)
         alone = np.concatenate([logits(collate([r], axes, pad, multiple=1)) for r in picked])
         np.testing.assert_allclose(alone, logits(right), atol=1e-5)
+        # Warm-up asks for exact widths, whatever the rows: longer ones are cut, shorter padded.
+        assert [collate(picked, axes, pad, multiple=8, width=w)["input_ids"].shape for w in (4, 24)] == [(4, 4), (4, 24)]
     assert lengths_summary(picked, axes)["max"] == 9  # [CLS] the film was very very not good [SEP]
     assert len(rows([batch], io, limit=3)[0]) == 3
 
@@ -461,10 +464,35 @@ def test_a_text_model_is_served_its_evaluation_texts_at_their_own_lengths(tmp_pa
     server, offline = load["server-b4"], load["offline-b4"]
     assert server["status"] in ("ok", "unstable"), server["reason"]
     req = server["load"]["requests"]
-    # The reviews are 5-10 tokens with [CLS] and [SEP]: far under the 32 the latency cells use.
+    # The reviews are 5-8 tokens with [CLS] and [SEP]: far under the 32 the latency cells use.
     assert req["source"] == "task" and req["pad_multiple"] == 4 and req["samples"] > 1
-    assert 5 <= req["tokens"]["p50"] <= req["tokens"]["max"] <= 12, req["tokens"]
+    assert 5 <= req["tokens"]["p50"] <= req["tokens"]["max"] <= 8, req["tokens"]
     assert server["load"]["server"]["valid"], server["load"]["server"]
-    assert offline["load"]["requests"] == {"source": "synthetic", "seq_len": 32}
+    # Every shape a request met had been compiled at warm-up: 4 batch sizes x widths 4 and 8.
+    assert req["shapes_warmed"] == 8 and req["static_shapes"] == {"after_warmup": 8, "after_tests": 8}, req
+    assert offline["load"]["requests"] == {"source": "synthetic", "seq_len": 32, "shapes_warmed": 4,
+                                           "static_shapes": {"after_warmup": 4, "after_tests": 4}}
     report = (run_dir / "report.md").read_text()
     assert "Requests are the task's evaluation inputs" in report and "synthetic input of 32 tokens" in report
+
+
+def test_with_main_thread_stream_0_is_served_by_the_thread_that_built_the_batcher(tmp_path):
+    import threading
+
+    served = collections.defaultdict(set)
+
+    def serve(stream, samples):
+        served[stream].add(threading.get_ident())
+        time.sleep(0.002)
+
+    batcher = Batcher(serve, max_batch=1, max_wait_ms=0, streams=2, main_thread=True)
+    try:
+        r = run_loadgen(batcher, "offline", tmp_path / "offline", samples=8, target_qps=500, min_duration_s=0.5,
+                        min_queries=200)
+        again = run_loadgen(batcher, "offline", tmp_path / "again", samples=8, target_qps=500, min_duration_s=0.5,
+                            min_queries=200)
+    finally:
+        batcher.close()
+    assert len(r["latencies_ms"]) >= 200 and len(again["latencies_ms"]) >= 200, (r["problems"], again["problems"])
+    assert served[0] == {threading.get_ident()}  # this thread served stream 0, in both tests
+    assert served[1] and threading.get_ident() not in served[1]
