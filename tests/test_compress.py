@@ -111,3 +111,29 @@ def test_bitsandbytes_weights_keep_their_class_and_state_through_the_variant_fil
         # The reloaded copy computes what the layer it came from computes (to within 1e-3 of logits
         # near 10: the in-memory and reloaded layers do not take bit-identical CPU paths).
         torch.testing.assert_close(loaded(x), module(x), atol=5e-3, rtol=1e-2)
+
+
+def test_a_variants_own_formats_narrow_the_export_and_its_cells_say_why(write_recipe, tmp_out):
+    """`variants.NAME.formats`: only those are exported (and parity-checked) for it; the run's other formats
+    are skipped artifacts naming the field, and a backend of a format left out is a skipped cell."""
+    name = "formats"
+    recipe = write_recipe({"name": name, **DIGITS, "export": {"formats": ["onnx", "torchscript"]},
+                           "bench": {**DIGITS["bench"], "backends": ["ort-cpu", "torchscript-cpu"]},
+                           "variants": {"baseline": {},
+                                        "int8": {"from": "baseline", "formats": ["onnx"],
+                                                 "steps": [{"onnx-quantize": {"mode": "dynamic"}}]},
+                                        "slim": {"from": "baseline", "formats": ["torchscript"]}}},
+                          f"{name}.yaml")
+    assert main(["run", str(recipe), "--out", str(tmp_out), "--quick"]) == 0
+    run = next(d for d in (tmp_out / name).iterdir() if d.name != "cache")
+    results = json.loads((run / "results.json").read_text())
+    arts = {(a["variant"], a["format"]): a for a in results["artifacts"]}
+    assert arts[("baseline", "onnx")]["status"] == arts[("baseline", "torchscript")]["status"] == "ok"
+    assert arts[("slim", "torchscript")]["status"] == "ok"
+    assert arts[("slim", "onnx")]["status"] == "skipped" and "variants.slim.formats" in arts[("slim", "onnx")]["reason"]
+    # An ONNX-only variant's graph is its artifact whatever its list; what it leaves out is skipped.
+    assert arts[("int8", "onnx")]["status"] == "ok"
+    assert arts[("int8", "torchscript")]["status"] == "skipped"
+    cells = {(c["variant"], c["backend"]): c for c in results["cells"]}
+    assert cells[("slim", "torchscript-cpu")]["status"] in ("ok", "unstable")
+    assert cells[("slim", "ort-cpu")]["status"] == "skipped" and "variants.slim.formats" in cells[("slim", "ort-cpu")]["reason"]

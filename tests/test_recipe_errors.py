@@ -62,6 +62,9 @@ CASES = {
     "variant-option-bad-value": (
         with_variants(x={"from": "baseline", "options": {"llama-cpp": {"kv_cache_type": "q2"}}}),
         ["variants.x.options.llama-cpp.kv_cache_type", "'q2'", "q8_0"]),
+    "variant-format-the-run-does-not-export": (
+        with_variants(x={"from": "baseline", "formats": ["torchscript"]}),
+        ["variants.x.formats[0]", "'torchscript'", "narrow export.formats"]),
     "variant-options-on-a-reference": (
         with_variants(x={"reference": True, "backends": ["torch-cpu"], "options": {"llama-cpp": {"n_ctx": 64}}}),
         ["variants.x.options", "reference", "engine's defaults"]),

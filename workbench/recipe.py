@@ -203,6 +203,10 @@ class VariantSpec(Strict):
         "another engine setting beside the default, e.g. a GGUF with an 8-bit KV cache, `{from: baseline, "
         "steps: [{gguf-quantize: {type: q4_0}}], options: {llama-cpp: {kv_cache_type: q8_0}}}` (the same steps "
         "as another variant reuse its build)"))
+    formats: Optional[list[ExportFormat]] = Field(None, min_length=1, description=(
+        "the export formats this variant is made in, instead of export.formats (each one of them): a format no "
+        "backend of the variant runs costs an export and a parity check for nothing, e.g. `formats: [onnx]` "
+        "for the variants that OpenVINO does not measure. The others are skipped artifacts saying so"))
 
 
 # ----------------------------------------------------------------------------- export
@@ -450,6 +454,11 @@ class Recipe(Strict):
         v = self.variants.get(name)
         return list(v.backends) if v is not None and v.backends else list(self.bench.backends)
 
+    def formats_of(self, name: str) -> list[str]:
+        """The export formats variant `name` is made in: its own list, else export.formats."""
+        v = self.variants.get(name)
+        return list(v.formats) if v is not None and v.formats else list(self.export.formats)
+
     def options_of(self, name: str, backend: str) -> Optional[dict]:
         """The engine options variant `name`'s cells on `backend` run with: bench.options (over the backend's
         own measuring protocol); None for a reference variant, whose cells show what the engine's own
@@ -555,6 +564,7 @@ def check_recipe(recipe: Recipe, where: str) -> None:
 
     _check_search(recipe, where, fmt)
     _check_backend_options(recipe, where)
+    _check_variant_formats(recipe, where)
     _check_scenarios(recipe, where)
     _check_model(recipe, where)
     _check_task(recipe, where)
@@ -656,6 +666,16 @@ def _check_generation_scenario(sc: ScenarioSpec, field: str, where: str) -> None
     elif sc.ttft_bound_ms is not None or sc.tpot_bound_ms is not None:
         raise field_error(where, f"{field}.{'ttft_bound_ms' if sc.ttft_bound_ms is not None else 'tpot_bound_ms'}",
                           "only a server scenario has bounds", value=sc.ttft_bound_ms or sc.tpot_bound_ms)
+
+
+def _check_variant_formats(recipe: Recipe, where: str) -> None:
+    """A variant's formats narrow export.formats: one the run does not export is refused, by name."""
+    for name, v in recipe.variants.items():
+        for i, fmt in enumerate(v.formats or []):
+            if fmt not in recipe.export.formats:
+                raise field_error(where, f"variants.{name}.formats[{i}]", "a variant's formats narrow "
+                                  "export.formats; add it there to export it", value=fmt,
+                                  accepted=recipe.export.formats)
 
 
 def _check_backend_options(recipe: Recipe, where: str) -> None:

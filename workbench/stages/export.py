@@ -57,12 +57,19 @@ def export(run, models: dict[str, Optional[VariantModel]]) -> list[dict]:
     todo = [(n, m) for n, m in models.items() if m is not None]
     bar = progress(total=sum(len(spec.formats) for _ in todo), desc="export", unit="artifact")
     for name, model in todo:
+        formats = run.recipe.formats_of(name)
+        # Formats the run exports that this variant's own list leaves out: recorded, not made.
+        artifacts += [{"variant": name, "format": f, "status": "skipped",
+                       "reason": f"not exported for this variant: variants.{name}.formats is {formats}"}
+                      for f in spec.formats if f not in formats and model.file_path is None
+                      and not (f == "onnx" and model.format == "onnx")]
+        bar.update(len(spec.formats) - len(formats))
         if model.format == "torch":
             artifacts.append({"variant": name, "format": "torch", "path": f"variants/{name}/module.pt",
                               "status": "ok", "reason": None, "exporter": "torch.save"})
             reference = torch_outputs(model.module, batches)
             graph = None  # this variant's ONNX file, once exported: formats made from it convert it
-            for fmt in spec.formats:
+            for fmt in formats:
                 art = _export_one(run, name, model, fmt, batches, reference, graph)
                 if fmt == "onnx" and art["status"] == "ok":
                     graph = run.run_dir / art["path"]
@@ -70,7 +77,7 @@ def export(run, models: dict[str, Optional[VariantModel]]) -> list[dict]:
                 bar.update()
         elif model.file_path is not None:
             artifacts += _engine_artifact_variant(run, name, model, batches)
-            bar.update(len(spec.formats))
+            bar.update(len(formats))
         else:
             # An ONNX-only variant: its graph is the artifact; parity against its torch ancestor
             # measures what its steps changed on purpose, so no tolerance is applied.
@@ -79,7 +86,7 @@ def export(run, models: dict[str, Optional[VariantModel]]) -> list[dict]:
                               "status": "ok", "reason": None, "exporter": "produced by the variant's steps",
                               "parity": parity(ref, onnx_outputs(model.onnx_path, batches), io.kind),
                               "parity_note": NOT_GATED})
-            for fmt in spec.formats:
+            for fmt in formats:
                 if fmt != "onnx":
                     artifacts.append(_export_one(run, name, model, fmt, batches, ref))
                 bar.update()
