@@ -93,5 +93,5 @@ def lengths_summary(picked: list[dict[str, np.ndarray]], axes: dict[str, int]) -
     n = np.asarray([length(r, axes) for r in picked])
     if not axes or not len(n):
         return {}
-    return {"p50": float(np.percentile(n, 50)), "p90": float(np.percentile(n, 90)), "max": int(n.max()),
-            "mean": round(float(n.mean()), 2)}
+    p50, p90 = (round(float(np.percentile(n, q)), 1) for q in (50, 90))
+    return {"p50": p50, "p90": p90, "max": int(n.max()), "mean": round(float(n.mean()), 2)}
