@@ -25,7 +25,7 @@ def seq_axes(io) -> dict[str, int]:
 def rows(batches: list[dict[str, np.ndarray]], io, limit: int) -> tuple[list[dict[str, np.ndarray]], dict]:
     """Up to `limit` evaluation rows, each a batch of one at its own length, and the value each sequence
     input is padded with (read from the evaluation batches' own padding, which the tokenizer wrote; 0 where
-    no row was padded)."""
+    no row was padded). `max_width(batches, io)` is the widest the task padded to."""
     axes = seq_axes(io)
     pad: dict[str, int] = {}
     out = []
@@ -49,6 +49,11 @@ def rows(batches: list[dict[str, np.ndarray]], io, limit: int) -> tuple[list[dic
     return out, {name: pad.get(name, 0) for name in axes}
 
 
+def max_width(batches: list[dict[str, np.ndarray]], io) -> int:
+    axes = seq_axes(io)
+    return max((v.shape[axes[k]] for b in batches for k, v in b.items() if k in axes), default=0)
+
+
 def save_rows(path, picked: list[dict[str, np.ndarray]]) -> None:
     from runtime.infer import save_batches
 
@@ -70,12 +75,18 @@ def padded_length(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple if n else 0
 
 
+def widths(lengths, multiple: int, cap: int = 0) -> list[int]:
+    """The padded widths batches of rows of these lengths take (each rounded up, at most `cap`), sorted."""
+    return sorted({min(padded_length(n, multiple), cap) if cap else padded_length(n, multiple) for n in lengths})
+
+
 def collate(picked: list[dict[str, np.ndarray]], axes: dict[str, int], pad: dict[str, int],
-            multiple: int, width: int = 0) -> dict[str, np.ndarray]:
+            multiple: int, width: int = 0, cap: int = 0) -> dict[str, np.ndarray]:
     """One batch of rows: each sequence input right-padded to the longest row rounded up to `multiple`,
-    the others stacked. `width`: exactly that many tokens instead, longer rows cut (warm-up, which must
-    meet every shape a test can, whatever the rows it borrows for it)."""
-    width = width or padded_length(max(length(r, axes) for r in picked), multiple)
+    never past `cap` (the task's own padded width: rounding up must not outgrow what the model was
+    given), the others stacked. `width`: exactly that many tokens instead, longer rows cut (warm-up,
+    which must meet every shape a test can, whatever the rows it borrows for it)."""
+    width = width or widths([max(length(r, axes) for r in picked)], multiple, cap)[0]
     out = {}
     for name in picked[0]:
         parts = [r[name] for r in picked]

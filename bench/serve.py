@@ -64,18 +64,18 @@ def run(job: dict) -> dict:
     else:
         runners = [backend.load(job["path"], per_stream, **engine_kwargs(backend, job)) for _ in range(streams)]
         if job.get("requests"):  # the task's evaluation rows, each at its own length (bench.requests)
-            from bench.requests import collate, lengths_summary, load_rows, padded_length, seq_axes
+            from bench.requests import collate, lengths_summary, load_rows, seq_axes, widths
 
             rows, axes = load_rows(job["requests"]["path"]), seq_axes(io)
-            pad, multiple = job["requests"]["pad"], int(sc["pad_multiple"])
+            pad, multiple, cap = job["requests"]["pad"], int(sc["pad_multiple"]), int(job["requests"]["cap"])
             tokens = lengths_summary(rows, axes)
 
             def batch(samples: list, width: int = 0) -> dict:
-                return collate([rows[i % len(rows)] for i in samples], axes, pad, multiple, width)
+                return collate([rows[i % len(rows)] for i in samples], axes, pad, multiple, width, cap)
 
             # Warm-up meets every shape a test can: each batch size at each padded length up to the longest row.
-            widths = range(multiple, padded_length(tokens["max"], multiple) + 1, multiple) if tokens else [0]
-            shapes = [(list(range(n)), width) for n in range(1, max_batch + 1) for width in widths]
+            shapes = [(list(range(n)), width) for n in range(1, max_batch + 1)
+                      for width in (widths(range(1, tokens["max"] + 1), multiple, cap) if tokens else [0])]
             requests = {"source": "task", "samples": len(rows), "pad_multiple": multiple, "tokens": tokens}
             n_samples = len(rows)
         else:  # synthetic inputs of the cell's shape: every request the same

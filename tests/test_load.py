@@ -396,7 +396,7 @@ def test_requests_are_the_tasks_rows_at_their_own_length_and_a_batch_of_them_giv
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from bench.requests import collate, lengths_summary, rows, seq_axes
+    from bench.requests import collate, lengths_summary, max_width, rows, seq_axes, widths
     from conftest import make_tiny_text_model
     from core.model import ModelIO
 
@@ -429,6 +429,9 @@ def test_requests_are_the_tasks_rows_at_their_own_length_and_a_batch_of_them_giv
         np.testing.assert_allclose(logits(together), logits(right), atol=1e-5)
         alone = np.concatenate([logits(collate([r], axes, pad, multiple=1)) for r in picked])
         np.testing.assert_allclose(alone, logits(right), atol=1e-5)
+        # Rounding up never outgrows the task's own padded width (here 9: a model may take no more).
+        assert collate(picked, axes, pad, multiple=8, cap=max_width([batch], io))["input_ids"].shape == (4, 9)
+        assert widths([1, 8, 9], 8, cap=9) == [8, 9] and widths([1, 8, 9], 8) == [8, 16]
         # Warm-up asks for exact widths, whatever the rows: longer ones are cut, shorter padded.
         assert [collate(picked, axes, pad, multiple=8, width=w)["input_ids"].shape for w in (4, 24)] == [(4, 4), (4, 24)]
     assert lengths_summary(picked, axes)["max"] == 9  # [CLS] the film was very very not good [SEP]

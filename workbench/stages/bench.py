@@ -10,7 +10,7 @@ import numpy as np
 from core.progress import progress
 
 from bench.plan import Generation, Target, plan, plan_load
-from bench.requests import rows, save_rows
+from bench.requests import max_width, rows, save_rows
 from bench.rounds import measure_in_rounds
 from core.backends import BACKENDS
 from runtime.infer import save_batches
@@ -130,7 +130,7 @@ def _requests(run, work: Path):
             picked, pad = rows(run.task.eval_batches, run.src.io, n)
             path = work / f"requests-{n}.npz"
             save_rows(path, picked)
-            files[n] = {"path": str(path), "pad": pad}
+            files[n] = {"path": str(path), "pad": pad, "cap": max_width(run.task.eval_batches, run.src.io)}
         return files[n]
     return of
 
