@@ -51,6 +51,10 @@ def compare(a: dict, b: dict, margin: float = 0.05) -> list[dict]:
         rows.append({"variant": c["variant"], "backend": c["backend"], "batch_size": c["batch_size"],
                      "p50_a": old["latency_ms"]["p50"], "p50_b": c["latency_ms"]["p50"],
                      "change": ratio - 1, "change_ci95": [r_lo - 1, r_hi - 1], "verdict": verdict,
+                     # Not significant, yet the interval reaches past the band too: a change of that size
+                     # cannot be ruled out either, and the table says so rather than imply "unchanged".
+                     "cannot_tell": (verdict == "no significant difference"
+                                     and (r_lo < 1 - margin or r_hi > 1 + margin)),
                      "unstable": "unstable" in (old["status"], c["status"]),
                      "accuracy_change": (acc_b - acc_a) if acc_a is not None and acc_b is not None else None})
     return rows
@@ -189,7 +193,9 @@ def run_compare(args) -> int:
     head = ["variant", "backend", "batch", "p50 A ms", "p50 B ms", "change [95% CI]", "verdict", "accuracy change"]
     table = [[r["variant"], r["backend"], str(r["batch_size"]), f"{r['p50_a']:.3f}", f"{r['p50_b']:.3f}",
               f"{r['change']:+.1%} [{r['change_ci95'][0]:+.1%}, {r['change_ci95'][1]:+.1%}]",
-              r["verdict"] + (" (unstable)" if r["unstable"] else ""),
+              r["verdict"] + (" (unstable)" if r["unstable"] else "")
+              + (f"; the interval reaches past ±{margin:.0%}, so a change that size is not ruled out"
+                 if r.get("cannot_tell") else ""),
               f"{r['accuracy_change']:+.4f}" if r["accuracy_change"] is not None else "–"] for r in rows]
     plot(rows, out / "compare.png", margin)
     text = (f"# Compare\n\nA: `{args.run_a}` ({a['started']})\n\nB: `{args.run_b}` ({b['started']})\n\n"

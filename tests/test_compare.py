@@ -66,6 +66,11 @@ def test_two_runs_of_an_unchanged_recipe_show_no_significant_difference(runs):
     a, b, _, tmp = runs
     assert main(["compare", str(a), str(b), "--out", str(tmp / "same"), "--fail-if-slower", "5%"]) == 0
     assert _verdicts(tmp / "same") == ["no significant difference"]
+    # Whether the interval was narrow enough to call it unchanged is said, not implied.
+    (row,) = json.loads((tmp / "same" / "compare.json").read_text())["cells"]
+    lo, hi = row["change_ci95"]
+    assert row["cannot_tell"] == (lo < -0.05 or hi > 0.05)
+    assert ("not ruled out" in (tmp / "same" / "compare.md").read_text()) == row["cannot_tell"]
     assert (tmp / "same" / "compare.png").read_bytes().startswith(b"\x89PNG")
 
 

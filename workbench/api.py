@@ -169,7 +169,8 @@ def compare(run_a: Union[str, Path, RunResult], run_b: Union[str, Path, RunResul
       `intervals_overlap`) and `speedups_agreeing` (how many overlap);
     - `cells`: one row per cell measured in both runs: `p50_a`, `p50_b`, `change` (B/A - 1) with
       `change_ci95`, `verdict` ("slower", "faster" or "no significant difference": significant only
-      when the whole interval lies beyond `margin`), `unstable`, `accuracy_change`;
+      when the whole interval lies beyond `margin`), `cannot_tell` (not significant, but the interval
+      also reaches beyond `margin`: a change of that size is not ruled out), `unstable`, `accuracy_change`;
     - `significant`: the rows of `cells` whose verdict is slower or faster;
     - `run_a`, `run_b`, `margin` (a fraction; "5%" is accepted as on the command line).
 
