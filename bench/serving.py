@@ -13,8 +13,8 @@ submission uses): a serving system under test (SUT) with dynamic batching, and t
   session is warmed and timed on the thread that will serve it (PyTorch's OpenMP pool belongs to the
   thread that calls it: warmed on the main thread, a torch session then ran 1.8x slower on a worker).
   With `main_thread`, stream 0 is served by the thread that built the Batcher, LoadGen driven from
-  another (`serve_test`): even warmed on its own worker thread, PyTorch eager MiniLM cost 19-21 ms per
-  16-token request there against 12.3 ms on the main thread (2 OpenMP threads, the 2-vCPU VNNI VM),
+  another (`serve_test`): even warmed on its own worker thread, PyTorch eager MiniLM cost 19-25 ms per
+  16-token request there against 12-16 ms on the main thread (2 OpenMP threads, the 2-vCPU VNNI VM),
   where ONNX Runtime and OpenVINO cost the same on either. A one-process server serves from its main
   thread; so does bench.serve.
 - `run_loadgen`: one LoadGen test (SingleStream, Offline or Server at a target QPS) against a Batcher;
