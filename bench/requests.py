@@ -9,7 +9,8 @@ to its longest member, rounded up to `multiple` (as a server pads: a few shapes,
 engine that compiles per shape compiles each once, at warm-up). Inputs without a sequence axis (images)
 are rows as they are.
 
-`rows` runs where the task is (the run's main process); `collate` in the serving process."""
+`rows` runs where the task is (the run's main process), which saves them with runtime.infer's
+save_batches; `collate` runs in the serving process, on what load_batches reads back."""
 from __future__ import annotations
 
 import numpy as np
@@ -32,6 +33,8 @@ def rows(batches: list[dict[str, np.ndarray]], io, limit: int) -> tuple[list[dic
     for b in batches:
         mask = b.get(MASK) if MASK in axes else None
         for i in range(len(next(iter(b.values())))):
+            if len(out) == limit:
+                break
             keep = None if mask is None else np.flatnonzero(mask[i])  # right- or left-padded alike
             row = {}
             for name, v in b.items():
@@ -44,26 +47,12 @@ def rows(batches: list[dict[str, np.ndarray]], io, limit: int) -> tuple[list[dic
                     x = np.take(x, keep, axis=ax)
                 row[name] = np.ascontiguousarray(x)
             out.append(row)
-            if len(out) == limit:
-                return out, {name: pad.get(name, 0) for name in axes}
     return out, {name: pad.get(name, 0) for name in axes}
 
 
 def max_width(batches: list[dict[str, np.ndarray]], io) -> int:
     axes = seq_axes(io)
     return max((v.shape[axes[k]] for b in batches for k, v in b.items() if k in axes), default=0)
-
-
-def save_rows(path, picked: list[dict[str, np.ndarray]]) -> None:
-    from runtime.infer import save_batches
-
-    save_batches(path, picked)
-
-
-def load_rows(path) -> list[dict[str, np.ndarray]]:
-    from runtime.infer import load_batches
-
-    return load_batches(path)
 
 
 def length(row: dict[str, np.ndarray], axes: dict[str, int]) -> int:

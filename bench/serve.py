@@ -64,9 +64,10 @@ def run(job: dict) -> dict:
     else:
         runners = [backend.load(job["path"], per_stream, **engine_kwargs(backend, job)) for _ in range(streams)]
         if job.get("requests"):  # the task's evaluation rows, each at its own length (bench.requests)
-            from bench.requests import collate, lengths_summary, load_rows, seq_axes, widths
+            from bench.requests import collate, lengths_summary, seq_axes, widths
+            from runtime.infer import load_batches
 
-            rows, axes = load_rows(job["requests"]["path"]), seq_axes(io)
+            rows, axes = load_batches(job["requests"]["path"]), seq_axes(io)
             pad, multiple, cap = job["requests"]["pad"], int(sc["pad_multiple"]), int(job["requests"]["cap"])
             tokens = lengths_summary(rows, axes)
 

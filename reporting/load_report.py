@@ -122,6 +122,7 @@ def requests_note(results: dict) -> str:
 
 
 def load_note(results: dict) -> str:
+    requests = requests_note(results)
     return ("Each load cell runs a serving SUT under MLCommons LoadGen in its own process, once per round: requests "
             "wait in one queue; `streams` sessions (the cell's threads split between them) each take up to "
             "`max_batch` waiting requests, waiting at most `max_wait_ms` for a batch to fill. A server cell's "
@@ -137,7 +138,7 @@ def load_note(results: dict) -> str:
                "holds the time to first token (TTFT) and the time per output token after it (TPOT) to the "
                "scenario's `ttft_bound_ms` / `tpot_bound_ms` at its percentile, and tokens/s is what the highest "
                "VALID target completed." if _generation(results) else "")
-            + (" " + requests_note(results) if requests_note(results) else ""))
+            + (" " + requests if requests else ""))
 
 
 def p99_vs_qps(results: dict, out: Path) -> Optional[Path]:

@@ -10,7 +10,7 @@ import numpy as np
 from core.progress import progress
 
 from bench.plan import Generation, Target, plan, plan_load
-from bench.requests import max_width, rows, save_rows
+from bench.requests import max_width, rows
 from bench.rounds import measure_in_rounds
 from core.backends import BACKENDS
 from runtime.infer import save_batches
@@ -129,7 +129,7 @@ def _requests(run, work: Path):
         if n not in files:
             picked, pad = rows(run.task.eval_batches, run.src.io, n)
             path = work / f"requests-{n}.npz"
-            save_rows(path, picked)
+            save_batches(path, picked)
             files[n] = {"path": str(path), "pad": pad, "cap": max_width(run.task.eval_batches, run.src.io)}
         return files[n]
     return of
