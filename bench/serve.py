@@ -45,6 +45,12 @@ def run(job: dict) -> dict:
     io = ModelIO.from_json(job["io"])
     seq = int(job["seq_len"])
 
+    max_tokens = int(sc.get("max_batch_tokens") or 0)
+
+    def fits(n: int, width: int) -> bool:
+        """Whether a batch of `n` requests padded to `width` tokens can be formed under the token cap."""
+        return n == 1 or not max_tokens or n * width <= max_tokens
+
     rss_before = memory_bytes("VmRSS")
     started = time.time()
     t0 = time.perf_counter()
@@ -59,12 +65,13 @@ def run(job: dict) -> dict:
             on_token = (lambda step: first() if step == 0 else None) if first is not None else None
             runners[s].generate(*batches[len(samples)], n_new, on_token=on_token)
 
-        shapes = [(list(range(n)),) for n in range(1, max_batch + 1)]
+        shapes = [(list(range(n)),) for n in range(1, max_batch + 1) if fits(n, seq)]
         requests, n_samples = {"source": "synthetic", "seq_len": seq}, int(sc["samples"])
+        width_of = [seq]
     else:
         runners = [backend.load(job["path"], per_stream, **engine_kwargs(backend, job)) for _ in range(streams)]
         if job.get("requests"):  # the task's evaluation rows, each at its own length (bench.requests)
-            from bench.requests import collate, lengths_summary, seq_axes, widths
+            from bench.requests import collate, length, lengths_summary, seq_axes, widths
             from runtime.infer import load_batches
 
             rows, axes = load_batches(job["requests"]["path"]), seq_axes(io)
@@ -74,19 +81,23 @@ def run(job: dict) -> dict:
             def batch(samples: list, width: int = 0) -> dict:
                 return collate([rows[i % len(rows)] for i in samples], axes, pad, multiple, width, cap)
 
-            # Warm-up meets every shape a test can: each batch size at each padded length up to the longest row.
+            # Warm-up meets every shape a test can: each batch size at each padded length up to the longest
+            # row, within the token cap.
             shapes = [(list(range(n)), width) for n in range(1, max_batch + 1)
-                      for width in (widths(range(1, tokens["max"] + 1), multiple, cap) if tokens else [0])]
+                      for width in (widths(range(1, tokens["max"] + 1), multiple, cap) if tokens else [0])
+                      if fits(n, width)]
             requests = {"source": "task", "samples": len(rows), "pad_multiple": multiple, "tokens": tokens}
             n_samples = len(rows)
+            width_of = [widths([length(r, axes)], multiple, cap)[0] if tokens else 0 for r in rows]
         else:  # synthetic inputs of the cell's shape: every request the same
             synthetic = {n: io.make(n, seq, seed=job.get("seed", 0)) for n in range(1, max_batch + 1)}
 
             def batch(samples: list, width: int = 0) -> dict:
                 return synthetic[len(samples)]
 
-            shapes = [(list(range(n)),) for n in range(1, max_batch + 1)]
+            shapes = [(list(range(n)),) for n in range(1, max_batch + 1) if fits(n, seq)]
             requests, n_samples = {"source": "synthetic", "seq_len": seq}, int(sc["samples"])
+            width_of = [seq]
 
         def call(s: int, samples: list, width: int = 0) -> None:
             # Collating the batch and handing it to the engine are part of serving it: inside the time.
@@ -109,8 +120,11 @@ def run(job: dict) -> dict:
             call(s, *shape)
         if s == 0:
             for n in range(1, max_batch + 1):
-                service_ms[n] = float(np.mean([timed(s, draw.integers(0, n_samples, n).tolist())
-                                               for _ in range(5)]))
+                # Batches the token cap allows: n requests drawn at random, drawn again while they would pass it.
+                drawn = [d for d in (draw.integers(0, n_samples, n).tolist() for _ in range(100))
+                         if fits(n, max(width(i) for i in d))][:5]
+                if drawn:
+                    service_ms[n] = float(np.mean([timed(s, d) for d in drawn]))
         # A request that arrives after the session sat idle: at low load most do, and on some machines (a
         # VM whose idle vCPU is descheduled, an engine whose worker threads went to sleep) it costs far
         # more than back to back. The report shows both, so a capacity below the arithmetic is explained.
@@ -118,12 +132,15 @@ def run(job: dict) -> dict:
             time.sleep(0.05)
             after_idle.append(timed(0, draw.integers(0, n_samples, 1).tolist()))
 
+    def width(sample: int) -> int:
+        return width_of[sample % len(width_of)]
+
     batcher = Batcher(call, max_batch, float(sc["max_wait_ms"]), streams, tokens=n_new, on_start=warm,
-                      main_thread=True)
+                      main_thread=True, width=width, by_length=sc.get("batching", "by-length") == "by-length",
+                      max_tokens=max_tokens)
     memory = {"peak_rss_delta": max(memory_bytes("VmHWM") - rss_before, 0), "rss_idle_baseline": rss_before}
     # A static-shape engine keeps one compiled model per shape: none may be compiled while a test times it.
-    compiled = getattr(runners[0], "by_shape", None)
-    warmed = len(compiled) if compiled else None
+    warmed = runners[0].compiled_shapes()
     requests["shapes_warmed"] = len(shapes)
     # What `streams` sessions could serve back to back at full batches: where the capacity search starts.
     estimate = streams * max(n / (service_ms[n] / 1e3) for n in service_ms)
@@ -169,7 +186,7 @@ def run(job: dict) -> dict:
     finally:
         batcher.close()
     if warmed is not None:
-        requests["static_shapes"] = {"after_warmup": warmed, "after_tests": len(compiled)}
+        requests["static_shapes"] = {"after_warmup": warmed, "after_tests": runners[0].compiled_shapes()}
     return {"samples_ms": [round(x, 6) for x in samples], "warmup_ms": [], "capped_by_max_seconds": False,
             "started": round(started, 3), "memory": memory,
             "cold": {"load_s": round(load_s, 4), "first_call_ms": round(service_ms[1], 3),

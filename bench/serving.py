@@ -4,7 +4,13 @@ submission uses): a serving system under test (SUT) with dynamic batching, and t
 - `Batcher`: requests wait in one queue; each of `streams` workers takes what is waiting, up to
   `max_batch`, waiting at most `max_wait_ms` after the oldest request for the batch to fill, runs it
   on its own session (`run_batch(stream, samples)`: the requests' sample indices in the QSL, so the
-  batch holds what they asked for), then answers every request in it. It records each
+  batch holds what they asked for), then answers every request in it. Where requests differ in length
+  (`width(sample)`: the length a batch holding it is padded to), `by_length` batches the oldest request
+  with the waiting ones no longer than it (a batch of one short and one long request costs two long
+  ones when the engine's cost grows with its tokens), and `max_tokens` caps a batch's padded tokens
+  (batch x width, as text-embeddings-inference's max_batch_tokens does): the oldest request always goes,
+  and a batch stops before the first request that would pass the cap, so a long batch cannot hold the
+  queue behind it for long. It records each
   request's latency (arrival to answer) and the batch sizes it ran. A generation server (`tokens`:
   the tokens each answer carries) runs `run_batch(stream, samples, first)`, which calls `first()` as the
   batch's first tokens are out: every request in it gets its first token then (LoadGen's TTFT), and
@@ -51,8 +57,10 @@ def early_stopping_queries(percentile: float, over_bound: int = 0, confidence: f
 
 class Batcher:
     def __init__(self, run_batch: Callable[..., None], max_batch: int, max_wait_ms: float, streams: int,
-                 tokens: int = 0, on_start: Optional[Callable[[int], None]] = None, main_thread: bool = False):
+                 tokens: int = 0, on_start: Optional[Callable[[int], None]] = None, main_thread: bool = False,
+                 width: Optional[Callable[[int], int]] = None, by_length: bool = False, max_tokens: int = 0):
         self.run_batch, self.max_batch, self.max_wait, self.tokens = run_batch, max_batch, max_wait_ms / 1e3, tokens
+        self.width, self.by_length, self.max_tokens = width or (lambda sample: 1), by_length, max_tokens
         self.queue: collections.deque = collections.deque()
         self.cond = threading.Condition()
         self.latencies_ms: list[float] = []
@@ -87,21 +95,47 @@ class Batcher:
             self.cond.notify_all()
 
     def _take(self, main: bool = False) -> Optional[list]:
-        """The next batch: as soon as `max_batch` requests wait, or `max_wait` after the oldest arrived. None
-        when the Batcher closes (or, for the main thread's stream, when the test is over)."""
+        """The next batch: as soon as it is full (`max_batch` requests that fit, or the next would pass
+        `max_tokens`), or `max_wait` after the oldest arrived. None when the Batcher closes (or, for the
+        main thread's stream, when the test is over)."""
         with self.cond:
             while not self.queue and not self.stopping and not (main and self._test_over):
                 self.cond.wait()
             if self.stopping or not self.queue:
                 return None
             deadline = self.queue[0][2] + self.max_wait
-            while len(self.queue) < self.max_batch and not self.stopping:
+            while not self.stopping:
+                picked, full = self._pick()
                 left = deadline - time.perf_counter()
-                if left <= 0:
+                if full or left <= 0:
                     break
                 self.cond.wait(left)
-            n = min(self.max_batch, len(self.queue))
-            return [self.queue.popleft() for _ in range(n)] if n else None
+            picked, _ = self._pick()
+            if not picked:
+                return None
+            chosen = set(picked)
+            batch = [self.queue[k] for k in picked]
+            self.queue = collections.deque(e for k, e in enumerate(self.queue) if k not in chosen)
+            return batch
+
+    def _pick(self) -> tuple[list[int], bool]:
+        """The queue positions the next batch takes, oldest first, and whether it is full. By length: only
+        requests no longer than the oldest. With a token cap: up to the first that would pass it."""
+        if not self.queue:
+            return [], False
+        oldest = self.width(self.queue[0][1])
+        picked, widest = [], 0
+        for k, (_, sample, _) in enumerate(self.queue):
+            w = self.width(sample)
+            if self.by_length and w > oldest:
+                continue
+            if len(picked) == self.max_batch:
+                return picked, True
+            if picked and self.max_tokens and (len(picked) + 1) * max(widest, w) > self.max_tokens:
+                return picked, True
+            picked.append(k)
+            widest = max(widest, w)
+        return picked, len(picked) == self.max_batch
 
     def _start(self, stream: int) -> None:
         try:

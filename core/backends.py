@@ -37,6 +37,11 @@ class Runner:
         out = self.call(prepared)
         return out if isinstance(out, np.ndarray) else out.float().cpu().numpy()
 
+    def compiled_shapes(self) -> Optional[int]:
+        """How many input shapes it has compiled a model for, for an engine that compiles one per shape
+        (a serving test checks none was compiled while it timed); None for one that takes any shape."""
+        return None
+
 
 class Backend:
     """Subclass with a `name` to register. `imports` are imported by the cell's process before its

@@ -109,6 +109,9 @@ class OvRunner(Runner):
     def outputs(self, prepared) -> np.ndarray:
         return np.asarray(self.call(prepared), dtype=np.float32)
 
+    def compiled_shapes(self) -> Optional[int]:
+        return len(self.by_shape) if self.static else None
+
     def perf_counts(self, prepared) -> list:
         return prepared[1].get_profiling_info()
 

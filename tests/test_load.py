@@ -456,7 +456,7 @@ def test_a_text_model_is_served_its_evaluation_texts_at_their_own_lengths(tmp_pa
         "bench": {"backends": ["openvino-cpu"], "batch_sizes": [1], "seq_len": 32, "repeats": 1, "profile": False,
                   "timing": {"warmup": 2, "min_iters": 5, "min_seconds": 0.05, "stability_threshold": 100.0},
                   "scenarios": [{"type": "server", "latency_bound_ms": 30, "max_batch": 4, "max_wait_ms": 1,
-                                 "max_steps": 3, "pad_multiple": 4},
+                                 "max_steps": 3, "pad_multiple": 4, "max_batch_tokens": 16},
                                 {"type": "offline", "max_batch": 4, "inputs": "synthetic"}]},
     }
     recipe = write_yaml(tmp_path / "text-load.yaml", spec)
@@ -471,8 +471,10 @@ def test_a_text_model_is_served_its_evaluation_texts_at_their_own_lengths(tmp_pa
     assert req["source"] == "task" and req["pad_multiple"] == 4 and req["samples"] > 1
     assert 5 <= req["tokens"]["p50"] <= req["tokens"]["max"] <= 8, req["tokens"]
     assert server["load"]["server"]["valid"], server["load"]["server"]
-    # Every shape a request met had been compiled at warm-up: 4 batch sizes x widths 4 and 8.
-    assert req["shapes_warmed"] == 8 and req["static_shapes"] == {"after_warmup": 8, "after_tests": 8}, req
+    # Every shape a request met had been compiled at warm-up: 4 batch sizes x widths 4 and 8 within 16 tokens
+    # (1x4, 1x8, 2x4, 2x8, 3x4, 4x4), and the batches kept to it.
+    assert req["shapes_warmed"] == 6 and req["static_shapes"] == {"after_warmup": 6, "after_tests": 6}, req
+    assert server["settings"]["max_batch_tokens"] == 16 and server["settings"]["batching"] == "by-length"
     assert offline["load"]["requests"] == {"source": "synthetic", "seq_len": 32, "shapes_warmed": 4,
                                            "static_shapes": {"after_warmup": 4, "after_tests": 4}}
     report = (run_dir / "report.md").read_text()
@@ -499,3 +501,27 @@ def test_with_main_thread_stream_0_is_served_by_the_thread_that_built_the_batche
     assert len(r["latencies_ms"]) >= 200 and len(again["latencies_ms"]) >= 200, (r["problems"], again["problems"])
     assert served[0] == {threading.get_ident()}  # this thread served stream 0, in both tests
     assert served[1] and threading.get_ident() not in served[1]
+
+
+@pytest.mark.parametrize("batching, max_tokens, expected", [
+    # by length: the oldest (32 tokens) with the waiting ones no longer than it; the 64-token one goes alone.
+    ("by-length", 0, [[0, 1, 3, 4, 5], [2]]),
+    # a 64-token cap: the oldest and one more of 32; the 64 alone; then 16s together, the 32 after them.
+    ("by-length", 64, [[0, 1], [2], [3, 5], [4]]),
+    # first in, first out under the same cap: a batch stops at the first request that would pass it.
+    ("fifo", 64, [[0, 1], [2], [3, 4], [5]]),
+    ("fifo", 0, [[0, 1, 2, 3, 4, 5]]),
+])
+def test_a_batch_takes_requests_by_length_and_within_the_token_cap(batching, max_tokens, expected):
+    widths = [32, 16, 64, 16, 32, 16]  # each sample's padded length
+    batches = []
+    batcher = Batcher(lambda stream, samples: batches.append(samples), max_batch=8, max_wait_ms=30, streams=1,
+                      width=widths.__getitem__, by_length=batching == "by-length", max_tokens=max_tokens)
+    try:
+        batcher.submit(list(range(6)), list(range(6)))  # all six waiting at once
+        deadline = time.perf_counter() + 5
+        while sum(map(len, batches)) < 6 and time.perf_counter() < deadline:
+            time.sleep(0.01)
+    finally:
+        batcher.close()
+    assert batches == expected

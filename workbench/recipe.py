@@ -270,6 +270,16 @@ class ScenarioSpec(Strict):
                            "(dynamic batching); 1: one request per call")
     max_wait_ms: float = Field(2.0, ge=0, description="how long the oldest waiting request may wait for its batch "
                                "to fill")
+    batching: Literal["by-length", "fifo"] = Field("by-length", description=(
+        "which waiting requests a batch takes. by-length: the oldest and those no longer than it (its padded "
+        "length), oldest first; fifo: the oldest ones, whatever their lengths. Where a batch costs its padded "
+        "tokens, one long request in a batch of short ones makes all of them long; a longer request waits for "
+        "a later batch, which it leads once it is the oldest. Requests of one length (synthetic, generations) "
+        "batch the same either way"))
+    max_batch_tokens: Optional[int] = Field(None, ge=1, description=(
+        "a batch stops before the request that would take its padded tokens (batch x padded length) past this; "
+        "the oldest request always goes. On an engine whose time grows with its tokens, a cap keeps one large "
+        "batch from holding the queue behind it (text-embeddings-inference's max_batch_tokens); default: none"))
     streams: int = Field(1, ge=1, le=64, description="parallel sessions serving the queue, the cell's threads "
                          "split between them")
     min_duration_s: float = Field(10.0, gt=0, description="each LoadGen test runs at least this long (--quick: 2)")
@@ -287,7 +297,8 @@ class ScenarioSpec(Strict):
     pad_multiple: int = Field(16, ge=1, le=4096, description=(
         "inputs: task: a batch's sequence length is rounded up to a multiple of this. Every (batch size, "
         "length) a test can meet runs once at warm-up, so an engine that compiles per shape (OpenVINO's "
-        "static_shape) compiles max_batch x (longest / pad_multiple) shapes there"))
+        "static_shape) compiles max_batch x (longest / pad_multiple) shapes there (fewer under "
+        "max_batch_tokens)"))
     samples: int = Field(64, ge=1, description="the query sample library's size: that many evaluation rows "
                          "(inputs: task; fewer where the task has fewer) or synthetic inputs")
 
