@@ -250,8 +250,11 @@ def _cell(processes: list[dict], batch: int, threshold: float) -> dict:
     if "load" in first:  # a load scenario's cell (bench.serve): LoadGen's figures, merged over rounds
         from bench.serve import merge as merge_load
 
+        from bench.serve import unstable_reason
+
         stats["load"] = merge_load(processes)
         stats.pop("throughput", None)  # batch / latency means nothing under a queue
+        reason = unstable_reason(stats["load"], threshold)  # judged on the rate each round found
     return {"status": "unstable" if reason else "ok", "reason": reason, **({"node": node} if node else {}),
             **stats, "repeats": repeats,
             "memory": memory, "cold": first["cold"], "threads": first["threads"],

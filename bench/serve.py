@@ -22,9 +22,11 @@ LoadGen's logs of every test are kept under `log_dir`."""
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 
 def run(job: dict) -> dict:
@@ -140,7 +142,7 @@ def run(job: dict) -> dict:
                       max_tokens=max_tokens)
     memory = {"peak_rss_delta": max(memory_bytes("VmHWM") - rss_before, 0), "rss_idle_baseline": rss_before}
     # A static-shape engine keeps one compiled model per shape: none may be compiled while a test times it.
-    warmed = runners[0].compiled_shapes()
+    warmed = None if "prompts" in job else runners[0].compiled_shapes()  # generators take any shape
     requests["shapes_warmed"] = len(shapes)
     # What `streams` sessions could serve back to back at full batches: where the capacity search starts.
     estimate = streams * max(n / (service_ms[n] / 1e3) for n in service_ms)
@@ -250,6 +252,27 @@ def merge(processes: list[dict]) -> dict:
             if "tokens_per_s" in first[key]:  # a causal LM's: tokens/s, median over rounds too
                 out[key]["tokens_per_s"] = float(np.median([p["load"][key]["tokens_per_s"] for p in processes]))
     return out
+
+
+def unstable_reason(load: dict, threshold: float) -> Optional[str]:
+    """Why a merged load cell is unstable, or None. Its figure is a rate found once per round (a capacity,
+    samples/s), so its stability is that figure's spread over the rounds: a request's latency under a
+    queue swings with the queue by design, and windows of it disagree at any load worth testing."""
+    server = load.get("server")
+    if server:
+        rates = server.get("max_qps_by_round") or []
+        if any(q is None for q in rates) and any(q is not None for q in rates):
+            return "a round found no VALID target where another found one"
+        what = "capacities"
+    else:
+        key = "offline" if "offline" in load else "single_stream"
+        rates, what = (load.get(key) or {}).get("samples_per_s_by_round") or [], "samples/s"
+    found = [q for q in rates if q]
+    if len(found) > 1:
+        spread = (max(found) - min(found)) / statistics.median(found)
+        if spread > threshold:
+            return f"the {len(found)} rounds' {what} spread {spread:.1%} (threshold {threshold:.0%})"
+    return None
 
 
 def main() -> int:

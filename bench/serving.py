@@ -32,6 +32,7 @@ submission uses): a serving system under test (SUT) with dynamic batching, and t
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import re
 import threading
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 SCENARIOS = {"single-stream": "SingleStream", "offline": "Offline", "server": "Server"}
+LOOK_AHEAD = 16  # by length, a batch looks among this many times max_batch of the oldest waiting requests
 
 
 def early_stopping_queries(percentile: float, over_bound: int = 0, confidence: float = 0.99) -> int:
@@ -113,19 +115,21 @@ class Batcher:
             picked, _ = self._pick()
             if not picked:
                 return None
-            chosen = set(picked)
             batch = [self.queue[k] for k in picked]
-            self.queue = collections.deque(e for k, e in enumerate(self.queue) if k not in chosen)
+            for k in reversed(picked):  # near the front: cheap in a deque, however long the queue
+                del self.queue[k]
             return batch
 
     def _pick(self) -> tuple[list[int], bool]:
         """The queue positions the next batch takes, oldest first, and whether it is full. By length: only
-        requests no longer than the oldest. With a token cap: up to the first that would pass it."""
+        requests no longer than the oldest, among the next `LOOK_AHEAD` x max_batch waiting (an offline
+        test queues every query at once: a batch must not cost a scan of all of them). With a token cap:
+        up to the first that would pass it."""
         if not self.queue:
             return [], False
         oldest = self.width(self.queue[0][1])
         picked, widest = [], 0
-        for k, (_, sample, _) in enumerate(self.queue):
+        for k, (_, sample, _) in enumerate(itertools.islice(self.queue, LOOK_AHEAD * self.max_batch)):
             w = self.width(sample)
             if self.by_length and w > oldest:
                 continue

@@ -37,7 +37,7 @@ def capacity_table(results: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for c in load_cells(results):
         s = c.get("settings") or {}
-        shape = f"{s.get('max_batch')} / {s.get('max_wait_ms')} / {s.get('streams')}"
+        shape = serving_shape(s)
         load = c.get("load") or {}
         if c["status"] not in ("ok", "unstable") or not load:
             rows.append([c["variant"], c["backend"], c["scenario"], shape, "–", "–", "–", "–", c["status"],
@@ -68,6 +68,16 @@ def capacity_table(results: dict) -> tuple[list[str], list[list[str]]]:
                          ", ".join(f"{k}×{v}" for k, v in (rate.get("batch_histogram") or {}).items())]
                         + (["–"] if target else []))
     return head, rows
+
+
+def serving_shape(settings: dict) -> str:
+    """'max batch / wait ms / streams', and how a batch picks its requests where it takes more than one."""
+    shape = f"{settings.get('max_batch')} / {settings.get('max_wait_ms')} / {settings.get('streams')}"
+    if (settings.get("max_batch") or 1) > 1:
+        shape += ", by length" if settings.get("batching", "by-length") == "by-length" else ", first in first out"
+        if settings.get("max_batch_tokens"):
+            shape += f", ≤ {settings['max_batch_tokens']} tokens"
+    return shape
 
 
 def why_invalid(server: dict, settings: dict) -> str:
@@ -125,7 +135,9 @@ def load_note(results: dict) -> str:
     requests = requests_note(results)
     return ("Each load cell runs a serving SUT under MLCommons LoadGen in its own process, once per round: requests "
             "wait in one queue; `streams` sessions (the cell's threads split between them) each take up to "
-            "`max_batch` waiting requests, waiting at most `max_wait_ms` for a batch to fill. A server cell's "
+            "`max_batch` waiting requests, waiting at most `max_wait_ms` for a batch to fill; by length (the "
+            "default `batching`), a batch takes the oldest request and the waiting ones no longer than it, and "
+            "`max_batch_tokens` stops a batch before it would pass that many padded tokens. A server cell's "
             "capacity is the highest target QPS (Poisson arrivals) whose percentile latency meets the bound by "
             "LoadGen's own verdict, which also requires its minimum duration, query count and early-stopping test; "
             "the ladder of targets tried is in results.json and LoadGen's logs under `loadgen/`. The capacity is "

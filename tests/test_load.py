@@ -479,6 +479,7 @@ def test_a_text_model_is_served_its_evaluation_texts_at_their_own_lengths(tmp_pa
                                            "static_shapes": {"after_warmup": 4, "after_tests": 4}}
     report = (run_dir / "report.md").read_text()
     assert "Requests are the task's evaluation inputs" in report and "synthetic input of 32 tokens" in report
+    assert "4 / 1.0 / 1, by length, ≤ 16 tokens" in report  # how the batches were formed, in the capacity table
 
 
 def test_with_main_thread_stream_0_is_served_by_the_thread_that_built_the_batcher(tmp_path):
@@ -525,3 +526,14 @@ def test_a_batch_takes_requests_by_length_and_within_the_token_cap(batching, max
     finally:
         batcher.close()
     assert batches == expected
+
+
+def test_a_load_cell_is_judged_stable_on_the_rate_each_round_found_not_on_its_request_latencies():
+    from bench.serve import unstable_reason
+
+    assert unstable_reason({"server": {"max_qps_by_round": [474.2, 442.5]}}, 0.25) is None  # 7 % apart
+    assert "capacities spread 25.2%" in unstable_reason({"server": {"max_qps_by_round": [305.0, 393.0]}}, 0.25)
+    assert "no VALID target" in unstable_reason({"server": {"max_qps_by_round": [None, 390.0]}}, 0.25)
+    # No round found one: not unstable but INVALID, which the capacity table says in LoadGen's words.
+    assert unstable_reason({"server": {"max_qps_by_round": [None, None]}}, 0.25) is None
+    assert "samples/s spread" in unstable_reason({"offline": {"samples_per_s_by_round": [100.0, 150.0]}}, 0.25)
