@@ -248,9 +248,7 @@ def _cell(processes: list[dict], batch: int, threshold: float) -> dict:
 
         stats["generation"] = merge(processes)
     if "load" in first:  # a load scenario's cell (bench.serve): LoadGen's figures, merged over rounds
-        from bench.serve import merge as merge_load
-
-        from bench.serve import unstable_reason
+        from bench.serve import merge as merge_load, unstable_reason
 
         stats["load"] = merge_load(processes)
         stats.pop("throughput", None)  # batch / latency means nothing under a queue

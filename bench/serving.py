@@ -106,13 +106,12 @@ class Batcher:
             if self.stopping or not self.queue:
                 return None
             deadline = self.queue[0][2] + self.max_wait
-            while not self.stopping:
+            while True:
                 picked, full = self._pick()
                 left = deadline - time.perf_counter()
-                if full or left <= 0:
+                if full or left <= 0 or self.stopping:
                     break
                 self.cond.wait(left)
-            picked, _ = self._pick()
             if not picked:
                 return None
             batch = [self.queue[k] for k in picked]

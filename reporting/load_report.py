@@ -50,6 +50,8 @@ def capacity_table(results: dict) -> tuple[list[str], list[list[str]]]:
             by_round = ", ".join(_fmt(q) for q in server.get("max_qps_by_round", []))
             cap = (f"{_fmt(server['max_qps'])} ({by_round})" if server["max_qps"] is not None
                    else f"none valid ({by_round})")
+            if c["status"] == "unstable":  # the rounds disagree: the median alone would overstate what is known
+                cap += f"; unstable: {c.get('reason')}"
             verdict = "VALID" if server["valid"] else "INVALID in a round: " + why_invalid(server, s)
             hist = ", ".join(f"{k}×{v}" for k, v in (server.get("batch_histogram") or {}).items())
             machines = (str(math.ceil(target / server["max_qps"])) if server["max_qps"] else "–") if target else None

@@ -537,3 +537,24 @@ def test_a_load_cell_is_judged_stable_on_the_rate_each_round_found_not_on_its_re
     # No round found one: not unstable but INVALID, which the capacity table says in LoadGen's words.
     assert unstable_reason({"server": {"max_qps_by_round": [None, None]}}, 0.25) is None
     assert "samples/s spread" in unstable_reason({"offline": {"samples_per_s_by_round": [100.0, 150.0]}}, 0.25)
+
+
+def test_the_capacity_table_says_how_batches_were_formed_and_when_the_rounds_disagree():
+    from reporting.load_report import capacity_table
+
+    cell = {"variant": "int8", "backend": "openvino-cpu", "scenario": "server-b8", "status": "unstable",
+            "reason": "the 2 rounds' capacities spread 28.4% (threshold 25%)",
+            "settings": {"max_batch": 8, "max_wait_ms": 2.0, "streams": 1, "batching": "by-length",
+                         "max_batch_tokens": 128},
+            "load": {"service_ms": {"1": 2.4}, "service_after_idle_ms": 2.3,
+                     "server": {"max_qps": 348.8, "max_qps_by_round": [398.4, 299.2], "valid": True,
+                                "p99_ms": 27.0, "batch_histogram": {"1": 10, "2": 4}}}}
+    head, rows = capacity_table({"load": [cell, {**cell, "status": "ok", "reason": None,
+                                                 "settings": {**cell["settings"], "batching": "fifo",
+                                                              "max_batch_tokens": None}}]})
+    row, fifo = (dict(zip(head, r)) for r in rows)
+    assert row["max batch / wait ms / streams"] == "8 / 2.0 / 1, by length, ≤ 128 tokens"
+    assert row["capacity QPS (by round)"] == ("348.8 (398.4, 299.2); unstable: the 2 rounds' capacities spread "
+                                              "28.4% (threshold 25%)")
+    assert fifo["max batch / wait ms / streams"] == "8 / 2.0 / 1, first in first out"
+    assert fifo["capacity QPS (by round)"] == "348.8 (398.4, 299.2)"
