@@ -64,9 +64,14 @@ def padded_length(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple if n else 0
 
 
+def padded_width(n: int, multiple: int, cap: int = 0) -> int:
+    """The width a batch whose longest row has `n` tokens is padded to: rounded up, at most `cap`."""
+    return min(padded_length(n, multiple), cap) if cap else padded_length(n, multiple)
+
+
 def widths(lengths, multiple: int, cap: int = 0) -> list[int]:
-    """The padded widths batches of rows of these lengths take (each rounded up, at most `cap`), sorted."""
-    return sorted({min(padded_length(n, multiple), cap) if cap else padded_length(n, multiple) for n in lengths})
+    """The padded widths batches of rows of these lengths take, sorted."""
+    return sorted({padded_width(n, multiple, cap) for n in lengths})
 
 
 def collate(picked: list[dict[str, np.ndarray]], axes: dict[str, int], pad: dict[str, int],
@@ -75,7 +80,7 @@ def collate(picked: list[dict[str, np.ndarray]], axes: dict[str, int], pad: dict
     never past `cap` (the task's own padded width: rounding up must not outgrow what the model was
     given), the others stacked. `width`: exactly that many tokens instead, longer rows cut (warm-up,
     which must meet every shape a test can, whatever the rows it borrows for it)."""
-    width = width or widths([max(length(r, axes) for r in picked)], multiple, cap)[0]
+    width = width or padded_width(max(length(r, axes) for r in picked), multiple, cap)
     out = {}
     for name in picked[0]:
         parts = [r[name] for r in picked]

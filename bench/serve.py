@@ -32,7 +32,7 @@ from typing import Optional
 def run(job: dict) -> dict:
     import numpy as np
 
-    from bench.serving import Batcher, capacity, run_loadgen
+    from bench.serving import Batcher, capacity, run_loadgen, within_tokens
     from bench.worker import setup
     from core.backends import engine_kwargs
     from core.model import ModelIO
@@ -50,8 +50,7 @@ def run(job: dict) -> dict:
     max_tokens = int(sc.get("max_batch_tokens") or 0)
 
     def fits(n: int, width: int) -> bool:
-        """Whether a batch of `n` requests padded to `width` tokens can be formed under the token cap."""
-        return n == 1 or not max_tokens or n * width <= max_tokens
+        return within_tokens(n, width, max_tokens)
 
     rss_before = memory_bytes("VmRSS")
     started = time.time()
@@ -73,7 +72,7 @@ def run(job: dict) -> dict:
     else:
         runners = [backend.load(job["path"], per_stream, **engine_kwargs(backend, job)) for _ in range(streams)]
         if job.get("requests"):  # the task's evaluation rows, each at its own length (bench.requests)
-            from bench.requests import collate, length, lengths_summary, seq_axes, widths
+            from bench.requests import collate, length, lengths_summary, padded_width, seq_axes, widths
             from runtime.infer import load_batches
 
             rows, axes = load_batches(job["requests"]["path"]), seq_axes(io)
@@ -90,7 +89,7 @@ def run(job: dict) -> dict:
                       if fits(n, width)]
             requests = {"source": "task", "samples": len(rows), "pad_multiple": multiple, "tokens": tokens}
             n_samples = len(rows)
-            width_of = [widths([length(r, axes)], multiple, cap)[0] if tokens else 0 for r in rows]
+            width_of = [padded_width(length(r, axes), multiple, cap) if tokens else 0 for r in rows]
         else:  # synthetic inputs of the cell's shape: every request the same
             synthetic = {n: io.make(n, seq, seed=job.get("seed", 0)) for n in range(1, max_batch + 1)}
 

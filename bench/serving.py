@@ -44,6 +44,12 @@ SCENARIOS = {"single-stream": "SingleStream", "offline": "Offline", "server": "S
 LOOK_AHEAD = 16  # by length, a batch looks among this many times max_batch of the oldest waiting requests
 
 
+def within_tokens(n: int, width: int, max_tokens: int) -> bool:
+    """Whether `n` requests padded to `width` tokens make a batch under the cap `max_tokens` (0: none); one
+    request always does. The Batcher forms batches by it, and warm-up compiles the shapes it allows."""
+    return n <= 1 or not max_tokens or n * width <= max_tokens
+
+
 def early_stopping_queries(percentile: float, over_bound: int = 0, confidence: float = 0.99) -> int:
     """The fewest queries with which LoadGen's early stopping can call a Server run VALID when `over_bound`
     of them missed the latency bound: the smallest n for which seeing at most that many misses would be
@@ -134,7 +140,7 @@ class Batcher:
                 continue
             if len(picked) == self.max_batch:
                 return picked, True
-            if picked and self.max_tokens and (len(picked) + 1) * max(widest, w) > self.max_tokens:
+            if not within_tokens(len(picked) + 1, max(widest, w), self.max_tokens):
                 return picked, True
             picked.append(k)
             widest = max(widest, w)
