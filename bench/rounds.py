@@ -23,7 +23,10 @@ from bench.protocol import combine
 from core.processes import stop_requested
 
 KEEP_SAMPLES = 1000  # raw samples kept per process in results.json (every k-th beyond that, in time order)
-BUSY_LIMIT_CORES = 0.3  # other processes' CPU (plus steal) above this, in cores, makes a process re-measured
+# Other processes' CPU (plus steal) above this, in cores, makes a process re-measured. Several Ray
+# nodes started on one machine (a cluster rehearsed locally) are each other's noise by construction:
+# WORKBENCH_BUSY_LIMIT_CORES raises the limit there; the readings are recorded either way.
+BUSY_LIMIT_CORES = float(os.environ.get("WORKBENCH_BUSY_LIMIT_CORES", 0.3))
 RETRIES = 2  # re-measurements of one process on a busy machine, at most
 
 

@@ -294,7 +294,7 @@ def _lm_load_recipe(model_dir) -> dict:
                  "block_size": 32, "eval_blocks": 8},
         "variants": {"baseline": {}},
         "export": {"formats": ["onnx"], "parity": {"max_abs_diff": 1.0e-3, "min_top1_agreement": 0.99}},
-        "bench": {"backends": ["torch-cpu", "ort-cpu", "openvino-cpu"], "batch_sizes": [1], "seq_len": 16,
+        "bench": {"backends": ["torch-cpu", "ort-cpu"], "batch_sizes": [1], "seq_len": 16,
                   "new_tokens": 6, "profile": False, "repeats": 1,
                   "timing": {"warmup": 1, "min_iters": 5, "min_seconds": 0.05, "stability_threshold": 100.0},
                   "scenarios": [{"type": "server", "ttft_bound_ms": 400, "tpot_bound_ms": 100, "max_batch": 2,
