@@ -32,7 +32,7 @@ from typing import Optional
 def run(job: dict) -> dict:
     import numpy as np
 
-    from bench.serving import Batcher, capacity, run_loadgen, within_tokens
+    from bench.serving import Batcher, capacity, run_loadgen, stall, within_tokens
     from bench.worker import setup
     from core.backends import engine_kwargs
     from core.model import ModelIO
@@ -164,8 +164,10 @@ def run(job: dict) -> dict:
                 r["target_qps"] = round(qps, 4)
                 return r
 
+            bound = sc.get("latency_bound_ms") or sc.get("ttft_bound_ms")
             found = capacity(step, estimate, max_steps=int(sc["max_steps"]),
-                             floor_qps=int(sc["min_queries"]) / float(sc["max_duration_s"]))
+                             floor_qps=int(sc["min_queries"]) / float(sc["max_duration_s"]),
+                             disturbed=lambda r: stall(r["service_ms"], bound))
             best = found["best"] or min(found["ladder"], key=lambda r: r["target_qps"])
             samples = best["latencies_ms"]
             out["server"] = {"max_qps": found["max_qps"], "valid": found["best"] is not None,
@@ -174,7 +176,7 @@ def run(job: dict) -> dict:
                              "batch_histogram": best["batch_histogram"],
                              **_token_figures(best, sc),
                              "latency_rose_as_load_fell": found["latency_rose_as_load_fell"],
-                             "ladder": [_rung(r) for r in found["ladder"]]}
+                             "retested": found["retested"], "ladder": [_rung(r) for r in found["ladder"]]}
         else:
             # Offline sizes its one query from the expected rate to last min_duration_s: a system faster than
             # expected ends early and is INVALID ("min duration not satisfied"), so it is told twice the
@@ -218,7 +220,7 @@ def _rung(r: dict) -> dict:
             "achieved_qps": r.get("completed_per_s") or r.get("samples_per_s"),
             "p50_ms": p.get("50"), "p90_ms": p.get("90"), "p99_ms": p.get("99"), **tokens,
             "queries": len(r["latencies_ms"]), "batch_histogram": r["batch_histogram"], "problems": r["problems"],
-            "log": Path(r["log_dir"]).name}
+            "log": Path(r["log_dir"]).name, **({"disturbed": r["disturbed"]} if r.get("disturbed") else {})}
 
 
 def merge(processes: list[dict]) -> dict:
@@ -236,8 +238,10 @@ def merge(processes: list[dict]) -> dict:
                          "max_qps_by_round": qps, "valid": all(q is not None for q in qps),
                          "ladder_by_round": [p["load"]["server"]["ladder"] for p in processes],
                          "latency_rose_as_load_fell_by_round": [
-                             bool(p["load"]["server"].get("latency_rose_as_load_fell")) for p in processes]}
+                             bool(p["load"]["server"].get("latency_rose_as_load_fell")) for p in processes],
+                         "retested_by_round": [p["load"]["server"].get("retested", 0) for p in processes]}
         out["server"].pop("latency_rose_as_load_fell", None)
+        out["server"].pop("retested", None)
         rates = [p["load"]["server"].get("tokens_per_s") for p in processes if p["load"]["server"]["max_qps"]]
         if "tokens_per_s" in first["server"]:  # a generation server: tokens/s at the bound, as the capacity
             out["server"]["tokens_per_s"] = float(np.median(rates)) if rates else None

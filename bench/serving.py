@@ -35,6 +35,7 @@ import collections
 import itertools
 import math
 import re
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -332,8 +333,11 @@ def _number(s: str) -> float:
         return float("nan")
 
 
+RETESTS = 2  # disturbed INVALID tests run again per search, at most (as bench.rounds re-measures a busy process)
+
+
 def capacity(step: Callable[[float], dict], estimate_qps: float, *, max_steps: int = 8, precision: float = 0.05,
-             floor_qps: float = 0.0) -> dict:
+             floor_qps: float = 0.0, disturbed: Optional[Callable[[dict], Optional[str]]] = None) -> dict:
     """The highest target QPS whose Server run is VALID. `step(qps)` runs one LoadGen Server test. From
     half the estimate, the ladder climbs by 1.5x while runs are valid (and falls by 2x while they are
     not, down to `floor_qps` itself, never below it: a target that cannot reach LoadGen's minimum query
@@ -341,21 +345,40 @@ def capacity(step: Callable[[float], dict], estimate_qps: float, *, max_steps: i
     until they are within `precision` of each other or `max_steps` runs were made. Returns max_qps (None: no valid
     target), the step that achieved it and the ladder. The fall stops early when a lower target's p99 is
     10 % worse than the higher one's (`latency_rose_as_load_fell`): on a machine where a request that finds the
-    session idle costs more, lower targets only get slower, and the search says so instead of walking on."""
+    session idle costs more, lower targets only get slower, and the search says so instead of walking on.
+
+    `disturbed(r)`: why an INVALID test was disturbed (a stall of the machine, not the queue), or None. Such a
+    test is run again at the same target, at most RETESTS times per search and not counted in max_steps, and
+    the second verdict stands; both stay in the ladder, the first marked `disturbed`. One stall of a VM makes a
+    whole test miss its p99, and a bracketing search never goes back above a target it once saw INVALID, so
+    without this one hiccup lowers a round's capacity for the rest of the search. A disturbance only ever
+    slows a test, so re-testing it removes a one-sided error; a test that misses again is INVALID."""
     ladder: list[dict] = []
     rose = False
 
     def p99(r: dict):
         return (r.get("percentiles_ms") or {}).get("99")
 
+    retests = 0
+
     def run(qps: float) -> bool:
+        nonlocal retests
         r = step(qps)
         ladder.append(r)
+        why = None if r["valid"] or disturbed is None or retests >= RETESTS else disturbed(r)
+        if why:
+            retests += 1
+            r["disturbed"] = why
+            r = step(qps)
+            ladder.append(r)
         return r["valid"]
+
+    def steps() -> int:
+        return len(ladder) - retests
 
     q = max(estimate_qps * 0.5, floor_qps, 0.1)
     lo, hi = None, None
-    while len(ladder) < max_steps and (lo is None or hi is None):
+    while steps() < max_steps and (lo is None or hi is None):
         if run(q):
             lo = q
             q *= 1.5
@@ -363,14 +386,15 @@ def capacity(step: Callable[[float], dict], estimate_qps: float, *, max_steps: i
             hi = q
             if q <= floor_qps:  # the floor itself was INVALID: nothing lower can be measured
                 break
-            above = ladder[-2] if len(ladder) > 1 else None
+            above = next((r for r in reversed(ladder[:-1]) if r.get("target_qps") != ladder[-1].get("target_qps")),
+                         None)
             # More than noise: 10 % worse at half the load.
             now = p99(ladder[-1])
             if lo is None and above is not None and now and p99(above) and now > 1.1 * p99(above):
                 rose = True
                 break
             q = max(q / 2, floor_qps)
-    while lo is not None and hi is not None and hi / lo > 1 + precision and len(ladder) < max_steps:
+    while lo is not None and hi is not None and hi / lo > 1 + precision and steps() < max_steps:
         mid = (lo * hi) ** 0.5
         if run(mid):
             lo = mid
@@ -378,4 +402,18 @@ def capacity(step: Callable[[float], dict], estimate_qps: float, *, max_steps: i
             hi = mid
     best = max((r for r in ladder if r["valid"]), key=lambda r: r["target_qps"], default=None)
     return {"max_qps": best["target_qps"] if best else None, "best": best, "ladder": ladder,
-            "bracket": [lo, hi], "latency_rose_as_load_fell": rose}
+            "bracket": [lo, hi], "latency_rose_as_load_fell": rose, "retested": retests}
+
+
+def stall(service_ms: list, bound_ms: Optional[float], factor: float = 10.0) -> Optional[str]:
+    """Why a test's own service times show a stall, or None: one call took `factor` times the test's median
+    call and over a quarter of the bound. Under a queue at any load each call takes about what its batch
+    costs; one call 10x its peers is the machine pausing the process (a VM's hiccup, a page-fault storm), and
+    at a few hundred QPS one such call of 150 ms queues enough requests behind it to miss a p99."""
+    if not service_ms or not bound_ms:
+        return None
+    med, worst = statistics.median(service_ms), max(service_ms)
+    if worst > factor * med and worst > 0.25 * bound_ms:
+        return (f"one call took {worst:.0f} ms, {worst / med:.0f}x the test's median call ({med:.2f} ms): a stall "
+                "of the machine, not the queue; re-tested")
+    return None

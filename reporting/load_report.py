@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from reporting.analysis import bound_text
 from reporting.figures import save, subplots
 
 
@@ -53,6 +54,9 @@ def capacity_table(results: dict) -> tuple[list[str], list[list[str]]]:
             if c["status"] == "unstable":  # the rounds disagree: the median alone would overstate what is known
                 cap += f"; unstable: {c.get('reason')}"
             verdict = "VALID" if server["valid"] else "INVALID in a round: " + why_invalid(server, s)
+            retested = sum(server.get("retested_by_round") or [])
+            if retested:  # bench.serving.stall: a test with one call 10x its peers was run again
+                verdict += f" ({retested} stalled test{'s' if retested > 1 else ''} re-tested)"
             hist = ", ".join(f"{k}×{v}" for k, v in (server.get("batch_histogram") or {}).items())
             machines = (str(math.ceil(target / server["max_qps"])) if server["max_qps"] else "–") if target else None
             if gen:
@@ -70,6 +74,77 @@ def capacity_table(results: dict) -> tuple[list[str], list[list[str]]]:
                          ", ".join(f"{k}×{v}" for k, v in (rate.get("batch_histogram") or {}).items())]
                         + (["–"] if target else []))
     return head, rows
+
+
+def _bound_key(settings: dict) -> tuple:
+    """Server cells are compared only at the same bound."""
+    return tuple(settings.get(k) for k in ("percentile", "latency_bound_ms", "ttft_bound_ms", "tpot_bound_ms"))
+
+
+def _label(c: dict) -> str:
+    return f"`{c['variant']}` on {c['backend']} ({c['scenario']})"
+
+
+def _ratio(a: dict, b: dict) -> str:
+    """a's capacity over b's, and the same ratio round by round (the rounds ran interleaved, so round i of
+    both cells met the same machine): a median alone would hide two rounds that disagree."""
+    sa, sb = a["load"]["server"], b["load"]["server"]
+    pairs = [x / y for x, y in zip(sa.get("max_qps_by_round") or [], sb.get("max_qps_by_round") or [])
+             if x and y]
+    text = f"**{sa['max_qps'] / sb['max_qps']:.2f}x**"
+    if len(pairs) > 1:
+        text += f" (round by round: {', '.join(f'{r:.2f}x' for r in pairs)})"
+    return text
+
+
+def serving_verdicts(results: dict) -> list[str]:
+    """The capacity table's ratios in words, each at one bound: what dynamic batching gave a variant on a
+    backend over serving it one request per call, and the highest capacity against the baseline's and against
+    the engines' own defaults (reference variants: what a user gets without the workbench). A cell counts
+    only with a VALID capacity; a reference that serves the most is said, not hidden."""
+    refs = {v["name"] for v in results.get("variants") or [] if v.get("reference")}
+    baseline = (((results.get("recipe") or {}).get("parsed") or {}).get("report") or {}).get("baseline")
+    groups: dict[tuple, list[dict]] = {}
+    for c in load_cells(results):
+        server = (c.get("load") or {}).get("server")
+        if c.get("status") in ("ok", "unstable") and server and server.get("max_qps"):
+            groups.setdefault(_bound_key(c.get("settings") or {}), []).append(c)
+    lines = []
+    for cells in groups.values():
+        bound = bound_text(cells[0]["load"]["server"])
+        qps = lambda c: c["load"]["server"]["max_qps"]  # noqa: E731
+        for c in cells:
+            s = c.get("settings") or {}
+            if (s.get("max_batch") or 1) <= 1:
+                continue
+            single = [o for o in cells if (o["variant"], o["backend"]) == (c["variant"], c["backend"])
+                      and (o.get("settings") or {}).get("max_batch", 1) == 1
+                      and (o.get("settings") or {}).get("streams") == s.get("streams")]
+            if single:
+                one = max(single, key=qps)
+                lines.append(f"Dynamic batching, {_label(c)}: {qps(c):.1f} QPS at {bound} against {qps(one):.1f} "
+                             f"served one request per call ({one['scenario']}): {_ratio(c, one)}.")
+        ours = [c for c in cells if c["variant"] not in refs]
+        if not ours:
+            continue
+        best = max(ours, key=qps)
+        parts = []
+        base = [c for c in cells if c["variant"] == baseline and c is not best]
+        if base:
+            b = max(base, key=qps)
+            parts.append(f"{_ratio(best, b)} the baseline's best, {_label(b)} at {qps(b):.1f} QPS")
+        ref = [c for c in cells if c["variant"] in refs]
+        if ref:
+            r = max(ref, key=qps)
+            if qps(r) >= qps(best):
+                parts.append(f"but the engines' own defaults serve as much or more: {_label(r)} at {qps(r):.1f} "
+                             f"QPS, {_ratio(r, best)} the best of this recipe's variants")
+            else:
+                parts.append(f"{_ratio(best, r)} the best reference (an engine's own defaults), {_label(r)} at "
+                             f"{qps(r):.1f} QPS")
+        if parts:
+            lines.append(f"Highest capacity at {bound}: {_label(best)}, {qps(best):.1f} QPS; " + "; ".join(parts) + ".")
+    return lines
 
 
 def serving_shape(settings: dict) -> str:

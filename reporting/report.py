@@ -490,6 +490,7 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
         blocks.append(("h2", "Under load: capacity at the latency bound (MLCommons LoadGen)"))
         blocks.append(("p", load_report.load_note(results)))
         blocks.append(("table", load_report.capacity_table(results)))
+        blocks += [("p", line) for line in load_report.serving_verdicts(results)]
     blocks += diagnosis_blocks(results, rec.batch_size)
     blocks += suggestion_blocks(results)
     blocks += search_blocks(results)
