@@ -167,7 +167,7 @@ def run(job: dict) -> dict:
             bound = sc.get("latency_bound_ms") or sc.get("ttft_bound_ms")
             found = capacity(step, estimate, max_steps=int(sc["max_steps"]),
                              floor_qps=int(sc["min_queries"]) / float(sc["max_duration_s"]),
-                             disturbed=lambda r: stall(r["service_ms"], bound))
+                             disturbed=lambda r: stall(r["service_ms"], bound, r.get("stalled_ms", 0.0)))
             best = found["best"] or min(found["ladder"], key=lambda r: r["target_qps"])
             samples = best["latencies_ms"]
             out["server"] = {"max_qps": found["max_qps"], "valid": found["best"] is not None,
@@ -220,7 +220,19 @@ def _rung(r: dict) -> dict:
             "achieved_qps": r.get("completed_per_s") or r.get("samples_per_s"),
             "p50_ms": p.get("50"), "p90_ms": p.get("90"), "p99_ms": p.get("99"), **tokens,
             "queries": len(r["latencies_ms"]), "batch_histogram": r["batch_histogram"], "problems": r["problems"],
+            # The SUT's own view, beside LoadGen's: request p99 from its arrival here (LoadGen counts from the
+            # scheduled arrival: a gap between the two is time before the request reached the server), the
+            # slowest call and the longest the server sat with a batch due (bench.serving.stall).
+            "server_p99_ms": _percentile(r["latencies_ms"], 99),
+            "slowest_call_ms": round(max(r.get("service_ms") or [0.0]), 3),
+            "stalled_ms": round(r.get("stalled_ms", 0.0), 3),
             "log": Path(r["log_dir"]).name, **({"disturbed": r["disturbed"]} if r.get("disturbed") else {})}
+
+
+def _percentile(values: list, q: float) -> Optional[float]:
+    import numpy as np
+
+    return round(float(np.percentile(values, q)), 3) if values else None
 
 
 def merge(processes: list[dict]) -> dict:

@@ -75,6 +75,7 @@ class Batcher:
         self.latencies_ms: list[float] = []
         self.first_ms: list[float] = []  # a generation server: arrival to first token, per request
         self.busy_ms: list[float] = []
+        self.stalled_ms = 0.0  # the longest a stream sat free with a batch overdue, this test (see _loop)
         self.batches: collections.Counter = collections.Counter()
         self.respond: Callable[[list], None] = lambda ids: None
         self.first_token: Callable[[list], None] = lambda ids: None
@@ -187,6 +188,7 @@ class Batcher:
             raise errors[0]
 
     def _loop(self, stream: int, main: bool = False) -> None:
+        free_since = None
         while True:
             batch = self._take(main)
             if batch is None:
@@ -194,6 +196,12 @@ class Batcher:
                     return
                 continue
             began = time.perf_counter()
+            if free_since is not None:
+                # The batch was due by its oldest request's max_wait and the stream was free: from the later of
+                # the two it should have started at once (a condition wake-up, microseconds). Longer is the
+                # process not being run (a VM's descheduled vCPU), which no service time shows.
+                due = max(free_since, batch[0][2] + self.max_wait)
+                self.stalled_ms = max(self.stalled_ms, (began - due) * 1e3)
             ids, samples = [i for i, _, _ in batch], [s for _, s, _ in batch]
             if self.tokens:
                 first_at = []
@@ -213,11 +221,13 @@ class Batcher:
                     self.first_ms += [(first_at[0] - t) * 1e3 for _, _, t in batch]
                 self.batches[len(batch)] += 1
                 # How long the stream was taken by this batch, answering included: its service time.
-                self.busy_ms.append((time.perf_counter() - began) * 1e3)
+                free_since = time.perf_counter()
+                self.busy_ms.append((free_since - began) * 1e3)
 
     def reset(self) -> None:
         with self.cond:
             self.latencies_ms, self.first_ms, self.busy_ms, self.batches = [], [], [], collections.Counter()
+            self.stalled_ms = 0.0
 
     def close(self) -> None:
         with self.cond:
@@ -293,7 +303,7 @@ def run_loadgen(batcher: Batcher, scenario: str, log_dir: Path, *, samples: int,
     summary = parse_summary((log_dir / "mlperf_log_summary.txt").read_text())
     tokens = {"first_token_ms": list(batcher.first_ms)} if batcher.tokens else {}
     return {**summary, "target_qps": target_qps or None, "latencies_ms": list(batcher.latencies_ms),
-            "service_ms": list(batcher.busy_ms), **tokens,
+            "service_ms": list(batcher.busy_ms), "stalled_ms": batcher.stalled_ms, **tokens,
             "batch_histogram": {str(k): v for k, v in sorted(batcher.batches.items())}, "log_dir": str(log_dir)}
 
 
@@ -405,15 +415,19 @@ def capacity(step: Callable[[float], dict], estimate_qps: float, *, max_steps: i
             "bracket": [lo, hi], "latency_rose_as_load_fell": rose, "retested": retests}
 
 
-def stall(service_ms: list, bound_ms: Optional[float], factor: float = 10.0) -> Optional[str]:
-    """Why a test's own service times show a stall, or None: one call took `factor` times the test's median
-    call and over a quarter of the bound. Under a queue at any load each call takes about what its batch
-    costs; one call 10x its peers is the machine pausing the process (a VM's hiccup, a page-fault storm), and
-    at a few hundred QPS one such call of 150 ms queues enough requests behind it to miss a p99."""
+def stall(service_ms: list, bound_ms: Optional[float], stalled_ms: float = 0.0, factor: float = 10.0) -> Optional[str]:
+    """Why a test shows a stall of the machine, or None: one call took `factor` times the test's median call,
+    or a stream sat free that long with a batch overdue (`stalled_ms`, Batcher._loop), and over a quarter
+    of the bound. Under a queue at any load each call takes about what its batch costs and a free stream
+    starts the next batch at once; 10x that is the machine pausing the process (a VM's hiccup, a page-fault
+    storm), and at a few hundred QPS one pause of 150 ms queues enough requests to miss a p99."""
     if not service_ms or not bound_ms:
         return None
     med, worst = statistics.median(service_ms), max(service_ms)
     if worst > factor * med and worst > 0.25 * bound_ms:
         return (f"one call took {worst:.0f} ms, {worst / med:.0f}x the test's median call ({med:.2f} ms): a stall "
                 "of the machine, not the queue; re-tested")
+    if stalled_ms > factor * med and stalled_ms > 0.25 * bound_ms:
+        return (f"the server sat {stalled_ms:.0f} ms with a batch due and its session free ({stalled_ms / med:.0f}x "
+                f"the test's median call, {med:.2f} ms): a stall of the machine, not the queue; re-tested")
     return None

@@ -169,6 +169,28 @@ def test_a_stalled_invalid_test_is_run_again_and_the_search_goes_on_from_the_sec
     assert always["max_qps"] is None and always["retested"] == RETESTS and len(always["ladder"]) == 3 + RETESTS
 
 
+def test_a_server_that_sits_with_a_batch_due_is_a_stall_the_service_times_do_not_show():
+    from bench.serving import stall
+
+    batcher = Batcher(lambda stream, samples: time.sleep(0.002), max_batch=1, max_wait_ms=0, streams=1)
+    try:
+        batcher.submit([0])
+        time.sleep(0.05)
+        assert batcher.stalled_ms < 20  # a free stream starts a due batch at once
+        with batcher.cond:  # the serving thread cannot run (as if the machine paused it) with a request due
+            batcher.submit([1])
+            time.sleep(0.2)
+        time.sleep(0.05)
+        assert 150 < batcher.stalled_ms < 1000, batcher.stalled_ms
+        why = stall(batcher.busy_ms, 50, batcher.stalled_ms)
+        assert why and why.startswith("the server sat") and "batch due" in why
+        assert stall(batcher.busy_ms, 50) is None  # every call took its 2 ms
+        batcher.reset()
+        assert batcher.stalled_ms == 0.0
+    finally:
+        batcher.close()
+
+
 def _recipe(**bench) -> dict:
     return {
         "name": "digits-load",
