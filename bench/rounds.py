@@ -251,11 +251,13 @@ def _cell(processes: list[dict], batch: int, threshold: float) -> dict:
 
         stats["generation"] = merge(processes)
     if "load" in first:  # a load scenario's cell (bench.serve): LoadGen's figures, merged over rounds
-        from bench.serve import merge as merge_load, unstable_reason
+        from bench.serve import merge as merge_load, stability, unstable_reason
 
         stats["load"] = merge_load(processes)
         stats.pop("throughput", None)  # batch / latency means nothing under a queue
-        reason = unstable_reason(stats["load"], threshold)  # judged on the rate each round found
+        # Judged on the rate each round found, not on windows of request latencies (bench.serve.unstable_reason).
+        reason = unstable_reason(stats["load"], threshold)
+        stats["stability"] = stability(stats["load"], threshold)
     return {"status": "unstable" if reason else "ok", "reason": reason, **({"node": node} if node else {}),
             **stats, "repeats": repeats,
             "memory": memory, "cold": first["cold"], "threads": first["threads"],

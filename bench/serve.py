@@ -269,24 +269,34 @@ def merge(processes: list[dict]) -> dict:
     return out
 
 
+def _rates(load: dict) -> tuple[list, str]:
+    """The rate a merged load cell found in each round (None: no VALID target), and what it is."""
+    server = load.get("server")
+    if server:
+        return server.get("max_qps_by_round") or [], "capacities"
+    key = "offline" if "offline" in load else "single_stream"
+    return (load.get(key) or {}).get("samples_per_s_by_round") or [], "samples/s"
+
+
+def stability(load: dict, threshold: float) -> dict:
+    """A merged load cell's `stability` record: what it is judged on, its rounds' spread, the threshold."""
+    rates, what = _rates(load)
+    found = [q for q in rates if q]
+    spread = (max(found) - min(found)) / statistics.median(found) if len(found) > 1 else None
+    return {"judged_on": f"the rounds' {what}", "spread": None if spread is None else round(spread, 4),
+            "threshold": threshold}
+
+
 def unstable_reason(load: dict, threshold: float) -> Optional[str]:
     """Why a merged load cell is unstable, or None. Its figure is a rate found once per round (a capacity,
     samples/s), so its stability is that figure's spread over the rounds: a request's latency under a
     queue swings with the queue by design, and windows of it disagree at any load worth testing."""
-    server = load.get("server")
-    if server:
-        rates = server.get("max_qps_by_round") or []
-        if any(q is None for q in rates) and any(q is not None for q in rates):
-            return "a round found no VALID target where another found one"
-        what = "capacities"
-    else:
-        key = "offline" if "offline" in load else "single_stream"
-        rates, what = (load.get(key) or {}).get("samples_per_s_by_round") or [], "samples/s"
-    found = [q for q in rates if q]
-    if len(found) > 1:
-        spread = (max(found) - min(found)) / statistics.median(found)
-        if spread > threshold:
-            return f"the {len(found)} rounds' {what} spread {spread:.1%} (threshold {threshold:.0%})"
+    rates, what = _rates(load)
+    if any(q is None for q in rates) and any(q is not None for q in rates):
+        return "a round found no VALID target where another found one"
+    spread = stability(load, threshold)["spread"]
+    if spread is not None and spread > threshold:
+        return f"the {len([q for q in rates if q])} rounds' {what} spread {spread:.1%} (threshold {threshold:.0%})"
     return None
 
 

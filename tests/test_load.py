@@ -222,6 +222,7 @@ def test_a_small_model_runs_through_every_scenario_in_a_recipe(tmp_path):
     for c in load.values():
         assert c["status"] in ("ok", "unstable"), c["reason"]
         assert len(c["repeats"]) == 2  # one process per round, as latency cells
+        assert c["stability"]["judged_on"].startswith("the rounds' ")  # their rates, not latency windows
     server = load["server-b4"]["load"]["server"]
     assert server["valid"] and server["max_qps"] > 0 and len(server["max_qps_by_round"]) == 2
     assert all(len(ladder) >= 2 for ladder in server["ladder_by_round"])
@@ -579,9 +580,12 @@ def test_a_batch_takes_requests_by_length_and_within_the_token_cap(batching, max
 
 
 def test_a_load_cell_is_judged_stable_on_the_rate_each_round_found_not_on_its_request_latencies():
-    from bench.serve import unstable_reason
+    from bench.serve import stability, unstable_reason
 
     assert unstable_reason({"server": {"max_qps_by_round": [474.2, 442.5]}}, 0.25) is None  # 7 % apart
+    # The cell's `stability` record says the same, not the latency windows' verdict of a latency cell.
+    assert stability({"server": {"max_qps_by_round": [305.0, 393.0]}}, 0.25) == {
+        "judged_on": "the rounds' capacities", "spread": 0.2521, "threshold": 0.25}
     assert "capacities spread 25.2%" in unstable_reason({"server": {"max_qps_by_round": [305.0, 393.0]}}, 0.25)
     assert "no VALID target" in unstable_reason({"server": {"max_qps_by_round": [None, 390.0]}}, 0.25)
     # No round found one: not unstable but INVALID, which the capacity table says in LoadGen's words.
