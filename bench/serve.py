@@ -32,7 +32,7 @@ from typing import Optional
 def run(job: dict) -> dict:
     import numpy as np
 
-    from bench.serving import Batcher, capacity, run_loadgen, stall, within_tokens
+    from bench.serving import Batcher, capacity, pick_batch, run_loadgen, stall, within_tokens
     from bench.worker import setup
     from core.backends import engine_kwargs
     from core.model import ModelIO
@@ -48,6 +48,7 @@ def run(job: dict) -> dict:
     seq = int(job["seq_len"])
 
     max_tokens = int(sc.get("max_batch_tokens") or 0)
+    by_length = sc.get("batching", "by-length") == "by-length"
 
     def fits(n: int, width: int) -> bool:
         return within_tokens(n, width, max_tokens)
@@ -110,13 +111,14 @@ def run(job: dict) -> dict:
         call(s, samples)
         return (time.perf_counter() - t) * 1e3
 
-    service_ms, after_idle = {}, []
+    service_ms, after_idle, drained = {}, [], []
     draw = np.random.default_rng(int(job.get("seed", 0)))
 
     def warm(s: int) -> None:
         """On stream `s`'s own serving thread, before any test: every shape a batch can have, once (a
         static-shape engine compiles each here); then stream 0 times each batch size on requests drawn
-        from the QSL, the mean of 5 (where the capacity search starts)."""
+        from the QSL, the mean of 5, and a long queue of them served in the Batcher's batches (where the
+        capacity search starts)."""
         for shape in shapes:
             call(s, *shape)
         if s == 0:
@@ -126,6 +128,18 @@ def run(job: dict) -> dict:
                          if fits(n, max(width(i) for i in d))][:5]
                 if drawn:
                     service_ms[n] = float(np.mean([timed(s, d) for d in drawn]))
+            if max_batch > 1 and "prompts" not in job:
+                # A long queue of requests drawn at random, served in the batches the Batcher would form from
+                # it: what the server takes at saturation. Batches drawn to fit the token cap (above) are the
+                # short ones and overstate it 2-3x, which cost every search an overloaded first test.
+                queue = draw.integers(0, n_samples, 8 * max_batch).tolist()
+                t = time.perf_counter()
+                while queue:
+                    picked, _ = pick_batch((width(i) for i in queue), max_batch, by_length, max_tokens)
+                    call(s, [queue[k] for k in picked])
+                    for k in reversed(picked):
+                        del queue[k]
+                drained.append(8 * max_batch / (time.perf_counter() - t))
         # A request that arrives after the session sat idle: at low load most do, and on some machines (a
         # VM whose idle vCPU is descheduled, an engine whose worker threads went to sleep) it costs far
         # more than back to back. The report shows both, so a capacity below the arithmetic is explained.
@@ -137,14 +151,15 @@ def run(job: dict) -> dict:
         return width_of[sample % len(width_of)]
 
     batcher = Batcher(call, max_batch, float(sc["max_wait_ms"]), streams, tokens=n_new, on_start=warm,
-                      main_thread=True, width=width, by_length=sc.get("batching", "by-length") == "by-length",
+                      main_thread=True, width=width, by_length=by_length,
                       max_tokens=max_tokens)
     memory = {"peak_rss_delta": max(memory_bytes("VmHWM") - rss_before, 0), "rss_idle_baseline": rss_before}
     # A static-shape engine keeps one compiled model per shape: none may be compiled while a test times it.
     warmed = None if "prompts" in job else runners[0].compiled_shapes()  # generators take any shape
     requests["shapes_warmed"] = len(shapes)
-    # What `streams` sessions could serve back to back at full batches: where the capacity search starts.
-    estimate = streams * max(n / (service_ms[n] / 1e3) for n in service_ms)
+    # What `streams` sessions could serve back to back (a long queue in the Batcher's batches; a generator's or
+    # one request's at full batches): where the capacity search starts.
+    estimate = streams * (drained[0] if drained else max(n / (service_ms[n] / 1e3) for n in service_ms))
     log_dir = Path(job["log_dir"]) / f"process-{os.getpid()}"  # one folder per round's process
     common = dict(samples=n_samples, min_duration_s=float(sc["min_duration_s"]),
                   min_queries=int(sc["min_queries"]), max_duration_s=float(sc["max_duration_s"]),

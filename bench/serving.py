@@ -39,10 +39,31 @@ import statistics
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 SCENARIOS = {"single-stream": "SingleStream", "offline": "Offline", "server": "Server"}
 LOOK_AHEAD = 16  # by length, a batch looks among this many times max_batch of the oldest waiting requests
+
+
+def pick_batch(widths: Iterable[int], max_batch: int, by_length: bool, max_tokens: int) -> tuple[list[int], bool]:
+    """Of a queue's padded widths, oldest first, the positions the next batch takes and whether it is full.
+    By length: only requests no longer than the oldest, among the next `LOOK_AHEAD` x max_batch waiting (an
+    offline test queues every query at once: a batch must not cost a scan of all of them). With a token
+    cap: up to the first that would pass it. The Batcher forms its batches by it, and warm-up by it times
+    what a long queue costs (the capacity search's starting point)."""
+    picked, widest, oldest = [], 0, None
+    for k, w in enumerate(itertools.islice(widths, LOOK_AHEAD * max_batch)):
+        if oldest is None:
+            oldest = w
+        if by_length and w > oldest:
+            continue
+        if len(picked) == max_batch:
+            return picked, True
+        if not within_tokens(len(picked) + 1, max(widest, w), max_tokens):
+            return picked, True
+        picked.append(k)
+        widest = max(widest, w)
+    return picked, len(picked) == max_batch
 
 
 def within_tokens(n: int, width: int, max_tokens: int) -> bool:
@@ -128,25 +149,9 @@ class Batcher:
             return batch
 
     def _pick(self) -> tuple[list[int], bool]:
-        """The queue positions the next batch takes, oldest first, and whether it is full. By length: only
-        requests no longer than the oldest, among the next `LOOK_AHEAD` x max_batch waiting (an offline
-        test queues every query at once: a batch must not cost a scan of all of them). With a token cap:
-        up to the first that would pass it."""
-        if not self.queue:
-            return [], False
-        oldest = self.width(self.queue[0][1])
-        picked, widest = [], 0
-        for k, (_, sample, _) in enumerate(itertools.islice(self.queue, LOOK_AHEAD * self.max_batch)):
-            w = self.width(sample)
-            if self.by_length and w > oldest:
-                continue
-            if len(picked) == self.max_batch:
-                return picked, True
-            if not within_tokens(len(picked) + 1, max(widest, w), self.max_tokens):
-                return picked, True
-            picked.append(k)
-            widest = max(widest, w)
-        return picked, len(picked) == self.max_batch
+        """The queue positions the next batch takes, oldest first, and whether it is full (pick_batch)."""
+        return pick_batch((self.width(sample) for _, sample, _ in self.queue), self.max_batch, self.by_length,
+                          self.max_tokens)
 
     def _start(self, stream: int) -> None:
         try:

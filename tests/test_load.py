@@ -579,6 +579,23 @@ def test_a_batch_takes_requests_by_length_and_within_the_token_cap(batching, max
     assert batches == expected
 
 
+def test_the_batch_rule_works_on_any_queue_of_widths_so_warm_up_can_time_a_long_queue_as_the_batcher_serves_it():
+    from bench.serving import pick_batch
+
+    # By length: the oldest (16) and the waiting ones no longer than it; a 64 and a 32 wait for a later batch.
+    assert pick_batch([16, 64, 16, 32, 16], 8, True, 64) == ([0, 2, 4], False)
+    assert pick_batch([16, 64, 16, 32, 16], 8, True, 32) == ([0, 2], True)  # the cap: 2 x 16 tokens
+    assert pick_batch([16, 64, 16], 8, False, 0) == ([0, 1, 2], False)  # first in first out
+    assert pick_batch([], 8, True, 0) == ([], False)
+    queue, batches = [32, 16, 16, 128, 16, 32], []  # drained as serve.warm drains it
+    while queue:
+        picked, _ = pick_batch(queue, 4, True, 64)
+        batches.append([queue[k] for k in picked])
+        for k in reversed(picked):
+            del queue[k]
+    assert batches == [[32, 16], [16, 16], [128], [32]]
+
+
 def test_a_load_cell_is_judged_stable_on_the_rate_each_round_found_not_on_its_request_latencies():
     from bench.serve import stability, unstable_reason
 
