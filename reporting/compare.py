@@ -87,10 +87,42 @@ def verdicts(a: dict, b: dict, rows: list[dict]) -> dict:
                      "intervals_overlap": overlap})
     drift = float(np.median([r["change"] for r in rows])) if rows else None
     caps = capacities(a, b)
+    serving = serving_agreement(a, b)
     return {"recommendation_a": ship_a, "recommendation_b": ship_b, "same_recommendation": same,
             "median_change": drift, "speedups": held,
             "speedups_agreeing": sum(h["intervals_overlap"] for h in held),
-            **({"capacities": caps, "capacities_agreeing": sum(c["intervals_overlap"] for c in caps)} if caps else {})}
+            **({"capacities": caps, "capacities_agreeing": sum(c["intervals_overlap"] for c in caps)} if caps else {}),
+            **({"serving": serving, "serving_agreeing": sum(v["agree"] for v in serving)} if serving else {})}
+
+
+SERVING_KINDS = {"batching": "dynamic batching over one per call", "vs_baseline": "best capacity over the baseline's",
+                 "vs_reference": "best capacity over the engines' defaults"}
+
+
+def serving_agreement(a: dict, b: dict) -> list[dict]:
+    """The report's serving verdicts (reporting.load_report.serving_ratios) of both runs, matched: a batching
+    gain by its cell, a best-against verdict by its bound. They agree when both runs name the same two
+    cells and the ranges of their rounds' ratios overlap (a ratio of one round is its own range)."""
+    from reporting.load_report import serving_ratios
+
+    def key(r):
+        return (r["kind"], r["bound"]) + ((r["top"]["label"],) if r["kind"] == "batching" else ())
+
+    def span(r):
+        rounds = r["by_round"] or [r["ratio"]]
+        return min(rounds), max(rounds)
+
+    ra = {key(r): r for r in serving_ratios(a)}
+    out = []
+    for r_b in serving_ratios(b):
+        r_a = ra.get(key(r_b))
+        if r_a is None:
+            continue
+        same_cells = (r_a["top"]["label"], r_a["under"]["label"]) == (r_b["top"]["label"], r_b["under"]["label"])
+        (a0, a1), (b0, b1) = span(r_a), span(r_b)
+        out.append({"kind": r_b["kind"], "bound": r_b["bound"], "a": r_a, "b": r_b, "same_cells": same_cells,
+                    "agree": same_cells and a0 <= b1 and b0 <= a1})
+    return out
 
 
 def capacities(a: dict, b: dict) -> list[dict]:
@@ -136,6 +168,18 @@ def _verdict_text(v: dict) -> str:
                                 "{:.1f} [{:.1f}, {:.1f}]".format(*c["capacity_a"]),
                                 "{:.1f} [{:.1f}, {:.1f}]".format(*c["capacity_b"]),
                                 "yes" if c["intervals_overlap"] else "no"] for c in v["capacities"]]))
+    if v.get("serving"):
+        lines.append(f"Serving verdicts (capacity ratios, each run's own, round by round): {v['serving_agreeing']} of "
+                     f"{len(v['serving'])} agree (the same two cells, and the ranges of their rounds' ratios overlap).")
+
+        def said(r):
+            rounds = ", ".join(f"{x:.2f}" for x in r["by_round"])
+            return (f"{r['ratio']:.2f}x [{rounds}]: {r['top']['label']} over {r['under']['label']}")
+
+        lines.append(md_table(["verdict", "at", "A [rounds]", "B [rounds]", "agree"],
+                              [[SERVING_KINDS[s["kind"]], s["bound"], said(s["a"]), said(s["b"]),
+                                "yes" if s["agree"] else ("no" if s["same_cells"] else "no: other cells")]
+                               for s in v["serving"]]))
     return "\n\n".join(lines)
 
 

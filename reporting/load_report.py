@@ -85,23 +85,29 @@ def _label(c: dict) -> str:
     return f"`{c['variant']}` on {c['backend']} ({c['scenario']})"
 
 
-def _ratio(a: dict, b: dict) -> str:
+def _ratio(a: dict, b: dict) -> dict:
     """a's capacity over b's, and the same ratio round by round (the rounds ran interleaved, so round i of
     both cells met the same machine): a median alone would hide two rounds that disagree."""
     sa, sb = a["load"]["server"], b["load"]["server"]
     pairs = [x / y for x, y in zip(sa.get("max_qps_by_round") or [], sb.get("max_qps_by_round") or [])
              if x and y]
-    text = f"**{sa['max_qps'] / sb['max_qps']:.2f}x**"
-    if len(pairs) > 1:
-        text += f" (round by round: {', '.join(f'{r:.2f}x' for r in pairs)})"
+    return {"ratio": sa["max_qps"] / sb["max_qps"], "by_round": pairs}
+
+
+def ratio_text(r: dict) -> str:
+    text = f"**{r['ratio']:.2f}x**"
+    if len(r["by_round"]) > 1:
+        text += f" (round by round: {', '.join(f'{x:.2f}x' for x in r['by_round'])})"
     return text
 
 
-def serving_verdicts(results: dict) -> list[str]:
-    """The capacity table's ratios in words, each at one bound: what dynamic batching gave a variant on a
-    backend over serving it one request per call, and the highest capacity against the baseline's and against
-    the engines' own defaults (reference variants: what a user gets without the workbench). A cell counts
-    only with a VALID capacity; a reference that serves the most is said, not hidden."""
+def serving_ratios(results: dict) -> list[dict]:
+    """The capacity table's verdicts as ratios, each at one bound: what dynamic batching gave a variant on a
+    backend over serving it one request per call (`batching`), and the highest capacity against the
+    baseline's best (`vs_baseline`) and against the best reference, an engine's own defaults
+    (`vs_reference`; `reference_leads` when a reference serves as much or more). Each record names its two
+    cells (`top`, `under`: label and QPS) and has the ratio with its rounds'. A cell counts only with a
+    VALID capacity. `workbench compare` matches these between two runs."""
     refs = {v["name"] for v in results.get("variants") or [] if v.get("reference")}
     baseline = (((results.get("recipe") or {}).get("parsed") or {}).get("report") or {}).get("baseline")
     groups: dict[tuple, list[dict]] = {}
@@ -109,10 +115,19 @@ def serving_verdicts(results: dict) -> list[str]:
         server = (c.get("load") or {}).get("server")
         if c.get("status") in ("ok", "unstable") and server and server.get("max_qps"):
             groups.setdefault(_bound_key(c.get("settings") or {}), []).append(c)
-    lines = []
+    out = []
+
+    def qps(c):
+        return c["load"]["server"]["max_qps"]
+
+    def cell(c):
+        return {"label": _label(c), "scenario": c["scenario"], "qps": qps(c)}
+
+    def record(kind, bound, top, under, **more):
+        return {"kind": kind, "bound": bound, "top": cell(top), "under": cell(under), **_ratio(top, under), **more}
+
     for cells in groups.values():
         bound = bound_text(cells[0]["load"]["server"])
-        qps = lambda c: c["load"]["server"]["max_qps"]  # noqa: E731
         for c in cells:
             s = c.get("settings") or {}
             if (s.get("max_batch") or 1) <= 1:
@@ -121,29 +136,50 @@ def serving_verdicts(results: dict) -> list[str]:
                       and (o.get("settings") or {}).get("max_batch", 1) == 1
                       and (o.get("settings") or {}).get("streams") == s.get("streams")]
             if single:
-                one = max(single, key=qps)
-                lines.append(f"Dynamic batching, {_label(c)}: {qps(c):.1f} QPS at {bound} against {qps(one):.1f} "
-                             f"served one request per call ({one['scenario']}): {_ratio(c, one)}.")
+                out.append(record("batching", bound, c, max(single, key=qps)))
         ours = [c for c in cells if c["variant"] not in refs]
         if not ours:
             continue
         best = max(ours, key=qps)
-        parts = []
         base = [c for c in cells if c["variant"] == baseline and c is not best]
         if base:
-            b = max(base, key=qps)
-            parts.append(f"{_ratio(best, b)} the baseline's best, {_label(b)} at {qps(b):.1f} QPS")
+            out.append(record("vs_baseline", bound, best, max(base, key=qps)))
         ref = [c for c in cells if c["variant"] in refs]
         if ref:
             r = max(ref, key=qps)
-            if qps(r) >= qps(best):
-                parts.append(f"but the engines' own defaults serve as much or more: {_label(r)} at {qps(r):.1f} "
-                             f"QPS, {_ratio(r, best)} the best of this recipe's variants")
+            out.append(record("vs_reference", bound, r, best, reference_leads=True) if qps(r) >= qps(best)
+                       else record("vs_reference", bound, best, r, reference_leads=False))
+    return out
+
+
+def serving_verdicts(results: dict) -> list[str]:
+    """serving_ratios in words: one line per batching gain, one per bound for the highest capacity against
+    the baseline's and the engines' defaults. A reference that serves the most is said, not hidden."""
+    ratios = serving_ratios(results)
+    lines = []
+    for r in ratios:
+        if r["kind"] == "batching":
+            top, under = r["top"], r["under"]
+            lines.append(f"Dynamic batching, {top['label']}: {top['qps']:.1f} QPS at {r['bound']} against "
+                         f"{under['qps']:.1f} served one request per call ({under['scenario']}): {ratio_text(r)}.")
+    for bound in dict.fromkeys(r["bound"] for r in ratios if r["kind"] != "batching"):
+        best = [r for r in ratios if r["bound"] == bound and r["kind"] != "batching"]
+        parts, head = [], None
+        for r in best:
+            if r["kind"] == "vs_baseline":
+                head = r["top"]
+                parts.append(f"{ratio_text(r)} the baseline's best, {r['under']['label']} at "
+                             f"{r['under']['qps']:.1f} QPS")
+            elif r["reference_leads"]:
+                head = head or r["under"]
+                parts.append(f"but the engines' own defaults serve as much or more: {r['top']['label']} at "
+                             f"{r['top']['qps']:.1f} QPS, {ratio_text(r)} the best of this recipe's variants")
             else:
-                parts.append(f"{_ratio(best, r)} the best reference (an engine's own defaults), {_label(r)} at "
-                             f"{qps(r):.1f} QPS")
-        if parts:
-            lines.append(f"Highest capacity at {bound}: {_label(best)}, {qps(best):.1f} QPS; " + "; ".join(parts) + ".")
+                head = head or r["top"]
+                parts.append(f"{ratio_text(r)} the best reference (an engine's own defaults), {r['under']['label']} "
+                             f"at {r['under']['qps']:.1f} QPS")
+        lines.append(f"Highest capacity at {bound}: {head['label']}, {head['qps']:.1f} QPS; " + "; ".join(parts)
+                     + ".")
     return lines
 
 

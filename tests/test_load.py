@@ -632,28 +632,33 @@ def test_the_capacity_table_says_how_batches_were_formed_and_when_the_rounds_dis
     assert fifo["capacity QPS (by round)"] == "348.8 (398.4, 299.2)"
 
 
-def test_the_report_says_what_batching_gave_and_how_the_best_capacity_compares_with_baseline_and_engine_defaults():
-    from reporting.load_report import serving_verdicts
-
+def _serving(ref=(100.0, 100.0), single=(300.0, 400.0), batched=(600.0, 500.0)) -> dict:
+    """results.json's parts serving_ratios reads: a baseline, a reference (an engine's defaults) and `int8`
+    one per call and batched, all at p99 <= 50 ms, and one cell at another bound."""
     def cell(variant, backend, scenario, by_round, max_batch=1, bound=50.0):
-        qps = sorted(by_round)[len(by_round) // 2] if len(by_round) % 2 else sum(by_round) / len(by_round)
+        by_round = list(by_round)
         return {"variant": variant, "backend": backend, "scenario": scenario, "status": "ok",
                 "settings": {"max_batch": max_batch, "streams": 1, "latency_bound_ms": bound, "percentile": 99.0},
-                "load": {"server": {"max_qps": qps, "max_qps_by_round": by_round, "valid": True,
-                                    "latency_bound_ms": bound, "percentile": 99.0}}}
+                "load": {"server": {"max_qps": sum(by_round) / len(by_round), "max_qps_by_round": by_round,
+                                    "valid": True, "latency_bound_ms": bound, "percentile": 99.0}}}
 
-    results = {
+    return {
         "recipe": {"parsed": {"report": {"baseline": "baseline"}}},
         "variants": [{"name": "baseline"}, {"name": "int8"}, {"name": "ov-defaults", "reference": True}],
         "load": [cell("baseline", "torch-cpu", "server", [30.0, 20.0]),
-                 cell("ov-defaults", "openvino-cpu", "server", [100.0, 100.0]),
-                 cell("int8", "openvino-cpu", "server", [300.0, 400.0]),
-                 cell("int8", "openvino-cpu", "server-b8", [600.0, 500.0], max_batch=8),
+                 cell("ov-defaults", "openvino-cpu", "server", ref),
+                 cell("int8", "openvino-cpu", "server", single),
+                 cell("int8", "openvino-cpu", "server-b8", batched, max_batch=8),
                  # Another bound: compared with nothing above.
                  cell("int8", "ort-cpu", "server-tight", [50.0, 50.0], bound=5.0),
                  {"variant": "int8", "backend": "ort-cpu", "scenario": "server", "status": "failed", "load": {}}],
     }
-    batching, best = serving_verdicts(results)
+
+
+def test_the_report_says_what_batching_gave_and_how_the_best_capacity_compares_with_baseline_and_engine_defaults():
+    from reporting.load_report import serving_verdicts
+
+    batching, best = serving_verdicts(_serving())
     assert batching.startswith("Dynamic batching, `int8` on openvino-cpu (server-b8): 550.0 QPS at p99 <= 50 ms "
                                "against 350.0 served one request per call (server): **1.57x**")
     assert "round by round: 2.00x, 1.25x" in batching  # round i against round i
@@ -661,6 +666,24 @@ def test_the_report_says_what_batching_gave_and_how_the_best_capacity_compares_w
     assert "**22.00x** (round by round: 20.00x, 25.00x) the baseline's best, `baseline` on torch-cpu" in best
     assert "**5.50x** (round by round: 6.00x, 5.00x) the best reference (an engine's own defaults)" in best
     # A reference that serves the most is said so, not hidden behind the recipe's best variant.
-    results["load"][1] = cell("ov-defaults", "openvino-cpu", "server", [900.0, 900.0])
     assert "but the engines' own defaults serve as much or more: `ov-defaults` on openvino-cpu (server) at 900.0" \
-        in serving_verdicts(results)[1]
+        in serving_verdicts(_serving(ref=(900.0, 900.0)))[1]
+
+
+def test_compare_says_which_serving_verdicts_agree_in_a_second_run():
+    from reporting.compare import _verdict_text, serving_agreement
+
+    held = {(v["kind"], v["agree"]) for v in serving_agreement(_serving(), _serving(batched=(520.0, 470.0)))}
+    assert held == {("batching", True), ("vs_baseline", True), ("vs_reference", True)}  # 1.73x..1.18x, 1.25x..2x
+    moved = serving_agreement(_serving(), _serving(single=(450.0, 450.0), batched=(460.0, 470.0)))
+    by_kind = {v["kind"]: v for v in moved}
+    assert by_kind["batching"]["agree"] is False and by_kind["batching"]["same_cells"] is True  # 1.02x..1.04x
+    # The engines' defaults overtaking the best variant is another verdict, not the same one moved.
+    led = {v["kind"]: v for v in serving_agreement(_serving(), _serving(ref=(900.0, 900.0)))}
+    assert led["vs_reference"]["agree"] is False and led["vs_reference"]["same_cells"] is False
+    text = _verdict_text({"recommendation_a": None, "recommendation_b": None, "same_recommendation": False,
+                          "median_change": None, "speedups": [], "serving": moved,
+                          "serving_agreeing": sum(v["agree"] for v in moved)})
+    assert "Serving verdicts (capacity ratios, each run's own, round by round): 1 of 3 agree" in text
+    assert "| dynamic batching over one per call | p99 <= 50 ms | 1.57x [2.00, 1.25]: `int8` on openvino-cpu " \
+           "(server-b8) over `int8` on openvino-cpu (server) |" in text
