@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from reporting.analysis import bound_text
+from reporting.analysis import bound_text, labelled
 from reporting.figures import save, subplots
 
 
@@ -36,12 +36,14 @@ def capacity_table(results: dict) -> tuple[list[str], list[list[str]]]:
             "tokens/s at capacity" if gen else "samples/s", "LoadGen", "batches at capacity"] + (
         [f"machines for {target:g} QPS"] if target else [])
     rows = []
+    variants = {v["name"]: v for v in results.get("variants") or []}
     for c in load_cells(results):
         s = c.get("settings") or {}
         shape = serving_shape(s)
+        name = labelled(variants, c["variant"])  # a reference (an engine's own defaults) says it is one
         load = c.get("load") or {}
         if c["status"] not in ("ok", "unstable") or not load:
-            rows.append([c["variant"], c["backend"], c["scenario"], shape, "–", "–", "–", "–", c["status"],
+            rows.append([name, c["backend"], c["scenario"], shape, "–", "–", "–", "–", c["status"],
                          c.get("reason") or ""] + (["–"] if target else []))
             continue
         one = f"{_fmt((load.get('service_ms') or {}).get('1'), 2)} / {_fmt(load.get('service_after_idle_ms'), 2)}"
@@ -64,10 +66,10 @@ def capacity_table(results: dict) -> tuple[list[str], list[list[str]]]:
                 rate_at = _fmt(server.get("tokens_per_s"))
             else:
                 tail, rate_at = _fmt(server.get("p99_ms"), 2), "–"
-            rows.append([c["variant"], c["backend"], c["scenario"], shape, one, cap, tail, rate_at,
+            rows.append([name, c["backend"], c["scenario"], shape, one, cap, tail, rate_at,
                          verdict, hist] + ([machines] if target else []))
         else:
-            rows.append([c["variant"], c["backend"], c["scenario"], shape, one, "–",
+            rows.append([name, c["backend"], c["scenario"], shape, one, "–",
                          "–" if gen else _fmt(rate.get("p99_ms"), 2),
                          _fmt(rate.get("tokens_per_s") if gen else rate.get("samples_per_s")),
                          "VALID" if rate.get("valid") else "INVALID",

@@ -658,6 +658,10 @@ def _serving(ref=(100.0, 100.0), single=(300.0, 400.0), batched=(600.0, 500.0)) 
 def test_the_report_says_what_batching_gave_and_how_the_best_capacity_compares_with_baseline_and_engine_defaults():
     from reporting.load_report import serving_verdicts
 
+    from reporting.load_report import capacity_table
+
+    head, rows = capacity_table(_serving())
+    assert [r[0] for r in rows][:3] == ["baseline", "ov-defaults (reference)", "int8"]  # as the other tables say it
     batching, best = serving_verdicts(_serving())
     assert batching.startswith("Dynamic batching, `int8` on openvino-cpu (server-b8): 550.0 QPS at p99 <= 50 ms "
                                "against 350.0 served one request per call (server): **1.57x**")
