@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from reporting.analysis import bound_text, labelled
+from reporting.analysis import bound_text, is_reference, labelled
 from reporting.figures import save, subplots
 
 
@@ -110,7 +110,8 @@ def serving_ratios(results: dict) -> list[dict]:
     (`vs_reference`; `reference_leads` when a reference serves as much or more). Each record names its two
     cells (`top`, `under`: label and QPS) and has the ratio with its rounds'. A cell counts only with a
     VALID capacity. `workbench compare` matches these between two runs."""
-    refs = {v["name"] for v in results.get("variants") or [] if v.get("reference")}
+    variants = {v["name"]: v for v in results.get("variants") or []}
+    refs = {name for name in variants if is_reference(variants, name)}
     baseline = (((results.get("recipe") or {}).get("parsed") or {}).get("report") or {}).get("baseline")
     groups: dict[tuple, list[dict]] = {}
     for c in load_cells(results):
