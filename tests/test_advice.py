@@ -119,6 +119,7 @@ RECIPE = {
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # judges a latency: run alone (make test)
 def test_a_finding_becomes_a_suggested_variant_that_the_next_run_measures(tmp_path):
     """Dynamic int8 makes the digits CNN's convolutions ConvInteger; the report says so with static QDQ
     to try, `workbench suggest` writes that variant, and its run says what it gave."""

@@ -8,6 +8,10 @@ import pytest
 
 from workbench.cli import main
 
+# Judges timing (latencies, capacities, a run's progress when a signal lands): run alone, after the rest
+# (make test), never beside another test.
+pytestmark = pytest.mark.serial
+
 # The model sleeps a fixed time per call, so its latency is steady enough to compare across processes;
 # SLEEP_MS (read in the cell's own process) slows it down deliberately.
 MODEL = '''

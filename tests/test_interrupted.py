@@ -17,6 +17,10 @@ from conftest import write_yaml
 from core.processes import child_env
 from workbench.cli import main
 
+# Judges timing (latencies, capacities, a run's progress when a signal lands): run alone, after the rest
+# (make test), never beside another test.
+pytestmark = pytest.mark.serial
+
 RECIPE = {
     "name": "killed",
     "model": {"source": "builtin", "name": "digits-cnn"},

@@ -14,6 +14,10 @@ import pytest
 
 pytest.importorskip("mlperf_loadgen")
 
+# Judges timing (latencies, capacities, a run's progress when a signal lands): run alone, after the rest
+# (make test), never beside another test.
+pytestmark = pytest.mark.serial
+
 from bench.serving import Batcher, capacity, early_stopping_queries, run_loadgen  # noqa: E402
 from conftest import make_tiny_causal_lm, the_run_dir, write_yaml  # noqa: E402
 from workbench.cli import main  # noqa: E402

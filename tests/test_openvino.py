@@ -15,6 +15,7 @@ pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
 from conftest import make_reviews_csv, make_tiny_text_model, the_run_dir, write_yaml  # noqa: E402
+from core.processes import default_threads  # noqa: E402
 from workbench.cli import main  # noqa: E402
 
 TIMING = {"warmup": 2, "min_iters": 5, "min_seconds": 0.05, "stability_threshold": 100.0}
@@ -81,7 +82,9 @@ def test_openvino_cells_read_back_what_ran_and_int8_runs_int8_kernels(ov_run):
     # The reference runs without bench.options and without the workbench's protocol (no static reshape).
     ref = cells[("ov-defaults", "openvino-cpu")]
     assert ref["status"] in ("ok", "unstable") and ref["engine_defaults"] and "options" not in ref
-    assert ref["threads"]["static_shape"] is False and ref["threads"]["openvino"]["inference_num_threads"] == 2
+    # OpenVINO picks its own thread count (its cores among those this process may use).
+    assert ref["threads"]["static_shape"] is False
+    assert 0 < ref["threads"]["openvino"]["inference_num_threads"] <= default_threads()
     # The NNCF graph's matmuls run OpenVINO int8 kernels (the performance counters' exec types say so).
     census = json.dumps((cells[("nncf-int8", "openvino-cpu")].get("profile") or {}).get("kernels_by_op", {}))
     assert "I8" in census or "U8" in census, census

@@ -19,7 +19,7 @@ from tests.conftest import QUICK_RECIPE, the_run_dir, write_yaml
 from workbench.cli import main
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 ROOT = Path(__file__).resolve().parent.parent
 
 
