@@ -33,7 +33,22 @@ def root_key(recipe) -> str:
                 if f.is_file():
                     st = f.stat()
                     files[str(f)] = [st.st_size, int(st.st_mtime)]
+    if spec.get("ref"):  # your own nn.Module: its code is the model as much as its weights are
+        files.update({str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in ref_sources(spec["ref"],
+                                                                                               recipe.resolve("."))})
     return _hash({"model": spec, "files": files, "seed": recipe.seed})
+
+
+def ref_sources(ref: str, base: Path) -> list[Path]:
+    """The Python files a `package.module:callable` found in `base` may be built from: the package's
+    whole tree, or the module file and the other .py files beside it (helpers it may import). A module
+    found elsewhere (an installed package) counts by the recipe text alone."""
+    top = ref.split(":")[0].split(".")[0]
+    if (base / top).is_dir():
+        return sorted((base / top).rglob("*.py"))
+    if (base / f"{top}.py").is_file():
+        return sorted(base.glob("*.py"))
+    return []
 
 
 # Bumped when what the built-in tasks feed the steps changes (v2: more stdlib docstring paragraphs,
