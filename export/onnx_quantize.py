@@ -3,6 +3,7 @@ QDQ format calibrated on batches of the task's training split, and int4 weight-o
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import Field
@@ -283,14 +284,16 @@ class OnnxQuantize(Step):
         clean-up still run without it, and the lineage says so, with the reason."""
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        pre = ctx.work_dir / "preprocessed.onnx"
+        # Absolute before the directory changes below: a relative work dir (a relative --out) would
+        # otherwise be resolved inside itself, and preprocessing skipped as "file not found".
+        src, pre = Path(src).resolve(), (ctx.work_dir / "preprocessed.onnx").resolve()
         reasons = []
         for skip_symbolic in (False, True):
             try:
                 # Symbolic shape inference drops temporary files into the current directory:
                 # run it inside the step's folder, whose leftovers the cache clears.
                 with working_directory(ctx.work_dir):
-                    quant_pre_process(str(src.resolve()), str(pre.resolve()), skip_symbolic_shape=skip_symbolic)
+                    quant_pre_process(str(src), str(pre), skip_symbolic_shape=skip_symbolic)
                 ctx.notes["preprocess"] = ("applied" if not reasons else
                                            f"applied without symbolic shape inference ({reasons[0]})")
                 return pre

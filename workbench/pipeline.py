@@ -27,7 +27,9 @@ class Run:
 
     def __init__(self, recipe: Recipe, out_root: Path = Path("reports"), quick: bool = False):
         self.recipe = recipe
-        self.out_root = Path(out_root)
+        # Absolute from here on: steps run libraries inside their own folder (working_directory), where a
+        # relative path from a relative --out would point inside itself.
+        self.out_root = Path(out_root).resolve()
         self.quick = quick
         self.threads = recipe.bench.threads or default_threads()
         self.cache = VariantCache(self.out_root / recipe.name / "cache")
@@ -45,7 +47,12 @@ class Run:
         b = self.recipe.bench
         # First, before any work: an executor that cannot start (no Ray, no cluster there) is the user's to fix.
         self.executor = make_executor(b.executor, b.ray_address, {k: v.model_dump() for k, v in b.placement.items()})
-        self.run_dir = Path(resume) if resume else new_run_dir(self.out_root, self.recipe.name)
+        try:
+            self._load()
+        except BaseException:
+            self.executor.close()
+            raise
+        self.run_dir = Path(resume).resolve() if resume else new_run_dir(self.out_root, self.recipe.name)
         handler = open_log(self.run_dir)
         self._status("running", started=started, pid=os.getpid(), quick=self.quick,
                      recipe={"path": str(Path(self.recipe.path).resolve()) if self.recipe.path else None,
@@ -57,15 +64,6 @@ class Run:
                 say(f"executor: {b.executor} ({self.executor.address}; {len(self.executor.nodes())} node(s), "
                     f"started in {self.executor.init_s:.1f} s)")
             say(f"{'resuming' if resume else 'run directory:'} {self.run_dir}")
-            import torch
-
-            torch.set_num_threads(self.threads)
-            from workbench.sources.models import load_model
-            from workbench.tasks import build_task
-
-            self.src = load_model(self.recipe, self.quick)
-            route_library_loggers()  # now that the model's libraries are loaded
-            self.task = build_task(self.recipe, self.src)
             if self.quick:  # a smoke run: two evaluation batches are enough to see that accuracy is scored
                 self.task.eval_batches = self.task.eval_batches[:2]
                 if self.task.labels is not None:
@@ -120,6 +118,19 @@ class Run:
             self.executor.close()
             watcher.stop()
             close_log(handler)
+
+    def _load(self) -> None:
+        """The source model and the task, before a run folder exists: a model or a data file the run cannot
+        use (a RecipeError naming the field) ends it here, with nothing half-written."""
+        import torch
+
+        torch.set_num_threads(self.threads)
+        from workbench.sources.models import load_model
+        from workbench.tasks import build_task
+
+        self.src = load_model(self.recipe, self.quick)
+        route_library_loggers()  # now that the model's libraries are loaded
+        self.task = build_task(self.recipe, self.src)
 
     def _status(self, state: str, **fields) -> None:
         """status.json: running -> finished, failed (with the reason) or interrupted. A run killed
