@@ -15,7 +15,7 @@ from core.steps import StepContext, get_step
 from export.reload import outputs_in_fresh_process
 from workbench.model_stats import artifact_stats, files_size, onnx_stats, torch_stats
 from workbench.run_dir import log, reason
-from workbench.stages.export import export_memoised
+from workbench.stages.export import export_memoised, gate_onnx
 from workbench.variants import link_or_copy, model_files, root_key, variant_key
 
 
@@ -118,6 +118,8 @@ def _build(run, name: str, steps, parent: VariantModel, key: str, parent_key: st
                 same = model.module is parent.module
                 rec = export_memoised(run, "onnx", model.module, parent_key if same else None, exported,
                                       step.exporter_for(call.params))
+                rec["parity"] = gate_onnx(run, model.module, exported, "the ONNX export before step "
+                                          f"'{call.name}'")
                 notes.append({"step": "onnx export (implicit, before an ONNX step)", **rec})
                 model = VariantModel(io=model.io, onnx_path=exported, source_module=model.module)
             ctx = StepContext(work_dir=work, task=run.task, quick=run.quick, seed=run.recipe.seed, variant=name,

@@ -48,11 +48,31 @@ def export_memoised(run, fmt: str, module, key: Optional[str], dest: Path, expor
     return {**json.loads((memo / "record.json").read_text()), "reused": "exported once for this module, copied"}
 
 
+def parity_batches(run) -> list[dict]:
+    """What parity is checked on: real evaluation inputs where the task has them (they vary in sequence
+    length), else two shapes."""
+    io = run.src.io
+    return run.task.eval_batches[:4] or [io.make(2, 16, seed=1), io.make(3, 24, seed=2)]
+
+
+def gate_onnx(run, module, graph: Path, what: str) -> dict:
+    """Parity of an ONNX graph exported from `module` (in this process), held to export.parity: an ONNX step
+    must not quantize or optimise a graph that does not compute what the model does (a trace that kept one
+    branch of an `if`), or its variant would be measured and recommended as if it did."""
+    batches = parity_batches(run)
+    par = parity(torch_outputs(module, batches), onnx_outputs(graph, batches), run.src.io.kind)
+    bad = violations(par, run.recipe.export.parity)
+    if bad:
+        raise ValueError(f"{what} is outside export.parity tolerance ({bad}): the ONNX steps would work on a graph "
+                         "that does not compute what the model does (a trace keeps one branch of data-dependent "
+                         "Python control flow); fix the export or loosen export.parity")
+    return par
+
+
 def export(run, models: dict[str, Optional[VariantModel]]) -> list[dict]:
     spec = run.recipe.export
     io = run.src.io
-    # Real evaluation inputs where the task has them (they vary in sequence length), else two shapes.
-    batches = run.task.eval_batches[:4] or [io.make(2, 16, seed=1), io.make(3, 24, seed=2)]
+    batches = parity_batches(run)
     artifacts = []
     todo = [(n, m) for n, m in models.items() if m is not None]
     bar = progress(total=sum(len(spec.formats) for _ in todo), desc="export", unit="artifact")
