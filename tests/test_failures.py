@@ -140,7 +140,7 @@ def test_failed_cells_leave_no_job_files(fussy_run):
     assert not work.exists() or list(work.iterdir()) == []
 
 
-def test_model_factory_that_returns_no_module_exits_1_without_results(tmp_path, capsys):
+def test_model_factory_that_returns_no_module_exits_2_without_a_run_folder(tmp_path, capsys):
     (tmp_path / "wb_test_broken_factory.py").write_text(textwrap.dedent('''
         def make():
             return "not a module"
@@ -154,15 +154,15 @@ def test_model_factory_that_returns_no_module_exits_1_without_results(tmp_path, 
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     rc = main(["run", str(path), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    # A source model that cannot be built is not a recipe error (the recipe is valid) and not a
-    # finished run: exit 1 with a message naming the problem, no traceback.
-    assert rc == 1
-    assert "not a torch.nn.Module" in err
+    # A source model that cannot be built is the recipe's model.ref to fix, found when the model is loaded,
+    # before a run folder exists: exit 2 (as for any invalid recipe) with a message naming the field.
+    assert rc == 2
+    assert "model.ref" in err and "not a torch.nn.Module" in err
     assert "Traceback" not in err
-    assert list((tmp_path / "out").rglob("results.json")) == []  # nothing that passes for a finished run
+    assert list((tmp_path / "out").rglob("status.json")) == []  # no run folder, so nothing half-written
 
 
-def test_model_whose_constructor_raises_names_model_ref_and_the_run_says_failed(tmp_path, capsys):
+def test_model_whose_constructor_raises_names_model_ref_before_any_run_folder(tmp_path, capsys):
     (tmp_path / "wb_test_raising_factory.py").write_text(textwrap.dedent('''
         def make():
             raise RuntimeError("boom")
@@ -170,16 +170,13 @@ def test_model_whose_constructor_raises_names_model_ref_and_the_run_says_failed(
     recipe = {**RECIPE, "name": "raising-factory",
               "model": {**RECIPE["model"], "ref": "wb_test_raising_factory:make"},
               "bench": {**RECIPE["bench"], "batch_sizes": [1]}}
-    import json
-
     import yaml
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 1
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "model.ref 'wb_test_raising_factory:make'" in err and "boom" in err and "Traceback" not in err
-    run = next((tmp_path / "out" / "raising-factory").iterdir())
-    status = json.loads((run / "status.json").read_text())
-    assert status["state"] == "failed" and "boom" in status["reason"]
-    assert "run failed" in (run / "run.log").read_text()
+    # The model is loaded before the run folder is made: a model the run cannot use leaves nothing behind.
+    assert not (tmp_path / "out" / "raising-factory").exists() or not any(
+        p.name != "cache" for p in (tmp_path / "out" / "raising-factory").iterdir())

@@ -62,10 +62,15 @@ NOTES = {
     "TorchvisionModel.image_size": "height and width of the input images",
     "PythonModel.source": "`python`: your own `nn.Module`, built by a callable",
     "PythonModel.ref": "`package.module:callable` importable from the recipe's folder, returning an `nn.Module` "
-                       "whose forward takes the named inputs and returns one tensor (logits or an embedding)",
+                       "whose forward takes the named inputs and returns one tensor (logits or an embedding), "
+                       "a row per input row. It is built and called once on random inputs of the declared shapes "
+                       "before the run starts; a model that fails that is refused (exit 2). Its `.py` files count "
+                       "in the variant cache's key: edit them and the variants are built again",
     "PythonModel.kind": "what the output is: class logits or an embedding",
     "PythonModel.inputs": "the forward's inputs by name, e.g. `{x: {shape: [batch, 3, 32, 32]}}`",
-    "PythonModel.checkpoint": "a state_dict file (.safetensors or .pt, loaded with `weights_only=True`)",
+    "PythonModel.checkpoint": "a state_dict file (.safetensors or .pt, loaded with `weights_only=True`), or a "
+                              "training checkpoint dict holding it under `state_dict`, `model_state_dict`, `model`, "
+                              "`module` or `net`",
     "PythonModel.kwargs": "keyword arguments passed to the callable",
     "InputSpec.shape": "ints, or `batch` / `seq` (filled from `bench.batch_sizes` and `bench.seq_len`)",
     "InputSpec.dtype": "element type",
@@ -77,9 +82,12 @@ NOTES = {
                         "steps)",
     "FileData.source": "`file`: your own data file",
     "FileData.text_field": "the text column (.csv) or key (.jsonl)",
-    "FileData.label_field": "the label column or key; labels are integers or names from the model's `label2id`",
+    "FileData.label_field": "the label column or key; labels are class indices (whole numbers >= 0) or names "
+                            "from the model's `label2id`; anything else is refused with its rows",
     "ClassificationTask.type": "`classification`: accuracy on the held-out rows",
-    "ClassificationTask.data": "`{source: builtin, name: digits}` or a `.npz` file with arrays `x` and `y`",
+    "ClassificationTask.data": "`{source: builtin, name: digits}` or a `.npz` file with arrays `x` (one row per "
+                               "example, each of the model's one input's shape) and `y` (class indices >= 0, shape "
+                               "[N]), checked before the run starts",
     "ClassificationTask.eval_size": "score at most this many held-out rows (default: all)",
     "TextClassificationTask.type": "`text-classification`: accuracy on the held-out rows",
     "TextClassificationTask.data": "a `.csv` or `.jsonl` file with `text_field` and `label_field`",

@@ -141,9 +141,50 @@ def grouped_split(keys: list[str], labels, fraction: float, seed: int) -> tuple[
     return [i for i, k in enumerate(keys) if k not in held], [i for i, k in enumerate(keys) if k in held]
 
 
-def _npz(path) -> tuple[np.ndarray, np.ndarray]:
-    d = np.load(path)
-    return d["x"].astype(np.float32), d["y"].astype(np.int64)
+def _npz(recipe: Recipe, field: str, src: SourceModel) -> tuple[np.ndarray, np.ndarray]:
+    """x and y of the .npz at task.data.<field>, checked before any work: x numeric with one row per label
+    and each row the model's input shape, y integer class indices >= 0 of shape [N]. Anything else is the
+    file to fix (a RecipeError naming the field), never a truncated label or a library error mid-run."""
+    from core.errors import field_error
+
+    path = recipe.resolve(getattr(recipe.task.data, field))
+    where, name = str(recipe.path or "recipe"), f"task.data.{field}"
+    accepted = "a .npz with arrays x (one row per example, numeric) and y (integer class indices >= 0, shape [N])"
+
+    def bad(problem: str):
+        return field_error(where, name, problem, value=str(path), accepted=accepted)
+
+    try:
+        d = np.load(path, allow_pickle=False)
+        arrays = {k: d[k] for k in d.files}
+    except Exception as e:  # noqa: BLE001 - not a .npz, a pickled array, a broken file
+        raise bad(f"cannot be read as a .npz: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}") from None
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise bad(f"has no array {' or '.join(missing)} (it has {sorted(arrays) or 'none'})")
+    x, y = arrays["x"], arrays["y"]
+    if x.dtype.kind not in "biuf" or y.dtype.kind not in "biuf":
+        raise bad(f"x is {x.dtype} and y is {y.dtype}: both must be numbers (labels as names need a text task's "
+                  "label2id, or mapping to indices first)")
+    if y.ndim != 1:
+        raise bad(f"y has shape {list(y.shape)}" + (" (one-hot? y.argmax(1) gives the indices)" if y.ndim == 2 else ""))
+    if len(x) != len(y):
+        raise bad(f"x has {len(x)} rows and y has {len(y)}: one label per row")
+    if len(y) == 0:
+        raise bad("it has no rows")
+    if y.dtype.kind == "f" and not np.all(np.isfinite(y) & (y == np.round(y))):
+        odd = np.unique(y[~(np.isfinite(y) & (y == np.round(y)))])[:5].tolist()
+        raise bad(f"y holds values that are not whole numbers, e.g. {odd}: classification needs class indices")
+    if y.min() < 0:
+        raise bad(f"y holds negative labels, e.g. {int(y.min())}: class indices start at 0")
+    if len(src.io.inputs) != 1:
+        raise bad(f"an .npz feeds one input (x), and the model takes {len(src.io.inputs)} "
+                  f"({', '.join(src.io.inputs)}): use task: {{type: none}} or a model with one input")
+    shape = next(iter(src.io.inputs.values()))["shape"][1:]
+    if len(shape) != x.ndim - 1 or any(isinstance(d, int) and d != n for d, n in zip(shape, x.shape[1:])):
+        raise bad(f"each row of x has shape {list(x.shape[1:])}, and the model's input "
+                  f"{next(iter(src.io.inputs))!r} takes {shape} per row (model.inputs)")
+    return x.astype(np.float32), y.astype(np.int64)
 
 
 def build_task(recipe: Recipe, src: SourceModel) -> Task:
@@ -153,10 +194,10 @@ def build_task(recipe: Recipe, src: SourceModel) -> Task:
             x_tr, y_tr, x, y = digits_split()
             desc = "scikit-learn digits, held-out 25% split"
         elif t.data.eval_path:
-            (x_tr, y_tr), (x, y) = _npz(recipe.resolve(t.data.path)), _npz(recipe.resolve(t.data.eval_path))
+            (x_tr, y_tr), (x, y) = _npz(recipe, "path", src), _npz(recipe, "eval_path", src)
             desc = f"{t.data.eval_path} ({len(y)} rows) for evaluation, {t.data.path} ({len(y_tr)} rows) for the steps"
         else:
-            x_all, y_all = _npz(recipe.resolve(t.data.path))
+            x_all, y_all = _npz(recipe, "path", src)
             # Never score on rows that train, calibrate or rank: a stable, seeded, stratified share
             # of the file is held out, the rest is what the steps may use.
             train_idx, held_idx = stratified_split(y_all, t.data.eval_fraction, recipe.seed)
@@ -235,7 +276,8 @@ def _text_rows(recipe: Recipe, data, *, labelled: bool, src: SourceModel = None)
     identical texts on one side."""
     def rows(path):
         texts, labels = read_text_file(recipe.resolve(path), data.text_field, data.label_field if labelled else None)
-        return texts, (_label_ids(labels, src) if labelled else None)
+        where = f"{recipe.path or 'recipe'}: {path}"
+        return texts, (_label_ids(labels, src, where, data.label_field) if labelled else None)
 
     def pick(texts, labels, idx):
         return [(texts[i], labels[i]) if labelled else texts[i] for i in idx]
@@ -251,14 +293,33 @@ def _text_rows(recipe: Recipe, data, *, labelled: bool, src: SourceModel = None)
             f"{recipe.seed}; identical texts on one side), {len(train_idx)} for the steps")
 
 
-def _label_ids(labels: list, src: SourceModel) -> list[int]:
-    try:
-        return [int(v) for v in labels]
-    except (TypeError, ValueError):
-        pass
+def _class_index(v) -> Optional[int]:
+    """A label that is a class index: a whole number >= 0 (1, 1.0, "1"); None for anything else (0.95, "", "pos")."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, str) and v.strip().isdigit():
+        v = int(v.strip())
+    return v if isinstance(v, int) and v >= 0 else None
+
+
+def _label_ids(labels: list, src: SourceModel, where: str, field: str) -> list[int]:
+    """Class indices for the labels of a text file: whole numbers >= 0 as they are, names through the model's
+    label2id. Anything else (a fraction, an empty or unknown name) is the file to fix, named with its rows."""
+    from core.errors import field_error
+
+    ids = [_class_index(v) for v in labels]
+    if all(i is not None for i in ids):
+        return ids
     config = getattr(getattr(src.module, "model", None), "config", None)
-    mapping = getattr(config, "label2id", None) or {}
-    unknown = sorted({str(v) for v in labels} - set(mapping))
-    if unknown:
-        raise ValueError(f"labels {unknown[:5]} are not integers and not in the model's label2id {sorted(mapping)}")
-    return [int(mapping[str(v)]) for v in labels]
+    mapping = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
+    if mapping and all(str(v) in mapping for v in labels):
+        return [mapping[str(v)] for v in labels]
+    bad = [(i, v) for i, v in enumerate(labels) if _class_index(v) is None and str(v) not in mapping]
+    if not bad:  # indices and names mixed: each as what it is
+        return [mapping[str(v)] if str(v) in mapping else _class_index(v) for v in labels]
+    shown = ", ".join(f"row {i + 1}: {v!r}" for i, v in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    names = f"a name in the model's label2id {sorted(mapping)}" if mapping else "a name (the model has no label2id)"
+    raise field_error(where, f"task.data.label_field ({field!r})", f"{len(bad)} label(s) are neither a class index "
+                      f"(a whole number >= 0) nor {names}: {shown}")

@@ -183,14 +183,36 @@ def _tokenizer_or_builtin(path: str, vocab: int):
 
 
 # ----------------------------------------------------------------------------- torchvision / python
-def _load_state_dict(module: nn.Module, path: Path) -> None:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+# Where training scripts commonly nest the weights in a checkpoint dict ({"model": state_dict, "epoch": 3}).
+_STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
-    module.load_state_dict(state)
+
+def _load_state_dict(module: nn.Module, path: Path, recipe: Optional[Recipe] = None) -> None:
+    """The checkpoint's weights into `module`. A file that is not a state_dict of this model is the recipe's
+    `model.checkpoint` to fix, said before any work (a RecipeError), not a library traceback."""
+    from core.errors import field_error
+
+    where = str(recipe.path) if recipe is not None and recipe.path else "recipe"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same mistake
+        raise field_error(where, "model.checkpoint", "cannot be read as a state_dict (.safetensors, or a .pt "
+                          "holding tensors only: code in a pickle is never loaded): "
+                          f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}", value=str(path)) from None
+    if isinstance(state, dict):
+        nested = [k for k in _STATE_KEYS if isinstance(state.get(k), dict)]
+        if nested and not any(isinstance(v, torch.Tensor) for v in state.values()):
+            state = state[nested[0]]  # a training checkpoint: the weights are under one key
+    try:
+        module.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - missing or unexpected keys, wrong shapes
+        raise field_error(where, "model.checkpoint", "does not fit the model: "
+                          f"{type(e).__name__}: {' '.join(str(e).split())[:600]}", value=str(path)) from None
 
 
 def torchvision_model(spec: TorchvisionModel, recipe: Recipe) -> SourceModel:
@@ -198,7 +220,7 @@ def torchvision_model(spec: TorchvisionModel, recipe: Recipe) -> SourceModel:
 
     module = torchvision.models.get_model(spec.name, weights=None, num_classes=spec.num_classes)
     if spec.checkpoint:
-        _load_state_dict(module, recipe.resolve(spec.checkpoint))
+        _load_state_dict(module, recipe.resolve(spec.checkpoint), recipe)
     io = ModelIO(inputs={"pixels": {"shape": ["batch", 3, spec.image_size, spec.image_size], "dtype": "float32"}},
                  kind="classifier")
     return SourceModel(_NamedInput(module).eval(), io, description=f"torchvision:{spec.name}")
@@ -216,16 +238,52 @@ class _NamedInput(nn.Module):
 
 
 def python_model(spec: PythonModel, recipe: Recipe) -> SourceModel:
+    """Your own nn.Module, built, loaded and called once on random inputs of the declared shapes: a model the
+    run could not use (a builder that raises, a forward that does not take the declared inputs or does not
+    return one tensor) is the recipe's to fix, said before any work."""
+    from core.errors import RecipeError, field_error
+
+    where = str(recipe.path) if recipe.path else "recipe"
+    build = resolve_ref(spec.ref, recipe.resolve("."))
     try:
-        module = resolve_ref(spec.ref, recipe.resolve("."))(**spec.kwargs)
-    except Exception as e:
-        raise RuntimeError(f"model.ref {spec.ref!r}: building the model raised {type(e).__name__}: {e}") from e
+        module = build(**spec.kwargs)
+    except Exception as e:  # noqa: BLE001 - whatever the user's code raises
+        field = "model.kwargs" if isinstance(e, TypeError) and spec.kwargs else "model.ref"
+        raise RecipeError(f"{where}: field '{field}': model.ref {spec.ref!r}: building the model raised "
+                          f"{type(e).__name__}: {e}") from None
     if not isinstance(module, nn.Module):
-        raise TypeError(f"model.ref {spec.ref} returned {type(module).__name__}, not a torch.nn.Module")
+        raise field_error(where, "model.ref", f"{spec.ref} returned a {type(module).__name__}, not a "
+                          "torch.nn.Module (the callable must build and return the model)")
     if spec.checkpoint:
-        _load_state_dict(module, recipe.resolve(spec.checkpoint))
+        _load_state_dict(module, recipe.resolve(spec.checkpoint), recipe)
     io = ModelIO(inputs={k: v.model_dump() for k, v in spec.inputs.items()}, kind=spec.kind)
-    return SourceModel(module.eval(), io, description=f"python:{spec.ref}")
+    _check_forward(module.eval(), io, spec, recipe, where)
+    return SourceModel(module, io, description=f"python:{spec.ref}")
+
+
+def _check_forward(module: nn.Module, io: ModelIO, spec: PythonModel, recipe: Recipe, where: str) -> None:
+    """One call at batch 2 on random inputs of the declared shapes, by keyword, as every stage calls it."""
+    from core.errors import RecipeError
+
+    feeds = {k: torch.from_numpy(v) for k, v in io.make(2, recipe.bench.seq_len, seed=recipe.seed).items()}
+    try:
+        with torch.inference_mode():
+            out = module(**feeds)
+    except TypeError as e:
+        raise RecipeError(f"{where}: field 'model.inputs': the model's forward does not take the declared inputs "
+                          f"({', '.join(io.inputs)}) as keyword arguments: {e}. Name model.inputs after forward's "
+                          "parameters") from None
+    except Exception as e:  # noqa: BLE001 - a shape or dtype the model cannot take
+        raise RecipeError(f"{where}: field 'model.inputs': one call of the model on random inputs of the declared "
+                          f"shapes ({', '.join(f'{k} {list(v.shape)}' for k, v in feeds.items())}) raised "
+                          f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+    want = "class logits [batch, classes]" if spec.kind == "classifier" else "an embedding [batch, dim]"
+    if not isinstance(out, torch.Tensor):
+        raise RecipeError(f"{where}: field 'model.ref': forward must return one tensor ({want}); it returned a "
+                          f"{type(out).__name__}. Wrap the model in a module whose forward returns that tensor")
+    if out.dim() == 0 or out.shape[0] != 2:
+        raise RecipeError(f"{where}: field 'model.ref': forward must return one row per input row ({want}); for "
+                          f"a batch of 2 it returned shape {list(out.shape)}")
 
 
 def load_model(recipe: Recipe, quick: bool = False) -> SourceModel:
