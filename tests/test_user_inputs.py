@@ -83,6 +83,12 @@ def test_labels_that_are_not_class_indices_are_refused_before_any_work(tmp_path,
     _refused(recipe, tmp_path, capsys, *words)
 
 
+def test_labels_past_the_models_outputs_are_refused_naming_both(tmp_path, capsys):
+    recipe = _project(tmp_path, "wb_user_mlp_width3")  # 3 outputs
+    np.savez(tmp_path / "data.npz", x=np.zeros((60, 8), np.float32), y=np.arange(60) % 5)
+    _refused(recipe, tmp_path, capsys, "task.data", "labels go up to 4", "outputs 3 class scores")
+
+
 def test_x_of_the_wrong_width_and_a_missing_array_are_refused(tmp_path, capsys):
     recipe = _project(tmp_path, "wb_user_mlp_width")
     np.savez(tmp_path / "data.npz", x=np.zeros((60, 10), np.float32), y=np.arange(60) % 3)

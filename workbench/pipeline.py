@@ -131,6 +131,27 @@ class Run:
         self.src = load_model(self.recipe, self.quick)
         route_library_loggers()  # now that the model's libraries are loaded
         self.task = build_task(self.recipe, self.src)
+        self._check_labels()
+
+    def _check_labels(self) -> None:
+        """A classifier scored on labels past its output width would sit at chance with no reason given:
+        say which labels the model cannot predict, from one forward call on the first evaluation batch."""
+        import numpy as np
+
+        from core.errors import RecipeError
+        from runtime.infer import torch_outputs
+
+        t = self.task
+        labels = [np.asarray(a) for a in (t.labels, t.train_labels) if a is not None and len(a)]
+        if not labels or not t.eval_batches or self.src.io.kind != "classifier":
+            return
+        width = torch_outputs(self.src.module, t.eval_batches[:1]).shape[-1]
+        top = int(max(a.max() for a in labels))
+        if top >= width:
+            where = str(self.recipe.path or "recipe")
+            raise RecipeError(f"{where}: field 'task.data': the labels go up to {top}, and the model outputs {width} "
+                              f"class scores (labels 0 to {width - 1}): a model with {top + 1} or more outputs, or "
+                              "labels as indices into its outputs")
 
     def _status(self, state: str, **fields) -> None:
         """status.json: running -> finished, failed (with the reason) or interrupted. A run killed
