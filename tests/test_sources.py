@@ -99,12 +99,28 @@ def test_embedding_fidelity_ignores_scale_but_not_direction():
 
 # ----------------------------------------------------------------------------- text files
 def test_read_text_file_csv_and_jsonl(tmp_path):
+    from core.errors import RecipeError
+
     (tmp_path / "d.csv").write_text("text,label\nhello there,1\nbye now,0\n")
     assert read_text_file(tmp_path / "d.csv", "text", "label") == (["hello there", "bye now"], ["1", "0"])
     (tmp_path / "d.jsonl").write_text('{"t": "a b", "y": 1}\n\n{"t": "c d", "y": 0}\n')
     assert read_text_file(tmp_path / "d.jsonl", "t", "y") == (["a b", "c d"], [1, 0])
-    with pytest.raises(ValueError, match="no column 'label'"):
+    with pytest.raises(RecipeError, match="field 'task.data.label_field': no column 'label'"):
         read_text_file(tmp_path / "d.jsonl", "t", "label")
+
+
+def test_read_text_file_takes_what_spreadsheets_write_and_names_the_rows_it_cannot(tmp_path):
+    from core.errors import RecipeError
+
+    # A byte-order mark and semicolons (a spreadsheet's "CSV UTF-8" in a comma-decimal locale), a quoted newline.
+    (tmp_path / "excel.csv").write_bytes('\ufefftext;label\n"hello; there\nfriend";1\nbye now;0\n'.encode("utf-8"))
+    assert read_text_file(tmp_path / "excel.csv", "text", "label") == (["hello; there\nfriend", "bye now"], ["1", "0"])
+    (tmp_path / "null.jsonl").write_text('{"text": "a", "label": 1}\n{"text": null, "label": 0}\n{"label": 1}\n')
+    with pytest.raises(RecipeError, match=r"task.data.text_field'.*2 row\(s\) have no 'text' \(rows 2, 3\)"):
+        read_text_file(tmp_path / "null.jsonl", "text", "label")
+    (tmp_path / "broken.jsonl").write_text('{"text": "a", "label": 1}\n{"text": "b", label: 0}\n')
+    with pytest.raises(RecipeError, match="line 2 is not JSON"):
+        read_text_file(tmp_path / "broken.jsonl", "text", "label")
 
 
 # ----------------------------------------------------------------------------- HF text classifier

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_text_model, the_run_dir, write_yaml
+from conftest import make_tiny_causal_lm, make_tiny_text_model, the_run_dir, write_yaml
 from workbench.cli import main
 from workbench.recipe import load_recipe
 from workbench.variants import root_key
@@ -196,3 +196,14 @@ def test_an_onnx_step_on_an_export_outside_parity_fails_its_variant_and_preproce
     notes = {n["step"]: n for n in q["notes"]}
     assert notes["onnx-quantize"]["preprocess"].startswith("applied"), notes["onnx-quantize"]
     assert notes["onnx export (implicit, before an ONNX step)"]["parity"]["max_abs_diff"] < 1e-4
+
+
+def test_held_out_text_shorter_than_one_block_is_refused_naming_block_size(tmp_path, capsys):
+    model = make_tiny_causal_lm(tmp_path / "lm")
+    (tmp_path / "notes.txt").write_text("\n\n".join(f"A short paragraph number {i} about nothing much." for i in range(8)))
+    recipe = write_yaml(tmp_path / "lm.yaml", {
+        "name": "short", "model": {"source": "hf", "path": str(model), "head": "causal-lm"},
+        "task": {"type": "language-modeling", "data": {"source": "file", "path": "notes.txt"}, "block_size": 512},
+        "variants": {"baseline": {}}, "export": {"formats": []},
+        "bench": {"backends": ["torch-cpu"], "batch_sizes": [1], "repeats": 1, "profile": False}})
+    _refused(recipe, tmp_path, capsys, "task.block_size", "less than one block of 512")

@@ -242,7 +242,12 @@ def _language_modeling(recipe: Recipe, t: LanguageModelingTask, src: SourceModel
         train, held, desc = _text_rows(recipe, t.data, labelled=False)
     eval_blocks = pack_blocks(src.tokenizer, held, t.block_size)[:t.eval_blocks]
     if not len(eval_blocks):
-        raise ValueError(f"task.data: the held-out text is shorter than one block of {t.block_size} tokens")
+        from core.errors import RecipeError
+
+        tokens = sum(len(src.tokenizer(text)["input_ids"]) + 1 for text in held)  # + the end-of-text between texts
+        raise RecipeError(f"{recipe.path or 'recipe'}: field 'task.block_size': the held-out text is about {tokens} "
+                          f"tokens, less than one block of {t.block_size}: a block_size of at most {max(tokens, 2)}, "
+                          "more text, or a larger task.data.eval_fraction")
     train_blocks = pack_blocks(src.tokenizer, train, t.block_size)
     random = getattr(src, "random_weights", False)
     return Task("language-modeling", _block_batches(eval_blocks), None, _block_batches(train_blocks),

@@ -78,24 +78,51 @@ def stdlib_docstrings() -> tuple[list[str], list[str]]:
 
 def read_text_file(path: Path, text_field: str, label_field: str | None) -> tuple[list[str], list]:
     """Rows of a .csv or .jsonl file: (texts, labels); labels empty when label_field is None. A .txt file
-    (unlabelled text only) gives one row per document, documents separated by blank lines."""
+    (unlabelled text only) gives one row per document, documents separated by blank lines. A file the task
+    cannot use (a missing column, a malformed line, rows without a text or a label) is a RecipeError that
+    names the file, the field and the rows, raised before any work."""
+    from core.errors import RecipeError
+
+    fields = [("task.data.text_field", text_field)] + ([("task.data.label_field", label_field)] if label_field else [])
     rows: list[dict]
     if path.suffix == ".txt" and label_field is None:
-        docs = [d.strip() for d in path.read_text(encoding="utf-8", errors="replace").split("\n\n")]
+        docs = [d.strip() for d in path.read_text(encoding="utf-8-sig", errors="replace").split("\n\n")]
         rows = [{text_field: d} for d in docs if d]
     elif path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
+        # utf-8-sig: a spreadsheet's byte-order mark would otherwise become part of the first column's name.
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            header = fh.readline()
+            fh.seek(0)
+            # The delimiter whose header holds the named columns (a European spreadsheet writes ';').
+            wanted = [name for _, name in fields]
+            delimiter = next((d for d in ",;\t|" if all(w in next(csv.reader([header], delimiter=d), [])
+                                                           for w in wanted)), ",")
+            rows = list(csv.DictReader(fh, delimiter=delimiter))
     elif path.suffix in (".jsonl", ".ndjson"):
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecipeError(f"{path}: line {n} is not JSON ({e.msg}): {line[:80]!r}") from None
+            if not isinstance(row, dict):
+                raise RecipeError(f"{path}: line {n} is a JSON {type(row).__name__}, not an object with "
+                                  f"{' and '.join(repr(w) for _, w in fields)}")
+            rows.append(row)
     else:
         accepted = ".csv or .jsonl" if label_field else ".txt, .csv or .jsonl"
-        raise ValueError(f"{path}: text data must be {accepted}, not '{path.suffix}'")
+        raise RecipeError(f"{path}: text data must be {accepted}, not '{path.suffix}'")
     if not rows:
-        raise ValueError(f"{path}: no rows")
-    missing = [f for f in (text_field, label_field) if f and f not in rows[0]]
-    if missing:
-        raise ValueError(f"{path}: no column {missing[0]!r}; columns are {sorted(rows[0])}")
+        raise RecipeError(f"{path}: no rows")
+    for field, name in fields:
+        if name not in rows[0]:
+            raise RecipeError(f"{path}: field '{field}': no column {name!r}; the columns are {sorted(rows[0])}")
+        gaps = [i + 1 for i, r in enumerate(rows) if r.get(name) is None]
+        if gaps:  # a jsonl row without the key or with null, a csv row cut short
+            shown = ", ".join(map(str, gaps[:5])) + (f" and {len(gaps) - 5} more" if len(gaps) > 5 else "")
+            raise RecipeError(f"{path}: field '{field}': {len(gaps)} row(s) have no {name!r} (rows {shown})")
     texts = [str(r[text_field]) for r in rows]
     labels = [r[label_field] for r in rows] if label_field else []
     return texts, labels
