@@ -138,7 +138,7 @@ class Run:
         say which labels the model cannot predict, from one forward call on the first evaluation batch."""
         import numpy as np
 
-        from core.errors import RecipeError
+        from core.errors import field_error
         from runtime.infer import torch_outputs
 
         t = self.task
@@ -148,10 +148,9 @@ class Run:
         width = torch_outputs(self.src.module, t.eval_batches[:1]).shape[-1]
         top = int(max(a.max() for a in labels))
         if top >= width:
-            where = str(self.recipe.path or "recipe")
-            raise RecipeError(f"{where}: field 'task.data': the labels go up to {top}, and the model outputs {width} "
-                              f"class scores (labels 0 to {width - 1}): a model with {top + 1} or more outputs, or "
-                              "labels as indices into its outputs")
+            raise field_error(self.recipe.where, "task.data", f"the labels go up to {top}, and the model outputs "
+                              f"{width} class scores (labels 0 to {width - 1}): a model with {top + 1} or more outputs, "
+                              "or labels as indices into its outputs")
 
     def _status(self, state: str, **fields) -> None:
         """status.json: running -> finished, failed (with the reason) or interrupted. A run killed

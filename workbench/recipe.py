@@ -433,6 +433,11 @@ class Recipe(Strict):
         return self._path
 
     @property
+    def where(self) -> str:
+        """How messages about this recipe name it: its file, or 'recipe' for one built in code."""
+        return str(self._path) if self._path else "recipe"
+
+    @property
     def model_kind(self) -> str:
         """'classifier', 'embedding' or 'causal-lm': what the model's single output means."""
         return model_kind(self.model)

@@ -148,11 +148,10 @@ def _npz(recipe: Recipe, field: str, src: SourceModel) -> tuple[np.ndarray, np.n
     from core.errors import field_error
 
     path = recipe.resolve(getattr(recipe.task.data, field))
-    where, name = str(recipe.path or "recipe"), f"task.data.{field}"
     accepted = "a .npz with arrays x (one row per example, numeric) and y (integer class indices >= 0, shape [N])"
 
     def bad(problem: str):
-        return field_error(where, name, problem, value=str(path), accepted=accepted)
+        return field_error(recipe.where, f"task.data.{field}", problem, value=str(path), accepted=accepted)
 
     try:
         d = np.load(path, allow_pickle=False)
@@ -172,8 +171,9 @@ def _npz(recipe: Recipe, field: str, src: SourceModel) -> tuple[np.ndarray, np.n
         raise bad(f"x has {len(x)} rows and y has {len(y)}: one label per row")
     if len(y) == 0:
         raise bad("it has no rows")
-    if y.dtype.kind == "f" and not np.all(np.isfinite(y) & (y == np.round(y))):
-        odd = np.unique(y[~(np.isfinite(y) & (y == np.round(y)))])[:5].tolist()
+    whole = np.isfinite(y) & (y == np.round(y)) if y.dtype.kind == "f" else np.ones(len(y), bool)
+    if not whole.all():
+        odd = np.unique(y[~whole])[:5].tolist()
         raise bad(f"y holds values that are not whole numbers, e.g. {odd}: classification needs class indices")
     if y.min() < 0:
         raise bad(f"y holds negative labels, e.g. {int(y.min())}: class indices start at 0")
@@ -242,12 +242,12 @@ def _language_modeling(recipe: Recipe, t: LanguageModelingTask, src: SourceModel
         train, held, desc = _text_rows(recipe, t.data, labelled=False)
     eval_blocks = pack_blocks(src.tokenizer, held, t.block_size)[:t.eval_blocks]
     if not len(eval_blocks):
-        from core.errors import RecipeError
+        from core.errors import field_error
 
         tokens = sum(len(src.tokenizer(text)["input_ids"]) + 1 for text in held)  # + the end-of-text between texts
-        raise RecipeError(f"{recipe.path or 'recipe'}: field 'task.block_size': the held-out text is about {tokens} "
-                          f"tokens, less than one block of {t.block_size}: a block_size of at most {max(tokens, 2)}, "
-                          "more text, or a larger task.data.eval_fraction")
+        raise field_error(recipe.where, "task.block_size", f"the held-out text is about {tokens} tokens, less than "
+                          f"one block of {t.block_size}: a block_size of at most {max(tokens, 2)}, more text, or a "
+                          "larger task.data.eval_fraction")
     train_blocks = pack_blocks(src.tokenizer, train, t.block_size)
     random = getattr(src, "random_weights", False)
     return Task("language-modeling", _block_batches(eval_blocks), None, _block_batches(train_blocks),
@@ -281,7 +281,7 @@ def _text_rows(recipe: Recipe, data, *, labelled: bool, src: SourceModel = None)
     identical texts on one side."""
     def rows(path):
         texts, labels = read_text_file(recipe.resolve(path), data.text_field, data.label_field if labelled else None)
-        where = f"{recipe.path or 'recipe'}: {path}"
+        where = f"{recipe.where}: {path}"
         return texts, (_label_ids(labels, src, where, data.label_field) if labelled else None)
 
     def pick(texts, labels, idx):

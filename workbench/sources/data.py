@@ -81,7 +81,7 @@ def read_text_file(path: Path, text_field: str, label_field: str | None) -> tupl
     (unlabelled text only) gives one row per document, documents separated by blank lines. A file the task
     cannot use (a missing column, a malformed line, rows without a text or a label) is a RecipeError that
     names the file, the field and the rows, raised before any work."""
-    from core.errors import RecipeError
+    from core.errors import RecipeError, field_error
 
     fields = [("task.data.text_field", text_field)] + ([("task.data.label_field", label_field)] if label_field else [])
     rows: list[dict]
@@ -118,11 +118,11 @@ def read_text_file(path: Path, text_field: str, label_field: str | None) -> tupl
         raise RecipeError(f"{path}: no rows")
     for field, name in fields:
         if name not in rows[0]:
-            raise RecipeError(f"{path}: field '{field}': no column {name!r}; the columns are {sorted(rows[0])}")
+            raise field_error(str(path), field, f"no column {name!r}; the columns are {sorted(rows[0])}")
         gaps = [i + 1 for i, r in enumerate(rows) if r.get(name) is None]
         if gaps:  # a jsonl row without the key or with null, a csv row cut short
             shown = ", ".join(map(str, gaps[:5])) + (f" and {len(gaps) - 5} more" if len(gaps) > 5 else "")
-            raise RecipeError(f"{path}: field '{field}': {len(gaps)} row(s) have no {name!r} (rows {shown})")
+            raise field_error(str(path), field, f"{len(gaps)} row(s) have no {name!r} (rows {shown})")
     texts = [str(r[text_field]) for r in rows]
     labels = [r[label_field] for r in rows] if label_field else []
     return texts, labels

@@ -192,7 +192,7 @@ def _load_state_dict(module: nn.Module, path: Path, recipe: Optional[Recipe] = N
     `model.checkpoint` to fix, said before any work (a RecipeError), not a library traceback."""
     from core.errors import field_error
 
-    where = str(recipe.path) if recipe is not None and recipe.path else "recipe"
+    where = recipe.where if recipe is not None else "recipe"
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -241,48 +241,47 @@ def python_model(spec: PythonModel, recipe: Recipe) -> SourceModel:
     """Your own nn.Module, built, loaded and called once on random inputs of the declared shapes: a model the
     run could not use (a builder that raises, a forward that does not take the declared inputs or does not
     return one tensor) is the recipe's to fix, said before any work."""
-    from core.errors import RecipeError, field_error
+    from core.errors import field_error
 
-    where = str(recipe.path) if recipe.path else "recipe"
     build = resolve_ref(spec.ref, recipe.resolve("."))
     try:
         module = build(**spec.kwargs)
     except Exception as e:  # noqa: BLE001 - whatever the user's code raises
         field = "model.kwargs" if isinstance(e, TypeError) and spec.kwargs else "model.ref"
-        raise RecipeError(f"{where}: field '{field}': model.ref {spec.ref!r}: building the model raised "
+        raise field_error(recipe.where, field, f"model.ref {spec.ref!r}: building the model raised "
                           f"{type(e).__name__}: {e}") from None
     if not isinstance(module, nn.Module):
-        raise field_error(where, "model.ref", f"{spec.ref} returned a {type(module).__name__}, not a "
+        raise field_error(recipe.where, "model.ref", f"{spec.ref} returned a {type(module).__name__}, not a "
                           "torch.nn.Module (the callable must build and return the model)")
     if spec.checkpoint:
         _load_state_dict(module, recipe.resolve(spec.checkpoint), recipe)
     io = ModelIO(inputs={k: v.model_dump() for k, v in spec.inputs.items()}, kind=spec.kind)
-    _check_forward(module.eval(), io, spec, recipe, where)
+    _check_forward(module.eval(), io, spec, recipe)
     return SourceModel(module, io, description=f"python:{spec.ref}")
 
 
-def _check_forward(module: nn.Module, io: ModelIO, spec: PythonModel, recipe: Recipe, where: str) -> None:
+def _check_forward(module: nn.Module, io: ModelIO, spec: PythonModel, recipe: Recipe) -> None:
     """One call at batch 2 on random inputs of the declared shapes, by keyword, as every stage calls it."""
-    from core.errors import RecipeError
+    from core.errors import field_error
 
     feeds = {k: torch.from_numpy(v) for k, v in io.make(2, recipe.bench.seq_len, seed=recipe.seed).items()}
     try:
         with torch.inference_mode():
             out = module(**feeds)
     except TypeError as e:
-        raise RecipeError(f"{where}: field 'model.inputs': the model's forward does not take the declared inputs "
+        raise field_error(recipe.where, "model.inputs", "the model's forward does not take the declared inputs "
                           f"({', '.join(io.inputs)}) as keyword arguments: {e}. Name model.inputs after forward's "
                           "parameters") from None
     except Exception as e:  # noqa: BLE001 - a shape or dtype the model cannot take
-        raise RecipeError(f"{where}: field 'model.inputs': one call of the model on random inputs of the declared "
+        raise field_error(recipe.where, "model.inputs", "one call of the model on random inputs of the declared "
                           f"shapes ({', '.join(f'{k} {list(v.shape)}' for k, v in feeds.items())}) raised "
                           f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
     want = "class logits [batch, classes]" if spec.kind == "classifier" else "an embedding [batch, dim]"
     if not isinstance(out, torch.Tensor):
-        raise RecipeError(f"{where}: field 'model.ref': forward must return one tensor ({want}); it returned a "
+        raise field_error(recipe.where, "model.ref", f"forward must return one tensor ({want}); it returned a "
                           f"{type(out).__name__}. Wrap the model in a module whose forward returns that tensor")
     if out.dim() == 0 or out.shape[0] != 2:
-        raise RecipeError(f"{where}: field 'model.ref': forward must return one row per input row ({want}); for "
+        raise field_error(recipe.where, "model.ref", f"forward must return one row per input row ({want}); for "
                           f"a batch of 2 it returned shape {list(out.shape)}")
 
 
