@@ -149,7 +149,8 @@ def text_project(tmp_path_factory):
 
 def test_text_classification_recipe_validates(text_project, capsys):
     assert main(["validate", str(text_project / "tiny-text.yaml")]) == 0
-    assert "valid" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "valid" in out and "tiny-bert" in out and "metric: accuracy" in out, out
 
 
 def test_text_classification_task_from_csv(text_project):
@@ -159,6 +160,8 @@ def test_text_classification_task_from_csv(text_project):
     texts, labels = read_text_file(text_project / "data.csv", "text", "label")
     _, held = grouped_split(texts, labels, 0.25, recipe.seed)
     assert task.type == "classification" and task.primary == "accuracy"
+    assert task.summary()["type"] == "text-classification"  # results.json says what the recipe asked for
+    assert task.summary()["scoring"] == "classification"
     assert task.eval_size == len(held) > 0
     batch = task.eval_batches[0]
     assert set(batch) == {"input_ids", "attention_mask"}

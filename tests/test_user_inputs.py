@@ -89,6 +89,35 @@ def test_labels_past_the_models_outputs_are_refused_naming_both(tmp_path, capsys
     _refused(recipe, tmp_path, capsys, "task.data", "labels go up to 4", "outputs 3 class scores")
 
 
+def test_validate_reads_the_model_and_data_as_run_does_unless_recipe_only(tmp_path, capsys):
+    """`validate` said "valid" for a data file `run` then refused: it now loads both, as `run` does first."""
+    recipe = _project(tmp_path, "wb_user_mlp_validate")
+    assert main(["validate", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "model: python:wb_user_mlp_validate:make" in out and "metric: accuracy" in out, out
+    np.savez(tmp_path / "data.npz", x=np.zeros((60, 8), np.float32), y=np.arange(60) % 5)
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "task.data" in err and "labels go up to 4" in err and "Traceback" not in err, err
+    assert main(["validate", "--recipe-only", str(recipe)]) == 0  # the recipe file alone is fine
+    assert not (tmp_path / "reports").exists()
+
+
+def test_a_backend_whose_format_no_variant_has_is_refused(tmp_path, capsys):
+    recipe = _project(tmp_path, "wb_user_mlp_formats")
+    import yaml
+
+    raw = yaml.safe_load(recipe.read_text())
+    raw["bench"]["backends"] = ["torch-cpu", "openvino-cpu"]  # export.formats is []
+    write_yaml(recipe, raw)
+    assert main(["validate", "--recipe-only", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "bench.backends[1]" in err and "add openvino to export.formats" in err, err
+    raw["export"]["formats"] = ["openvino"]
+    write_yaml(recipe, raw)
+    assert main(["validate", "--recipe-only", str(recipe)]) == 0
+
+
 def test_x_of_the_wrong_width_and_a_missing_array_are_refused(tmp_path, capsys):
     recipe = _project(tmp_path, "wb_user_mlp_width")
     np.savez(tmp_path / "data.npz", x=np.zeros((60, 10), np.float32), y=np.arange(60) % 3)

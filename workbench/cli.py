@@ -36,8 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --executor ray: join the cluster there (what `ray start --head` prints); "
                    "default: start a local Ray instance")
 
-    v = sub.add_parser("validate", help="check a recipe; do no work")
+    v = sub.add_parser("validate", help="check a recipe, then load its model and data as a run would first; "
+                       "compress and measure nothing")
     v.add_argument("recipe")
+    v.add_argument("--recipe-only", action="store_true",
+                   help="check the recipe file alone: do not load the model or read the data files")
 
     rep = sub.add_parser("report", help="rebuild a run's report from its results.json")
     rep.add_argument("run_dir")
@@ -152,6 +155,13 @@ def _dispatch(args) -> int:
     if args.command == "validate":
         recipe = load_recipe(args.recipe)
         print(f"{args.recipe}: valid ({len(recipe.variants)} variants, backends {', '.join(recipe.all_backends())})")
+        if not args.recipe_only:  # what `run` checks before its run folder: the model and the data it reads
+            from workbench.pipeline import Run
+
+            run = Run(recipe)
+            run.load()
+            print(f"  model: {run.src.description}")
+            print(f"  task: {run.task.description}")
         return 0
     if args.command == "run":
         run_dir = run_command(args.recipe, args.out, quick=args.quick, executor=args.executor,

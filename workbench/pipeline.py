@@ -35,6 +35,7 @@ class Run:
         self.cache = VariantCache(self.out_root / recipe.name / "cache")
         self.models: dict = {}
         self.keys: dict = {}
+        self.gated: dict = {}  # (parent's key, exporter) -> parity of its ONNX export gated before an ONNX step
 
     @property
     def timing(self) -> dict:
@@ -48,7 +49,7 @@ class Run:
         # First, before any work: an executor that cannot start (no Ray, no cluster there) is the user's to fix.
         self.executor = make_executor(b.executor, b.ray_address, {k: v.model_dump() for k, v in b.placement.items()})
         try:
-            self._load()
+            self.load()
         except BaseException:
             self.executor.close()
             raise
@@ -119,7 +120,7 @@ class Run:
             watcher.stop()
             close_log(handler)
 
-    def _load(self) -> None:
+    def load(self) -> None:
         """The source model and the task, before a run folder exists: a model or a data file the run cannot
         use (a RecipeError naming the field) ends it here, with nothing half-written."""
         import torch
@@ -131,26 +132,6 @@ class Run:
         self.src = load_model(self.recipe, self.quick)
         route_library_loggers()  # now that the model's libraries are loaded
         self.task = build_task(self.recipe, self.src)
-        self._check_labels()
-
-    def _check_labels(self) -> None:
-        """A classifier scored on labels past its output width would sit at chance with no reason given:
-        say which labels the model cannot predict, from one forward call on the first evaluation batch."""
-        import numpy as np
-
-        from core.errors import field_error
-        from runtime.infer import torch_outputs
-
-        t = self.task
-        labels = [np.asarray(a) for a in (t.labels, t.train_labels) if a is not None and len(a)]
-        if not labels or not t.eval_batches or self.src.io.kind != "classifier":
-            return
-        width = torch_outputs(self.src.module, t.eval_batches[:1]).shape[-1]
-        top = int(max(a.max() for a in labels))
-        if top >= width:
-            raise field_error(self.recipe.where, "task.data", f"the labels go up to {top}, and the model outputs "
-                              f"{width} class scores (labels 0 to {width - 1}): a model with {top + 1} or more outputs, "
-                              "or labels as indices into its outputs")
 
     def _status(self, state: str, **fields) -> None:
         """status.json: running -> finished, failed (with the reason) or interrupted. A run killed

@@ -579,6 +579,7 @@ def check_recipe(recipe: Recipe, where: str) -> None:
                                           f"variants.{name}.steps")
 
     _check_search(recipe, where, fmt)
+    _check_backend_formats(recipe, where, fmt)
     _check_backend_options(recipe, where)
     _check_variant_formats(recipe, where)
     _check_scenarios(recipe, where)
@@ -692,6 +693,21 @@ def _check_variant_formats(recipe: Recipe, where: str) -> None:
                 raise field_error(where, f"variants.{name}.formats[{i}]", "a variant's formats narrow "
                                   "export.formats; add it there to export it", value=fmt,
                                   accepted=recipe.export.formats)
+
+
+def _check_backend_formats(recipe: Recipe, where: str, fmt: dict[str, str]) -> None:
+    """A backend runs one artifact format: one that no variant can have (not exported, and no variant's steps
+    end in it) would give every cell of that backend a skip, so it is refused by name."""
+    made = {"torch", *recipe.export.formats, *fmt.values()}
+    places = [("bench.backends", recipe.bench.backends)] + [
+        (f"variants.{n}.backends", v.backends or []) for n, v in recipe.variants.items()]
+    for field, backends in places:
+        for i, backend in enumerate(backends):
+            need = BACKENDS[backend].format
+            if need not in made:
+                raise field_error(where, f"{field}[{i}]", f"runs {need} artifacts, and no variant has one: add "
+                                  f"{need} to export.formats, or drop the backend", value=backend,
+                                  accepted=[n for n, b in BACKENDS.items() if b.format in made])
 
 
 def _check_backend_options(recipe: Recipe, where: str) -> None:

@@ -478,7 +478,10 @@ def render() -> str:
            "Do not edit: change the code and regenerate. -->", "",
            _para("A recipe is a YAML file (read with `yaml.safe_load`). Every section is checked before any work is "
                  "done; an unknown key is an error, and `workbench validate RECIPE` names the field, the bad value "
-                 "and what is accepted. Relative paths are relative to the recipe file's folder. "
+                 "and what is accepted; it then loads the model and reads the data files as `run` does first (a model or "
+                 "data file the run cannot use is named the same way; `--recipe-only` skips that). A backend whose "
+                 "artifact format no variant has (not in `export.formats`, and no variant's steps end in it) is "
+                 "refused. Relative paths are relative to the recipe file's folder. "
                  "[recipe.schema.json](recipe.schema.json) is the same schema for an editor (with the YAML language "
                  "server: `# yaml-language-server: $schema=../docs/recipe.schema.json` as a recipe's first line)."),
            "",

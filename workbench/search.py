@@ -210,7 +210,8 @@ def compress_with(recipe, extra: dict, *, run_dir, cache, task, src, quick: bool
         needed |= set(_ancestry(recipe, v.from_)) if v.from_ else set()
     sub = recipe.model_copy(update={"variants": {**{n: v for n, v in recipe.variants.items() if n in needed},
                                                  **extra}, "search": None})
-    proxy = types.SimpleNamespace(recipe=sub, run_dir=run_dir, cache=cache, quick=quick, task=task, src=src)
+    proxy = types.SimpleNamespace(recipe=sub, run_dir=run_dir, cache=cache, quick=quick, task=task, src=src,
+                                  gated={})
     records, models = compress(proxy)
     return records, models, proxy
 

@@ -19,7 +19,7 @@ EVAL_BATCH = 32
 
 @dataclass
 class Task:
-    type: str  # classification / embedding-fidelity / language-modeling / none
+    type: str  # how outputs are scored: classification / embedding-fidelity / language-modeling / none
     eval_batches: list[dict[str, np.ndarray]] = field(default_factory=list)
     labels: Optional[np.ndarray] = None
     train_batches: list[dict[str, np.ndarray]] = field(default_factory=list)
@@ -29,6 +29,7 @@ class Task:
     # The source model has random weights (`weights: random`): only fidelity to it means anything, so a
     # causal LM is ranked by KL to it, not by perplexity.
     fidelity_only: bool = False
+    recipe_type: str = ""  # the recipe's task.type (text-classification is scored as classification)
 
     @property
     def primary(self) -> Optional[str]:
@@ -45,7 +46,8 @@ class Task:
     def summary(self) -> dict:
         """The task as results.json records it: how many rows each role got and, for a classifier,
         the majority-class rate of the scored rows (what a model that learnt nothing reaches)."""
-        out = {"type": self.type, "description": self.description, "primary": self.primary,
+        out = {"type": self.recipe_type or self.type, "scoring": self.type, "description": self.description,
+               "primary": self.primary,
                "lower_is_better": self.primary in LOWER_IS_BETTER,
                "eval_size": self.eval_size,
                "rows": {"evaluation": self.eval_size,
@@ -188,6 +190,32 @@ def _npz(recipe: Recipe, field: str, src: SourceModel) -> tuple[np.ndarray, np.n
 
 
 def build_task(recipe: Recipe, src: SourceModel) -> Task:
+    """The task the recipe names, over the source model's tokenizer and inputs; labels the model cannot
+    predict are refused here (a RecipeError naming task.data), before any work."""
+    task = _build(recipe, src)
+    task.recipe_type = recipe.task.type
+    _check_labels(recipe, task, src)
+    return task
+
+
+def _check_labels(recipe: Recipe, task: Task, src: SourceModel) -> None:
+    """A classifier scored on labels past its output width would sit at chance with no reason given:
+    say which labels the model cannot predict, from one forward call on the first evaluation batch."""
+    from core.errors import field_error
+    from runtime.infer import torch_outputs
+
+    labels = [np.asarray(a) for a in (task.labels, task.train_labels) if a is not None and len(a)]
+    if not labels or not task.eval_batches or src.io.kind != "classifier":
+        return
+    width = torch_outputs(src.module, task.eval_batches[:1]).shape[-1]
+    top = int(max(a.max() for a in labels))
+    if top >= width:
+        raise field_error(recipe.where, "task.data", f"the labels go up to {top}, and the model outputs "
+                          f"{width} class scores (labels 0 to {width - 1}): a model with {top + 1} or more outputs, "
+                          "or labels as indices into its outputs")
+
+
+def _build(recipe: Recipe, src: SourceModel) -> Task:
     t = recipe.task
     if isinstance(t, ClassificationTask):
         if isinstance(t.data, BuiltinData):

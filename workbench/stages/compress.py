@@ -116,10 +116,13 @@ def _build(run, name: str, steps, parent: VariantModel, key: str, parent_key: st
                 exported = work / "exported.onnx"
                 # Still the parent's module (no torch step before it in this variant): shareable.
                 same = model.module is parent.module
-                rec = export_memoised(run, "onnx", model.module, parent_key if same else None, exported,
-                                      step.exporter_for(call.params))
-                rec["parity"] = gate_onnx(run, model.module, exported, "the ONNX export before step "
-                                          f"'{call.name}'")
+                exporter = step.exporter_for(call.params)
+                rec = export_memoised(run, "onnx", model.module, parent_key if same else None, exported, exporter)
+                gated = run.gated.get((parent_key, exporter)) if same else None  # one check per shared export
+                rec["parity"] = gated or gate_onnx(run, model.module, exported, "the ONNX export before step "
+                                                   f"'{call.name}'")
+                if same:
+                    run.gated[(parent_key, exporter)] = rec["parity"]
                 notes.append({"step": "onnx export (implicit, before an ONNX step)", **rec})
                 model = VariantModel(io=model.io, onnx_path=exported, source_module=model.module)
             ctx = StepContext(work_dir=work, task=run.task, quick=run.quick, seed=run.recipe.seed, variant=name,
