@@ -85,18 +85,30 @@ def hierarchical_median_draws(per_process: list, n: int = N_BOOT, seed: int = 0)
     return _median_over_resampled_groups(np.stack([median_draws(s, n, rng) for s in per_process]), rng)
 
 
+def mixture_percentiles(per: list, qs) -> np.ndarray:
+    """Percentiles of the processes' samples with every process weighing the same, however many samples it
+    took: a process slowed down takes fewer samples in the same seconds, so pooling them as they come would
+    all but drop it from the tail (p50 of the process medians could then sit above a pooled p95)."""
+    values = np.concatenate(per)
+    weights = np.concatenate([np.full(len(a), 1.0 / len(a)) for a in per]) / len(per)
+    order = np.argsort(values, kind="stable")
+    v, w = values[order], weights[order]
+    at = np.cumsum(w) - w / 2  # each sample at the middle of its weight (Hazen's plotting position)
+    return np.interp(np.asarray(qs, dtype=np.float64) / 100.0, at, v)
+
+
 def combine(processes: list[dict], batch_size: int, threshold: float) -> dict:
     """One cell from its processes' raw results: p50 is the median of the process medians, its 95 %
-    interval comes from `hierarchical_median_draws`; p90..p99 and the mean are over all samples.
-    Returns latency_ms, throughput, stability (within each process and between them) and
-    `unstable_reason` (None when the cell may be called stable)."""
+    interval comes from `hierarchical_median_draws`; p90..p99 and the mean weigh every process the same
+    (`mixture_percentiles`), so a tail is never under the p50. Returns latency_ms, throughput, stability
+    (within each process and between them) and `unstable_reason` (None when the cell may be called stable)."""
     per = [np.asarray(p["samples_ms"], dtype=np.float64) for p in processes]
     medians = np.array([np.median(a) for a in per])
     pooled = np.concatenate(per)
     p50 = float(np.median(medians))
     lo, hi = np.percentile(hierarchical_median_draws(per), [2.5, 97.5])
-    p90, p95, p99 = np.percentile(pooled, [90, 95, 99])
-    latency = {"p50": p50, "p90": p90, "p95": p95, "p99": p99, "mean": pooled.mean(),
+    p90, p95, p99 = mixture_percentiles(per, [90, 95, 99])
+    latency = {"p50": p50, "p90": p90, "p95": p95, "p99": p99, "mean": np.mean([a.mean() for a in per]),
                "std": pooled.std(ddof=1) if len(pooled) > 1 else 0.0, "min": pooled.min()}
     latency = {k: round(float(v), 6) for k, v in latency.items()}
     latency.update(n=int(len(pooled)), processes=len(per), ci95=[round(float(lo), 6), round(float(hi), 6)])

@@ -417,6 +417,7 @@ def _layerwise(student, layers, batches, teacher_hidden, lr: float, epochs: int,
             for w in params:
                 w.requires_grad_(True)
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            keep_zeros(layer, opt)
             total = max(epochs * len(batches), 2)
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.1)
             losses = []
@@ -448,6 +449,31 @@ def _layerwise(student, layers, batches, teacher_hidden, lr: float, epochs: int,
     return {"epochs": epochs, "lr": lr, "layers": report, "seconds": round(time.perf_counter() - t0, 2)}
 
 
+SPARSE = 0.05  # a weight this share of exact zeros was pruned (trained dense weights are almost never 0.0)
+
+
+def keep_zeros(module, opt) -> dict:
+    """Pruned weights stay pruned: the zeros of every weight matrix that is at least SPARSE zeros (unstructured or
+    2:4 pruning before this step) are put back after each optimiser step. Without it training refills them and
+    the distilled variant is the dense model retrained, reported as the pruned one recovered."""
+    import torch
+
+    masks = [(w, w != 0) for w in module.parameters() if w.dim() >= 2 and w.requires_grad
+             and float((w == 0).float().mean()) >= SPARSE]
+    if not masks:
+        return {}
+
+    def put_back(*_):
+        with torch.no_grad():
+            for w, m in masks:
+                w.mul_(m)
+
+    opt.register_step_post_hook(put_back)
+    zeros = sum(int((~m).sum()) for _, m in masks)
+    return {"weights": len(masks), "zeros": zeros,
+            "of": sum(m.numel() for _, m in masks)}
+
+
 def _loop(student, p, epochs, train_idx, rng, ctx, tensors, loss_fn, hidden_loss, validate):
     """The optimiser loop with early stopping on the held-out tenth; returns the best state seen."""
     import time
@@ -458,6 +484,9 @@ def _loop(student, p, epochs, train_idx, rng, ctx, tensors, loss_fn, hidden_loss
     with _TrainingSettings(student, p):
         opt = torch.optim.AdamW([w for w in student.parameters() if w.requires_grad], lr=p.lr,
                                 weight_decay=p.weight_decay)
+        kept = keep_zeros(student, opt)
+        if kept:
+            ctx.notes["sparsity_kept"] = kept
         total = epochs * len(train_idx) if not p.max_steps else min(p.max_steps, epochs * len(train_idx))
         sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=max(total, 2), pct_start=0.1)
                  if p.schedule == "onecycle" else None)

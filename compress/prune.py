@@ -483,6 +483,13 @@ def _structured(module, io_spec, p: PruneParams, ctx) -> None:
         after_ops, after_params = tp.utils.count_ops_and_params(module, example)
     ctx.notes.update(params_before=int(before_params), params_after=int(after_params),
                      macs_before=int(before_ops), macs_after=int(after_ops))
+    if after_params >= before_params:
+        # A variant identical to its parent would be measured and reported as if pruned at `ratio`.
+        kinds = sorted({type(m).__name__ for m in module.modules() if isinstance(m, (nn.RNNBase, nn.MultiheadAttention))})
+        raise ValueError(f"structured pruning at ratio {p.ratio} removed nothing: torch-pruning found no channel it "
+                         "could remove (the layer that makes the output keeps its width"
+                         + (f"; {', '.join(kinds)} layers are not pruned by channel" if kinds else "")
+                         + "). Use method: unstructured, or a model with prunable Linear / Conv layers")
 
 
 def _taylor_gradients(module, ctx) -> None:
@@ -526,5 +533,16 @@ def _masked(module, p: PruneParams, ctx) -> None:
             tprune.remove(m, name)  # make permanent: a plain weight tensor with zeros in it
     total = sum(m.weight.numel() for m, _ in layers)
     zeros = sum(int((m.weight == 0).sum()) for m, _ in layers)
-    ctx.notes["achieved_sparsity"] = round(zeros / max(total, 1), 4)
+    ctx.notes["achieved_sparsity"] = round(zeros / max(total, 1), 4)  # of the Linear / Conv weights it prunes
+    # What the whole model holds: weights of other layers (RNNs, attention's packed projections, embeddings)
+    # are not pruned, so a model made mostly of them is far less sparse than `ratio` says.
+    pruned = {id(m.weight) for m, _ in layers}
+    others = [(n, w) for n, w in module.named_parameters() if w.dim() >= 2 and id(w) not in pruned]
+    every = total + sum(w.numel() for _, w in others)
+    ctx.notes["model_sparsity"] = round(zeros / max(every, 1), 4)
+    if others and total < every / 2:
+        kinds = sorted({type(m).__name__ for m in module.modules()
+                        if any(id(w) in {id(x) for _, x in others} for w in m.parameters(recurse=False))})
+        ctx.notes["not_pruned"] = (f"{every - total} of {every} weights are in layers this method does not prune "
+                                   f"({', '.join(kinds)}): the model is {ctx.notes['model_sparsity']:.0%} zeros")
     ctx.notes["speedup_note"] = "zeros in dense weights: dense kernels run at the same speed"

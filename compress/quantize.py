@@ -79,19 +79,60 @@ class Quantize(Step):
             model.module = half_precision(copy.deepcopy(model.module).eval(), HALF[p.method])
             ctx.notes["dtype"] = HALF[p.method]
             return model
+        module = copy.deepcopy(model.module).eval()
+        converted = conv1d_to_linear(module)
+        if converted:
+            ctx.notes["conv1d_as_linear"] = converted
         if p.method.startswith("bnb-"):
-            model.module = _bitsandbytes(copy.deepcopy(model.module).eval(), p, ctx)
+            model.module = _bitsandbytes(module, p, ctx)
             return model
+        tied = _tied_to_embeddings(module)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
-            q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model.module).eval(), {nn.Linear},
-                                                       dtype=torch.qint8)
+            q = torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8)
         n = sum(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in q.modules())
         if n == 0:
             raise ValueError("the model has no nn.Linear layer to quantize")
         ctx.notes["quantized_layers"] = n
+        if tied:
+            ctx.notes["tied_weights"] = (f"{', '.join(tied)} shared its weight with the input embedding: it now holds "
+                                         "an int8 copy beside the float embedding, so the file grows by that copy")
         model.module = q
         return model
+
+
+def conv1d_to_linear(module) -> int:
+    """transformers' Conv1D (GPT-2's projections: y = x @ W + b, W of shape (in, out)) as the nn.Linear it is, in
+    place, so steps that quantize nn.Linear layers see them: otherwise only GPT-2's LM head would be. Returns how
+    many were swapped; the outputs are the same."""
+    import torch
+    from torch import nn
+
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return 0
+    n = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                w = child.weight.detach()
+                lin = nn.Linear(w.shape[0], w.shape[1], bias=child.bias is not None)
+                with torch.no_grad():
+                    lin.weight.copy_(w.t())
+                    if child.bias is not None:
+                        lin.bias.copy_(child.bias.detach())
+                setattr(parent, name, lin)
+                n += 1
+    return n
+
+
+def _tied_to_embeddings(module) -> list[str]:
+    """Names of the nn.Linear layers whose weight is an nn.Embedding's (a tied LM head)."""
+    from torch import nn
+
+    shared = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    return [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and id(m.weight) in shared]
 
 
 HALF = {"fp16": "float16", "bf16": "bfloat16"}

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from core.errors import one_line
 from core.formats import ExportFormat, module_kinds, needs_external_data
 from core.model import ModelIO, dynamic_axes, example_inputs
 
@@ -52,7 +53,7 @@ def export_onnx(module, io_spec: ModelIO, path: Path, *, opset: int = 18, export
             record["exporter"] = f"torch.onnx ({which})"
             break
         except Exception as e:  # noqa: BLE001 - any exporter failure is recorded, then the next is tried
-            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:400]
+            reason = one_line(e, 400)
             if which == tries[-1]:
                 raise RuntimeError(f"ONNX export failed ({which} exporter): {reason}") from e
             record["fallback_reason"] = "; ".join(filter(None, [record["fallback_reason"],

@@ -355,3 +355,50 @@ def quietness(results: dict) -> Optional[dict]:
             "other_cpu_cores_max": float(max(other)), "steal_cores_max": float(max(r["steal_cores"] for r in readings)),
             "remeasured": sum(r.get("attempts", 1) - 1 for c in results["cells"] for r in c.get("repeats") or []),
             "busy_kept": sum(bool(r.get("busy")) for r in readings)}
+
+
+def fmt_num(x, nd=3) -> str:
+    """A number for a table: `nd` decimals; '–' for none; a value too small to show there (a KL of 4e-06
+    against 9e-04 is a difference) with two significant digits instead of 0.000."""
+    import math
+
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, float):
+        if 0 < abs(x) < 10 ** -nd:
+            return f"{x:.2g}"
+        return f"{x:.{nd}f}" if abs(x) < 1e5 else f"{x:.3g}"
+    return str(x)
+
+
+def read_results(run_dir, what: str = "RUN_DIR") -> dict:
+    """A finished run's results.json, or a RecipeError that says what the folder is instead: not a run, a run
+    still going, interrupted or failed (from its status.json, with what finishes it), or a damaged file."""
+    import json
+    from pathlib import Path
+
+    from core.errors import RecipeError
+
+    run_dir = Path(run_dir)
+    path = run_dir / "results.json"
+    if not path.is_file():
+        status = run_dir / "status.json"
+        state = {}
+        if status.is_file():
+            try:
+                state = json.loads(status.read_text())
+            except (OSError, ValueError):
+                state = {}
+        said = {"running": "is still running (or was killed without a word)",
+                "interrupted": f"was interrupted: `workbench run --resume {run_dir}` finishes it",
+                "failed": f"failed ({state.get('reason') or 'see its run.log'})"}.get(state.get("state"))
+        raise RecipeError(f"{what} {str(run_dir)!r}: no results.json here: " + (
+            f"the run {said}" if said else "not a finished run folder (reports/<recipe>/<run id>/)"))
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise RecipeError(f"{path}: not readable as JSON ({e}); a run writes it whole, so it was changed "
+                          "since: run the recipe again") from None
+    if not isinstance(results, dict) or not isinstance(results.get("cells"), list) or "variants" not in results:
+        raise RecipeError(f"{path}: not a workbench results file (no 'cells' and 'variants')")
+    return results

@@ -6,10 +6,9 @@ says (CPU frequency, cache state, neighbours), so a change counts as significant
 whole interval lies beyond the noise margin (`--margin`, default 5 %)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from reporting.analysis import measured
+from reporting.analysis import measured, read_results
 from bench.protocol import unpaired_ratio_ci
 from reporting.report import md_table
 from core import atomic
@@ -22,10 +21,7 @@ def _key(c: dict) -> tuple:
 
 
 def _load(run_dir: Path) -> dict:
-    path = Path(run_dir) / "results.json"
-    if not path.is_file():
-        raise RecipeError(f"{run_dir}: no results.json here (is this a finished run directory?)")
-    return json.loads(path.read_text())
+    return read_results(run_dir, "RUN")
 
 
 def compare(a: dict, b: dict, margin: float = 0.05) -> list[dict]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import matplotlib
 
-from reporting.analysis import MB, Recommendation, cell_score, faster, labelled
+from reporting.analysis import MB, Recommendation, cell_score, faster, fmt_num as _fmt, labelled
 from reporting.figures import save, subplots
 
 
@@ -37,7 +37,7 @@ def generation_table(results: dict) -> tuple[list[str], list[list[str]]]:
                      f"{c['throughput']:.1f}", f"{ppl:.3f}" if ppl is not None else "–",
                      f"{(ppl / base - 1):+.1%}" if ppl is not None and base else "–",
                      f"{acc['top1_agreement']:.4f}" if "top1_agreement" in acc else "–",
-                     f"{acc['kl']:.4f}" if "kl" in acc else "–",
+                     _fmt(acc["kl"], 4) if "kl" in acc else "–",
                      f"{c['memory']['peak_rss_delta'] / MB:.1f}" if "peak_rss_delta" in c.get("memory", {}) else "–",
                      f"{kv / MB:.2f}" if kv else "–"])
     return head, rows

@@ -12,6 +12,7 @@ import pandas as pd
 
 from reporting.analysis import (MB, TIE_RULE, Recommendation, bound_text, cell_score, faster, labelled, measured,
                                 primary_metric, quietness, recommend, reference_speedups, speedups)
+from reporting.analysis import fmt_num as _fmt
 from reporting import load_report, lm_report
 from core.backends import BACKENDS
 from reporting.diagnosis import diagnosis_lines
@@ -40,14 +41,6 @@ def cells_frame(results: dict) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- tables
-def _fmt(x, nd=3) -> str:
-    if x is None or (isinstance(x, float) and pd.isna(x)):
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.{nd}f}" if abs(x) < 1e5 else f"{x:.3g}"
-    return str(x)
-
-
 def variants_table(results: dict) -> tuple[list[str], list[list[str]]]:
     metric = primary_metric(results)
     head = ["variant", "from", "steps", "format", "params", "size MB", "sparsity", "GFLOPs (b=1)",
@@ -162,7 +155,7 @@ def pareto_table(results: dict, rec: Recommendation) -> tuple[list[str], list[li
     head = ["#", "variant", "backend", f"p50 ms (batch {rec.batch_size})", primary_metric(results) or "accuracy",
             "Pareto frontier", "recommended"]
     variants = {v["name"]: v for v in results["variants"]}
-    return head, [[str(p["n"]), labelled(variants, p["variant"]), p["backend"], f"{p['p50']:.3f}", f"{p['score']:.4f}",
+    return head, [[str(p["n"]), labelled(variants, p["variant"]), p["backend"], f"{p['p50']:.3f}", _fmt(p['score'], 4),
                    "yes" if p["frontier"] else "", "yes" if p["recommended"] else ""]
                   for p in pareto_points(results, rec)]
 
@@ -420,9 +413,9 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
             s = sp[w.cell_index]
             why += f"; {s[0]:.2f}x the baseline on the same backend (95% CI {s[1]:.2f}–{s[2]:.2f})"
         if rec.metric and score is not None:
-            why += f"; {rec.metric} {score:.4f}"
+            why += f"; {rec.metric} {_fmt(score, 4)}"
             if rec.base_score is not None:
-                why += f" (baseline {rec.base_score:.4f})"
+                why += f" (baseline {_fmt(rec.base_score, 4)})"
         if c["status"] == "unstable":
             why += (". Warning: this cell's latency was unstable (its within-process timings spread past the "
                     "threshold); it is recommended because it "
@@ -506,6 +499,10 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
                 "their medians, and its 95% interval resamples processes, then samples: it says what a rerun "
                 "would see. Speedup is the baseline's p50 over this cell's on the same backend and batch, paired "
                 "round by round, with an interval over rounds." if rounds > 1 else
+                "Each cell was measured in one process (`bench.repeats: 1`): p50 with a 95% bootstrap interval over "
+                "its samples. No speedup is given (–): a ratio of two single processes cannot be told from the "
+                "spread between processes, which only two or more rounds show; set `bench.repeats: 2` or more."
+                if rounds == 1 else
                 "p50 with a 95% bootstrap interval; speedup is the ratio of baseline p50 to this p50 on the "
                 "same backend and batch.")
     blocks.append(("p", protocol + " Accuracy is computed from the outputs this backend produced. "

@@ -10,7 +10,7 @@ from pathlib import Path
 from string import Template
 from typing import Optional
 
-from reporting.analysis import MB, Recommendation
+from reporting.analysis import MB, Recommendation, fmt_num as _fmt
 from core import atomic
 
 FOLDER = "recommended"
@@ -89,8 +89,8 @@ def _readme(results: dict, rec: Recommendation, sp: dict, file: Path, files: lis
         s = sp[w.cell_index]
         rows.append(("speedup vs baseline", f"{s[0]:.2f}x on the same backend (95% CI {s[1]:.2f}–{s[2]:.2f})"))
     if rec.metric and w.score is not None:
-        base = f" (baseline {rec.base_score:.4f})" if rec.base_score is not None else ""
-        rows.append((rec.metric, f"{w.score:.4f}{base}"))
+        base = f" (baseline {_fmt(rec.base_score, 4)})" if rec.base_score is not None else ""
+        rows.append((rec.metric, f"{_fmt(w.score, 4)}{base}"))
     lines = [_title(rec), "",
              f"The cell the model-workbench report recommends for recipe `{results['recipe']['name']}` "
              "(`../report.md` says why; `../results.json` has every number).", "",

@@ -16,7 +16,13 @@ def io_from_onnx(path: Path) -> ModelIO:
     masks get ones; other integer inputs (token ids) get values below 1000, valid in any vocabulary."""
     from runtime.sessions import onnx_session
 
-    sess = onnx_session(path)
+    try:
+        sess = onnx_session(path)
+    except Exception as e:  # noqa: BLE001 - ORT's own words for what the file is not
+        from core.errors import one_line
+
+        raise RecipeError(f"MODEL_FILE {str(path)!r}: not an ONNX model ONNX Runtime can load ({one_line(e, 300)})") \
+            from None
     inputs = {}
     for i in sess.get_inputs():
         if i.type not in ORT_TYPES:

@@ -65,10 +65,12 @@ class Run:
                 say(f"executor: {b.executor} ({self.executor.address}; {len(self.executor.nodes())} node(s), "
                     f"started in {self.executor.init_s:.1f} s)")
             say(f"{'resuming' if resume else 'run directory:'} {self.run_dir}")
-            if self.quick:  # a smoke run: two evaluation batches are enough to see that accuracy is scored
+            if self.quick and len(self.task.eval_batches) > 2:  # a smoke run: two batches show accuracy is scored
+                before = self.task.eval_size
                 self.task.eval_batches = self.task.eval_batches[:2]
                 if self.task.labels is not None:
                     self.task.labels = self.task.labels[:self.task.eval_size]
+                self.task.description += f"; --quick: the first {self.task.eval_size} of those {before} scored"
             if self.task.type in ("embedding-fidelity", "language-modeling"):
                 from runtime.infer import torch_outputs
 

@@ -31,21 +31,22 @@ def _registered(registry: dict, what: str) -> AfterValidator:
 
     def check(name: str) -> str:
         if name not in registry:
-            raise ValueError(f"is not a {what} this install offers; accepted: {', '.join(registry)}")
+            raise ValueError(f"is not {what} this install offers; accepted: {', '.join(registry)}")
         return name
 
     return AfterValidator(check)
 
 
-BackendName = Annotated[str, _registered(BACKENDS, "backend")]
-ExportFormat = Annotated[str, _registered(FORMATS, "export format")]
+BackendName = Annotated[str, _registered(BACKENDS, "a backend")]
+ExportFormat = Annotated[str, _registered(FORMATS, "an export format")]
 
 
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # No infinity or NaN in a recipe: `.inf` as a timeout or a bound is a typo, never a setting.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------- model
@@ -518,6 +519,26 @@ class Recipe(Strict):
 
 
 # ----------------------------------------------------------------------------- loading
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key given twice in one mapping is an error: YAML would keep the last silently (a
+    variant written twice, a second `name:`), so one of the user's two settings would vanish without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base class says what is wrong with an unhashable key
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice (first at line {seen[key] + 1}); YAML would keep the "
+                    "last one and drop the other", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read, parse and fully check a recipe; raise RecipeError on the first problem."""
     path = Path(path)
@@ -527,7 +548,7 @@ def load_recipe(path: str | Path) -> Recipe:
     except OSError as e:
         raise RecipeError(f"{where}: cannot read the recipe file ({e.strerror}).") from None
     try:
-        data = yaml.safe_load(raw)
+        data = yaml.load(raw, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -589,6 +610,10 @@ def check_recipe(recipe: Recipe, where: str) -> None:
     if c.backend is not None and c.backend not in recipe.all_backends():
         raise field_error(where, "report.constraints.backend", "is not among the recipe's backends", value=c.backend,
                           accepted=recipe.all_backends())
+    if c.batch_size is not None and c.batch_size not in recipe.bench.batch_sizes:
+        raise field_error(where, "report.constraints.batch_size", "is not among bench.batch_sizes, so no cell would "
+                          "be measured at it and nothing could be recommended", value=c.batch_size,
+                          accepted=recipe.bench.batch_sizes)
     for backend in recipe.bench.placement:
         if backend not in recipe.all_backends():
             raise field_error(where, f"bench.placement.{backend}", "places a backend that no variant is measured on",

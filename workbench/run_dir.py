@@ -6,6 +6,7 @@ import datetime as dt
 import logging
 from pathlib import Path
 
+from core.errors import one_line
 from core.progress import write
 
 log = logging.getLogger("workbench")
@@ -71,9 +72,8 @@ def say(msg: str) -> None:
 
 
 def reason(e: BaseException) -> str:
-    """One line naming the exception: what a failed variant, artifact or cell records."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}"[:500]
+    """One line naming the exception: what a failed variant, artifact or cell records (core.errors.one_line)."""
+    return one_line(e)
 
 
 class _Watcher:

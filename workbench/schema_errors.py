@@ -2,6 +2,7 @@
 as they wrote it (aliases, no union tags), the bad value, and what would be accepted."""
 from __future__ import annotations
 
+import re
 import typing
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -25,7 +26,11 @@ def pydantic_error(e: ValidationError, root: type, where: str, prefix: str = "")
     value = err.get("input")
     if isinstance(value, (dict, list)) and len(repr(value)) > 80:
         value = None
-    return field_error(where, field, err["msg"], value=value)
+    # pydantic's wording, less what only a programmer reads: "Value error, " before a validator's own message,
+    # and the class name in "a valid dictionary or instance of BenchSpec".
+    msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    msg = re.sub(r" or instance of \w+", "", msg)
+    return field_error(where, field, msg, value=value)
 
 
 def _path(parts: list) -> str:

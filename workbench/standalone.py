@@ -45,7 +45,11 @@ def bench_file(path, *, backends=None, batch_sizes=(1,), seq_len: int = 128, thr
     batch_sizes = list(batch_sizes)
     if not batch_sizes or any(n <= 0 for n in batch_sizes):
         raise RecipeError(f"--batch {batch_sizes}: batch sizes must be positive")
+    if threads is not None and threads <= 0:
+        raise RecipeError(f"--threads {threads}: a number of threads is 1 or more (default: every core, "
+                          f"{default_threads()} here)")
     io = model_io(path, inputs)
+    check_runs(path, fmt, io)
     threads = threads or default_threads()
     timing = results.quick_timing(Timing()) if quick else Timing().model_dump()
     out = Path(out) if out else Path("reports") / "bench" / path.stem / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -81,3 +85,50 @@ def bench_file(path, *, backends=None, batch_sizes=(1,), seq_len: int = 128, thr
     if echo:
         print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}")
     return out
+
+
+def check_runs(path: Path, fmt: str, io) -> None:
+    """Load the file here and call it once at batch 1, before any cell: a file that is not what its name says
+    (a state_dict saved as .pt, a CSV named .onnx) or inputs it does not take are the command's to fix (a
+    RecipeError naming them), not a failed cell with the engine's last sentence in it."""
+    from core.errors import one_line
+
+    x = io.make(1, 16, seed=0)
+    shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in x.items())
+    if fmt == "onnx":
+        from runtime.sessions import onnx_session
+
+        try:
+            sess = onnx_session(path)
+        except Exception as e:  # noqa: BLE001 - ORT's own words for what the file is not
+            raise RecipeError(f"MODEL_FILE {str(path)!r}: not an ONNX model ONNX Runtime can load ({one_line(e, 300)})")
+        declared = {i.name: i.shape for i in sess.get_inputs()}
+        wrong = sorted(set(x) ^ set(declared))
+        if wrong:
+            raise RecipeError(f"--input: the graph's inputs are {declared}; given {sorted(x)}. Name each of the "
+                              "graph's inputs once, or leave --input out to use the graph's own declaration")
+        try:
+            sess.run(None, x)
+        except Exception as e:  # noqa: BLE001
+            raise RecipeError(f"MODEL_FILE {str(path)!r} does not run on {shapes}: the graph declares {declared} "
+                              f"({one_line(e, 300)})") from None
+    elif fmt in ("torchscript", "torch-export"):
+        import torch
+
+        try:
+            module = torch.jit.load(str(path)) if fmt == "torchscript" else torch.export.load(str(path)).module()
+        except Exception as e:  # noqa: BLE001
+            what = "TorchScript (torch.jit.save)" if fmt == "torchscript" else "a torch.export program (.pt2)"
+            try:
+                torch.load(str(path), weights_only=True, map_location="cpu")
+                hint = (" It is a state_dict or checkpoint saved with torch.save: benchmark it through a recipe "
+                        "(model.source: python with model.checkpoint), or save torch.jit.trace(model, example) first")
+            except Exception:  # noqa: BLE001
+                hint = ""
+            raise RecipeError(f"MODEL_FILE {str(path)!r}: not {what} ({one_line(e, 200)}).{hint}") from None
+        try:
+            with torch.inference_mode():
+                module(**{k: torch.from_numpy(v) for k, v in x.items()})
+        except Exception as e:  # noqa: BLE001
+            raise RecipeError(f"MODEL_FILE {str(path)!r} does not run on {shapes} (from --input or its .io.json): "
+                              f"{one_line(e, 300)}") from None

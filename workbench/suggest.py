@@ -59,10 +59,9 @@ def _name(variant: str, kind: str, variants: dict, taken: list[dict]) -> str:
 def write_suggested(run_dir: Path) -> tuple[Path, list[dict]]:
     """Write RUN_DIR/suggested.yaml; returns its path and the suggestions (none: the file says so)."""
     run_dir = Path(run_dir)
-    path = run_dir / "results.json"
-    if not path.is_file():
-        raise RecipeError(f"RUN_DIR {str(run_dir)!r}: no results.json (not a run folder, or the run did not finish)")
-    results = json.loads(path.read_text())
+    from reporting.analysis import read_results
+
+    results = read_results(run_dir)
     recipe = results.get("recipe") or {}
     if not recipe.get("path"):
         raise RecipeError(f"RUN_DIR {str(run_dir)!r}: made without a recipe file (`workbench bench`), so there is "

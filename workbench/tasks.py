@@ -118,7 +118,10 @@ def _tokenize_bucketed(tokenizer, texts: list[str], max_length: int, labels=None
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, held-out) row indices: `fraction` of every class held out (at least one row of any
-    class with two or more), chosen by a seeded shuffle, so the split is the same on every run."""
+    class with two or more), chosen by a seeded shuffle, so the split is the same on every run. Each side
+    comes with its classes interleaved in proportion, so any first rows of it (`task.eval_size`, a quick
+    run's two batches, a calibration set) are a stratified sample too, never the first classes of a file
+    sorted by label."""
     rng = np.random.default_rng(seed)
     train, held = [], []
     for c in np.unique(labels):
@@ -127,7 +130,18 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
         k = max(k, 1) if len(rows) > 1 else 0
         held.append(rows[:k])
         train.append(rows[k:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
+    return _interleave(train), _interleave(held)
+
+
+def _interleave(groups: list[np.ndarray]) -> np.ndarray:
+    """The groups' rows in one order where each group is spread evenly: row i of a group of n sits at
+    (i + 0.5) / n of the way through."""
+    groups = [g for g in groups if len(g)]
+    if not groups:
+        return np.zeros(0, dtype=np.int64)
+    at = np.concatenate([(np.arange(len(g)) + 0.5) / len(g) for g in groups])
+    rows = np.concatenate(groups)
+    return rows[np.lexsort((rows, at))]
 
 
 def grouped_split(keys: list[str], labels, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -138,9 +152,12 @@ def grouped_split(keys: list[str], labels, fraction: float, seed: int) -> tuple[
         first.setdefault(k, i)
     distinct = list(first)
     strata = np.array([labels[first[k]] if labels is not None else 0 for k in distinct])
-    _, held_idx = stratified_split(strata, fraction, seed)
-    held = {distinct[i] for i in held_idx}
-    return [i for i, k in enumerate(keys) if k not in held], [i for i, k in enumerate(keys) if k in held]
+    train_idx, held_idx = stratified_split(strata, fraction, seed)
+    rows: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        rows.setdefault(k, []).append(i)
+    # In the split's interleaved order (a first few rows are a stratified sample), duplicates together.
+    return ([i for j in train_idx for i in rows[distinct[j]]], [i for j in held_idx for i in rows[distinct[j]]])
 
 
 def _npz(recipe: Recipe, field: str, src: SourceModel) -> tuple[np.ndarray, np.ndarray]:
@@ -199,12 +216,19 @@ def build_task(recipe: Recipe, src: SourceModel) -> Task:
 
 
 def _check_labels(recipe: Recipe, task: Task, src: SourceModel) -> None:
-    """A classifier scored on labels past its output width would sit at chance with no reason given:
-    say which labels the model cannot predict, from one forward call on the first evaluation batch."""
+    """A model scored with weights its checkpoint lacked (a head transformers drew at random), or a classifier
+    scored on labels past its output width, would sit at chance with no reason given: said here, by name; the
+    width from one forward call on the first evaluation batch."""
     from core.errors import field_error
     from runtime.infer import torch_outputs
 
     labels = [np.asarray(a) for a in (task.labels, task.train_labels) if a is not None and len(a)]
+    scored = (labels and src.io.kind == "classifier") or (task.type == "language-modeling" and not src.random_weights)
+    if scored and src.untrained:  # e.g. a base or LM checkpoint loaded with head: sequence-classification
+        shown = ", ".join(src.untrained[:4]) + (f" and {len(src.untrained) - 4} more" if len(src.untrained) > 4 else "")
+        raise field_error(recipe.where, "model.path", f"the checkpoint has no weights for {shown}: transformers drew "
+                          f"them at random, so {'accuracy' if labels else 'perplexity'} would measure chance. Save "
+                          "the trained model with save_pretrained, or measure latency alone with task.type: none")
     if not labels or not task.eval_batches or src.io.kind != "classifier":
         return
     width = torch_outputs(src.module, task.eval_batches[:1]).shape[-1]
@@ -232,8 +256,9 @@ def _build(recipe: Recipe, src: SourceModel) -> Task:
             x_tr, y_tr, x, y = x_all[train_idx], y_all[train_idx], x_all[held_idx], y_all[held_idx]
             desc = (f"{t.data.path} (x, y): {len(held_idx)} of {len(y_all)} rows held out for evaluation "
                     f"(stratified, seed {recipe.seed}), {len(train_idx)} for the steps")
-        if t.eval_size:
+        if t.eval_size and t.eval_size < len(y):  # the held-out rows are interleaved by class: a stratified cut
             x, y = x[:t.eval_size], y[:t.eval_size]
+            desc += f"; task.eval_size: {len(y)} of them scored"
         name = next(iter(src.io.inputs))
         return Task("classification", _batches({name: x}, EVAL_BATCH), y, _batches({name: x_tr}, EVAL_BATCH),
                     y_tr, description=f"{desc}, {len(y)} examples, metric: accuracy")

@@ -6,7 +6,7 @@ tensor (logits or a pooled embedding), plus the ModelIO that says how to build i
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,6 +29,9 @@ class SourceModel:
     tokenizer: Any = None
     description: str = ""
     random_weights: bool = False  # built from a config with seeded random weights (`weights: random`)
+    # Weights the model's class has and its checkpoint did not (transformers initialised them at random):
+    # a classification head on a base or LM checkpoint. Scoring it against labels would measure chance.
+    untrained: list = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- digits CNN
@@ -116,12 +119,48 @@ def hf_model(path: str, head: str = "embedding", pooling: str = "mean", trust_re
     if head == "causal-lm":
         return causal_lm(path, tokenizer, kw)
     if head == "embedding":
-        module = EmbeddingModel(AutoModel.from_pretrained(path, **kw), pooling)
-        kind = "embedding"
+        model, info = AutoModel.from_pretrained(path, output_loading_info=True, **kw)
+        module, kind = EmbeddingModel(model, pooling), "embedding"
     else:
-        module = SequenceClassifier(AutoModelForSequenceClassification.from_pretrained(path, **kw))
-        kind = "classifier"
-    return SourceModel(module.eval(), text_io(tokenizer.vocab_size, kind), tokenizer, description=f"hf:{path}")
+        model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, **kw)
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # a decoder (GPT-2) has no pad token: batches need one
+        if model.config.pad_token_id is None:  # ...and its classifier finds each row's last token by it
+            model.config.pad_token_id = tokenizer.pad_token_id
+        module, kind = SequenceClassifier(model), "classifier"
+    # Pooler weights an embedding never reads (it pools the hidden states itself) are no loss.
+    missing = [k for k in info.get("missing_keys") or [] if not (kind == "embedding" and k.startswith("pooler."))]
+    note = f" ({len(missing)} weights not in the checkpoint, drawn at random: {', '.join(missing[:3])})" if missing else ""
+    return SourceModel(module.eval(), text_io(tokenizer.vocab_size, kind), tokenizer, description=f"hf:{path}{note}",
+                       untrained=missing)
+
+
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                 "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                    "tokenizer.model", "sentencepiece.bpe.model")
+
+
+def check_hf_folder(folder: Path, where: str, random_weights: bool, custom_code: bool) -> None:
+    """What a local model folder must hold, said by name before transformers is asked (it would build a default
+    architecture without config.json, or fail on a None path without a tokenizer)."""
+    from core.errors import field_error
+
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    if not folder.is_dir():
+        raise field_error(where, "model.path", "is a file; a Hugging Face model is a folder that save_pretrained "
+                          "wrote (config.json, weights, tokenizer)", value=str(folder))
+    if "config.json" not in names:
+        raise field_error(where, "model.path", f"has no config.json ({', '.join(sorted(names)) or 'empty'}): a "
+                          "folder that save_pretrained wrote holds one, beside the weights", value=str(folder))
+    if not random_weights and not custom_code and not names & set(_WEIGHT_FILES):
+        raise field_error(where, "model.path", "holds a config.json but no weights ("
+                          + " / ".join(_WEIGHT_FILES[:2]) + "): save the model with save_pretrained, or set "
+                          "model.weights: random to measure the architecture with seeded random weights",
+                          value=str(folder))
+    if not random_weights and not names & set(_TOKENIZER_FILES):
+        raise field_error(where, "model.path", "has no tokenizer (tokenizer.json, vocab.txt, ...): save it beside "
+                          "the model with tokenizer.save_pretrained(folder)", value=str(folder))
 
 
 def causal_lm(path: str, tokenizer, kw: dict) -> SourceModel:
@@ -133,11 +172,24 @@ def causal_lm(path: str, tokenizer, kw: dict) -> SourceModel:
 
     from core.lm import CausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32", **kw)
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype="float32", output_loading_info=True, **kw)
+    cfg = model.config
+    if cfg.model_type in _ENCODERS and not getattr(cfg, "is_decoder", False):
+        raise ValueError(f"{path} is a {cfg.model_type}, an encoder that reads the whole text both ways: it does not "
+                         "predict the next token. head: causal-lm needs a decoder (GPT-2, Llama, Qwen2, ...); an "
+                         "encoder is measured with head: embedding or sequence-classification")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     vocab = int(model.get_input_embeddings().num_embeddings)
-    return SourceModel(CausalLM(model, tokenizer).eval(), text_io(vocab, "causal-lm"), tokenizer, description=f"hf:{path}")
+    missing = list(info.get("missing_keys") or [])
+    note = f" ({len(missing)} weights not in the checkpoint, drawn at random: {', '.join(missing[:3])})" if missing else ""
+    return SourceModel(CausalLM(model, tokenizer).eval(), text_io(vocab, "causal-lm"), tokenizer,
+                       description=f"hf:{path}{note}", untrained=missing)
+
+
+# Bidirectional encoders transformers will still load with a causal LM head (BertLMHeadModel and kin).
+_ENCODERS = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "data2vec-text", "rembert",
+             "roberta-prelayernorm", "xmod", "megatron-bert", "bert-generation", "distilbert", "albert"}
 
 
 def random_hf_model(path: str, head: str, pooling: str, seed: int) -> SourceModel:
@@ -305,9 +357,21 @@ def load_model(recipe: Recipe, quick: bool = False) -> SourceModel:
     if isinstance(spec, HFModel):
         local = recipe.resolve(spec.path)
         path = str(local) if local.exists() else spec.path
-        if spec.weights == "random":
-            return random_hf_model(path, spec.head, spec.pooling, recipe.seed)
-        return hf_model(path, spec.head, spec.pooling, spec.trust_remote_code, spec.revision)
+        if local.exists():
+            check_hf_folder(local, recipe.where, spec.weights == "random", spec.trust_remote_code)
+        try:
+            if spec.weights == "random":
+                return random_hf_model(path, spec.head, spec.pooling, recipe.seed)
+            return hf_model(path, spec.head, spec.pooling, spec.trust_remote_code, spec.revision)
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+            # What transformers could not load (an unknown model_type, weights of another shape, a head this
+            # architecture has no class for) is the folder's or the recipe's to fix: named, not a traceback.
+            from core.errors import field_error
+
+            first = (str(e).strip().splitlines() or [""])[0][:400]
+            kind = "" if type(e) is ValueError else f"{type(e).__name__}: "
+            raise field_error(recipe.where, "model.path", f"cannot be loaded as model.head '{spec.head}': {kind}{first}",
+                              value=spec.path) from None
     if isinstance(spec, TorchvisionModel):
         return torchvision_model(spec, recipe)
     assert model_kind(spec) in ("classifier", "embedding")  # a python source declares one of these

@@ -1,0 +1,264 @@
+"""A third round of a new user's own models, folders, files and mistakes: RNN and GPT-2 layers the compression
+steps do not see, Hugging Face folders missing a part or loaded with the wrong head, a data file sorted by label,
+a recipe with a key written twice, a damaged results.json, a model file that is not what its name says. Each is
+either done right or refused by name (exit 2, no traceback), never a silent no-op, a refilled sparsity or a
+number no call took."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_reviews_csv, make_tiny_causal_lm, make_tiny_text_model, write_yaml
+from core.steps import StepContext
+from workbench.cli import main
+
+
+class GRUNet(nn.Module):
+    """Digits rows as a sequence of 8 steps: a GRU, then a Linear head (what torch-pruning cannot narrow)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(8, 32, batch_first=True)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        out, _ = self.rnn(x.reshape(x.shape[0], 8, 8))
+        return self.fc(out[:, -1])
+
+
+def _ctx(tmp_path, task=None) -> StepContext:
+    return StepContext(work_dir=tmp_path, task=task, quick=True, seed=0, variant="v", export=None)
+
+
+def _digits_io():
+    from core.model import ModelIO
+
+    return ModelIO(inputs={"x": {"shape": ["batch", 1, 8, 8], "dtype": "float32"}}, kind="classifier")
+
+
+# ----------------------------------------------------------------------------- compression steps
+def test_structured_pruning_that_removes_nothing_fails_its_variant_by_name(tmp_path):
+    from compress.prune import Prune
+    from core.model import VariantModel
+
+    torch.manual_seed(0)
+    model = VariantModel(io=_digits_io(), module=GRUNet().eval())
+    with pytest.raises(ValueError, match=r"removed nothing.*GRU.*method: unstructured"):
+        Prune().run(model, {"method": "structured", "ratio": 0.3}, _ctx(tmp_path))
+
+
+def test_unstructured_pruning_says_what_share_of_the_whole_model_is_zeros(tmp_path):
+    from compress.prune import Prune
+    from core.model import VariantModel
+
+    torch.manual_seed(0)
+    ctx = _ctx(tmp_path)
+    out = Prune().run(VariantModel(io=_digits_io(), module=GRUNet().eval()), {"method": "unstructured",
+                                                                            "ratio": 0.6}, ctx)
+    weights = [w for w in out.module.parameters() if w.dim() >= 2]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert ctx.notes["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)  # of the Linear layer it prunes
+    assert ctx.notes["model_sparsity"] == pytest.approx(zeros, abs=1e-3) and zeros < 0.15
+    assert "GRU" in ctx.notes["not_pruned"]
+
+
+def test_distillation_keeps_the_zeros_pruning_made():
+    """Training refilled pruned weights: a 'pruned + distilled' variant was the dense model retrained."""
+    from compress.distill import keep_zeros
+
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 16)
+    with torch.no_grad():
+        layer.weight[:, ::2] = 0  # half the weights pruned
+    dense = nn.Linear(16, 16)
+    opt = torch.optim.AdamW(list(layer.parameters()) + list(dense.parameters()), lr=0.1)
+    kept = keep_zeros(nn.Sequential(layer, dense), opt)
+    assert kept == {"weights": 1, "zeros": 128, "of": 256}  # the dense layer has no zeros to keep
+    for _ in range(3):
+        loss = (layer(torch.randn(4, 16)) ** 2).sum() + (dense(torch.randn(4, 16)) ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert int((layer.weight[:, ::2] != 0).sum()) == 0 and int((layer.weight[:, 1::2] == 0).sum()) == 0
+
+
+def test_dynamic_int8_quantizes_gpt2s_conv1d_projections(tmp_path):
+    """GPT-2's blocks are transformers Conv1D, not nn.Linear: only the tied LM head was quantized, and the
+    'int8' model grew."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from compress.quantize import Quantize
+    from core.model import VariantModel
+
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=64)).eval()
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.inference_mode():
+        before = lm(ids).logits
+    ctx = _ctx(tmp_path)
+    out = Quantize().run(VariantModel(io=_digits_io(), module=lm), {"method": "dynamic-int8"}, ctx)
+    assert ctx.notes["conv1d_as_linear"] == 8  # 4 per block: c_attn, c_proj, c_fc, mlp c_proj
+    assert ctx.notes["quantized_layers"] == 9 and "lm_head" in ctx.notes["tied_weights"]
+    with torch.inference_mode():
+        after = out.module(ids).logits
+    assert torch.nn.functional.cosine_similarity(before.flatten(), after.flatten(), dim=0) > 0.99
+
+
+# ----------------------------------------------------------------------------- data and statistics
+def test_a_file_sorted_by_label_is_scored_on_every_class_when_eval_size_cuts_it():
+    from workbench.tasks import grouped_split, stratified_split
+
+    y = np.repeat(np.arange(10), 40)  # sorted by label, as np.savez of a sorted dataset is
+    train, held = stratified_split(y, 0.25, seed=0)
+    assert sorted(np.concatenate([train, held]).tolist()) == list(range(400))
+    assert np.bincount(y[held[:30]], minlength=10).tolist() == [3] * 10  # any first rows: every class
+    assert np.bincount(y[train[:20]], minlength=10).tolist() == [2] * 10  # the calibration rows too
+    texts = [f"text {i}" for i in range(200)]
+    labels = [i // 100 for i in range(200)]
+    _, held_rows = grouped_split(texts, labels, 0.25, seed=0)
+    assert {labels[i] for i in held_rows[:4]} == {0, 1}
+
+
+def test_a_tail_percentile_is_never_under_the_p50():
+    """A process slowed down takes few samples: pooled as they came, its 184 ms all but vanished from the
+    tail while the median of the two processes' medians read 92 ms."""
+    from bench.protocol import combine
+
+    cell = combine([{"samples_ms": [0.33] * 281}, {"samples_ms": [184.0] * 5}], batch_size=1, threshold=0.25)
+    lat = cell["latency_ms"]
+    assert lat["p50"] <= lat["p90"] <= lat["p95"] <= lat["p99"] and lat["p95"] == pytest.approx(184.0)
+    even = combine([{"samples_ms": list(np.linspace(9, 11, 300))}] * 2, batch_size=1, threshold=0.25)["latency_ms"]
+    assert even["p99"] == pytest.approx(np.percentile(np.linspace(9, 11, 300), 99), rel=1e-3)
+
+
+def test_small_metric_values_keep_their_digits():
+    from reporting.analysis import fmt_num
+
+    assert fmt_num(4.49e-06, 4) == "4.5e-06" and fmt_num(0.12345, 4) == "0.1235" and fmt_num(0.0, 4) == "0.0000"
+
+
+def test_an_error_message_loses_colour_codes_and_keeps_its_cause():
+    from core.errors import one_line
+
+    e = RuntimeError("Failed to export the model with torch.export. \x1b[96mThis is step 1/3\x1b[0m of exporting. "
+                     "Next steps:\n- Modify the model\n\n## Exception summary\n\n<class 'UserError'>: Could not guard "
+                     "on data-dependent expression\n")
+    text = one_line(e)
+    assert "\x1b" not in text and "Could not guard on data-dependent expression" in text
+
+
+# ----------------------------------------------------------------------------- recipes
+BASE = {"name": "mine", "model": {"source": "builtin", "name": "digits-cnn"},
+        "task": {"type": "classification", "data": {"source": "builtin", "name": "digits"}},
+        "variants": {"baseline": {}}, "export": {"formats": []},
+        "bench": {"backends": ["torch-cpu"], "batch_sizes": [1]}}
+
+
+@pytest.mark.parametrize("text, words", [
+    ("name: a\nname: b\nmodel: {source: builtin, name: digits-cnn}\nvariants: {baseline: {}}\n",
+     ["line 2", "'name' is given twice"]),
+    ("name: a\nmodel: {source: builtin, name: digits-cnn}\nvariants:\n  baseline: {}\n  p: {from: baseline}\n"
+     "  p: {from: baseline, steps: [prune]}\n", ["line 6", "'p' is given twice (first at line 5)"]),
+    ("name: a\nmodel: {source: builtin, name: digits-cnn}\nvariants: {baseline: {}}\nbench: {cell_timeout_s: .inf}\n",
+     ["bench.cell_timeout_s", "finite number"]),
+    ("name: a\nmodel: {source: builtin, name: digits-cnn}\nvariants: {baseline: {}}\nbench: [1]\n",
+     ["field 'bench'", "a valid dictionary (got [1])"]),
+])
+def test_recipe_slips_are_named(tmp_path, capsys, text, words):
+    (tmp_path / "r.yaml").write_text(text)
+    assert main(["validate", "--recipe-only", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words) and "instance of" not in err and "Value error" not in err, err
+
+
+def test_a_constraint_batch_size_that_is_never_measured_is_refused(tmp_path, capsys):
+    recipe = write_yaml(tmp_path / "r.yaml", {**BASE, "report": {"constraints": {"batch_size": 8}}})
+    assert main(["validate", "--recipe-only", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "report.constraints.batch_size" in err and "not among bench.batch_sizes" in err, err
+
+
+# ----------------------------------------------------------------------------- Hugging Face folders
+def _text_recipe(tmp_path, folder: Path, head: str = "sequence-classification", task=None, **model) -> Path:
+    make_reviews_csv(tmp_path / "reviews.csv")
+    return write_yaml(tmp_path / "r.yaml", {
+        "name": "mine", "model": {"source": "hf", "path": str(folder), "head": head, **model},
+        "task": task or {"type": "text-classification", "data": {"source": "file", "path": "reviews.csv"},
+                         "max_length": 16},
+        "variants": {"baseline": {}}, "export": {"formats": []},
+        "bench": {"backends": ["torch-cpu"], "batch_sizes": [1], "seq_len": 16}})
+
+
+def _validate_refuses(recipe: Path, capsys, *words: str) -> None:
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "model.path" in err and all(w in err for w in words) and "Traceback" not in err, err
+
+
+def test_a_folder_without_its_tokenizer_config_or_weights_is_named(tmp_path, capsys):
+    folder = make_tiny_text_model(tmp_path / "bert")
+    recipe = _text_recipe(tmp_path, folder)
+    (folder / "vocab.txt").unlink()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink(missing_ok=True)
+    _validate_refuses(recipe, capsys, "has no tokenizer", "save_pretrained")
+    shutil.rmtree(folder)
+    folder = make_tiny_text_model(tmp_path / "bert")
+    (folder / "config.json").unlink()
+    _validate_refuses(recipe, capsys, "has no config.json")
+    shutil.rmtree(folder)
+    folder = make_tiny_text_model(tmp_path / "bert")
+    (folder / "model.safetensors").unlink()
+    _validate_refuses(recipe, capsys, "no weights", "weights: random")
+
+
+def test_a_head_the_checkpoint_lacks_or_an_encoder_as_a_decoder_is_refused(tmp_path, capsys):
+    lm = make_tiny_causal_lm(tmp_path / "gpt2", "gpt2")
+    # A GPT-2 language model loaded as a classifier: its score layer would be drawn at random (and, before,
+    # a batch of two could not even run: GPT-2 has no pad token).
+    _validate_refuses(_text_recipe(tmp_path, lm), capsys, "no weights for score.weight", "chance")
+    encoder = make_tiny_text_model(tmp_path / "bert")
+    lm_task = {"type": "language-modeling", "data": {"source": "builtin", "name": "stdlib-docstrings"},
+               "block_size": 16, "eval_blocks": 2}
+    _validate_refuses(_text_recipe(tmp_path, encoder, head="causal-lm", task=lm_task), capsys,
+                      "is a bert, an encoder", "head: embedding or sequence-classification")
+
+
+# ----------------------------------------------------------------------------- commands on wrong files
+def test_report_and_compare_say_what_a_folder_is_instead_of_a_finished_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({"state": "interrupted"}))
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "was interrupted" in err and "workbench run --resume" in err, err
+    (run / "results.json").write_text('{"cells": [')
+    assert main(["report", str(run)]) == 2
+    assert "not readable as JSON" in capsys.readouterr().err
+    (run / "results.json").write_text("{}")
+    assert main(["compare", str(run), str(run)]) == 2
+    assert "not a workbench results file" in capsys.readouterr().err
+
+
+def test_bench_names_a_file_that_is_not_what_its_name_says(tmp_path, capsys):
+    (tmp_path / "data.onnx").write_text("a,b\n1,2\n")
+    assert main(["bench", str(tmp_path / "data.onnx"), "--out", str(tmp_path / "o1")]) == 2
+    assert "not an ONNX model ONNX Runtime can load" in capsys.readouterr().err
+    torch.save(nn.Linear(4, 2).state_dict(), tmp_path / "weights.pt")
+    assert main(["bench", str(tmp_path / "weights.pt"), "--input", "x=batch,4:float32",
+                 "--out", str(tmp_path / "o2")]) == 2
+    assert "state_dict or checkpoint saved with torch.save" in capsys.readouterr().err
+    torch.onnx.export(nn.Linear(4, 2), (torch.randn(1, 4),), str(tmp_path / "lin.onnx"), input_names=["x"],
+                      dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    for args, words in ((["--input", "y=batch,4:float32"], "the graph's inputs are"),
+                        (["--input", "x=batch,5:float32"], "does not run on x [1, 5]"),
+                        (["--threads", "0"], "--threads 0")):
+        assert main(["bench", str(tmp_path / "lin.onnx"), *args, "--out", str(tmp_path / "o3")]) == 2
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists()
