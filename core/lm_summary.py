@@ -76,7 +76,13 @@ def cache_shape(config) -> tuple[int, int, int]:
     layers = get("num_hidden_layers") or get("n_layer")
     heads = get("num_attention_heads") or get("n_head")
     hidden = get("hidden_size") or get("n_embd")
-    return layers, get("num_key_value_heads") or heads, get("head_dim") or hidden // heads
+    kv_heads = get("num_key_value_heads") or heads
+    # GPT-2 keeps n_head when heads are pruned and lists them in pruned_heads ({layer: [heads]}): each layer's
+    # cache holds what is left (the workbench's pruner removes as many in every layer).
+    pruned = get("pruned_heads") or {}
+    if pruned:
+        kv_heads -= max(len(set(h)) for h in pruned.values())
+    return layers, kv_heads, get("head_dim") or hidden // heads
 
 
 def kv_cache_bytes(config, batch: int, context: int, dtype_bytes: int = 4) -> int:

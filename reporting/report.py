@@ -130,6 +130,8 @@ def chance_warning(results: dict) -> str | None:
     accuracy comparison between variants meaningless; say so before anything else. Needs the task's
     `majority_rate` (or, from older runs, `n_classes`: 1 / n_classes); without either, nothing is said."""
     task = results.get("task") or {}
+    if task.get("primary") == "perplexity":
+        return _lm_chance_warning(results)
     if task.get("primary") != "accuracy":
         return None
     if task.get("majority_rate") is not None:
@@ -148,6 +150,21 @@ def chance_warning(results: dict) -> str | None:
     return (f"BASELINE AT CHANCE: `{name}` scores accuracy {acc:.4f} against {what}, so the "
             "accuracy comparisons between variants below say nothing. Most likely the model is untrained, or the "
             "labels or data do not match it.")
+
+
+def _lm_chance_warning(results: dict) -> str | None:
+    """A language model whose perplexity is near its vocabulary size predicts no better than a uniform guess
+    over the tokens (perplexity = vocabulary): an untrained model, or a head its checkpoint lacked."""
+    vocab = (((results.get("model") or {}).get("io") or {}).get("inputs") or {}).get("input_ids", {}).get("high")
+    name = results["recipe"]["parsed"]["report"]["baseline"]
+    base = next((v for v in results["variants"] if v["name"] == name), None)
+    ppl = ((base or {}).get("accuracy") or {}).get("perplexity")
+    if not vocab or ppl is None or ppl < 0.5 * vocab:
+        return None
+    return (f"BASELINE AT CHANCE: `{name}` has perplexity {ppl:.1f} with a vocabulary of {vocab} tokens, where a "
+            f"uniform guess over the tokens scores {vocab}, so the perplexity comparisons between variants below say "
+            "nothing. Most likely the model is untrained; `model.weights: random` measures an architecture and "
+            "ranks variants by their fidelity to it instead.")
 
 
 def pareto_table(results: dict, rec: Recommendation) -> tuple[list[str], list[list[str]]]:

@@ -69,6 +69,19 @@ def test_within_the_tolerance_above_chance_still_warns_and_n_classes_is_the_fall
     assert "`baseline` scores accuracy 0.1050 against a chance rate of 0.1000 (1 / 10 classes)" in md
 
 
+def test_a_language_model_at_a_uniform_guess_is_warned_and_a_trained_one_is_not(tmp_path):
+    d = example(tmp_path, "docstring-gpt-cpu")
+    assert WARNING not in (d / "report.md").read_text()  # trained: perplexity far below its vocabulary
+
+    def untrained(r):
+        vocab = r["model"]["io"]["inputs"]["input_ids"]["high"]
+        next(v for v in r["variants"] if v["name"] == "baseline")["accuracy"]["perplexity"] = 0.98 * vocab
+
+    (tmp_path / "u").mkdir()
+    md = (example(tmp_path / "u", "docstring-gpt-cpu", untrained) / "report.md").read_text()
+    assert WARNING in md and "a uniform guess over the tokens scores" in md
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, edit", [
     ("digits-prune-distill-cpu", lambda r: r["task"].update(majority_rate=0.1022, n_classes=10)),  # trained: 0.99

@@ -262,3 +262,12 @@ def test_bench_names_a_file_that_is_not_what_its_name_says(tmp_path, capsys):
         assert main(["bench", str(tmp_path / "lin.onnx"), *args, "--out", str(tmp_path / "o3")]) == 2
         assert words in capsys.readouterr().err
     assert not (tmp_path / "o3").exists()
+
+
+def test_a_gpt2_with_pruned_heads_has_the_cache_it_keeps():
+    """GPT-2 keeps n_head and lists pruned heads: a KV cache sized from n_head failed the pruned model's export."""
+    from core.lm_summary import cache_shape
+
+    config = {"n_layer": 2, "n_head": 4, "n_embd": 64, "pruned_heads": {"0": [1, 3], "1": [0, 2]}}
+    assert cache_shape(config) == (2, 2, 16)
+    assert cache_shape({**config, "pruned_heads": {}}) == (2, 4, 16)
