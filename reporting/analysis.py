@@ -172,6 +172,9 @@ def _steps(variants: dict, name: str) -> int:
     return count
 
 
+DEFAULT_DROP = 0.01  # without report.constraints on accuracy: at most 1 % of the baseline's score lost
+
+
 def recommend(results: dict) -> Recommendation:
     """The fastest cell (p50) that meets every constraint of `report.constraints`; the runner-up too."""
     spec = results["recipe"]["parsed"]
@@ -184,7 +187,16 @@ def recommend(results: dict) -> Recommendation:
     rules = [f"batch size {batch}"]
     if cons.get("backend"):
         rules.append(f"backend {cons['backend']}")
-    if cons.get("max_accuracy_drop") is not None:
+    # No accuracy constraint set: the fastest cell would win whatever it scored (a pruned model at chance was
+    # once told to ship). The default guard is a drop of at most DEFAULT_DROP of the baseline's own score.
+    cons = dict(cons)
+    if (metric and metric != "kl" and base_score and cons.get("max_accuracy_drop") is None
+            and cons.get("max_perplexity_increase") is None):
+        cons["max_accuracy_drop"] = round(DEFAULT_DROP * abs(base_score), 6)
+        rules.append(f"{metric} {'increase' if lower_is_better(results) else 'drop'} <= {cons['max_accuracy_drop']:.4g} "
+                     f"(the default, {DEFAULT_DROP:.0%} of the baseline's: report.constraints.max_accuracy_drop "
+                     "sets your own)")
+    elif cons.get("max_accuracy_drop") is not None:
         rules.append(f"{metric} {'increase' if lower_is_better(results) else 'drop'} <= {cons['max_accuracy_drop']}")
     base_ppl = (base.get("accuracy") or {}).get("perplexity")
     if cons.get("max_perplexity_increase") is not None:

@@ -287,3 +287,21 @@ def test_four_bit_variants_of_the_baseline_are_set_side_by_side_by_how_their_wei
     assert "GPTQ (8 calibration batches)" in rows[0] and "AWQ + scale estimation, group 32" in rows[1]
     assert "round-to-nearest (ORT's default), block 32" in rows[2]
     assert "pruned-int4" not in section  # made from the pruned model, not the baseline: not at equal footing
+
+
+def test_without_an_accuracy_constraint_a_variant_that_lost_its_accuracy_is_not_recommended():
+    """No report.constraints: the fastest cell won whatever it scored (a pruned model at 0.22 against 1.00)."""
+    from reporting.analysis import recommend
+
+    r = json.loads((EXAMPLES / "quickstart-cpu" / "results.json").read_text())
+    r["recipe"]["parsed"]["report"]["constraints"]["max_accuracy_drop"] = None
+    winner = recommend(r).winner
+    for v in r["variants"]:  # the variant that won loses its accuracy, in its cells too
+        if v["name"] == winner.variant:
+            v["accuracy"]["accuracy"] = 0.22
+    for c in r["cells"]:
+        if c["variant"] == winner.variant and c.get("accuracy"):
+            c["accuracy"]["accuracy"] = 0.22
+    rec = recommend(r)
+    assert rec.winner.variant != winner.variant
+    assert any("the default, 1% of the baseline's" in rule for rule in rec.rules), rec.rules

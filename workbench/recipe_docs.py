@@ -129,7 +129,9 @@ NOTES = {
     "ReportSpec.baseline": "the variant accuracy deltas and speedups are computed against",
     "ReportSpec.constraints": "what the recommended cell must meet",
     "Constraints.max_accuracy_drop": "largest drop in the task's primary metric against the baseline (perplexity: "
-                                     "largest increase)",
+                                     "largest increase). Default, when neither this nor max_perplexity_increase is "
+                                     "set: 1 % of the baseline's score (a random-weights LM's KL has no default), so "
+                                     "a variant that lost its accuracy is never recommended for its speed alone",
     "Constraints.max_latency_ms": "largest p50",
     "Constraints.max_memory_mb": "largest peak RSS increase",
     "Constraints.backend": "recommend only cells of this backend",
