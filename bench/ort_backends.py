@@ -127,7 +127,24 @@ session = ort.InferenceSession(str(MODEL), providers=providers)
 # ONNX Runtime falls back to the CPU silently when a provider cannot start: stop rather than run elsewhere.
 if session.get_providers()[0] != providers[0]:
     sys.exit(f"ONNX Runtime did not start {{providers[0]}} here (available: {{ort.get_available_providers()}})")
-feed = {{i.name: inputs[i.name] for i in session.get_inputs()}}  # an optimised graph may have dropped an input
+
+
+def value_for(i):
+    """The io.json's input, or what a decoder graph's first call takes beside the tokens: positions 0..SEQ-1,
+    logits for all of them, and an empty key/value cache ([batch, kv heads, 0 past tokens, head size])."""
+    if i.name in inputs:
+        return inputs[i.name]
+    if i.name == "position_ids":
+        return np.broadcast_to(np.arange(SEQ, dtype=np.int64), (BATCH, SEQ)).copy()
+    if i.name == "logits_to_keep":  # the workbench's fused decoder graph: logits of the last this many positions
+        return np.array(SEQ, dtype=np.int64)
+    if i.name.startswith("past_key_values"):
+        dims = [BATCH if k == 0 else d if isinstance(d, int) else 0 for k, d in enumerate(i.shape)]
+        return np.zeros(dims, dtype=np.float16 if "float16" in i.type else np.float32)
+    sys.exit(f"the graph takes {{i.name!r}}, which {{MODEL.name}}.io.json does not describe")
+
+
+feed = {{i.name: value_for(i) for i in session.get_inputs()}}  # an optimised graph may have dropped an input
 output = session.run(None, feed)[0]
 '''
 

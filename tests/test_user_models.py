@@ -271,3 +271,28 @@ def test_a_gpt2_with_pruned_heads_has_the_cache_it_keeps():
     config = {"n_layer": 2, "n_head": 4, "n_embd": 64, "pruned_heads": {"0": [1, 3], "1": [0, 2]}}
     assert cache_shape(config) == (2, 2, 16)
     assert cache_shape({**config, "pruned_heads": {}}) == (2, 4, 16)
+
+
+def test_the_shipped_load_and_call_runs_a_decoder_graph_with_its_kv_cache(tmp_path):
+    """A causal LM recommended on ONNX Runtime shipped a load_and_call.py that died on the graph's
+    position_ids and past_key_values inputs, which its io.json does not list."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from export.causal_lm_onnx import export_causal_lm
+    from reporting.ship import snippet
+    from workbench import plugins
+    from workbench.sources.models import text_io
+
+    plugins.load()
+    folder = make_tiny_causal_lm(tmp_path / "lm", "llama")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ship = tmp_path / "recommended"
+    export_causal_lm(model, ship / "model.onnx")
+    (ship / "model.onnx.io.json").write_text(json.dumps(text_io(model.config.vocab_size, "causal-lm").to_json()))
+    (ship / "load_and_call.py").write_text(snippet("ort-cpu", "model.onnx", "baseline", 1, 8))
+    done = subprocess.run([sys.executable, "load_and_call.py"], cwd=ship, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"shape (1, 8, {model.config.vocab_size})" in done.stdout

@@ -103,6 +103,11 @@ def check_runs(path: Path, fmt: str, io) -> None:
         except Exception as e:  # noqa: BLE001 - ORT's own words for what the file is not
             raise RecipeError(f"MODEL_FILE {str(path)!r}: not an ONNX model ONNX Runtime can load ({one_line(e, 300)})")
         declared = {i.name: i.shape for i in sess.get_inputs()}
+        if any(n.startswith("past_key_values") for n in declared):
+            raise RecipeError(f"MODEL_FILE {str(path)!r} is a decoder graph with a key/value cache (past_key_values.*): "
+                              "`workbench bench` times one call on fixed inputs, and a language model is measured by "
+                              "generation (time to first token, per-token decode) in a recipe: model: {source: hf, "
+                              "path: FOLDER, head: causal-lm}")
         wrong = sorted(set(x) ^ set(declared))
         if wrong:
             raise RecipeError(f"--input: the graph's inputs are {declared}; given {sorted(x)}. Name each of the "
