@@ -323,16 +323,23 @@ def _train(student, teacher, p: DistillParams, ctx, epochs: int, device) -> dict
     if p.hidden_weight > 0:
         tap = _LayerTap(s_layers)
     try:
-        best, best_state, start_score, steps, history = _loop(
+        best, best_state, start_score, steps, history, best_epoch = _loop(
             student, p, epochs, train_idx, rng, ctx, tensors, loss_fn, hidden_loss if tap else None, validate)
     finally:
         if tap:
             tap.close()
     # Training that only hurt the held-out tenth (or diverged to NaN) hands back the student as it came.
-    if untrained and not best >= untrained[0]:
+    reverted = bool(untrained) and not best >= untrained[0]
+    if reverted:
         best, best_state = untrained
     student.load_state_dict(best_state)  # the best epoch on the held-out tenth, not the last one
-    return {"teacher": p.teacher, "loss": loss_kind, "hidden_weight": p.hidden_weight, "epochs_run": len(history),
+    before = untrained[0] if untrained else start_score
+    kept = reverted or (best_epoch == 0 and not layerwise)  # the weights the student came with
+    after = ", ".join(f"{h['val']:.5g}" for h in history) or "no epoch"
+    return {**({"warning": f"no epoch beat the student as it came on the held-out tenth ({before:.5g}, then "
+                           f"{after}): its starting weights were kept, so this variant is its parent's model. Try "
+                           "a lower lr or more epochs"} if kept else {}),
+            "teacher": p.teacher, "loss": loss_kind, "hidden_weight": p.hidden_weight, "epochs_run": len(history),
             "steps": steps, "batches": len(batches),
             "val_before": round(untrained[0] if untrained else start_score, 5), "val_best": round(best, 5),
             "history": history,
@@ -491,6 +498,7 @@ def _loop(student, p, epochs, train_idx, rng, ctx, tensors, loss_fn, hidden_loss
         sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=max(total, 2), pct_start=0.1)
                  if p.schedule == "onecycle" else None)
         best, best_state, stale, steps, history = validate(), copy.deepcopy(student.state_dict()), 0, 0, []
+        best_epoch = 0  # 0: the student as it came
         start_score, t0 = best, time.perf_counter()
         for epoch in range(epochs):
             student.train()
@@ -515,9 +523,9 @@ def _loop(student, p, epochs, train_idx, rng, ctx, tensors, loss_fn, hidden_loss
             history.append({"epoch": epoch + 1, "loss": round(float(loss.item()), 5), "val": round(score, 5),
                             "seconds": round(time.perf_counter() - t0, 2)})
             if score >= best:  # ties go to the later, longer-trained epoch
-                best, best_state, stale = score, copy.deepcopy(student.state_dict()), 0
+                best, best_state, stale, best_epoch = score, copy.deepcopy(student.state_dict()), 0, epoch + 1
             else:
                 stale += 1
             if (p.max_steps and steps >= p.max_steps) or stale > p.patience:
                 break
-    return best, best_state, start_score, steps, history
+    return best, best_state, start_score, steps, history, best_epoch

@@ -60,6 +60,15 @@ def variants_table(results: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+# Step notes that change what a variant is (its steps column would mislead without them).
+WARNING_NOTES = ("warning", "not_pruned", "tied_weights")
+
+
+def step_warnings(results: dict) -> list[str]:
+    return [f"`{v['name']}` ({n.get('step', 'step')}): {n[key]}" for v in results["variants"]
+            for n in v.get("notes") or [] for key in WARNING_NOTES if n.get(key)]
+
+
 def cells_table(results: dict, sp: dict) -> tuple[list[str], list[list[str]]]:
     metric = primary_metric(results)
     variants = {v["name"]: v for v in results["variants"]}
@@ -507,6 +516,10 @@ def sections(results: dict, plots: list[tuple[str, str]], rec: Recommendation, s
     blocks += sensitivity_blocks(results)
     blocks.append(("h2", "Variants"))
     blocks.append(("table", variants_table(results)))
+    said = step_warnings(results)
+    if said:
+        blocks.append(("p", "What the steps said a reader of the table above would not see:"))
+        blocks.append(("list", said))
     if any((v.get("sparsity") or 0) > 0.05 and v.get("format") == "torch" for v in results["variants"]):
         blocks.append(("p", "Sparsity is the fraction of exact zeros in weight matrices. Dense kernels do not "
                             "skip zeros: unstructured and 2:4 sparsity shrink nothing and speed nothing up here."))

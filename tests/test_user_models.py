@@ -296,3 +296,34 @@ def test_the_shipped_load_and_call_runs_a_decoder_graph_with_its_kv_cache(tmp_pa
     done = subprocess.run([sys.executable, "load_and_call.py"], cwd=ship, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"shape (1, 8, {model.config.vocab_size})" in done.stdout
+
+
+def test_a_distillation_that_never_beats_its_start_says_its_variant_is_the_parent(tmp_path):
+    """The best epoch was silently the starting weights: a 'distilled' variant that was its parent."""
+    from compress.distill import Distill
+    from core.model import VariantModel
+    from workbench.recipe import load_recipe
+    from workbench.sources.models import load_model
+    from workbench.tasks import build_task
+
+    recipe = load_recipe(write_yaml(tmp_path / "r.yaml", BASE))
+    src = load_model(recipe)
+    task = build_task(recipe, src)
+    teacher = VariantModel(io=src.io, module=src.module)
+    ctx = StepContext(work_dir=tmp_path, task=task, quick=True, seed=0, variant="kd", export=None,
+                      lookup=lambda name: teacher)
+    # A trained CNN taught by itself at a learning rate that can only wreck it: no epoch beats the start.
+    out = Distill().run(VariantModel(io=src.io, module=src.module), {"teacher": "baseline", "epochs": 1, "lr": 5.0},
+                        ctx)
+    assert "its starting weights were kept" in ctx.notes["warning"]
+    for a, b in zip(out.module.state_dict().values(), src.module.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_what_a_step_warned_is_listed_under_the_variants_table():
+    from reporting.report import step_warnings
+
+    results = {"variants": [{"name": "kd", "notes": [{"step": "distill", "warning": "its starting weights were kept"}]},
+                            {"name": "u", "notes": [{"step": "prune", "not_pruned": "GRU: 3% zeros"}]},
+                            {"name": "b", "notes": []}]}
+    assert step_warnings(results) == ["`kd` (distill): its starting weights were kept", "`u` (prune): GRU: 3% zeros"]
