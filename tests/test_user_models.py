@@ -327,3 +327,23 @@ def test_what_a_step_warned_is_listed_under_the_variants_table():
                             {"name": "u", "notes": [{"step": "prune", "not_pruned": "GRU: 3% zeros"}]},
                             {"name": "b", "notes": []}]}
     assert step_warnings(results) == ["`kd` (distill): its starting weights were kept", "`u` (prune): GRU: 3% zeros"]
+
+
+def test_more_tokens_than_the_model_has_positions_for_is_refused_by_field(tmp_path, capsys):
+    folder = make_tiny_text_model(tmp_path / "bert")  # max_position_embeddings 64
+    recipe = _text_recipe(tmp_path, folder)
+    raw = json.loads(json.dumps(__import__("yaml").safe_load(recipe.read_text())))
+    raw["bench"]["seq_len"] = 100
+    write_yaml(recipe, raw)
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "bench.seq_len" in err and "asks for 100 tokens" in err and "positions for 64" in err, err
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    recipe = write_yaml(tmp_path / "r.yaml", BASE)
+    assert main(["run", str(recipe), "--out", str(tmp_path / "afile"), "--quick"]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main(["run", str(recipe), "--out", str(tmp_path / "afile" / "below"), "--quick"]) == 2
+    assert "cannot be made here" in capsys.readouterr().err

@@ -133,7 +133,30 @@ class Run:
 
         self.src = load_model(self.recipe, self.quick)
         route_library_loggers()  # now that the model's libraries are loaded
+        self._check_lengths()
         self.task = build_task(self.recipe, self.src)
+
+    def _check_lengths(self) -> None:
+        """Token counts past the model's positions fail every cell with a tensor-size error: said first, by field."""
+        from core.errors import field_error
+        from workbench.recipe import model_kind
+
+        config = next((m.config for m in self.src.module.modules() if hasattr(m, "config")), None)
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if not limit or "input_ids" not in self.src.io.inputs:
+            return
+        b, t = self.recipe.bench, self.recipe.task
+        asked = {"bench.seq_len": b.seq_len, "task.max_length": getattr(t, "max_length", None),
+                 "task.block_size": getattr(t, "block_size", None)}
+        if model_kind(self.recipe.model) == "causal-lm":  # a generation holds its prompt and its new tokens
+            asked["bench.seq_len"] = b.seq_len + b.new_tokens
+            asked.update({f"bench.prompt_lens[{i}]": n + b.new_tokens for i, n in enumerate(b.prompt_lens)})
+        for field, n in asked.items():
+            if n and n > limit:
+                extra = " with bench.new_tokens" if model_kind(self.recipe.model) == "causal-lm" and field.startswith(
+                    "bench.") else ""
+                raise field_error(self.recipe.where, field, f"asks for {n} tokens{extra}, and the model has "
+                                  f"positions for {limit} (its config's max_position_embeddings): at most {limit}")
 
     def _status(self, state: str, **fields) -> None:
         """status.json: running -> finished, failed (with the reason) or interrupted. A run killed

@@ -71,6 +71,19 @@ def say(msg: str) -> None:
     write(msg)
 
 
+def writable_folder(path, flag: str) -> None:
+    """Make the folder a command writes into (if missing), before any work: a file there, or a place this
+    user may not write, is the command line's to fix (a RecipeError naming the flag)."""
+    from core.errors import RecipeError
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RecipeError(f"{flag} {str(path)!r}: a file is in the way; give a folder") from None
+    except OSError as e:
+        raise RecipeError(f"{flag} {str(path)!r}: cannot be made here ({e.strerror})") from None
+
+
 def reason(e: BaseException) -> str:
     """One line naming the exception: what a failed variant, artifact or cell records (core.errors.one_line)."""
     return one_line(e)

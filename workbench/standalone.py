@@ -48,6 +48,10 @@ def bench_file(path, *, backends=None, batch_sizes=(1,), seq_len: int = 128, thr
     if threads is not None and threads <= 0:
         raise RecipeError(f"--threads {threads}: a number of threads is 1 or more (default: every core, "
                           f"{default_threads()} here)")
+    if out is not None:
+        from workbench.run_dir import writable_folder
+
+        writable_folder(out, "--out")
     io = model_io(path, inputs)
     check_runs(path, fmt, io)
     threads = threads or default_threads()
