@@ -347,3 +347,14 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     assert "--out" in capsys.readouterr().err
     assert main(["run", str(recipe), "--out", str(tmp_path / "afile" / "below"), "--quick"]) == 2
     assert "cannot be made here" in capsys.readouterr().err
+
+
+def test_a_reference_built_on_a_workbench_variant_is_refused(tmp_path, capsys):
+    raw = {**BASE, "variants": {"baseline": {}, "pruned": {"from": "baseline", "steps": [{"prune": {"ratio": 0.5}}]},
+                                "stock": {"from": "pruned", "reference": True}},
+           "report": {"baseline": "baseline"}}
+    assert main(["validate", "--recipe-only", str(write_yaml(tmp_path / "r.yaml", raw))]) == 2
+    err = capsys.readouterr().err
+    assert "variants.stock.from" in err and "'pruned' has 1" in err, err
+    raw["variants"]["stock"]["from"] = "baseline"
+    assert main(["validate", "--recipe-only", str(write_yaml(tmp_path / "r.yaml", raw))]) == 0
