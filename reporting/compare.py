@@ -6,6 +6,8 @@ says (CPU frequency, cache state, neighbours), so a change counts as significant
 whole interval lies beyond the noise margin (`--margin`, default 5 %)."""
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 from reporting.analysis import measured, read_results
@@ -85,10 +87,36 @@ def verdicts(a: dict, b: dict, rows: list[dict]) -> dict:
     caps = capacities(a, b)
     serving = serving_agreement(a, b)
     return {"recommendation_a": ship_a, "recommendation_b": ship_b, "same_recommendation": same,
-            "median_change": drift, "speedups": held,
+            "differences": setup_differences(a, b), "median_change": drift, "speedups": held,
             "speedups_agreeing": sum(h["intervals_overlap"] for h in held),
             **({"capacities": caps, "capacities_agreeing": sum(c["intervals_overlap"] for c in caps)} if caps else {}),
             **({"serving": serving, "serving_agreeing": sum(v["agree"] for v in serving)} if serving else {})}
+
+
+def setup_differences(a: dict, b: dict) -> list[str]:
+    """What differs between the two runs besides the machine's mood: the recipe, its bench settings, the threads,
+    a --quick run, the CPU, the library versions. A p50 that moved with one of these moved for it."""
+    def get(r, *path):
+        for key in path:
+            r = (r or {}).get(key) if isinstance(r, dict) else None
+        return r
+
+    out = []
+    for label, path in (("recipe", ("recipe", "name")), ("recipe file (sha256)", ("recipe", "sha256")),
+                        ("threads", ("environment", "threads_requested")), ("--quick", ("quick",)),
+                        ("CPU", ("environment", "cpu")), ("cores available", ("environment", "cores_available")),
+                        ("torch", ("environment", "libraries", "torch")),
+                        ("onnxruntime", ("environment", "libraries", "onnxruntime")),
+                        ("openvino", ("environment", "libraries", "openvino"))):
+        x, y = get(a, *path), get(b, *path)
+        if x != y and not (x is None and y is None):
+            short = (lambda v: str(v)[:12]) if "sha256" in label else str
+            out.append(f"{label}: {short(x)} -> {short(y)}")
+    bench_a, bench_b = get(a, "recipe", "parsed", "bench") or {}, get(b, "recipe", "parsed", "bench") or {}
+    for key in sorted(set(bench_a) | set(bench_b)):
+        if key not in ("backends", "options") and bench_a.get(key) != bench_b.get(key):
+            out.append(f"bench.{key}: {json.dumps(bench_a.get(key))} -> {json.dumps(bench_b.get(key))}")
+    return out
 
 
 SERVING_KINDS = {"batching": "dynamic batching over one per call", "vs_baseline": "best capacity over the baseline's",
@@ -144,10 +172,14 @@ def _verdict_text(v: dict) -> str:
 
     lines = [f"**Recommendation: A ships {ship(v['recommendation_a'])}, B ships {ship(v['recommendation_b'])}: "
              + ("the same verdict.**" if v["same_recommendation"] else "a different verdict.**")]
+    if v.get("differences"):
+        lines.append("The runs differ in: " + "; ".join(v["differences"]) + ". Differences in their numbers may come "
+                     "from these, not from the machine.")
     if v["median_change"] is not None:
+        moved = ("the settings above differ: a change may be theirs" if v.get("differences") else
+                 "the whole machine moved: compare the speedups, which each run measures against its own baseline")
         lines.append(f"Median p50 change over all shared cells: {v['median_change']:+.1%}"
-                     + (" (the whole machine moved: compare the speedups, which each run measures against its own "
-                        "baseline)." if abs(v["median_change"]) > 0.05 else "."))
+                     + (f" ({moved})." if abs(v["median_change"]) > 0.05 else "."))
     if v["speedups"]:
         lines.append(f"Speedups against each run's own baseline: {v['speedups_agreeing']} of {len(v['speedups'])} "
                      "agree (95% intervals overlap).")

@@ -358,3 +358,17 @@ def test_a_reference_built_on_a_workbench_variant_is_refused(tmp_path, capsys):
     assert "variants.stock.from" in err and "'pruned' has 1" in err, err
     raw["variants"]["stock"]["from"] = "baseline"
     assert main(["validate", "--recipe-only", str(write_yaml(tmp_path / "r.yaml", raw))]) == 0
+
+
+def test_compare_names_the_settings_two_runs_differ_in():
+    """Two runs with different bench.threads were compared as if the machine alone had moved."""
+    from reporting.compare import _verdict_text, setup_differences, verdicts
+
+    a = json.loads((Path(__file__).parent.parent / "reports/examples/quickstart-cpu/results.json").read_text())
+    assert setup_differences(a, a) == []
+    b = json.loads(json.dumps(a))
+    b["environment"]["threads_requested"] = 1
+    b["recipe"]["parsed"]["bench"]["threads"] = 1
+    found = setup_differences(a, b)
+    assert "threads: 2 -> 1" in found and "bench.threads: null -> 1" in found, found
+    assert "The runs differ in: threads: 2 -> 1" in _verdict_text(verdicts(a, b, []))

@@ -933,6 +933,14 @@ def _check_task(recipe: Recipe, where: str) -> None:
     if needs and needs != kind:
         raise field_error(where, "task.type", f"needs a model whose output is a {needs}, but the model gives a {kind}",
                           value=t.type, accepted=[k for k, v in {**fits, "none": kind}.items() if v == kind])
+    c = recipe.report.constraints
+    if c.max_perplexity_increase is not None and t.type != "language-modeling":
+        raise field_error(where, "report.constraints.max_perplexity_increase", f"a {t.type} task has no perplexity, "
+                          "so no cell could meet it: report.constraints.max_accuracy_drop holds its metric",
+                          value=c.max_perplexity_increase)
+    if c.max_accuracy_drop is not None and t.type == "none":
+        raise field_error(where, "report.constraints.max_accuracy_drop", "task.type is none: there is no metric to "
+                          "drop, so no cell could meet it", value=c.max_accuracy_drop)
     data = getattr(t, "data", None)
     for name in ("path", "eval_path"):
         value = getattr(data, name, None) if isinstance(data, FileData) else None
