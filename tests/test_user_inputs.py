@@ -163,9 +163,9 @@ def test_text_labels_that_are_fractions_or_empty_are_refused_with_their_rows(tmp
         for i in range(40)))
     recipe = write_yaml(tmp_path / "text.yaml", {
         "name": "texts", "model": {"source": "hf", "path": str(folder), "head": "sequence-classification"},
-        "task": {"type": "text-classification", "data": {"source": "file", "path": "reviews.jsonl"}},
+        "task": {"type": "text-classification", "data": {"source": "file", "path": "reviews.jsonl"}, "max_length": 16},
         "variants": {"baseline": {}}, "export": {"formats": []},
-        "bench": {"backends": ["torch-cpu"], "batch_sizes": [1], "repeats": 1, "profile": False}})
+        "bench": {"backends": ["torch-cpu"], "batch_sizes": [1], "seq_len": 16, "repeats": 1, "profile": False}})
     _refused(recipe, tmp_path, capsys, "task.data.label_field", "row 4: 0.95", "class index")
 
 
@@ -232,7 +232,7 @@ def test_held_out_text_shorter_than_one_block_is_refused_naming_block_size(tmp_p
     (tmp_path / "notes.txt").write_text("\n\n".join(f"A short paragraph number {i} about nothing much." for i in range(8)))
     recipe = write_yaml(tmp_path / "lm.yaml", {
         "name": "short", "model": {"source": "hf", "path": str(model), "head": "causal-lm"},
-        "task": {"type": "language-modeling", "data": {"source": "file", "path": "notes.txt"}, "block_size": 512},
+        "task": {"type": "language-modeling", "data": {"source": "file", "path": "notes.txt"}, "block_size": 200},
         "variants": {"baseline": {}}, "export": {"formats": []},
         "bench": {"backends": ["torch-cpu"], "batch_sizes": [1], "repeats": 1, "profile": False}})
-    _refused(recipe, tmp_path, capsys, "task.block_size", "less than one block of 512")
+    _refused(recipe, tmp_path, capsys, "task.block_size", "less than one block of 200")

@@ -155,8 +155,11 @@ class Run:
             if n and n > limit:
                 extra = " with bench.new_tokens" if model_kind(self.recipe.model) == "causal-lm" and field.startswith(
                     "bench.") else ""
-                raise field_error(self.recipe.where, field, f"asks for {n} tokens{extra}, and the model has "
-                                  f"positions for {limit} (its config's max_position_embeddings): at most {limit}")
+                section, name = field.split(".")[0], field.split(".")[1].split("[")[0]
+                unset = name not in (b if section == "bench" else t).model_fields_set
+                raise field_error(self.recipe.where, field, f"asks for {n} tokens{extra}"
+                                  f"{' (its default)' if unset else ''}, and the model has positions for {limit} (its "
+                                  f"config's max_position_embeddings): set it to at most {limit}")
 
     def _status(self, state: str, **fields) -> None:
         """status.json: running -> finished, failed (with the reason) or interrupted. A run killed

@@ -48,12 +48,12 @@ def bench_file(path, *, backends=None, batch_sizes=(1,), seq_len: int = 128, thr
     if threads is not None and threads <= 0:
         raise RecipeError(f"--threads {threads}: a number of threads is 1 or more (default: every core, "
                           f"{default_threads()} here)")
+    io = model_io(path, inputs)
+    check_runs(path, fmt, io)
     if out is not None:
         from workbench.run_dir import writable_folder
 
         writable_folder(out, "--out")
-    io = model_io(path, inputs)
-    check_runs(path, fmt, io)
     threads = threads or default_threads()
     timing = results.quick_timing(Timing()) if quick else Timing().model_dump()
     out = Path(out) if out else Path("reports") / "bench" / path.stem / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
