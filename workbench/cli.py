@@ -140,15 +140,15 @@ def run_command(recipe=None, out="reports", *, quick: bool = False, executor: Op
         raise RecipeError(f"workbench run: unknown executor {executor!r}. Accepted: {', '.join(EXECUTORS)}")
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    from workbench.run_dir import writable_folder
-
-    writable_folder(out, "--out")
     if ray_address and (executor or recipe.bench.executor) != "ray":
         raise RecipeError("workbench run: --ray-address goes with --executor ray (or bench.executor: ray)")
     if executor:
         recipe.bench.executor = executor
     if ray_address:
         recipe.bench.ray_address = ray_address
+    from workbench.run_dir import writable_folder
+
+    writable_folder(out, "--out")  # last of the checks: it makes the folder
     return run_recipe(recipe, Path(out), quick=quick)
 
 
