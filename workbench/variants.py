@@ -52,8 +52,9 @@ def ref_sources(ref: str, base: Path) -> list[Path]:
 
 
 # Bumped when what the built-in tasks feed the steps changes (v2: more stdlib docstring paragraphs,
-# length-bucketed text batches), so that cached distilled or calibrated variants are not reused.
-TASK_DATA_VERSION = 2
+# length-bucketed text batches; v3: splits of a data file interleaved by class, so calibration and training
+# rows come in another order), so that cached distilled or calibrated variants are not reused.
+TASK_DATA_VERSION = 3
 
 
 BASE_LIBRARIES = ("torch", "transformers", "model-workbench")
