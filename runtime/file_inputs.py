@@ -11,18 +11,22 @@ ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(i
              "tensor(int32)": "int32"}
 
 
-def io_from_onnx(path: Path) -> ModelIO:
-    """Symbolic first dimension -> batch, other symbolic dimensions -> seq. Integer inputs named like
-    masks get ones; other integer inputs (token ids) get values below 1000, valid in any vocabulary."""
+def load_onnx(path: Path):
+    """An ONNX Runtime CPU session of the file, or a RecipeError in ORT's own words for what it is not."""
+    from core.errors import one_line
     from runtime.sessions import onnx_session
 
     try:
-        sess = onnx_session(path)
-    except Exception as e:  # noqa: BLE001 - ORT's own words for what the file is not
-        from core.errors import one_line
-
+        return onnx_session(path)
+    except Exception as e:  # noqa: BLE001 - a CSV named .onnx, a truncated file, an op this ORT lacks
         raise RecipeError(f"MODEL_FILE {str(path)!r}: not an ONNX model ONNX Runtime can load ({one_line(e, 300)})") \
             from None
+
+
+def io_from_onnx(path: Path, sess=None) -> ModelIO:
+    """Symbolic first dimension -> batch, other symbolic dimensions -> seq. Integer inputs named like
+    masks get ones; other integer inputs (token ids) get values below 1000, valid in any vocabulary."""
+    sess = sess or load_onnx(path)
     inputs = {}
     for i in sess.get_inputs():
         if i.type not in ORT_TYPES:
@@ -52,7 +56,8 @@ def parse_input(text: str) -> tuple[str, dict]:
     return name, {"shape": shape, "dtype": dtype, "low": 0, "high": 2}
 
 
-def model_io(path: Path, inputs: list[str] | None) -> ModelIO:
+def model_io(path: Path, inputs: list[str] | None, sess=None) -> ModelIO:
+    """`sess`: the file's ONNX Runtime session where the caller has one already (it is not loaded twice)."""
     if inputs:
         return ModelIO(inputs=dict(parse_input(t) for t in inputs), kind="embedding")
     sidecar = path.with_name(path.name + ".io.json")
@@ -61,6 +66,6 @@ def model_io(path: Path, inputs: list[str] | None) -> ModelIO:
 
         return ModelIO.from_json(json.loads(sidecar.read_text()))
     if path.suffix == ".onnx":
-        return io_from_onnx(path)
+        return io_from_onnx(path, sess)
     raise RecipeError(f"{path}: a TorchScript or .pt2 file declares no input shapes; give --input name=dims:dtype "
                       f"(e.g. --input pixels=batch,1,8,8:float32)")

@@ -7,7 +7,7 @@ import datetime as dt
 from pathlib import Path
 
 from core.errors import RecipeError
-from runtime.file_inputs import model_io
+from runtime.file_inputs import load_onnx, model_io
 from core.processes import default_threads
 from workbench import results
 
@@ -48,8 +48,10 @@ def bench_file(path, *, backends=None, batch_sizes=(1,), seq_len: int = 128, thr
     if threads is not None and threads <= 0:
         raise RecipeError(f"--threads {threads}: a number of threads is 1 or more (default: every core, "
                           f"{default_threads()} here)")
-    io = model_io(path, inputs)
-    check_runs(path, fmt, io)
+    sess = load_onnx(path) if fmt == "onnx" else None  # read once, for the inputs and the check
+    io = model_io(path, inputs, sess)
+    check_runs(path, fmt, io, sess)
+    del sess  # the cells load the file in their own processes
     if out is not None:
         from workbench.run_dir import writable_folder
 
@@ -91,21 +93,17 @@ def bench_file(path, *, backends=None, batch_sizes=(1,), seq_len: int = 128, thr
     return out
 
 
-def check_runs(path: Path, fmt: str, io) -> None:
+def check_runs(path: Path, fmt: str, io, sess=None) -> None:
     """Load the file here and call it once at batch 1, before any cell: a file that is not what its name says
     (a state_dict saved as .pt, a CSV named .onnx) or inputs it does not take are the command's to fix (a
-    RecipeError naming them), not a failed cell with the engine's last sentence in it."""
+    RecipeError naming them), not a failed cell with the engine's last sentence in it. `sess`: the ONNX file's
+    session where the caller loaded it already."""
     from core.errors import one_line
 
     x = io.make(1, 16, seed=0)
     shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in x.items())
     if fmt == "onnx":
-        from runtime.sessions import onnx_session
-
-        try:
-            sess = onnx_session(path)
-        except Exception as e:  # noqa: BLE001 - ORT's own words for what the file is not
-            raise RecipeError(f"MODEL_FILE {str(path)!r}: not an ONNX model ONNX Runtime can load ({one_line(e, 300)})")
+        sess = sess or load_onnx(path)
         declared = {i.name: i.shape for i in sess.get_inputs()}
         if any(n.startswith("past_key_values") for n in declared):
             raise RecipeError(f"MODEL_FILE {str(path)!r} is a decoder graph with a key/value cache (past_key_values.*): "
