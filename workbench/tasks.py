@@ -164,7 +164,7 @@ def _npz(recipe: Recipe, field: str, src: SourceModel) -> tuple[np.ndarray, np.n
     """x and y of the .npz at task.data.<field>, checked before any work: x numeric with one row per label
     and each row the model's input shape, y integer class indices >= 0 of shape [N]. Anything else is the
     file to fix (a RecipeError naming the field), never a truncated label or a library error mid-run."""
-    from core.errors import field_error
+    from core.errors import field_error, one_line
 
     path = recipe.resolve(getattr(recipe.task.data, field))
     accepted = "a .npz with arrays x (one row per example, numeric) and y (integer class indices >= 0, shape [N])"
@@ -176,7 +176,7 @@ def _npz(recipe: Recipe, field: str, src: SourceModel) -> tuple[np.ndarray, np.n
         d = np.load(path, allow_pickle=False)
         arrays = {k: d[k] for k in d.files}
     except Exception as e:  # noqa: BLE001 - not a .npz, a pickled array, a broken file
-        raise bad(f"cannot be read as a .npz: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}") from None
+        raise bad(f"cannot be read as a .npz: {one_line(e, 250)}") from None
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise bad(f"has no array {' or '.join(missing)} (it has {sorted(arrays) or 'none'})")

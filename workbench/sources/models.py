@@ -130,9 +130,13 @@ def hf_model(path: str, head: str = "embedding", pooling: str = "mean", trust_re
         module, kind = SequenceClassifier(model), "classifier"
     # Pooler weights an embedding never reads (it pools the hidden states itself) are no loss.
     missing = [k for k in info.get("missing_keys") or [] if not (kind == "embedding" and k.startswith("pooler."))]
-    note = f" ({len(missing)} weights not in the checkpoint, drawn at random: {', '.join(missing[:3])})" if missing else ""
-    return SourceModel(module.eval(), text_io(tokenizer.vocab_size, kind), tokenizer, description=f"hf:{path}{note}",
-                       untrained=missing)
+    return SourceModel(module.eval(), text_io(tokenizer.vocab_size, kind), tokenizer,
+                       description=f"hf:{path}{_missing_note(missing)}", untrained=missing)
+
+
+def _missing_note(missing: list[str]) -> str:
+    """What a description says of weights the checkpoint lacked (transformers drew them at random)."""
+    return f" ({len(missing)} weights not in the checkpoint, drawn at random: {', '.join(missing[:3])})" if missing else ""
 
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
@@ -146,10 +150,10 @@ def check_hf_folder(folder: Path, where: str, random_weights: bool, custom_code:
     architecture without config.json, or fail on a None path without a tokenizer)."""
     from core.errors import field_error
 
-    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
     if not folder.is_dir():
         raise field_error(where, "model.path", "is a file; a Hugging Face model is a folder that save_pretrained "
                           "wrote (config.json, weights, tokenizer)", value=str(folder))
+    names = {p.name for p in folder.iterdir()}
     if "config.json" not in names:
         raise field_error(where, "model.path", f"has no config.json ({', '.join(sorted(names)) or 'empty'}): a "
                           "folder that save_pretrained wrote holds one, beside the weights", value=str(folder))
@@ -182,9 +186,8 @@ def causal_lm(path: str, tokenizer, kw: dict) -> SourceModel:
         tokenizer.pad_token = tokenizer.eos_token
     vocab = int(model.get_input_embeddings().num_embeddings)
     missing = list(info.get("missing_keys") or [])
-    note = f" ({len(missing)} weights not in the checkpoint, drawn at random: {', '.join(missing[:3])})" if missing else ""
     return SourceModel(CausalLM(model, tokenizer).eval(), text_io(vocab, "causal-lm"), tokenizer,
-                       description=f"hf:{path}{note}", untrained=missing)
+                       description=f"hf:{path}{_missing_note(missing)}", untrained=missing)
 
 
 # Bidirectional encoders transformers will still load with a causal LM head (BertLMHeadModel and kin).
@@ -242,7 +245,7 @@ _STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 def _load_state_dict(module: nn.Module, path: Path, recipe: Optional[Recipe] = None) -> None:
     """The checkpoint's weights into `module`. A file that is not a state_dict of this model is the recipe's
     `model.checkpoint` to fix, said before any work (a RecipeError), not a library traceback."""
-    from core.errors import field_error
+    from core.errors import field_error, one_line
 
     where = recipe.where if recipe is not None else "recipe"
     try:
@@ -255,7 +258,7 @@ def _load_state_dict(module: nn.Module, path: Path, recipe: Optional[Recipe] = N
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same mistake
         raise field_error(where, "model.checkpoint", "cannot be read as a state_dict (.safetensors, or a .pt "
                           "holding tensors only: code in a pickle is never loaded): "
-                          f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}", value=str(path)) from None
+                          f"{one_line(e, 250)}", value=str(path)) from None
     if isinstance(state, dict):
         nested = [k for k in _STATE_KEYS if isinstance(state.get(k), dict)]
         if nested and not any(isinstance(v, torch.Tensor) for v in state.values()):
@@ -366,11 +369,11 @@ def load_model(recipe: Recipe, quick: bool = False) -> SourceModel:
         except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
             # What transformers could not load (an unknown model_type, weights of another shape, a head this
             # architecture has no class for) is the folder's or the recipe's to fix: named, not a traceback.
-            from core.errors import field_error
+            from core.errors import field_error, one_line
 
-            first = (str(e).strip().splitlines() or [""])[0][:400]
-            kind = "" if type(e) is ValueError else f"{type(e).__name__}: "
-            raise field_error(recipe.where, "model.path", f"cannot be loaded as model.head '{spec.head}': {kind}{first}",
+            said = one_line(e, 400)
+            said = said.removeprefix("ValueError: ")  # our own refusals are ValueErrors: their words suffice
+            raise field_error(recipe.where, "model.path", f"cannot be loaded as model.head '{spec.head}': {said}",
                               value=spec.path) from None
     if isinstance(spec, TorchvisionModel):
         return torchvision_model(spec, recipe)
