@@ -537,12 +537,12 @@ def _masked(module, p: PruneParams, ctx) -> None:
     # What the whole model holds: weights of other layers (RNNs, attention's packed projections, embeddings)
     # are not pruned, so a model made mostly of them is far less sparse than `ratio` says.
     pruned = {id(m.weight) for m, _ in layers}
-    others = [(n, w) for n, w in module.named_parameters() if w.dim() >= 2 and id(w) not in pruned]
-    every = total + sum(w.numel() for _, w in others)
+    others = {id(w): w for w in module.parameters() if w.dim() >= 2 and id(w) not in pruned}
+    every = total + sum(w.numel() for w in others.values())
     ctx.notes["model_sparsity"] = round(zeros / max(every, 1), 4)
     if others and total < every / 2:
         kinds = sorted({type(m).__name__ for m in module.modules()
-                        if any(id(w) in {id(x) for _, x in others} for w in m.parameters(recurse=False))})
+                        if any(id(w) in others for w in m.parameters(recurse=False))})
         ctx.notes["not_pruned"] = (f"{every - total} of {every} weights are in layers this method does not prune "
                                    f"({', '.join(kinds)}): the model is {ctx.notes['model_sparsity']:.0%} zeros")
     ctx.notes["speedup_note"] = "zeros in dense weights: dense kernels run at the same speed"

@@ -190,14 +190,14 @@ def recommend(results: dict) -> Recommendation:
     # No accuracy constraint set: the fastest cell would win whatever it scored (a pruned model at chance was
     # once told to ship). The default guard is a drop of at most DEFAULT_DROP of the baseline's own score.
     cons = dict(cons)
+    worse = f"{metric} {'increase' if lower_is_better(results) else 'drop'} <="
     if (metric and metric != "kl" and base_score and cons.get("max_accuracy_drop") is None
             and cons.get("max_perplexity_increase") is None):
         cons["max_accuracy_drop"] = round(DEFAULT_DROP * abs(base_score), 6)
-        rules.append(f"{metric} {'increase' if lower_is_better(results) else 'drop'} <= {cons['max_accuracy_drop']:.4g} "
-                     f"(the default, {DEFAULT_DROP:.0%} of the baseline's: report.constraints.max_accuracy_drop "
-                     "sets your own)")
+        rules.append(f"{worse} {cons['max_accuracy_drop']:.4g} (the default, {DEFAULT_DROP:.0%} of the baseline's: "
+                     "report.constraints.max_accuracy_drop sets your own)")
     elif cons.get("max_accuracy_drop") is not None:
-        rules.append(f"{metric} {'increase' if lower_is_better(results) else 'drop'} <= {cons['max_accuracy_drop']}")
+        rules.append(f"{worse} {cons['max_accuracy_drop']}")
     base_ppl = (base.get("accuracy") or {}).get("perplexity")
     if cons.get("max_perplexity_increase") is not None:
         rules.append(f"perplexity <= baseline x {1 + cons['max_perplexity_increase']:.4g}")

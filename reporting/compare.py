@@ -7,7 +7,6 @@ whole interval lies beyond the noise margin (`--margin`, default 5 %)."""
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 from reporting.analysis import measured, read_results

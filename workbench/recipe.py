@@ -583,18 +583,7 @@ def check_recipe(recipe: Recipe, where: str) -> None:
             raise field_error(where, f"variants.{name}.from", "names no variant of this recipe", value=v.from_,
                               accepted=[n for n in names if n != name])
     _check_acyclic(recipe, where)
-    for name, v in recipe.variants.items():
-        parent = v.from_
-        while v.reference and parent is not None:
-            # A reference is what an engine gives without the workbench: built on the source model (or on another
-            # reference), never on a variant the workbench's own steps made.
-            p = recipe.variants[parent]
-            if p.steps and not p.reference:
-                raise field_error(where, f"variants.{name}.from", "a reference variant shows what an engine's own "
-                                  "defaults give without the workbench, so it cannot build on a variant made by the "
-                                  f"workbench's steps ('{parent}' has {len(p.steps)})", value=v.from_,
-                                  accepted="the source model's variant, or another reference")
-            parent = p.from_
+    _check_references(recipe, where)
     if recipe.report.baseline not in recipe.variants:
         raise field_error(where, "report.baseline", "names no variant (the reference for accuracy deltas)",
                           value=recipe.report.baseline, accepted=names)
@@ -730,6 +719,21 @@ def _check_variant_formats(recipe: Recipe, where: str) -> None:
                 raise field_error(where, f"variants.{name}.formats[{i}]", "a variant's formats narrow "
                                   "export.formats; add it there to export it", value=fmt,
                                   accepted=recipe.export.formats)
+
+
+def _check_references(recipe: Recipe, where: str) -> None:
+    """A reference is what an engine gives without the workbench: built on the source model (or on another
+    reference), never on a variant the workbench's own steps made."""
+    for name, v in recipe.variants.items():
+        parent = v.from_ if v.reference else None
+        while parent is not None:
+            p = recipe.variants[parent]
+            if p.steps and not p.reference:
+                raise field_error(where, f"variants.{name}.from", "a reference variant shows what an engine's own "
+                                  "defaults give without the workbench, so it cannot build on a variant made by the "
+                                  f"workbench's steps ('{parent}' has {len(p.steps)})", value=v.from_,
+                                  accepted="the source model's variant, or another reference")
+            parent = p.from_
 
 
 def _check_backend_formats(recipe: Recipe, where: str, fmt: dict[str, str]) -> None:
