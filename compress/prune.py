@@ -82,6 +82,7 @@ class Prune(Step):
     Params = PruneParams
     consumes = "torch"
     libraries = ("torch", "torch-pruning")
+    module_fields = ("ignored_layers",)
 
     @classmethod
     def check(cls, params, *, recipe, variant, where, field):

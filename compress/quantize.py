@@ -39,6 +39,7 @@ class Quantize(Step):
     Params = QuantizeParams
     consumes = "torch"
     libraries = ("torch", "bitsandbytes")
+    module_fields = ("skip_modules",)
     PRECISION = {"dynamic-int8": "int8", "bnb-int8": "int8", "bnb-nf4": "nf4", "bnb-fp4": "fp4", "fp16": "fp16",
                  "bf16": "bf16"}
 

@@ -7,13 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
+
+from core.params import NoBoolNumbers
 
 STEPS: dict[str, type["Step"]] = {}
 
 
-class StepParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class StepParams(NoBoolNumbers):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Step:
@@ -28,6 +30,9 @@ class Step:
     # pip distributions whose versions enter the cache key of a variant this step builds: an upgrade
     # of one of them rebuilds the variant instead of reusing what the old version made.
     libraries: ClassVar[tuple[str, ...]] = ()
+    # Parameters that name modules of the model (lists of module names): checked against the source model
+    # when the run loads it, before any work, so a typo is a refused recipe rather than a failed variant.
+    module_fields: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def precision(cls, params: dict) -> Optional[str]:

@@ -196,7 +196,7 @@ def make():
 
 @pytest.mark.slow
 def test_an_onnx_step_on_an_export_outside_parity_fails_its_variant_and_preprocessing_survives_a_relative_out(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, capsys):
     """The ONNX steps work on a graph held to export.parity, as the ONNX artifact is: a trace that kept one branch
     of an `if` fails the variant built on it (recorded, the run goes on) instead of being quantized, measured
     and recommended. A well-behaved model's ONNX step, run with a relative --out, gets ORT's pre-processing."""
@@ -217,6 +217,7 @@ def test_an_onnx_step_on_an_export_outside_parity_fails_its_variant_and_preproce
     q = next(v for v in r["variants"] if v["name"] == "q")
     assert q["status"] == "failed" and "outside export.parity tolerance" in q["error"], q
     assert (r.get("recommendation") or {}).get("variant") != "q"
+    assert "compress: 1 of 2 variants failed (q)" in capsys.readouterr().out  # not only "compress: 2/2 variants"
 
     assert main(["run", "plain.yaml", "--out", "out", "--quick"]) == 0
     r = json.loads((the_run_dir(tmp_path / "out", "plain") / "results.json").read_text())

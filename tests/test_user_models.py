@@ -169,6 +169,12 @@ BASE = {"name": "mine", "model": {"source": "builtin", "name": "digits-cnn"},
      ["bench.cell_timeout_s", "finite number"]),
     ("name: a\nmodel: {source: builtin, name: digits-cnn}\nvariants: {baseline: {}}\nbench: [1]\n",
      ["field 'bench'", "a valid dictionary (got [1])"]),
+    # YAML's true / false where a number is asked for: pydantic would read it as 1 / 0.
+    ("name: a\nmodel: {source: builtin, name: digits-cnn}\nvariants:\n  baseline: {}\n"
+     "  kd: {from: baseline, steps: [{distill: {teacher: baseline, epochs: true}}]}\n",
+     ["variants.kd.steps[0].distill.epochs", "a number is asked for here, not true"]),
+    ("name: a\nmodel: {source: builtin, name: digits-cnn}\nvariants: {baseline: {}}\nbench: {repeats: false}\n",
+     ["bench.repeats", "not false"]),
 ])
 def test_recipe_slips_are_named(tmp_path, capsys, text, words):
     (tmp_path / "r.yaml").write_text(text)
@@ -372,3 +378,17 @@ def test_compare_names_the_settings_two_runs_differ_in():
     found = setup_differences(a, b)
     assert "threads: 2 -> 1" in found and "bench.threads: null -> 1" in found, found
     assert "The runs differ in: threads: 2 -> 1" in _verdict_text(verdicts(a, b, []))
+
+
+def test_a_module_name_no_layer_has_is_refused_before_the_run(tmp_path, capsys):
+    """prune.ignored_layers with a typo made a run folder and then failed its variant mid-run."""
+    raw = {**BASE, "variants": {"baseline": {}, "p": {"from": "baseline", "steps": [
+        {"prune": {"ratio": 0.3, "ignored_layers": ["feature.0"]}}]}}}
+    recipe = write_yaml(tmp_path / "r.yaml", raw)
+    assert main(["validate", "--recipe-only", str(recipe)]) == 0  # names are the model's: known once it loads
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "variants.p.steps[0].prune.ignored_layers" in err and "['feature.0']" in err, err
+    assert "features.0" in err and "Traceback" not in err, err  # the near names it has
+    raw["variants"]["p"]["steps"][0]["prune"]["ignored_layers"] = ["features.0"]
+    assert main(["validate", str(write_yaml(recipe, raw))]) == 0

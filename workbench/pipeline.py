@@ -134,6 +134,7 @@ class Run:
         self.src = load_model(self.recipe, self.quick)
         route_library_loggers()  # now that the model's libraries are loaded
         self._check_lengths()
+        self._check_module_names()
         self.task = build_task(self.recipe, self.src)
 
     def _check_lengths(self) -> None:
@@ -160,6 +161,30 @@ class Run:
                 raise field_error(self.recipe.where, field, f"asks for {n} tokens{extra}"
                                   f"{' (its default)' if unset else ''}, and the model has positions for {limit} (its "
                                   f"config's max_position_embeddings): set it to at most {limit}")
+
+    def _check_module_names(self) -> None:
+        """Step parameters that name modules (a step's `module_fields`, e.g. prune's ignored_layers) must name
+        modules of the source model: a typo would otherwise fail its variant mid-run. Pruning, distillation
+        and eager quantization keep module names, so the source model's are the names every step sees."""
+        import difflib
+
+        from core.errors import field_error
+        from core.steps import get_step
+
+        names = None
+        for vname, v in self.recipe.variants.items():
+            for i, call in enumerate(v.steps):
+                for field in get_step(call.name).module_fields:
+                    asked = call.params.get(field) or []
+                    if not asked:
+                        continue
+                    names = names if names is not None else [n for n, _ in self.src.module.named_modules() if n]
+                    unknown = [n for n in asked if n not in names]
+                    if unknown:
+                        near = [m for u in unknown for m in difflib.get_close_matches(u, names, 3)][:8] or names[:8]
+                        raise field_error(self.recipe.where, f"variants.{vname}.steps[{i}].{call.name}.{field}",
+                                          f"names no module of the model (it has {len(names)}; some: "
+                                          f"{', '.join(near)})", value=unknown)
 
     def _status(self, state: str, **fields) -> None:
         """status.json: running -> finished, failed (with the reason) or interrupted. A run killed

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError,
+from pydantic import (AfterValidator, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError,
                       model_validator)
 
 from core.backends import BACKENDS, default_backends
 from core.errors import RecipeError, field_error
+from core.params import NoBoolNumbers
 from core.formats import FORMATS
 from workbench import plugins
 from workbench.schema_errors import pydantic_error
@@ -44,7 +45,7 @@ ExportFormat = Annotated[str, _registered(FORMATS, "an export format")]
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class Strict(BaseModel):
+class Strict(NoBoolNumbers):
     # No infinity or NaN in a recipe: `.inf` as a timeout or a bound is a typo, never a setting.
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 

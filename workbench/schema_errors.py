@@ -30,6 +30,9 @@ def pydantic_error(e: ValidationError, root: type, where: str, prefix: str = "")
     # and the class name in "a valid dictionary or instance of BenchSpec".
     msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
     msg = re.sub(r" or instance of \w+", "", msg)
+    if etype in ("int_parsing", "float_parsing") and value in ("true", "false"):
+        # core.params turned a YAML true / false given for a number into its word: say it as written.
+        return field_error(where, field, f"a number is asked for here, not {value}")
     return field_error(where, field, msg, value=value)
 
 

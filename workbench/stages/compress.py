@@ -86,6 +86,10 @@ def compress(run) -> tuple[list[dict], dict[str, Optional[VariantModel]]]:
             except Exception as e:  # noqa: BLE001 - an engine that cannot run the file costs its accuracy only
                 log.error("variant %s: accuracy failed:\n%s", name, traceback.format_exc())
                 rec["accuracy_error"] = reason(e)
+    failed = [r["name"] for r in records if r["status"] == "failed"]
+    if failed:  # the bar counted them as done: say plainly that they are not
+        write(f"compress: {len(failed)} of {len(records)} variants failed ({', '.join(failed)}); the run goes on "
+              "with the others, and the report says why each failed")
     base = next((r for r in records if r["name"] == recipe.report.baseline), None)
     for r in records:
         if base and base.get("accuracy") and r.get("accuracy"):
