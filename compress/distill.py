@@ -79,6 +79,16 @@ class Distill(Step):
         return [params.get("teacher", "baseline")]
 
     @classmethod
+    def unfit(cls, params: dict, module) -> Optional[str]:
+        from core.encoders import encoder_layers
+
+        asked = [k for k in ("hidden_weight", "layerwise_epochs") if params.get(k)]
+        if asked and not encoder_layers(module):
+            return (f"{asked[0]} matches a transformer encoder's layers, and this model has none that the workbench "
+                    "knows: set it to 0")
+        return None
+
+    @classmethod
     def check(cls, params, *, recipe, variant, where, field):
         if params.teacher not in recipe.variants:
             raise field_error(where, f"{field}.teacher", "names no variant", value=params.teacher,

@@ -24,6 +24,9 @@ class ExportFormat:
     file_name: ClassVar[str]
     summary: ClassVar[str]
     suffixes: ClassVar[tuple[str, ...]] = ()  # file suffixes that mean this format (`workbench bench FILE`)
+    # The model kinds (workbench.recipe.model_kind) it holds, where not every kind: a recipe exporting another
+    # kind to it is refused before any work, instead of a skipped artifact after the run made its variants.
+    model_kinds: ClassVar[Optional[tuple[str, ...]]] = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

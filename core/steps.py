@@ -35,6 +35,12 @@ class Step:
     module_fields: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
+    def unfit(cls, params: dict, module) -> Optional[str]:
+        """Why these parameters cannot act on the source model `module` (a torch module; the run checks it when it
+        loads the model, before any work), naming the parameter; None when they can or it cannot be told yet."""
+        return None
+
+    @classmethod
     def precision(cls, params: dict) -> Optional[str]:
         """The numeric precision of the weights this step leaves (fp32 / bf16 / fp16 / int8 / int4 /
         nf4 / fp4), or None when it leaves the precision as it found it (pruning, distillation)."""

@@ -167,6 +167,7 @@ def tensor_types(path: Path) -> dict:
 class GgufFormat(ExportFormat):
     name, file_name = "gguf", "model.gguf"
     suffixes = (".gguf",)
+    model_kinds = ("causal-lm",)
     summary = ("llama.cpp's GGUF at f32, by llama.cpp's own converter (Hugging Face causal LMs); "
                "quantized GGUF variants come from the gguf-quantize step")
 

@@ -112,6 +112,7 @@ class OrtGenaiBuild(Step):
 
 class OrtGenaiFormat(ExportFormat):
     name, file_name = "ort-genai", f"{FOLDER}/{CONFIG}"
+    model_kinds = ("causal-lm",)
     summary = "ONNX Runtime GenAI's model folder (genai_config.json and its graph), made by the ort-genai-build step"
 
     @classmethod

@@ -60,8 +60,10 @@ CASES = {
         with_variants(x={"from": "baseline", "backends": ["torch-gpu"]}),
         ["variants.x.backends[0]", "'torch-gpu'", "accepted", "torch-compile-cpu"]),
     "variant-option-bad-value": (
-        with_variants(x={"from": "baseline", "options": {"llama-cpp": {"kv_cache_type": "q2"}}}),
-        ["variants.x.options.llama-cpp.kv_cache_type", "'q2'", "q8_0"]),
+        {**with_variants(x={"from": "baseline", "backends": ["openvino-cpu"],
+                            "options": {"openvino-cpu": {"inference_precision": "q2"}}}),
+         "export": {"formats": ["openvino"]}},
+        ["variants.x.options.openvino-cpu.inference_precision", "'q2'", "bf16"]),
     "variant-format-the-run-does-not-export": (
         with_variants(x={"from": "baseline", "formats": ["torchscript"]}),
         ["variants.x.formats[0]", "'torchscript'", "narrow export.formats"]),

@@ -392,3 +392,44 @@ def test_a_module_name_no_layer_has_is_refused_before_the_run(tmp_path, capsys):
     assert "features.0" in err and "Traceback" not in err, err  # the near names it has
     raw["variants"]["p"]["steps"][0]["prune"]["ignored_layers"] = ["features.0"]
     assert main(["validate", str(write_yaml(recipe, raw))]) == 0
+
+
+def test_options_for_a_backend_no_cell_runs_on_are_refused(tmp_path, capsys):
+    raw = {**BASE, "bench": {**BASE["bench"], "options": {"openvino-cpu": {"inference_precision": "bf16"}}}}
+    assert main(["validate", "--recipe-only", str(write_yaml(tmp_path / "r.yaml", raw))]) == 2
+    err = capsys.readouterr().err
+    assert "bench.options.openvino-cpu" in err and "would be ignored" in err and "'torch-cpu'" in err, err
+    raw = {**BASE, "variants": {"baseline": {}, "v": {"from": "baseline", "backends": ["torch-cpu"],
+                                                     "options": {"openvino-cpu": {"inference_precision": "f32"}}}}}
+    assert main(["validate", "--recipe-only", str(write_yaml(tmp_path / "r.yaml", raw))]) == 2
+    assert "variants.v.options.openvino-cpu" in capsys.readouterr().err
+
+
+def test_an_export_format_that_cannot_hold_the_model_is_refused(tmp_path, capsys):
+    raw = {**BASE, "export": {"formats": ["onnx", "gguf"]}}
+    assert main(["validate", "--recipe-only", str(write_yaml(tmp_path / "r.yaml", raw))]) == 2
+    err = capsys.readouterr().err
+    assert "export.formats[1]" in err and "gguf holds causal-lm models" in err and "a classifier" in err, err
+    assert "'onnx'" in err and "'gguf'" not in err.split("Accepted:")[1], err
+
+
+def test_a_column_name_given_for_an_npz_is_refused(tmp_path, capsys):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    np.savez(tmp_path / "digits.npz", x=d.images[:, None].astype(np.float32) / 16, y=d.target)
+    raw = {**BASE, "task": {"type": "classification",
+                            "data": {"source": "file", "path": "digits.npz", "text_field": "pixels"}}}
+    assert main(["validate", str(write_yaml(tmp_path / "r.yaml", raw))]) == 2
+    err = capsys.readouterr().err
+    assert "task.data.text_field" in err and "a .npz is read as its arrays x and y" in err, err
+    del raw["task"]["data"]["text_field"]
+    assert main(["validate", str(write_yaml(tmp_path / "r.yaml", raw))]) == 0
+
+
+def test_a_transformer_only_setting_on_a_cnn_is_refused_before_the_run(tmp_path, capsys):
+    raw = {**BASE, "variants": {"baseline": {}, "kd": {"from": "baseline", "steps": [
+        {"distill": {"teacher": "baseline", "hidden_weight": 0.5}}]}}}
+    assert main(["validate", str(write_yaml(tmp_path / "r.yaml", raw))]) == 2
+    err = capsys.readouterr().err
+    assert "variants.kd.steps[0].distill" in err and "hidden_weight matches a transformer encoder" in err, err

@@ -134,7 +134,7 @@ class Run:
         self.src = load_model(self.recipe, self.quick)
         route_library_loggers()  # now that the model's libraries are loaded
         self._check_lengths()
-        self._check_module_names()
+        self._check_steps_fit()
         self.task = build_task(self.recipe, self.src)
 
     def _check_lengths(self) -> None:
@@ -162,9 +162,10 @@ class Run:
                                   f"{' (its default)' if unset else ''}, and the model has positions for {limit} (its "
                                   f"config's max_position_embeddings): set it to at most {limit}")
 
-    def _check_module_names(self) -> None:
-        """Step parameters that name modules (a step's `module_fields`, e.g. prune's ignored_layers) must name
-        modules of the source model: a typo would otherwise fail its variant mid-run. Pruning, distillation
+    def _check_steps_fit(self) -> None:
+        """Each torch step's parameters against the source model (`Step.unfit`: e.g. distillation's hidden_weight
+        on a model with no transformer layers), and parameters that name modules (`module_fields`, e.g. prune's
+        ignored_layers) must name modules of it: either would otherwise fail its variant mid-run. Pruning, distillation
         and eager quantization keep module names, so the source model's are the names every step sees."""
         import difflib
 
@@ -174,7 +175,10 @@ class Run:
         names = None
         for vname, v in self.recipe.variants.items():
             for i, call in enumerate(v.steps):
-                for field in get_step(call.name).module_fields:
+                step = get_step(call.name)
+                if step.consumes == "torch" and (why := step.unfit(call.params, self.src.module)):
+                    raise field_error(self.recipe.where, f"variants.{vname}.steps[{i}].{call.name}", why)
+                for field in step.module_fields:
                     asked = call.params.get(field) or []
                     if not asked:
                         continue

@@ -713,7 +713,15 @@ def _check_generation_scenario(sc: ScenarioSpec, field: str, where: str) -> None
 
 
 def _check_variant_formats(recipe: Recipe, where: str) -> None:
-    """A variant's formats narrow export.formats: one the run does not export is refused, by name."""
+    """A variant's formats narrow export.formats: one the run does not export is refused, by name; so is a
+    format that does not hold this kind of model (GGUF holds causal LMs)."""
+    for i, fmt in enumerate(recipe.export.formats):
+        kinds = FORMATS[fmt].model_kinds
+        if kinds and recipe.model_kind not in kinds:
+            raise field_error(where, f"export.formats[{i}]", f"{fmt} holds {' or '.join(kinds)} models, and this "
+                              f"model is {'an' if recipe.model_kind[0] in 'aeiou' else 'a'} {recipe.model_kind}",
+                              value=fmt, accepted=[f for f, c in FORMATS.items()
+                                                   if not c.model_kinds or recipe.model_kind in c.model_kinds])
     for name, v in recipe.variants.items():
         for i, fmt in enumerate(v.formats or []):
             if fmt not in recipe.export.formats:
@@ -762,7 +770,15 @@ def _check_backend_options(recipe: Recipe, where: str) -> None:
                               "defaults, so it takes no options", value=v.options, accepted="no options")
         places.append((f"variants.{name}.options", v.options))
     for field, options in places:
+        name = field.split(".")[1] if field.startswith("variants.") else None
+        measured = recipe.backends_of(name) if name else recipe.all_backends()
         for backend, raw in options.items():
+            if backend not in measured:  # options no cell would run with: a slip, never a setting
+                who, where_to = ((f"variant {name!r}", "its backends") if name else
+                                 ("this recipe", "bench.backends or a variant's backends"))
+                raise field_error(where, f"{field}.{backend}", f"no cell of {who} runs on this backend, so these "
+                                  f"options would be ignored: measure on it ({where_to}) or drop them",
+                                  accepted=measured)
             cls = BACKENDS[backend]
             if cls.Options is None:
                 raise field_error(where, f"{field}.{backend}", "this backend takes no options", value=raw,

@@ -172,6 +172,11 @@ def _npz(recipe: Recipe, field: str, src: SourceModel) -> tuple[np.ndarray, np.n
     def bad(problem: str):
         return field_error(recipe.where, f"task.data.{field}", problem, value=str(path), accepted=accepted)
 
+    named = [f for f in ("text_field", "label_field") if f in recipe.task.data.model_fields_set]
+    if named:  # a setting the file kind has no use for would be ignored without a word
+        raise field_error(recipe.where, f"task.data.{named[0]}", "names a column of a .csv or .jsonl file; a .npz "
+                          "is read as its arrays x and y, so drop it", value=getattr(recipe.task.data, named[0]))
+
     try:
         d = np.load(path, allow_pickle=False)
         arrays = {k: d[k] for k in d.files}
