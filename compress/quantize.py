@@ -32,7 +32,9 @@ class Quantize(Step):
         'bitsandbytes layers have no ONNX or TorchScript form; a Linear whose output width is not a multiple '
         'of 32 stays in full precision for 4-bit (recorded in the notes). Apply bnb to an `fp16` parent for '
         'the usual GPU set-up. fp16 / bf16 variants export like fp32 ones but differ by rounding: give '
-        '`export.parity` room (e.g. `max_abs_diff: 1.0e-2`). Size figures: `weight_bytes` and '
+        '`export.parity` room (e.g. `max_abs_diff: 1.0e-2`); a bf16 model with convolutions has no ONNX or '
+        'OpenVINO artifact (ONNX\'s Conv has no bfloat16 type): for bf16 there, export the fp32 parent and set '
+        'openvino-cpu `inference_precision: bf16`. Size figures: `weight_bytes` and '
         '`linear_weight_bytes`.'
     )
     summary = "PyTorch dynamic int8 (CPU), bitsandbytes int8 / nf4 / fp4, or fp16 / bf16 weights and activations"

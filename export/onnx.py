@@ -79,6 +79,11 @@ class OnnxFormat(ExportFormat):
         if "bitsandbytes" in kinds:
             return ("bitsandbytes layers have no ONNX export; for an int8 / int4 ONNX graph quantize the ONNX "
                     "graph of the unquantized parent instead")
+        if _bf16_convs(module):
+            # The exporter writes the graph, but ONNX's Conv types exclude bfloat16: no runtime can load it.
+            return ("ONNX's convolutions have no bfloat16 type, so a bf16 graph of this model is invalid "
+                    "everywhere; export the fp32 parent and let the engine compute in bf16 (openvino-cpu "
+                    "`inference_precision: bf16`, on a CPU with AVX-512 BF16 or AMX)")
         return None
 
     @classmethod
@@ -112,3 +117,11 @@ class OnnxFormat(ExportFormat):
         from core.modelfile import onnx_files
 
         return onnx_files(path)  # with any external-data files, which keep their names
+
+
+def _bf16_convs(module) -> bool:
+    """Whether the module has a convolution whose weights are bfloat16."""
+    import torch
+
+    return any(isinstance(m, torch.nn.modules.conv._ConvNd) and m.weight.dtype == torch.bfloat16
+               for m in module.modules())

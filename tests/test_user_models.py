@@ -433,3 +433,18 @@ def test_a_transformer_only_setting_on_a_cnn_is_refused_before_the_run(tmp_path,
     assert main(["validate", str(write_yaml(tmp_path / "r.yaml", raw))]) == 2
     err = capsys.readouterr().err
     assert "variants.kd.steps[0].distill" in err and "hidden_weight matches a transformer encoder" in err, err
+
+
+def test_a_bf16_cnn_has_no_onnx_or_openvino_artifact_and_says_what_to_do():
+    """ONNX's Conv has no bfloat16 type: the exported graph failed to load, and OpenVINO, converted from it, failed
+    parity. Both are skipped with the way to bf16 that works (the fp32 graph, the engine's bf16 precision)."""
+    import export  # noqa: F401 - registers the formats
+    from core.formats import FORMATS
+    from workbench.sources.models import DigitsCNN
+
+    cnn = DigitsCNN().to(torch.bfloat16)
+    for fmt in ("onnx", "openvino"):
+        why = FORMATS[fmt].unsupported(cnn)
+        assert why and "no bfloat16 type" in why and "inference_precision: bf16" in why, why
+    assert FORMATS["onnx"].unsupported(DigitsCNN()) is None
+    assert FORMATS["onnx"].unsupported(nn.Sequential(nn.Linear(4, 4)).to(torch.bfloat16)) is None
