@@ -219,13 +219,19 @@ def _transformer(module, teacher, p: PruneParams, ctx) -> None:
                 tokens = int(pair[0][-1, -1])
     if "ffn" in p.targets:
         setattr(cfg, layers[0].ffn_config_attr, keep)
-        ctx.notes["intermediate_size"] = [width, keep]
+        ctx.notes["intermediate_size"] = _before_after(width, keep)
     if "heads" in p.targets:
-        ctx.notes["heads_removed_per_layer"] = [n_drop, n_heads]
+        ctx.notes["heads"] = _before_after(n_heads, n_heads - n_drop)
     if tokens:
         ctx.notes["refit"] = f"least squares, layer by layer, on {tokens} training tokens"
     after = sum(x.numel() for x in module.parameters())
     ctx.notes.update(params_before=int(before), params_after=int(after))
+
+
+def _before_after(before: int, after: int) -> dict:
+    """A width per layer before and after pruning, as the notes give it: named, since a pair such as [4, 2] reads as
+    two layers' values."""
+    return {"per_layer_before": int(before), "per_layer_after": int(after)}
 
 
 def _decoder(module, teacher, p: PruneParams, ctx) -> None:
@@ -319,12 +325,13 @@ def _decoder(module, teacher, p: PruneParams, ctx) -> None:
                 tokens = int(pair[0][-1, -1])
     if "ffn" in p.targets:
         setattr(cfg, first.ffn_config_attr, keep)
-        ctx.notes.update(intermediate_size=[width, keep], round_to=round_to)
+        ctx.notes.update(intermediate_size=_before_after(width, keep), round_to=round_to)
         if not p.round_to:
             ctx.notes["round_to_why"] = "the default for decoders: bitsandbytes' 4-bit CPU kernel needs " \
                                         "out_features % 32 == 0"
     if "heads" in p.targets:
-        ctx.notes.update(heads=[first.heads, group * (n_kv - drop_kv)], kv_heads=[n_kv, n_kv - drop_kv])
+        ctx.notes.update(heads=_before_after(first.heads, group * (n_kv - drop_kv)),
+                         kv_heads=_before_after(n_kv, n_kv - drop_kv))
         if drop_kv and first.family == "gpt2":
             ctx.notes["heads_config"] = "GPT-2 keeps n_head as it was; config.pruned_heads lists the removed heads"
         elif drop_kv:

@@ -101,7 +101,7 @@ def _readme(results: dict, rec: Recommendation, sp: dict, file: Path, files: lis
                   f"loads `{file.name}` the way `{w.backend}` ran it, calls it once on random inputs built from "
                   f"`{file.name}.io.json` (input names, shapes with the symbolic dims `batch` and `seq`, dtypes, "
                   "integer ranges) and prints the output's shape. It needs numpy and "
-                  + ", ".join(_needs(w.backend)) + "."]
+                  + ", ".join(_needs(w.backend)) + "." + _pickle_needs(results, c.get("format"))]
     else:
         lines += ["", f"No snippet: this module does not know how `{w.backend}` loads its file."]
     return "\n".join(lines) + "\n"
@@ -112,6 +112,25 @@ def _needs(backend: str) -> list[str]:
 
     cls = BACKENDS.get(backend)
     return list(cls.imports) if cls is not None else ["the backend's library"]
+
+
+def _pickle_needs(results: dict, fmt: Optional[str]) -> str:
+    """What a whole pickled module (format `torch`) needs beyond its backend's libraries: unpickling imports the
+    classes it names, which live in model-workbench and, for a recipe's own model, in the user's files."""
+    if fmt != "torch":
+        return ""
+    model = ((results.get("recipe") or {}).get("parsed") or {}).get("model") or {}
+    text = (" The file is a whole pickled module, so unpickling it imports the classes it names: model-workbench "
+            "must be importable too (`pip install -e` of its clone; the script loads through "
+            "`core.modelfile.load_module`, which checks the file's sha256 first, since unpickling runs code)")
+    if model.get("source") == "python":
+        module = str(model.get("ref", "")).split(":")[0]
+        where = Path(results["recipe"]["path"]).resolve().parent if (results.get("recipe") or {}).get("path") else None
+        text += (f", and so must your model's own code, `{module}` (the recipe's `model.ref`): put its folder"
+                 f"{f' ({where} where the recipe ran)' if where else ''} on PYTHONPATH")
+    elif model.get("source") in ("hf", "torchvision"):
+        text += f", and {'transformers' if model['source'] == 'hf' else 'torchvision'}, whose classes the module uses"
+    return text + ". For a file that needs none of that, ship the variant's TorchScript or ONNX artifact."
 
 
 def _title(rec: Recommendation) -> str:

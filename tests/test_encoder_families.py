@@ -125,7 +125,8 @@ def test_a_local_encoder_prunes_exports_with_parity_and_runs_in_a_recipe(family,
     pruned = next(v for v in r["variants"] if v["name"] == "pruned")
     assert pruned["status"] == "ok", pruned["error"]
     (notes,) = pruned["notes"]  # one step
-    assert notes["heads_removed_per_layer"] == [2, 4] and notes["intermediate_size"] == [64, 32]
+    assert notes["heads"] == {"per_layer_before": 4, "per_layer_after": 2}
+    assert notes["intermediate_size"] == {"per_layer_before": 64, "per_layer_after": 32}
     assert notes["layout"] == {"roberta": "bert"}.get(family, family)
     for art in r["artifacts"]:
         assert art["status"] == "ok", art

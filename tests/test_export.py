@@ -161,7 +161,8 @@ def test_transformer_pruning_shrinks_ffn_and_heads_and_round_trips_through_save_
     io = tiny_encoder[1]
     ctx = StepContext(work_dir=tmp_path, task=None, quick=True, seed=0, variant="p", export=None)
     pruned = Prune().run(VariantModel(io=io, module=module), {"method": "structured", "ratio": 0.5}, ctx).module
-    assert ctx.notes["intermediate_size"] == [37, 18] and ctx.notes["heads_removed_per_layer"] == [1, 2]
+    assert ctx.notes["intermediate_size"] == {"per_layer_before": 37, "per_layer_after": 18}
+    assert ctx.notes["heads"] == {"per_layer_before": 2, "per_layer_after": 1}
     assert ctx.notes["params_after"] < ctx.notes["params_before"]
     batches = _padded_batches(io)
     out = torch_outputs(pruned, batches)

@@ -77,7 +77,7 @@ def test_ffn_pruning_shrinks_layers_and_config(tmp_path, family, importance):
     for layer in decoder_layers(pruned):
         assert all(weight(p).shape[0] == width // 2 for p in layer.up) and weight(layer.down).shape[1] == width // 2
     attr = "n_inner" if family == "gpt2" else "intermediate_size"
-    assert getattr(pruned.model.config, attr) == width // 2 and notes["intermediate_size"] == [width, width // 2]
+    assert getattr(pruned.model.config, attr) == width // 2 and notes["intermediate_size"] == {"per_layer_before": width, "per_layer_after": width // 2}
     assert notes["params_after"] < notes["params_before"]
     assert weight(decoder_layers(lm)[0].down).shape[1] == width  # the input model is left as it was
     assert _logits(pruned, _batches(1)[0]).shape == (4, 32, VOCAB)
@@ -86,7 +86,7 @@ def test_ffn_pruning_shrinks_layers_and_config(tmp_path, family, importance):
 
 def test_ffn_widths_stay_multiples_of_32_by_default(tmp_path):
     _, notes = _prune(_lm("gpt2"), tmp_path, ratio=0.6, targets=["ffn"])
-    assert notes["intermediate_size"] == [256, 96] and notes["round_to"] == 32
+    assert notes["intermediate_size"] == {"per_layer_before": 256, "per_layer_after": 96} and notes["round_to"] == 32
     assert "bitsandbytes" in notes["round_to_why"]
 
 
@@ -95,12 +95,14 @@ def test_ffn_widths_stay_multiples_of_32_by_default(tmp_path):
 def test_head_pruning_removes_whole_key_value_heads_with_their_queries(tmp_path, family, kv_heads, importance):
     pruned, notes = _prune(_lm(family, kv_heads), tmp_path, ratio=0.5, targets=["heads"], importance=importance)
     kept_kv = kv_heads // 2
-    assert notes["kv_heads"] == [kv_heads, kept_kv] and notes["heads"] == [4, 4 // kv_heads * kept_kv]
+    assert notes["kv_heads"] == {"per_layer_before": kv_heads, "per_layer_after": kept_kv}
+    assert notes["heads"] == {"per_layer_before": 4, "per_layer_after": 4 // kv_heads * kept_kv}
     layers = decoder_layers(pruned)
-    assert {(x.heads, x.kv_heads, x.head_dim) for x in layers} == {(notes["heads"][1], kept_kv, 16)}
+    assert {(x.heads, x.kv_heads, x.head_dim) for x in layers} == {(notes["heads"]["per_layer_after"], kept_kv, 16)}
     cfg = pruned.model.config
     if family != "gpt2":
-        assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (notes["heads"][1], kept_kv, 16)
+        heads = notes["heads"]["per_layer_after"]
+        assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (heads, kept_kv, 16)
     else:
         assert sorted(map(len, cfg.pruned_heads.values())) == [2, 2]
     _generates_and_round_trips(pruned, tmp_path)

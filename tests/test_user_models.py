@@ -448,3 +448,14 @@ def test_a_bf16_cnn_has_no_onnx_or_openvino_artifact_and_says_what_to_do():
         assert why and "no bfloat16 type" in why and "inference_precision: bf16" in why, why
     assert FORMATS["onnx"].unsupported(DigitsCNN()) is None
     assert FORMATS["onnx"].unsupported(nn.Sequential(nn.Linear(4, 4)).to(torch.bfloat16)) is None
+
+
+def test_the_readme_of_a_shipped_pickled_module_names_what_it_imports(tmp_path):
+    """recommended/README.md said "It needs numpy and torch" of a pickled module of the user's own classes."""
+    from reporting.ship import _pickle_needs
+
+    results = {"recipe": {"path": str(tmp_path / "r.yaml"),
+                          "parsed": {"model": {"source": "python", "ref": "mynets:resnet"}}}}
+    text = _pickle_needs(results, "torch")
+    assert "model-workbench must be importable" in text and "`mynets`" in text and str(tmp_path) in text, text
+    assert _pickle_needs(results, "onnx") == ""
