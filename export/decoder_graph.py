@@ -29,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from runtime.decode import PAST, PRESENT  # the cache names every LM graph here uses
+from runtime.decode import KV_IN_PLACE, PAST, PRESENT  # the cache names every LM graph here uses
 
 MS = "com.microsoft"
 FUSED_OPS = ("GroupQueryAttention", "SkipSimplifiedLayerNormalization")  # what says a graph is this one
@@ -224,6 +224,9 @@ def build_decoder_graph(hf_model, max_positions: Optional[int] = None):
     node("Identity", [logits], ["logits"], "logits")
 
     graph = helper.make_graph(nodes, "decoder", graph_inputs, graph_outputs, initializer=inits)
-    return helper.make_model(graph, producer_name="model-workbench decoder_graph",
-                             opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)])
+    model = helper.make_model(graph, producer_name="model-workbench decoder_graph",
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)])
+    # GroupQueryAttention appends the cache inside: runtime.decode binds one buffer as past and present.
+    helper.set_model_props(model, {KV_IN_PLACE: "1"})
+    return model
 

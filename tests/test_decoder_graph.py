@@ -82,3 +82,38 @@ def test_a_per_head_qk_norm_is_named_as_the_reason():
     qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1, head_dim=16))
     assert "q_norm" in unsupported(qwen3)
+
+
+def test_the_decode_loop_writes_the_fused_graphs_cache_in_place_through_optimize_and_int4(tmp_path):
+    """The fused graph's attention appends the cache inside the op, so the decode loop binds one buffer per layer as
+    past and present, once (as ORT GenAI does) instead of ~100 values a step and a copy of the whole past per layer.
+    The graph says so in its metadata, which ORT's optimiser and the int4 quantizer keep; the logits are the
+    step-by-step loop's, bit for bit, a left-padded row included."""
+    from core.model import ModelIO, VariantModel
+    from core.steps import StepContext
+    from export.causal_lm_onnx import export_causal_lm
+    from export.onnx_optimize import OnnxOptimize
+    from export.onnx_quantize import OnnxQuantize
+    from runtime.decode import OrtLM
+
+    model = _tiny("qwen2")
+    export_causal_lm(model, tmp_path / "model.onnx", exporter="decoder")
+    io = ModelIO(inputs={"input_ids": {"shape": ["batch", "seq"], "dtype": "int64", "low": 0, "high": 300}},
+                 kind="causal-lm")
+    path = tmp_path / "model.onnx"
+    for step, params in ((OnnxOptimize(), {"level": "extended"}), (OnnxQuantize(), {"mode": "int4", "block_size": 32})):
+        work = tmp_path / type(step).__name__
+        work.mkdir()
+        ctx = StepContext(work_dir=work, task=None, quick=True, seed=0, variant="v", export=None)
+        path = step.run(VariantModel(io=io, onnx_path=path), params, ctx).onnx_path
+    lm = OrtLM(path, config=model.config.to_dict())
+    assert lm.in_place
+    ids = np.random.default_rng(1).integers(0, 300, (2, 10))
+    mask = np.ones_like(ids)
+    mask[0, :4] = 0
+    fast, slow = [], []
+    tokens, timings = lm.generate(ids, mask, 8, step_logits=fast)
+    lm.in_place = False  # the step-by-step loop: presents bound anew each step
+    tokens_slow, _ = lm.generate(ids, mask, 8, step_logits=slow)
+    assert tokens.tolist() == tokens_slow.tolist() and len(timings["decode_ms"]) == 7
+    assert all(np.array_equal(a, b) for a, b in zip(fast, slow))

@@ -55,6 +55,9 @@ def ref_sources(ref: str, base: Path) -> list[Path]:
 # length-bucketed text batches; v3: splits of a data file interleaved by class, so calibration and training
 # rows come in another order), so that cached distilled or calibrated variants are not reused.
 TASK_DATA_VERSION = 3
+# Bumped when a graph the workbench builds itself changes (v2: export.decoder_graph marks its cache as written in
+# place, which the decode loop then uses), so that a cached graph without the change is rebuilt, not reused.
+GRAPH_VERSION = 2
 
 
 BASE_LIBRARIES = ("torch", "transformers", "model-workbench")
@@ -68,7 +71,7 @@ def variant_key(parent_key: str, steps: list, recipe, quick: bool, other_keys: t
         "parent": parent_key, "others": list(other_keys), "steps": [s.model_dump(mode="json") for s in steps],
         "quick": quick, "data": TASK_DATA_VERSION,
         "seed": recipe.seed, "task": recipe.task.model_dump(mode="json"),
-        "export": {"opset": recipe.export.opset, "exporter": recipe.export.exporter},
+        "export": {"opset": recipe.export.opset, "exporter": recipe.export.exporter, "graphs": GRAPH_VERSION},
         # The libraries every variant depends on, and those its own steps declare (Step.libraries): an
         # upgrade of one rebuilds the variants it made. The parent's key holds its steps' libraries.
         "versions": {k: lib.get(k) for k in needed},

@@ -18,6 +18,7 @@ from core.model import VariantModel
 from export.parity import parity, violations
 from export.reload import outputs_in_fresh_process
 from workbench.run_dir import log, reason
+from workbench.variants import GRAPH_VERSION
 
 
 def export_memoised(run, fmt: str, module, key: Optional[str], dest: Path, exporter: Optional[str] = None) -> dict:
@@ -28,7 +29,7 @@ def export_memoised(run, fmt: str, module, key: Optional[str], dest: Path, expor
     cls = FORMATS[fmt]
     if key is None or not cls.shareable(module):
         return cls.export(module, run.src.io, dest, spec)
-    memo = run.cache.root / "exports" / f"{key}-{fmt}-{spec.exporter}-{spec.opset}"
+    memo = run.cache.root / "exports" / f"{key}-{fmt}-{spec.exporter}-{spec.opset}-g{GRAPH_VERSION}"
     if not (memo / "record.json").exists():
         work = run.cache.new_workdir()
         try:
