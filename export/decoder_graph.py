@@ -6,11 +6,10 @@ as hundreds of small ops (Shape / Gather / Unsqueeze / Concat chains, an explici
 layer); at batch 1 a decode step is a few milliseconds of matrix work and those ops cost a third of it.
 This graph uses ONNX Runtime's fused kernels instead, the ones its LLM engines run:
 
-- GroupQueryAttention (com.microsoft) per layer: the cache is appended inside and the causal mask is
-  implicit. Q, K and V come from one MatMul; RotaryEmbedding (com.microsoft) turns Q and K with cos /
-  sin caches made from the model's own rotary module (any rope scaling it applies is kept) at
-  position_ids. (GroupQueryAttention's own rotary on packed Q|K|V saves the Split and two ops per layer
-  and gives the same tokens, but measured at Qwen2-0.5B shapes it decoded no faster: docs/decoder-lms.md.)
+- GroupQueryAttention (com.microsoft) per layer: the cache is appended inside (so a decode loop may keep
+  it in one buffer: runtime.decode.KV_IN_PLACE) and the causal mask is implicit. Q, K and V come from
+  one MatMul, packed into the op, which turns Q and K itself (do_rotary) with cos / sin caches made from
+  the model's own rotary module (any rope scaling it applies is kept): no Split, no RotaryEmbedding.
 - SkipSimplifiedLayerNormalization (com.microsoft): each residual add and the RMSNorm after it, one op.
 - one MatMul for Q|K|V and one for gate|up, so a weight-only quantizer makes 4 MatMulNBits per layer
   instead of 7, and the output projection reads its own (transposed) weight, so it is quantized too.
@@ -136,8 +135,8 @@ def build_decoder_graph(hf_model, max_positions: Optional[int] = None):
     # What GroupQueryAttention needs: the total length, and per row the index of the last token. Its
     # kernel takes rows as right-padded (tokens past seqlens_k + 1 are padding); our rows are
     # left-padded, so every row counts as full (total - 1) and the pads are masked by the bias below.
-    # The bias (batch, 1, new, total) puts a large negative on the pads' keys, and the rotary
-    # positions come from position_ids (what OrtLM feeds: real tokens so far - 1).
+    # The bias (batch, 1, new, total) puts a large negative on the pads' keys. The rotary positions are the
+    # op's own (seqlens_k); position_ids stays an input, unused, so that every LM graph takes the same feeds.
     node("Shape", ["attention_mask"], ["mask/shape"], "mask/shape", start=1, end=2)
     node("Squeeze", ["mask/shape"], ["mask/total"], "mask/total")
     node("Cast", ["mask/total"], ["total_sequence_length"], "total_sequence_length", to=TensorProto.INT32)
@@ -178,19 +177,14 @@ def build_decoder_graph(hf_model, max_positions: Optional[int] = None):
                                      [f"{p}/norm_in", "", "", f"{p}/residual_in"], f"{p}/norm_in", domain=MS,
                                      epsilon=eps)
         a = layer.self_attn
+        # Q|K|V packed into the attention op, which turns Q and K itself (do_rotary) with the graph's cos / sin
+        # caches: no Split and no RotaryEmbedding per layer. Its positions count a left-padded row's pads;
+        # that shifts every position of the row alike, which rotary attention does not see (relative angles).
         qkv = linear(h, [a.q_proj, a.k_proj, a.v_proj], f"{p}/qkv_proj")
-        q, k, v = node("Split", [qkv, init(f"{p}/qkv_split", np.array([heads * hd, kv_heads * hd, kv_heads * hd],
-                                                                    np.int64))],
-                       [f"{p}/q", f"{p}/k", f"{p}/v"], f"{p}/qkv_split", axis=-1)
-        # Rotary outside the attention op, at position_ids. GroupQueryAttention's own (do_rotary) counts a
-        # left-padded row's pads as positions; that shifts all of the row's positions alike, which rotary
-        # attention does not see, but it was no faster (docs/decoder-lms.md), so this graph keeps the explicit form.
-        q, k = (node("RotaryEmbedding", [t, "position_ids", "cos_cache", "sin_cache"], [f"{t}_rot"], f"{t}_rot",
-                     domain=MS, interleaved=0, num_heads=n) for t, n in ((q, heads), (k, kv_heads)))
-        attn = node("GroupQueryAttention", [q, k, v, f"{PAST}{i}.key", f"{PAST}{i}.value", "seqlens_k",
-                                            "total_sequence_length", "", "", "", "attention_bias"],
+        attn = node("GroupQueryAttention", [qkv, "", "", f"{PAST}{i}.key", f"{PAST}{i}.value", "seqlens_k",
+                                            "total_sequence_length", "cos_cache", "sin_cache", "", "attention_bias"],
                     [f"{p}/attn", f"{PRESENT}{i}.key", f"{PRESENT}{i}.value"], f"{p}/attn", domain=MS,
-                    num_heads=heads, kv_num_heads=kv_heads, do_rotary=0,
+                    num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
                     scale=float(getattr(a, "scaling", hd ** -0.5)))[0]
         out = linear(attn, [a.o_proj], f"{p}/o_proj")
         gamma = init(f"{p}.post_attention_layernorm.weight", arr(layer.post_attention_layernorm.weight))

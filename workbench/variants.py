@@ -56,8 +56,9 @@ def ref_sources(ref: str, base: Path) -> list[Path]:
 # rows come in another order), so that cached distilled or calibrated variants are not reused.
 TASK_DATA_VERSION = 3
 # Bumped when a graph the workbench builds itself changes (v2: export.decoder_graph marks its cache as written in
-# place, which the decode loop then uses), so that a cached graph without the change is rebuilt, not reused.
-GRAPH_VERSION = 2
+# place, which the decode loop then uses; v3: its attention takes Q|K|V packed and turns them itself), so that a
+# cached graph without the change is rebuilt, not reused.
+GRAPH_VERSION = 3
 
 
 BASE_LIBRARIES = ("torch", "transformers", "model-workbench")
