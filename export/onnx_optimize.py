@@ -24,8 +24,8 @@ class OnnxOptimizeParams(StepParams):
     fusion: Literal["none", "bert", "decoder"] = Field(
         "none", description="bert: onnxruntime.transformers fusions for BERT-like encoders (MiniLM, BERT, RoBERTa); "
         "decoder: causal LMs of the Llama layout (Llama, Qwen2, Mistral...) are exported as the workbench's own "
-        "fused graph (GroupQueryAttention with the cache update inside, RotaryEmbedding at position_ids, "
-        "SkipSimplifiedLayerNormalization, one MatMul for Q|K|V and one for gate|up, the output projection "
+        "fused graph (GroupQueryAttention taking Q|K|V from one MatMul, with rotary and the cache update inside, "
+        "SkipSimplifiedLayerNormalization, one MatMul for gate|up, the output projection "
         "its own weight, for the last logits_to_keep positions), built from the weights instead of traced: a "
         "weight-only int4 step after it makes 4 MatMulNBits per layer and quantizes the output projection")
     float16: bool = Field(False, description="convert weights and activations to float16 after fusion, inputs "
