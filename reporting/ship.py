@@ -125,7 +125,8 @@ def _pickle_needs(results: dict, fmt: Optional[str]) -> str:
             "`core.modelfile.load_module`, which checks the file's sha256 first, since unpickling runs code)")
     if model.get("source") == "python":
         module = str(model.get("ref", "")).split(":")[0]
-        where = Path(results["recipe"]["path"]).resolve().parent if (results.get("recipe") or {}).get("path") else None
+        path = (results.get("recipe") or {}).get("path")
+        where = Path(path).parent if path else None  # as the run recorded it (relative to where it ran, if so)
         text += (f", and so must your model's own code, `{module}` (the recipe's `model.ref`): put its folder"
                  f"{f' ({where} where the recipe ran)' if where else ''} on PYTHONPATH")
     elif model.get("source") in ("hf", "torchvision"):

@@ -77,7 +77,8 @@ def test_ffn_pruning_shrinks_layers_and_config(tmp_path, family, importance):
     for layer in decoder_layers(pruned):
         assert all(weight(p).shape[0] == width // 2 for p in layer.up) and weight(layer.down).shape[1] == width // 2
     attr = "n_inner" if family == "gpt2" else "intermediate_size"
-    assert getattr(pruned.model.config, attr) == width // 2 and notes["intermediate_size"] == {"per_layer_before": width, "per_layer_after": width // 2}
+    assert getattr(pruned.model.config, attr) == width // 2
+    assert notes["intermediate_size"] == {"per_layer_before": width, "per_layer_after": width // 2}
     assert notes["params_after"] < notes["params_before"]
     assert weight(decoder_layers(lm)[0].down).shape[1] == width  # the input model is left as it was
     assert _logits(pruned, _batches(1)[0]).shape == (4, 32, VOCAB)
