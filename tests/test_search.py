@@ -70,6 +70,9 @@ def test_search_rejects_before_timing_and_its_best_becomes_a_measured_variant(st
     ({"space": {"steps[0].ratio": [1.5]}}, "search candidate 1: steps[0].prune.ratio"),
     ({"from": "nope"}, "search.from"),
     ({"objective": {"backend": "ort-cuda"}}, "search.objective.backend"),
+    # a module name the model lacks: refused when the model loads, not by every candidate mid-run
+    ({"steps": [{"prune": {"method": "structured", "ratio": 0.3, "ignored_layers": ["feature.0"]}},
+                {"onnx-quantize": {"preset": "auto"}}]}, "search candidate 1: steps[0].prune.ignored_layers"),
 ])
 def test_a_bad_search_block_fails_validate_naming_the_field(change, field, tmp_path, capsys):
     recipe = write_yaml(tmp_path / "s.yaml", {**RECIPE, "search": {**RECIPE["search"], **change}})

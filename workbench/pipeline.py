@@ -165,30 +165,35 @@ class Run:
     def _check_steps_fit(self) -> None:
         """Each torch step's parameters against the source model (`Step.unfit`: e.g. distillation's hidden_weight
         on a model with no transformer layers), and parameters that name modules (`module_fields`, e.g. prune's
-        ignored_layers) must name modules of it: either would otherwise fail its variant mid-run. Pruning, distillation
-        and eager quantization keep module names, so the source model's are the names every step sees."""
+        ignored_layers) must name modules of it: either would otherwise fail a variant (or a search candidate)
+        mid-run. Pruning, distillation and eager quantization keep module names, so the source model's are the
+        names every step sees."""
         import difflib
 
         from core.errors import field_error
         from core.steps import get_step
+        from workbench.recipe import _split_raw
+        from workbench.search_space import candidates_of
 
-        names = None
-        for vname, v in self.recipe.variants.items():
-            for i, call in enumerate(v.steps):
-                step = get_step(call.name)
-                if step.consumes == "torch" and (why := step.unfit(call.params, self.src.module)):
-                    raise field_error(self.recipe.where, f"variants.{vname}.steps[{i}].{call.name}", why)
-                for field in step.module_fields:
-                    asked = call.params.get(field) or []
-                    if not asked:
-                        continue
-                    names = names if names is not None else [n for n, _ in self.src.module.named_modules() if n]
-                    unknown = [n for n in asked if n not in names]
-                    if unknown:
-                        near = [m for u in unknown for m in difflib.get_close_matches(u, names, 3)][:8] or names[:8]
-                        raise field_error(self.recipe.where, f"variants.{vname}.steps[{i}].{call.name}.{field}",
-                                          f"names no module of the model (it has {len(names)}; some: "
-                                          f"{', '.join(near)})", value=unknown)
+        names: list[str] = []
+        calls = [(f"variants.{vname}.steps[{i}].{c.name}", c.name, c.params)
+                 for vname, v in self.recipe.variants.items() for i, c in enumerate(v.steps)]
+        if self.recipe.search is not None:
+            calls += [(f"search candidate {n + 1}: steps[{i}].{name}", name, params or {})
+                      for n, steps in enumerate(candidates_of(self.recipe.search, limit=64))
+                      for i, (name, params) in enumerate(map(_split_raw, steps)) if name]
+        for where, name, params in calls:
+            step = get_step(name)
+            if step.consumes == "torch" and (why := step.unfit(params, self.src.module)):
+                raise field_error(self.recipe.where, where, why)
+            for field in step.module_fields:
+                asked = params.get(field) or []
+                names = names or [n for n, _ in self.src.module.named_modules() if n]
+                unknown = [n for n in asked if n not in names]
+                if unknown:
+                    near = [m for u in unknown for m in difflib.get_close_matches(u, names, 3)][:8] or names[:8]
+                    raise field_error(self.recipe.where, f"{where}.{field}", f"names no module of the model (it has "
+                                      f"{len(names)}; some: {', '.join(near)})", value=unknown)
 
     def _status(self, state: str, **fields) -> None:
         """status.json: running -> finished, failed (with the reason) or interrupted. A run killed
