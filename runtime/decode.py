@@ -83,25 +83,42 @@ class OrtLM:
 
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int,
                  step_logits: list | None = None, on_token=None) -> tuple[np.ndarray, dict]:
-        """Greedy decoding of exactly `new_tokens` tokens: (ids (batch, new_tokens), timings). The
-        present.* outputs are ORT-allocated OrtValues bound as the next step's past inputs, so the
-        cache never passes through numpy. If `step_logits` is a list, each step's last-position
-        logits (batch, vocabulary) are appended to it; `on_token(step)` is called as each step's tokens
-        are out (a server answers the first token there)."""
-        if self.in_place:
-            return self._generate_in_place(input_ids, attention_mask, new_tokens, step_logits, on_token)
-        io = self.session.io_binding()
-        mask = np.asarray(attention_mask, dtype=np.int64)
-        ids, past = np.asarray(input_ids), self._empty_past(len(input_ids))
+        """Greedy decoding of exactly `new_tokens` tokens: (ids (batch, new_tokens), timings). The cache stays
+        in ORT's values between steps, in one buffer where the graph writes it in place (`_in_place_steps`),
+        else passed from each step's presents to the next one's past (`_rebinding_steps`). If `step_logits`
+        is a list, each step's last-position logits (batch, vocabulary) are appended to it; `on_token(step)` is
+        called as each step's tokens are out (a server answers the first token there)."""
+        ids, mask = np.asarray(input_ids), np.asarray(attention_mask, dtype=np.int64)
+        steps = self._in_place_steps if self.in_place else self._rebinding_steps
+        step_fn = steps(len(ids), ids.shape[1] + new_tokens)
         out = np.empty((len(ids), new_tokens), np.int64)
         times = []
         for step in range(new_tokens):
             t0 = time.perf_counter()
-            # Outputs are rebound every step: a bound output keeps the previous step's shape.
+            last = step_fn(ids, mask)  # greedy decoding reads the last position only
+            out[:, step] = last.argmax(-1)
+            times.append((time.perf_counter() - t0) * 1000)
+            if on_token is not None:
+                on_token(step)
+            if step_logits is not None:
+                step_logits.append(last.copy())
+            ids = out[:, step:step + 1]
+            mask = np.concatenate([mask, np.ones((len(mask), 1), np.int64)], 1)
+        return out, {"prefill_ms": times[0] if times else 0.0, "decode_ms": times[1:]}
+
+    def _rebinding_steps(self, batch: int, length: int):
+        """One decode step as a function of (ids, mask) -> the last position's logits (`length` unused: the
+        cache grows a step at a time): every input and output
+        bound anew (a bound output keeps the previous step's shape), the present.* outputs ORT-allocated
+        OrtValues bound as the next step's past, so the cache never passes through numpy."""
+        io = self.session.io_binding()
+        past = self._empty_past(batch)
+
+        def step(ids, mask):
+            nonlocal past
             io.clear_binding_inputs()
             io.clear_binding_outputs()
-            feeds = self._feeds(ids, mask, keep=1)  # greedy decoding reads the last position only
-            for name, value in {**feeds, **past}.items():
+            for name, value in {**self._feeds(ids, mask, keep=1), **past}.items():
                 if isinstance(value, np.ndarray):
                     io.bind_cpu_input(name, value)
                 else:
@@ -112,28 +129,18 @@ class OrtLM:
             self.session.run_with_iobinding(io)
             io.synchronize_outputs()
             values = io.get_outputs()  # in binding order: logits, then the presents
-            last = values[0].numpy()[:, -1]
-            out[:, step] = last.argmax(-1)
-            times.append((time.perf_counter() - t0) * 1000)
-            if on_token is not None:
-                on_token(step)
-            if step_logits is not None:
-                step_logits.append(last.copy())
             past = dict(zip(self.past_names, values[1:]))
-            ids = out[:, step:step + 1]
-            mask = np.concatenate([mask, np.ones((len(mask), 1), np.int64)], 1)
-        return out, {"prefill_ms": times[0] if times else 0.0, "decode_ms": times[1:]}
+            return values[0].numpy()[:, -1]
+        return step
 
-    def _generate_in_place(self, input_ids, attention_mask, new_tokens: int, step_logits, on_token):
-        """generate() for a graph whose attention writes the cache in place (KV_IN_PLACE): one buffer per
-        past input, as long as the whole generation, is bound as both its past and its present, with the
-        logits into one array, once; a step binds only ids, mask and positions. The step-by-step loop
-        binds about a hundred values per step and has every layer copy its whole past into a new present:
-        at Qwen2-0.5B shapes on 2 cores that was 6 % of a decode step. Same logits, bit for bit."""
+    def _in_place_steps(self, batch: int, length: int):
+        """One decode step for a graph whose attention writes the cache in place (KV_IN_PLACE): one buffer per
+        past input, `length` tokens long (the whole generation), is bound as both its past and its present,
+        with the logits into one array, once; a step binds only ids, mask and positions. The rebinding step
+        binds about a hundred values per step and has every layer copy its whole past into a new present: at
+        Qwen2-0.5B shapes on 2 cores that was 6 % of a decode step. Same logits, bit for bit."""
         import onnxruntime as ort
 
-        ids, mask = np.asarray(input_ids), np.asarray(attention_mask, dtype=np.int64)
-        batch, length = len(ids), ids.shape[1] + new_tokens
         io = self.session.io_binding()
         for name in self.past_names:
             heads, size = self.past_dims[name]
@@ -141,27 +148,17 @@ class OrtLM:
             io.bind_ortvalue_input(name, cache)
             io.bind_ortvalue_output(PRESENT + name[len(PAST):], cache)
         vocab = next(o for o in self.session.get_outputs() if o.name == "logits").shape[-1]
-        logits = np.zeros((batch, 1, vocab), np.float32)  # greedy decoding reads the last position only
+        logits = np.zeros((batch, 1, vocab), np.float32)
         io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         io.bind_cpu_input("logits_to_keep", np.array(1, np.int64))
-        out = np.empty((batch, new_tokens), np.int64)
-        times = []
-        for step in range(new_tokens):
-            t0 = time.perf_counter()
+
+        def step(ids, mask):
             io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
             io.bind_cpu_input("attention_mask", mask)
             io.bind_cpu_input("position_ids", position_ids(mask, ids.shape[1]))
             self.session.run_with_iobinding(io)
-            last = logits[:, -1]
-            out[:, step] = last.argmax(-1)
-            times.append((time.perf_counter() - t0) * 1000)
-            if on_token is not None:
-                on_token(step)
-            if step_logits is not None:
-                step_logits.append(last.copy())
-            ids = out[:, step:step + 1]
-            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], 1)
-        return out, {"prefill_ms": times[0] if times else 0.0, "decode_ms": times[1:]}
+            return logits[:, -1]
+        return step
 
 
 def _kv_dims(shape, config: dict | None) -> tuple[int, int]:
