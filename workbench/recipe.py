@@ -763,14 +763,14 @@ def _check_backend_formats(recipe: Recipe, where: str, fmt: dict[str, str]) -> N
 def _check_backend_options(recipe: Recipe, where: str) -> None:
     """bench.options and each variant's options: each backend's options validated by its own `Options` model
     (and normalised); a reference variant takes none (it shows the engine's defaults)."""
-    places = [("bench.options", recipe.bench.options)]
+    # (field, the variant it belongs to or None for bench.options, the options)
+    places = [("bench.options", None, recipe.bench.options)]
     for name, v in recipe.variants.items():
         if v.options and v.reference:
             raise field_error(where, f"variants.{name}.options", "a reference variant runs with the engine's "
                               "defaults, so it takes no options", value=v.options, accepted="no options")
-        places.append((f"variants.{name}.options", v.options))
-    for field, options in places:
-        name = field.split(".")[1] if field.startswith("variants.") else None
+        places.append((f"variants.{name}.options", name, v.options))
+    for field, name, options in places:
         measured = recipe.backends_of(name) if name else recipe.all_backends()
         for backend, raw in options.items():
             if backend not in measured:  # options no cell would run with: a slip, never a setting
