@@ -131,6 +131,9 @@ class Run:
         from workbench.sources.models import load_model
         from workbench.tasks import build_task
 
+        # Before loading too: in a process that imported transformers earlier (a notebook, a test session), its
+        # console handler still holds the stderr of that moment, which may be closed or swapped by now.
+        route_library_loggers()
         self.src = load_model(self.recipe, self.quick)
         route_library_loggers()  # now that the model's libraries are loaded
         self._check_lengths()
