@@ -10,7 +10,15 @@ from torch import nn
 
 
 class EmbeddingModel(nn.Module):
-    """A transformer encoder with pooling: (input_ids, attention_mask) -> sentence embedding."""
+    """A transformer encoder with pooling: (input_ids, attention_mask) -> sentence embedding.
+
+    `packed` (set by the pack-sequences step): the attention mask may number several requests' tokens in
+    one row, 1, 2, ... (0: padding), as a server packs them; each token attends only to its own request's,
+    positions restart at each request, and the output is one embedding per request, row by row: (batch x
+    requests per row, dim). A mask of ones and zeros is one request per row, so the model answers exactly
+    as unpacked for ordinary inputs."""
+
+    packed = False  # a class default: modules pickled before the attribute existed load unpacked
 
     def __init__(self, encoder: nn.Module, pooling: str = "mean"):
         super().__init__()
@@ -18,11 +26,34 @@ class EmbeddingModel(nn.Module):
         self.pooling = pooling
 
     def forward(self, input_ids, attention_mask):
+        if self.packed:
+            return self._packed(input_ids, attention_mask)
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+    def _packed(self, input_ids, segments):
+        import torch
+
+        ids = torch.arange(1, segments.max() + 1, device=segments.device)
+        member = (segments.unsqueeze(-1) == ids).to(torch.float32)  # (batch, tokens, requests)
+        within = ((member.cumsum(1) - 1) * member).sum(-1)  # each token's position in its own request
+        same = (segments.unsqueeze(2) == segments.unsqueeze(1)) & (segments.unsqueeze(1) > 0)
+        hidden = self.encoder(input_ids=input_ids, attention_mask=same.to(segments.dtype),
+                              position_ids=within.to(torch.int64) + position_offset(self.encoder)).last_hidden_state
+        # A broadcast product and a sum, not a matmul: a quantizer would put int8 on a matmul's inputs.
+        weight = member * (within == 0).unsqueeze(-1) if self.pooling == "cls" else member
+        weight = weight.to(hidden.dtype)
+        pooled = (weight.unsqueeze(-1) * hidden.unsqueeze(2)).sum(1) / weight.sum(1).unsqueeze(-1).clamp(min=1e-9)
+        return pooled.reshape(-1, hidden.shape[-1])
+
+
+def position_offset(encoder: nn.Module) -> int:
+    """Where an encoder's positions start: RoBERTa's family counts from its padding index + 1, BERT's from 0."""
+    idx = getattr(getattr(encoder, "embeddings", None), "padding_idx", None)
+    return int(idx) + 1 if isinstance(idx, int) else 0
 
 
 class SequenceClassifier(nn.Module):

@@ -14,6 +14,7 @@ GROUP = "model_workbench.plugins"
 MODULES = (
     "compress.quantize", "compress.prune", "compress.distill",  # steps on torch modules
     "export.onnx_quantize", "export.onnx_optimize",  # steps on ONNX graphs
+    "export.packing",  # pack-sequences: several requests in one row of tokens, for packed serving
     "export.nncf_steps",  # NNCF's post-training int8 and weight compression of ONNX graphs
     "export.onnx", "export.torchscript", "export.torch_export", "export.openvino_ir",  # export formats
     "export.gguf",  # llama.cpp's GGUF: the gguf-quantize step and the gguf format
