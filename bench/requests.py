@@ -93,6 +93,24 @@ def collate(picked: list[dict[str, np.ndarray]], axes: dict[str, int], pad: dict
     return out
 
 
+def pack(picked: list[dict[str, np.ndarray]], axes: dict[str, int], pad: dict[str, int], multiple: int,
+         width: int = 0) -> dict[str, np.ndarray]:
+    """One row holding the requests' tokens one after another (export.packing), padded to their total
+    rounded up to `multiple`: each sequence input concatenated along its axis, the attention mask numbering
+    each request's tokens 1, 2, ... and its padding 0. The model answers one row per request, in order.
+    `width`: exactly that many tokens instead, the last requests cut (warm-up, for the shape)."""
+    total = sum(length(r, axes) for r in picked)
+    width = width or padded_length(total, multiple)
+    out = {}
+    for name, ax in axes.items():
+        parts = [np.full_like(r[name], k + 1) if name == MASK else r[name] for k, r in enumerate(picked)]
+        row = np.concatenate(parts, axis=ax)
+        row = np.take(row, np.arange(min(width, row.shape[ax])), axis=ax)
+        out[name] = np.pad(row, [(0, width - row.shape[ax]) if d == ax else (0, 0) for d in range(row.ndim)],
+                           constant_values=0 if name == MASK else pad.get(name, 0))
+    return out
+
+
 def lengths_summary(picked: list[dict[str, np.ndarray]], axes: dict[str, int]) -> dict:
     """The requests' token counts as results.json keeps them."""
     n = np.asarray([length(r, axes) for r in picked])

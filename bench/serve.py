@@ -4,8 +4,9 @@ The job is a bench.cells job plus `scenario` (workbench.recipe.ScenarioSpec as a
 The process loads `streams` sessions of the artifact, the cell's threads split between them, and puts a
 dynamic-batching SUT (bench.serving.Batcher) under MLCommons LoadGen. Its query sample library is the
 job's `requests` (the task's evaluation rows, each at its own length: bench.requests), a batch padded
-to its longest request; without them (`inputs: synthetic`, or a task with no evaluation inputs) every
-request is the same synthetic input of the cell's shape. Every shape a batch can take runs once before
+to its longest request, or with `batching: packed` their tokens one after another in one row; without
+them (`inputs: synthetic`, or a task with no evaluation inputs) every request is the same synthetic
+input of the cell's shape. Every shape a batch can take runs once before
 any test (a static-shape engine compiles each then, not while a test is timing it). A causal LM's job also
 has `prompts` (max_batch x prompt length) and `new_tokens`: then each request is one greedy generation
 of `new_tokens` tokens, the requests batched together generate together (their decode steps are one
@@ -28,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+PACKED_TOLERANCE = 0.05  # of the largest answer: an int8 engine rounds a packed row's activations differently
+
 
 def run(job: dict) -> dict:
     import numpy as np
@@ -49,6 +52,10 @@ def run(job: dict) -> dict:
 
     max_tokens = int(sc.get("max_batch_tokens") or 0)
     by_length = sc.get("batching", "by-length") == "by-length"
+    packed = sc.get("batching") == "packed"  # one row of the requests' own tokens (bench.requests.pack)
+    if packed and not job.get("requests"):
+        raise ValueError("batching: packed sends the task's own requests packed in one row: it needs inputs: task "
+                         "and a task with evaluation inputs")
 
     def fits(n: int, width: int) -> bool:
         return within_tokens(n, width, max_tokens)
@@ -73,7 +80,8 @@ def run(job: dict) -> dict:
     else:
         runners = [backend.load(job["path"], per_stream, **engine_kwargs(backend, job)) for _ in range(streams)]
         if job.get("requests"):  # the task's evaluation rows, each at its own length (bench.requests)
-            from bench.requests import collate, length, lengths_summary, padded_width, seq_axes, widths
+            from bench.requests import (collate, length, lengths_summary, pack, padded_length, padded_width, seq_axes,
+                                        widths)
             from runtime.infer import load_batches
 
             rows, axes = load_batches(job["requests"]["path"]), seq_axes(io)
@@ -81,16 +89,50 @@ def run(job: dict) -> dict:
             tokens = lengths_summary(rows, axes)
 
             def batch(samples: list, width: int = 0) -> dict:
-                return collate([rows[i % len(rows)] for i in samples], axes, pad, multiple, width, cap)
+                picked = [rows[i % len(rows)] for i in samples]
+                return pack(picked, axes, pad, multiple, width) if packed else \
+                    collate(picked, axes, pad, multiple, width, cap)
 
             # Warm-up meets every shape a test can: each batch size at each padded length up to the longest
-            # row, within the token cap.
-            shapes = [(list(range(n)), width) for n in range(1, max_batch + 1)
-                      for width in (widths(range(1, tokens["max"] + 1), multiple, cap) if tokens else [0])
-                      if fits(n, width)]
-            requests = {"source": "task", "samples": len(rows), "pad_multiple": multiple, "tokens": tokens}
+            # row, within the token cap; packed, one row at each padded length up to the most tokens a batch
+            # can hold (the cap, or max_batch of the longest; the oldest request alone may pass the cap).
+            if packed:
+                most = max_batch * tokens["max"]
+                if max_tokens:
+                    most = max(min(max_tokens, most), tokens["max"])
+                shapes = [(list(range(max_batch)), w) for w in range(multiple, padded_length(most, multiple) + 1,
+                                                                     multiple)]
+            else:
+                shapes = [(list(range(n)), width) for n in range(1, max_batch + 1)
+                          for width in (widths(range(1, tokens["max"] + 1), multiple, cap) if tokens else [0])
+                          if fits(n, width)]
+            requests = {"source": "task", "samples": len(rows), "pad_multiple": multiple, "tokens": tokens,
+                        **({"packed": True} if packed else {})}
+
+            def packed_error(runner) -> float:
+                """The artifact's answers to requests packed in one row against each one's alone: a graph not
+                made by pack-sequences answers one row for the lot, and is refused here, before any test."""
+                together = list(range(min(max_batch, n_samples)))
+                while len(together) > 1 and not fits_batch(together):
+                    together.pop()
+                out = runner.outputs(runner.prepare(batch(together)))
+                alone = np.concatenate([runner.outputs(runner.prepare(collate([rows[i]], axes, pad, multiple,
+                                                                              cap=cap)))
+                                        for i in together])
+                if out.shape != alone.shape:
+                    raise ValueError(f"batching: packed: {len(together)} requests packed in one row got an answer of "
+                                     f"shape {list(out.shape)}, not one row each ({list(alone.shape)}): the variant's "
+                                     "model must be made by the pack-sequences step")
+                worst = float(np.abs(out - alone).max())
+                if worst > PACKED_TOLERANCE * max(float(np.abs(alone).max()), 1e-6):
+                    raise ValueError(f"batching: packed: requests packed in one row got answers up to {worst:.3g} "
+                                     "away from each one's alone on this engine: it does not honour the packed "
+                                     "attention mask")
+                return worst
             n_samples = len(rows)
-            width_of = [padded_width(length(r, axes), multiple, cap) if tokens else 0 for r in rows]
+            # Packed, a request's width is its own tokens: a batch costs their sum, padded once.
+            width_of = [length(r, axes) if packed else padded_width(length(r, axes), multiple, cap) if tokens
+                        else 0 for r in rows]
         else:  # synthetic inputs of the cell's shape: every request the same
             synthetic = {n: io.make(n, seq, seed=job.get("seed", 0)) for n in range(1, max_batch + 1)}
 
@@ -105,6 +147,12 @@ def run(job: dict) -> dict:
             # Collating the batch and handing it to the engine are part of serving it: inside the time.
             runners[s].call(runners[s].prepare(batch(samples, width)))
     load_s = time.perf_counter() - t0
+
+    def fits_batch(samples: list) -> bool:
+        """Whether the Batcher could form this batch under the token cap."""
+        if packed:
+            return len(samples) <= 1 or not max_tokens or sum(width(i) for i in samples) <= max_tokens
+        return fits(len(samples), max(width(i) for i in samples))
 
     def timed(s: int, samples: list) -> float:
         t = time.perf_counter()
@@ -121,11 +169,13 @@ def run(job: dict) -> dict:
         capacity search starts)."""
         for shape in shapes:
             call(s, *shape)
+        if s == 0 and packed:
+            requests["packed_max_abs_diff"] = float(f"{packed_error(runners[0]):.3g}")
         if s == 0:
             for n in range(1, max_batch + 1):
                 # Batches the token cap allows: n requests drawn at random, drawn again while they would pass it.
                 drawn = [d for d in (draw.integers(0, n_samples, n).tolist() for _ in range(100))
-                         if fits(n, max(width(i) for i in d))][:5]
+                         if fits_batch(d)][:5]
                 if drawn:
                     service_ms[n] = float(np.mean([timed(s, d) for d in drawn]))
             if max_batch > 1 and "prompts" not in job:
@@ -135,7 +185,7 @@ def run(job: dict) -> dict:
                 queue = draw.integers(0, n_samples, 8 * max_batch).tolist()
                 t = time.perf_counter()
                 while queue:
-                    picked, _ = pick_batch((width(i) for i in queue), max_batch, by_length, max_tokens)
+                    picked, _ = pick_batch((width(i) for i in queue), max_batch, by_length, max_tokens, packed)
                     call(s, [queue[k] for k in picked])
                     for k in reversed(picked):
                         del queue[k]
@@ -152,7 +202,7 @@ def run(job: dict) -> dict:
 
     batcher = Batcher(call, max_batch, float(sc["max_wait_ms"]), streams, tokens=n_new, on_start=warm,
                       main_thread=True, width=width, by_length=by_length,
-                      max_tokens=max_tokens)
+                      max_tokens=max_tokens, packed=packed)
     memory = {"peak_rss_delta": max(memory_bytes("VmHWM") - rss_before, 0), "rss_idle_baseline": rss_before}
     # A static-shape engine keeps one compiled model per shape: none may be compiled while a test times it.
     warmed = None if "prompts" in job else runners[0].compiled_shapes()  # generators take any shape

@@ -10,7 +10,9 @@ submission uses): a serving system under test (SUT) with dynamic batching, and t
   ones when the engine's cost grows with its tokens), and `max_tokens` caps a batch's padded tokens
   (batch x width, as text-embeddings-inference's max_batch_tokens does): the oldest request always goes,
   and a batch stops before the first request that would pass the cap, so a long batch cannot hold the
-  queue behind it for long. It records each
+  queue behind it for long. With `packed` (a model made by export.packing), `width` is a request's own
+  tokens and a batch is the oldest requests while their tokens together fit `max_tokens`, whatever their
+  lengths: they share one row, so none pays for another's length. It records each
   request's latency (arrival to answer) and the batch sizes it ran. A generation server (`tokens`:
   the tokens each answer carries) runs `run_batch(stream, samples, first)`, which calls `first()` as the
   batch's first tokens are out: every request in it gets its first token then (LoadGen's TTFT), and
@@ -45,24 +47,28 @@ SCENARIOS = {"single-stream": "SingleStream", "offline": "Offline", "server": "S
 LOOK_AHEAD = 16  # by length, a batch looks among this many times max_batch of the oldest waiting requests
 
 
-def pick_batch(widths: Iterable[int], max_batch: int, by_length: bool, max_tokens: int) -> tuple[list[int], bool]:
+def pick_batch(widths: Iterable[int], max_batch: int, by_length: bool, max_tokens: int,
+               packed: bool = False) -> tuple[list[int], bool]:
     """Of a queue's padded widths, oldest first, the positions the next batch takes and whether it is full.
     By length: only requests no longer than the oldest, among the next `LOOK_AHEAD` x max_batch waiting (an
     offline test queues every query at once: a batch must not cost a scan of all of them). With a token
-    cap: up to the first that would pass it. The Batcher forms its batches by it, and warm-up by it times
-    what a long queue costs (the capacity search's starting point)."""
-    picked, widest, oldest = [], 0, None
+    cap: up to the first that would pass it. Packed (`widths` are then the requests' own tokens): the
+    oldest ones, whatever their lengths, while their tokens together fit the cap. The Batcher forms its
+    batches by it, and warm-up by it times what a long queue costs (the capacity search's starting point)."""
+    picked, widest, total, oldest = [], 0, 0, None
     for k, w in enumerate(itertools.islice(widths, LOOK_AHEAD * max_batch)):
         if oldest is None:
             oldest = w
-        if by_length and w > oldest:
+        if by_length and not packed and w > oldest:
             continue
         if len(picked) == max_batch:
             return picked, True
-        if not within_tokens(len(picked) + 1, max(widest, w), max_tokens):
+        if packed and picked and max_tokens and total + w > max_tokens:
+            return picked, True
+        if not packed and not within_tokens(len(picked) + 1, max(widest, w), max_tokens):
             return picked, True
         picked.append(k)
-        widest = max(widest, w)
+        widest, total = max(widest, w), total + w
     return picked, len(picked) == max_batch
 
 
@@ -88,9 +94,11 @@ def early_stopping_queries(percentile: float, over_bound: int = 0, confidence: f
 class Batcher:
     def __init__(self, run_batch: Callable[..., None], max_batch: int, max_wait_ms: float, streams: int,
                  tokens: int = 0, on_start: Optional[Callable[[int], None]] = None, main_thread: bool = False,
-                 width: Optional[Callable[[int], int]] = None, by_length: bool = False, max_tokens: int = 0):
+                 width: Optional[Callable[[int], int]] = None, by_length: bool = False, max_tokens: int = 0,
+                 packed: bool = False):
         self.run_batch, self.max_batch, self.max_wait, self.tokens = run_batch, max_batch, max_wait_ms / 1e3, tokens
         self.width, self.by_length, self.max_tokens = width or (lambda sample: 1), by_length, max_tokens
+        self.packed = packed
         self.queue: collections.deque = collections.deque()
         self.cond = threading.Condition()
         self.latencies_ms: list[float] = []
@@ -151,7 +159,7 @@ class Batcher:
     def _pick(self) -> tuple[list[int], bool]:
         """The queue positions the next batch takes, oldest first, and whether it is full (pick_batch)."""
         return pick_batch((self.width(sample) for _, sample, _ in self.queue), self.max_batch, self.by_length,
-                          self.max_tokens)
+                          self.max_tokens, self.packed)
 
     def _start(self, stream: int) -> None:
         try:

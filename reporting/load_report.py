@@ -190,7 +190,8 @@ def serving_shape(settings: dict) -> str:
     """'max batch / wait ms / streams', and how a batch picks its requests where it takes more than one."""
     shape = f"{settings.get('max_batch')} / {settings.get('max_wait_ms')} / {settings.get('streams')}"
     if (settings.get("max_batch") or 1) > 1:
-        shape += ", by length" if settings.get("batching", "by-length") == "by-length" else ", first in first out"
+        shape += {"by-length": ", by length", "fifo": ", first in first out",
+                  "packed": ", packed in one row"}[settings.get("batching", "by-length")]
         if settings.get("max_batch_tokens"):
             shape += f", ≤ {settings['max_batch_tokens']} tokens"
     return shape
@@ -253,7 +254,9 @@ def load_note(results: dict) -> str:
             "wait in one queue; `streams` sessions (the cell's threads split between them) each take up to "
             "`max_batch` waiting requests, waiting at most `max_wait_ms` for a batch to fill; by length (the "
             "default `batching`), a batch takes the oldest request and the waiting ones no longer than it, and "
-            "`max_batch_tokens` stops a batch before it would pass that many padded tokens. A server cell's "
+            "`max_batch_tokens` stops a batch before it would pass that many padded tokens; packed (`batching: "
+            "packed`, a variant made with pack-sequences), a batch is the oldest requests' own tokens one after "
+            "another in one row, padded once. A server cell's "
             "capacity is the highest target QPS (Poisson arrivals) whose percentile latency meets the bound by "
             "LoadGen's own verdict, which also requires its minimum duration, query count and early-stopping test; "
             "the ladder of targets tried is in results.json and LoadGen's logs under `loadgen/`. The capacity is "

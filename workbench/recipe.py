@@ -272,16 +272,19 @@ class ScenarioSpec(Strict):
                            "(dynamic batching); 1: one request per call")
     max_wait_ms: float = Field(2.0, ge=0, description="how long the oldest waiting request may wait for its batch "
                                "to fill")
-    batching: Literal["by-length", "fifo"] = Field("by-length", description=(
-        "which waiting requests a batch takes. by-length: the oldest and those no longer than it (its padded "
-        "length), oldest first; fifo: the oldest ones, whatever their lengths. Where a batch costs its padded "
-        "tokens, one long request in a batch of short ones makes all of them long; a longer request waits for "
-        "a later batch, which it leads once it is the oldest. Requests of one length (synthetic, generations) "
-        "batch the same either way"))
+    batching: Literal["by-length", "fifo", "packed"] = Field("by-length", description=(
+        "which waiting requests a batch takes, and how. by-length: the oldest and those no longer than it (its "
+        "padded length), oldest first; fifo: the oldest ones, whatever their lengths. Where a batch costs its "
+        "padded tokens, one long request in a batch of short ones makes all of them long; a longer request waits "
+        "for a later batch, which it leads once it is the oldest. Requests of one length (synthetic, "
+        "generations) batch the same either way. packed: the oldest ones, their own tokens one after another in "
+        "one row, padded once (no request pays for another's length); for variants made with the pack-sequences "
+        "step, and inputs: task"))
     max_batch_tokens: Optional[int] = Field(None, ge=1, description=(
-        "a batch stops before the request that would take its padded tokens (batch x padded length) past this; "
-        "the oldest request always goes. On an engine whose time grows with its tokens, a cap keeps one large "
-        "batch from holding the queue behind it (text-embeddings-inference's max_batch_tokens); default: none"))
+        "a batch stops before the request that would take its padded tokens (batch x padded length; packed: "
+        "the requests' tokens together) past this; the oldest request always goes. On an engine whose time "
+        "grows with its tokens, a cap keeps one large batch from holding the queue behind it "
+        "(text-embeddings-inference's max_batch_tokens); default: none"))
     streams: int = Field(1, ge=1, le=64, description="parallel sessions serving the queue, the cell's threads "
                          "split between them")
     min_duration_s: float = Field(10.0, gt=0, description="each LoadGen test runs at least this long (--quick: 2)")
@@ -667,6 +670,8 @@ def _check_scenarios(recipe: Recipe, where: str) -> None:
             if name not in recipe.variants:
                 raise field_error(where, f"{field}.variants", "names no variant", value=name,
                                   accepted=list(recipe.variants))
+        if sc.batching == "packed":
+            _check_packed_scenario(recipe, sc, field, where)
         if sc.label in labels:
             raise field_error(where, f"{field}.name", "two scenarios have this label: name them apart", value=sc.label)
         labels.add(sc.label)
@@ -693,6 +698,32 @@ def _check_scenarios(recipe: Recipe, where: str) -> None:
         raise field_error(where, "bench.prompt_lens", "prompt lengths are for causal LMs (TTFT against prompt "
                           f"length); this model is a {model_kind(recipe.model)}", value=recipe.bench.prompt_lens,
                           accepted=[])
+
+
+def _check_packed_scenario(recipe: Recipe, sc: ScenarioSpec, field: str, where: str) -> None:
+    """Packed batches need a model that takes several requests in a row (the pack-sequences step, on the
+    variant or an ancestor) and requests of their own lengths."""
+    if sc.inputs != "task":
+        raise field_error(where, f"{field}.inputs", "batching: packed packs the task's own requests, each at its "
+                          "length", value=sc.inputs, accepted=["task"])
+    unpacked = [name for name in sc.variants or list(recipe.variants) if not _packs(recipe, name)]
+    if unpacked:
+        raise field_error(where, f"{field}.batching", f"variant '{unpacked[0]}' is not made with the pack-sequences "
+                          "step, so its model cannot take several requests in one row: add {pack-sequences: {}} "
+                          "to its steps (or an ancestor's), or list only packed variants in this scenario's "
+                          "variants", value="packed", accepted=["by-length", "fifo"])
+
+
+def _packs(recipe: Recipe, name: str) -> bool:
+    """Whether `name` or one of its ancestors has the pack-sequences step."""
+    seen = set()
+    while name in recipe.variants and name not in seen:
+        seen.add(name)
+        v = recipe.variants[name]
+        if any((raw.name if isinstance(raw, StepCall) else _split_raw(raw)[0]) == "pack-sequences" for raw in v.steps):
+            return True
+        name = v.from_
+    return False
 
 
 def _check_generation_scenario(sc: ScenarioSpec, field: str, where: str) -> None:
