@@ -33,7 +33,8 @@ class PackSequences(Step):
     details = ("For sentence-embedding models (a transformer encoder with pooling) whose encoder takes position "
                "ids (BERT, RoBERTa, XLM-R, ELECTRA, MiniLM and their kin). Ordinary inputs get the same answers; "
                "a load scenario with `batching: packed` then serves the variant's requests packed. The step "
-               "checks that requests packed together get the answers each gets alone.")
+               "checks that requests packed together get the answers each gets alone. ONNX Runtime's BERT fusion "
+               "does not fuse attention under a packed mask; OpenVINO needs no fusion.")
     Params = PackSequencesParams
     libraries = ("torch", "transformers")
 

@@ -187,12 +187,39 @@ def _with_remedy(f: Finding, variant: dict, variants: dict, flags: list[str], ce
         if compiled:
             return f.with_fix(f"the same variant measured compiled: backends: [{compiled[0]}]",
                               bench={"backends": [compiled[0]]})
+    has = _lineage_steps(variant, variants)
     for name, cls in STEPS.items():
+        if name in has:  # its own remedy (above) had nothing for this finding: adding it again would not help
+            continue
         add = cls.remedy(f.kind, None, flags)
         if add:
-            new = add + own
+            new = _insert(add, own)
             return f.with_fix(f"from: {variant.get('parent') or 'the source model'}, steps: {recipe_line(new)}", new)
     return f.with_fix(GENERIC_FIX.get(f.kind)) if f.kind in GENERIC_FIX else f
+
+
+def _lineage_steps(variant: dict, variants: dict) -> set[str]:
+    """The names of the steps along the variant's lineage, its own included."""
+    names, name, seen = set(), variant.get("name"), set()
+    v = variant
+    while v is not None and name not in seen:
+        seen.add(name)
+        names.update(s.get("name") for s in v.get("steps") or [])
+        name = v.get("parent")
+        v = variants.get(name)
+    return names
+
+
+def _insert(add: list, own: list) -> list:
+    """`add` before the variant's own steps, but after the last one that works on the torch module when
+    `add` works on the ONNX graph (a graph step cannot come before a module step)."""
+    first = STEPS.get(next(iter(add[0])) if isinstance(add[0], dict) else add[0])
+    if first is None or first.consumes != "onnx":
+        return add + own
+    names = [next(iter(x)) if isinstance(x, dict) else x for x in own]
+    torch_at = [i for i, n in enumerate(names) if n in STEPS and STEPS[n].consumes == "torch"]
+    at = torch_at[-1] + 1 if torch_at else 0
+    return own[:at] + add + own[at:]
 
 
 def _lineage_remedy(f: Finding, variant: dict, variants: dict, flags: list[str]) -> Finding:

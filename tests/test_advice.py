@@ -70,6 +70,21 @@ def test_unfused_attention_gets_the_fusion_added_before_the_variants_own_steps()
     assert f.steps == [{"onnx-optimize": {"fusion": "bert"}}, {"onnx-quantize": {"mode": "weight-only"}}]
 
 
+def test_unfused_attention_is_not_told_to_add_a_fusion_it_has_nor_a_graph_step_before_a_module_step():
+    """A packed model's per-token mask is not the pattern ORT's BERT fusion matches: the variant already has
+    the fusion, so the advice does not repeat it. Where a graph step is added, it goes after the module steps."""
+    from reporting.diagnosis import _insert
+
+    variants = _variants(packed=[{"name": "pack-sequences", "params": {}},
+                                 {"name": "onnx-optimize", "params": {"fusion": "bert"}}])
+    variants["packed"]["notes"] = [{"kernels": {"softmax": 6, "attention_fused": False}}]
+    found = diagnose(_cell("packed", 2.0, profile={"MatMul": 2.0}), _cell("baseline", 1.0), variants, VNNI)
+    f = next(f for f in found if f.kind == "attention-float")
+    assert not f.steps and "onnx-optimize" not in (f.fix or "")
+    assert _insert([{"onnx-optimize": {"fusion": "bert"}}], ["pack-sequences", "onnx-quantize"]) == \
+        ["pack-sequences", {"onnx-optimize": {"fusion": "bert"}}, "onnx-quantize"]
+
+
 def test_a_model_too_small_to_pay_is_called_dispatch_bound_with_the_per_call_floor_measured():
     # latency = 0.05 ms per call + 0.001 ms per item: at batch 1 nearly all of it is the call.
     b1, b32 = _cell("p", 0.051, batch=1), _cell("p", 0.082, batch=32)
