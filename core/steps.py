@@ -135,7 +135,7 @@ def step_names() -> list[str]:
     return sorted(STEPS)
 
 
-def _lineage(variants: dict, name: str):
+def lineage(variants: dict, name: str):
     """(variant record, its steps newest first) from `name` up to the source, each variant once.
     `variants` maps names to results.json records ({"steps": [{"name", "params"}], "parent"})."""
     seen = set()
@@ -149,7 +149,7 @@ def _lineage(variants: dict, name: str):
 def precision_of(variants: dict, name: str) -> tuple[str, bool]:
     """(precision, weight-only) of variant `name`: set by the newest step along its lineage that sets
     one (a step registered by no plugin here is passed over); fp32 when none does."""
-    for _, steps in _lineage(variants, name):
+    for _, steps in lineage(variants, name):
         for s in steps:
             cls = STEPS.get(s.get("name"))
             p = s.get("params") or {}

@@ -11,7 +11,7 @@ from typing import Optional
 from core import cpu
 from core.backends import BACKENDS
 from core.findings import Finding, recipe_line
-from core.steps import STEPS, own_activation_scales, own_weight_only, precision_of
+from core.steps import STEPS, lineage, own_activation_scales, own_weight_only, precision_of
 from reporting.analysis import faster, measured, significantly_faster
 
 FLOAT_COMPUTE = {"Conv", "MatMul", "Gemm", "FusedGemm", "FusedMatMul", "FusedConv", "Attention",
@@ -187,7 +187,7 @@ def _with_remedy(f: Finding, variant: dict, variants: dict, flags: list[str], ce
         if compiled:
             return f.with_fix(f"the same variant measured compiled: backends: [{compiled[0]}]",
                               bench={"backends": [compiled[0]]})
-    has = _lineage_steps(variant, variants)
+    has = {s.get("name") for _, steps in lineage(variants, variant.get("name")) for s in steps}
     for name, cls in STEPS.items():
         if name in has:  # its own remedy (above) had nothing for this finding: adding it again would not help
             continue
@@ -196,18 +196,6 @@ def _with_remedy(f: Finding, variant: dict, variants: dict, flags: list[str], ce
             new = _insert(add, own)
             return f.with_fix(f"from: {variant.get('parent') or 'the source model'}, steps: {recipe_line(new)}", new)
     return f.with_fix(GENERIC_FIX.get(f.kind)) if f.kind in GENERIC_FIX else f
-
-
-def _lineage_steps(variant: dict, variants: dict) -> set[str]:
-    """The names of the steps along the variant's lineage, its own included."""
-    names, name, seen = set(), variant.get("name"), set()
-    v = variant
-    while v is not None and name not in seen:
-        seen.add(name)
-        names.update(s.get("name") for s in v.get("steps") or [])
-        name = v.get("parent")
-        v = variants.get(name)
-    return names
 
 
 def _insert(add: list, own: list) -> list:

@@ -720,7 +720,7 @@ def _packs(recipe: Recipe, name: str) -> bool:
     while name in recipe.variants and name not in seen:
         seen.add(name)
         v = recipe.variants[name]
-        if any((raw.name if isinstance(raw, StepCall) else _split_raw(raw)[0]) == "pack-sequences" for raw in v.steps):
+        if any(call.name == "pack-sequences" for call in v.steps):  # StepCalls by now (_check_steps)
             return True
         name = v.from_
     return False
